@@ -1,0 +1,72 @@
+"""Vector quantization: the one codebook lookup both tokenizers use.
+
+Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
+Duggal, Isola, Torralba, Freeman, arXiv:2411.02393.
+
+- The VQGAN (Esser et al. 2021) quantizes its 16x16 grid with a plain
+  Euclidean nearest-code lookup (1024 codes x 256 dims at ImageNet scale).
+- ALIT §2 ("We factorize and quantize the distilled latent tokens ... following
+  Yu et al. 2021; 2024"): the 1D latent tokens are projected to a low-dimensional
+  code space (12 dims; the projection lives in model.py) and looked up in an
+  l2-normalised codebook (4096 codes), i.e. a cosine-similarity lookup.
+
+The quantizer returns the straight-through codes, the indices, the VQ loss and
+usage statistics for logging.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Quantized:
+    codes: torch.Tensor       # same shape as the input; forward = codebook row, backward = identity
+    indices: torch.Tensor     # input shape without the last dim, int64
+    loss: torch.Tensor        # scalar: commitment + codebook loss
+    perplexity: torch.Tensor  # scalar, detached: exp(entropy of code usage in this batch)
+    usage: torch.Tensor       # scalar, detached: fraction of the codebook used in this batch
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, l2_normalize: bool = False):
+        super().__init__()
+        self.codebook_size, self.code_dim = codebook_size, code_dim
+        self.beta = beta  # weight of the commitment term (VQ-VAE, van den Oord et al. 2017)
+        self.l2_normalize = l2_normalize
+        # Named `embedding` so that official checkpoints (`quantize.embedding.weight`) load by name.
+        self.embedding = nn.Embedding(codebook_size, code_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+
+    def codebook(self) -> torch.Tensor:
+        """(codebook_size, code_dim): the rows lookups return (unit rows when l2_normalize)."""
+        weight = self.embedding.weight.float()
+        return F.normalize(weight, dim=-1) if self.l2_normalize else weight
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (...) -> codes (..., code_dim), equal to `forward(z).codes` for those indices."""
+        return F.embedding(indices, self.codebook())
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        # The search runs in float32 even under bf16 autocast: bf16 has 8 mantissa bits, enough
+        # to flip the argmin between codes closer than ~1% of their norm.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            if self.l2_normalize:
+                z = F.normalize(z, dim=-1)
+            codebook = self.codebook()
+            flat = z.reshape(-1, self.code_dim)  # (M, d)
+            # argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): one (M, K) matrix from one product.
+            distances = torch.addmm(codebook.square().sum(1), flat, codebook.t(), alpha=-2.0)  # (M, K)
+            indices = distances.argmin(dim=1)
+            del distances
+            chosen = F.embedding(indices, codebook).view_as(z)
+            # Commitment pulls the encoder to its code, the codebook term pulls the code to the encoder.
+            loss = self.beta * F.mse_loss(z, chosen.detach()) + F.mse_loss(chosen, z.detach())
+            codes = z + (chosen - z).detach()  # straight-through estimator
+            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            probs = counts / indices.numel()
+            perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+            usage = (counts > 0).float().mean()
+        return Quantized(codes, indices.view(z.shape[:-1]), loss, perplexity.detach(), usage.detach())

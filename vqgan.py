@@ -1,0 +1,317 @@
+"""The 2D image tokenizer ALIT is built on: a VQGAN, written from scratch.
+
+Paper: ALIT, arXiv:2411.02393, §2 "Latent Distillation of 2D Image Tokens to 1D
+Tokens": a pre-trained VQGAN maps a 256x256 image to 16x16 spatial tokens, each
+a pointer into its codebook; ALIT distils those 2D tokens into 1D tokens.
+
+The architecture is the one the official ALIT code ships: the MaskGIT/MAGE
+variant of the taming VQGAN (Esser et al. 2021), which differs from taming:
+- no attention blocks and no quant_conv/post_quant_conv (attention at chosen
+  resolutions is available here as an option, as in taming; off in the paper);
+- 2x2 average-pool downsampling; nearest-neighbour x2 upsampling + 3x3 conv;
+- num_res_blocks per decoder level (taming has one more);
+- the residual-block shortcut quirk (see ResnetBlock);
+- it reads and writes images in [0, 1] directly (no rescaling to [-1, 1]).
+
+Its losses (L1, LPIPS, PatchGAN) live in losses.py and train_vqgan.py.
+"""
+import argparse
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantize import Quantized, VectorQuantizer
+
+
+@dataclass
+class VQGANConfig:
+    image_size: int = 256
+    channels: int = 128  # width of the first level; level i has channels * channel_mult[i]
+    channel_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution level; each level after the first halves H, W
+    num_res_blocks: int = 2  # residual blocks per level, in the encoder and in the decoder
+    latent_channels: int = 256  # dimension of the latent grid = dimension of a code (z_channels = embed_dim)
+    codebook_size: int = 1024
+    attn_resolutions: tuple = ()  # feature-map sizes that get a self-attention block (taming: (16,); MaskGIT: none)
+    norm_groups: int = 32  # GroupNorm groups, every channel count must be a multiple of it
+    beta: float = 0.25  # commitment weight of the quantizer
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+    def __post_init__(self):
+        self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor {self.downsample}")
+        for c in [self.channels * m for m in self.channel_mult]:
+            if c % self.norm_groups:
+                raise ValueError(f"channel count {c} is not a multiple of norm_groups {self.norm_groups}")
+
+
+PRESETS = {
+    # The checkpoint the paper builds on: 256x256 -> 16x16 tokens, 1024 codes x 256 dims.
+    "imagenet": dict(image_size=256, channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                     latent_channels=256, codebook_size=1024),
+    # Two CPU cores: 32x32 images -> 8x8 tokens; trains to recognisable shapes in a few minutes.
+    "tiny": dict(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                 latent_channels=32, codebook_size=256, norm_groups=8),
+}
+
+
+def Normalize(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = Normalize(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = Normalize(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(out_channels, out_channels, 1, bias=False)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            # Checkpoint quirk of the MaskGIT VQGAN: when the width changes, the shortcut is taken
+            # from the block's own output h (out -> out channels) and the input x is discarded.
+            return self.nin_shortcut(h) + h
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (taming's AttnBlock)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = Normalize(channels, groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks (each optionally followed by attention)."""
+
+    def __init__(self, in_channels, out_channels, num_blocks, attention, groups):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_blocks))
+        self.attn = nn.ModuleList(AttnBlock(out_channels, groups) for _ in range(num_blocks if attention else 0))
+
+    def forward(self, x):
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Middle(nn.Module):
+    def __init__(self, channels, attention, groups):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        if attention:
+            self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x):
+        x = self.block_1(x)
+        if hasattr(self, "attn_1"):
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        groups = cfg.norm_groups
+        self.conv_in = nn.Conv2d(3, cfg.channels, 3, padding=1, bias=False)
+        self.down = nn.ModuleList()
+        resolution = cfg.image_size
+        for i, width in enumerate(widths):
+            self.down.append(Level(cfg.channels if i == 0 else widths[i - 1], width, cfg.num_res_blocks,
+                                   resolution in cfg.attn_resolutions, groups))
+            resolution //= 1 if i == len(widths) - 1 else 2
+        self.mid = Middle(widths[-1], resolution in cfg.attn_resolutions, groups)
+        self.norm_out = Normalize(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.latent_channels, 1)
+
+    def forward(self, images):
+        h = self.conv_in(images)
+        for i, level in enumerate(self.down):
+            h = level(h)
+            if i < len(self.down) - 1:
+                h = F.avg_pool2d(h, 2)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        groups = cfg.norm_groups
+        resolution = cfg.grid_size
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
+        self.mid = Middle(widths[-1], resolution in cfg.attn_resolutions, groups)
+        # up[i] is level i (same numbering as the encoder); the forward pass runs them from the last to 0.
+        levels = {}
+        for i in reversed(range(len(widths))):
+            in_width = widths[i + 1] if i + 1 < len(widths) else widths[-1]
+            levels[i] = Level(in_width, widths[i], cfg.num_res_blocks, resolution in cfg.attn_resolutions, groups)
+            if i > 0:
+                levels[i].upsample = Upsample(widths[i])
+                resolution *= 2
+        self.up = nn.ModuleList(levels[i] for i in range(len(widths)))
+        self.norm_out = Normalize(widths[0], groups)
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+
+    def forward(self, latents):
+        h = self.mid(self.conv_in(latents))
+        for level in reversed(self.up):
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the adaptive GAN weight differentiates through (VQGAN eq. 7)."""
+        return self.conv_out.weight
+
+
+class VQGAN(nn.Module):
+    """Images (N, 3, H, W) in [0, 1] <-> a (N, g, g) grid of codebook indices, g = H / downsample."""
+
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta)
+
+    def quantize_latents(self, latents: torch.Tensor) -> Quantized:
+        """(N, C, g, g) continuous latents -> codes (N, C, g, g), indices (N, g*g) in row-major order."""
+        q = self.quantize(latents.permute(0, 2, 3, 1))
+        return Quantized(q.codes.permute(0, 3, 1, 2), q.indices.flatten(1), q.loss, q.perplexity, q.usage)
+
+    def encode(self, images: torch.Tensor):
+        """-> (continuous pre-quantization latents (N, C, g, g), indices (N, g*g))."""
+        latents = self.encoder(images)
+        return latents, self.quantize_latents(latents).indices
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, g, g) code grid (quantized, or any soft mixture of codes) -> images, trained to lie in [0, 1]."""
+        return self.decoder(latents)
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(N, g*g) or (N, g, g) indices -> (N, C, g, g) code grid."""
+        if indices.dim() == 2:  # row-major (N, g*g)
+            g = math.isqrt(indices.shape[1])
+            indices = indices.view(-1, g, g)
+        return self.quantize.lookup(indices).permute(0, 3, 1, 2)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.codes_from_indices(indices))
+
+    def forward(self, images: torch.Tensor):
+        """Training pass: -> (reconstructions, Quantized)."""
+        q = self.quantize_latents(self.encoder(images))
+        return self.decode(q.codes), q
+
+    @classmethod
+    def from_official(cls, path_or_state_dict, image_size: int | None = None) -> "VQGAN":
+        """Load the VQGAN checkpoint the official ALIT code uses (MaskGIT/MAGE layout).
+
+        The architecture is read off the checkpoint's keys and shapes. The image size is not
+        stored; the official code pairs this VQGAN with a 16x16 token grid, so it defaults to
+        16 x the downsampling factor (any size works: the network is fully convolutional).
+        """
+        state = load_state_dict(path_or_state_dict)
+        if "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        where = source_name(path_or_state_dict)
+        try:
+            channels = state["encoder.conv_in.weight"].shape[0]
+            levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
+            blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")}
+            codebook_size, latent_channels = state["quantize.embedding.weight"].shape
+            mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // channels for i in levels)
+        except KeyError as missing:
+            raise KeyError(f"{where}: not an official VQGAN checkpoint, it lacks {missing}") from None
+        cfg = VQGANConfig(image_size=image_size or 16 * 2 ** (len(mult) - 1), channels=channels, channel_mult=mult,
+                          num_res_blocks=len(blocks), latent_channels=latent_channels, codebook_size=codebook_size)
+        model = cls(cfg)
+        copy_state_dict(model, state, where)
+        return model
+
+
+# --- loading foreign checkpoints safely ------------------------------------------------------
+
+def load_state_dict(path_or_state_dict) -> dict:
+    """A dict from a checkpoint file without executing code from it.
+
+    `weights_only=True` refuses arbitrary pickled objects; the only non-tensor object official
+    training checkpoints carry is the argparse Namespace of their run arguments, allowed here.
+    """
+    if isinstance(path_or_state_dict, dict):
+        return path_or_state_dict
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}") from None
+        except Exception as error:
+            raise RuntimeError(f"{path_or_state_dict}: cannot be read as a checkpoint ({error})") from None
+
+
+def source_name(path_or_state_dict) -> str:
+    """How error messages name a checkpoint: its path, or 'state dict'."""
+    return "state dict" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
+
+
+def copy_state_dict(model: nn.Module, state: dict, where: str = "state dict") -> None:
+    """Copy `state` into `model`, after checking that keys and shapes match exactly."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise KeyError(f"{where}: keys do not match the model; missing {missing[:10]}"
+                       f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                       f"{' ...' if len(unexpected) > 10 else ''}")
+    for key, value in ours.items():
+        if value.shape != state[key].shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}")
+    with torch.no_grad():
+        for key, value in ours.items():
+            value.copy_(state[key])
+
+
+def config_dict(cfg) -> dict:
+    """A dataclass config as a plain dict, for checkpoints (rebuild with Config(**d))."""
+    return asdict(cfg)
