@@ -249,27 +249,30 @@ class VQGAN(nn.Module):
     def from_official(cls, path_or_state_dict, image_size: int | None = None) -> "VQGAN":
         """Load the VQGAN checkpoint the official ALIT code uses (MaskGIT/MAGE layout).
 
-        The architecture is read off the checkpoint's keys and shapes. The image size is not
-        stored; the official code pairs this VQGAN with a 16x16 token grid, so it defaults to
-        16 x the downsampling factor (any size works: the network is fully convolutional).
+        Stored directly or under 'state_dict'; the architecture is read off its keys and shapes.
         """
         state = load_state_dict(path_or_state_dict)
-        if "state_dict" in state and isinstance(state["state_dict"], dict):
+        if isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        where = source_name(path_or_state_dict)
-        try:
-            channels = state["encoder.conv_in.weight"].shape[0]
-            levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
-            blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")}
-            codebook_size, latent_channels = state["quantize.embedding.weight"].shape
-            mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // channels for i in levels)
-        except KeyError as missing:
-            raise KeyError(f"{where}: not an official VQGAN checkpoint, it lacks {missing}") from None
-        cfg = VQGANConfig(image_size=image_size or 16 * 2 ** (len(mult) - 1), channels=channels, channel_mult=mult,
-                          num_res_blocks=len(blocks), latent_channels=latent_channels, codebook_size=codebook_size)
-        model = cls(cfg)
-        copy_state_dict(model, state, where)
+        model = cls(official_config(state, image_size, source_name(path_or_state_dict)))
+        copy_state_dict(model, state, source_name(path_or_state_dict))
         return model
+
+
+def official_config(state: dict, image_size: int | None = None, where: str = "state dict") -> VQGANConfig:
+    """The VQGANConfig of an official state dict. The image size is not stored; the official code
+    pairs this VQGAN with a 16x16 token grid, so it defaults to 16 x the downsampling factor (any
+    size works: the network is fully convolutional)."""
+    try:
+        channels = state["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
+        blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")}
+        codebook_size, latent_channels = state["quantize.embedding.weight"].shape
+        mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // channels for i in levels)
+    except KeyError as missing:
+        raise KeyError(f"{where}: not an official VQGAN checkpoint, it lacks {missing}") from None
+    return VQGANConfig(image_size=image_size or 16 * 2 ** (len(mult) - 1), channels=channels, channel_mult=mult,
+                       num_res_blocks=len(blocks), latent_channels=latent_channels, codebook_size=codebook_size)
 
 
 # --- loading foreign checkpoints safely ------------------------------------------------------
@@ -301,8 +304,8 @@ def copy_state_dict(model: nn.Module, state: dict, where: str = "state dict") ->
     ours = model.state_dict()
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:
-        raise KeyError(f"{where}: keys do not match the model; missing {missing[:10]}"
-                       f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+        raise KeyError(f"{where}: keys do not match the model; missing keys {missing[:10]}"
+                       f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
                        f"{' ...' if len(unexpected) > 10 else ''}")
     for key, value in ours.items():
         if value.shape != state[key].shape:

@@ -1,0 +1,404 @@
+"""Datasets: every image source the training and evaluation scripts accept.
+
+Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
+Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1).
+
+- "shapes": procedurally drawn images whose complexity level is known, so the
+  evaluation can test §3 ("Not all images are worth the same representation":
+  more complex images need more tokens) without downloading anything.
+- "imagenet100" / "imagenet": the paper trains on ImageNet-100 (§4 Image
+  Reconstruction, Tab. 1) in the standard <root>/{train,val}/<wnid>/ layout.
+- "folder": any tree of images, e.g. the out-of-distribution sets of §3.
+
+Every item is (image, target) with image a float32 (3, S, S) tensor in [0, 1].
+"""
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+DATASETS = ("shapes", "imagenet100", "imagenet", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# The ImageNet-100 subset of Contrastive Multiview Coding (Tian et al. 2019,
+# github.com/HobbitLong/CMC issue 21), the list the ALIT code also trains on.
+IMAGENET100_CLASSES = tuple("""
+n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
+n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
+n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
+n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
+n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
+n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
+n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
+n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
+n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
+""".split())
+assert len(IMAGENET100_CLASSES) == 100 and len(set(IMAGENET100_CLASSES)) == 100
+
+
+# -----------------------------------------------------------------------------
+# shapes: the embedded dataset with a known complexity per image
+
+class Level(NamedTuple):
+    objects: tuple[int, int]       # min, max number of shapes
+    radius: tuple[float, float]    # shape radius as a fraction of the image side
+    gradient: float                # probability of a two-colour gradient background
+    texture: float                 # probability that a shape is filled with stripes/checkers
+
+# §3 ties the tokens an image needs to its information content, so every step up
+# adds information: more, smaller objects (more edges and colours), then shading
+# in the background, then high-frequency textures inside the shapes.
+LEVELS = (
+    Level(objects=(1, 1), radius=(0.30, 0.42), gradient=0.0, texture=0.0),
+    Level(objects=(2, 3), radius=(0.18, 0.30), gradient=0.0, texture=0.0),
+    Level(objects=(4, 6), radius=(0.12, 0.22), gradient=1.0, texture=0.25),
+    Level(objects=(7, 10), radius=(0.08, 0.16), gradient=1.0, texture=0.5),
+    Level(objects=(12, 18), radius=(0.05, 0.12), gradient=1.0, texture=0.8),
+)
+COMPLEXITY_LEVELS = len(LEVELS)
+SUPERSAMPLE = 4  # draw at 4x and downsample with Lanczos: PIL's ImageDraw does no anti-aliasing
+
+
+def _colour(rng) -> tuple[int, int, int]:
+    return tuple(rng.integers(0, 256, 3).tolist())
+
+
+def _texture(rng, width: int, height: int, side: int) -> Image.Image:
+    """Two-colour stripes at a random angle or a checkerboard, period ~2-5 px at 32x32."""
+    period = rng.uniform(1 / 16, 1 / 6) * side
+    y, x = np.arange(height)[:, None], np.arange(width)[None, :]  # broadcast, no full grids
+    if rng.random() < 0.5:
+        angle = rng.uniform(0, np.pi)
+        pattern = ((x * np.cos(angle) + y * np.sin(angle)) / period) % 1.0 < 0.5
+    else:
+        pattern = ((x // (period / 2) + y // (period / 2)) % 2).astype(bool)
+    colours = rng.integers(0, 256, (2, 3), dtype=np.uint8)
+    return Image.fromarray(colours[pattern.astype(np.intp)])  # (height, width, 3)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, rng, cx: float, cy: float, r: float, fill) -> None:
+    """An ellipse or a polygon with 3 to 8 jittered vertices (triangles, quads, ...)."""
+    sides = int(rng.integers(2, 9))
+    if sides == 2:  # 2 stands for the ellipse
+        ry = r * rng.uniform(0.5, 1.0)
+        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=fill)
+        return
+    angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(sides) / sides
+    angles += rng.uniform(-0.3, 0.3, sides) * np.pi / sides
+    radii = r * rng.uniform(0.7, 1.0, sides)
+    draw.polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=fill)
+
+
+def render_shapes(rng: np.random.Generator, level: int, image_size: int) -> Image.Image:
+    """One scene of the given complexity level, drawn from rng alone."""
+    spec, side = LEVELS[level], SUPERSAMPLE * image_size
+    if rng.random() < spec.gradient:
+        # A smooth ramp needs no supersampling: compute it at image_size, upscale bilinearly.
+        angle = rng.uniform(0, 2 * np.pi)
+        y, x = np.ogrid[-0.5:0.5:image_size * 1j, -0.5:0.5:image_size * 1j]
+        t = (x * np.cos(angle) + y * np.sin(angle)) / np.sqrt(2) + 0.5  # (S, S) in [0, 1]
+        start, end = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
+        ramp = Image.fromarray((start + t[..., None] * (end - start)).astype(np.uint8))
+        canvas = ramp.resize((side, side), Image.BILINEAR)
+    else:
+        canvas = Image.new("RGB", (side, side), _colour(rng))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(spec.objects[0], spec.objects[1] + 1))):
+        cx, cy = rng.uniform(0.1, 0.9, 2) * side
+        r = rng.uniform(*spec.radius) * side
+        if rng.random() < spec.texture:
+            # Texture and mask only cover the shape's bounding box, which keeps this cheap.
+            box = int(math.ceil(2 * r)) + 1
+            mask = Image.new("L", (box, box), 0)
+            _draw_shape(ImageDraw.Draw(mask), rng, r, r, r, fill=255)
+            canvas.paste(_texture(rng, box, box, side), (int(cx - r), int(cy - r)), mask)
+        else:
+            _draw_shape(draw, rng, cx, cy, r, fill=_colour(rng))
+    return canvas.resize((image_size, image_size), Image.LANCZOS)
+
+
+class ShapesDataset(Dataset):
+    """Procedural scenes, deterministic per (seed, split, index); target = complexity level.
+
+    Image i of a split is drawn from np.random.default_rng([split_seed, i]) with
+    split_seed = 2*seed for train and 2*seed + 1 for val, so the two splits never
+    share a scene for any seed. The first draw is the level (uniform over
+    COMPLEXITY_LEVELS), so complexity_of(i) needs no rendering. Scenes are
+    defined in image-relative units: the same index at another image_size is the
+    same scene at another resolution.
+    """
+
+    def __init__(self, split: str, image_size: int, num_images: int, seed: int = 0,
+                 complexity: int | None = None, train_transform: bool = False):
+        assert split in ("train", "val"), split
+        assert complexity is None or 0 <= complexity < COMPLEXITY_LEVELS, complexity
+        self.split, self.image_size, self.num_images = split, image_size, num_images
+        self.split_seed = 2 * seed + (split == "val")
+        self.complexity, self.train_transform = complexity, train_transform
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def _rng_and_level(self, index: int) -> tuple[np.random.Generator, int]:
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        rng = np.random.default_rng([self.split_seed, index])
+        level = int(rng.integers(COMPLEXITY_LEVELS))  # always drawn, so a fixed level keeps the stream aligned
+        return rng, level if self.complexity is None else self.complexity
+
+    def complexity_of(self, index: int) -> int:
+        return self._rng_and_level(index)[1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rng, level = self._rng_and_level(index)
+        image = to_tensor(render_shapes(rng, level, self.image_size))
+        # Flip only: a random resized crop would cut objects away and change the
+        # recorded complexity, and these scenes have no camera framing to vary.
+        # torch's RNG so that DataLoader's per-worker seeding applies.
+        if self.train_transform and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, level
+
+
+# -----------------------------------------------------------------------------
+# photos: decoding, colour modes and transforms
+
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB.
+
+    16-bit greyscale (PIL opens 16-bit PNGs as "I;16" or "I") is rescaled
+    0..65535 -> 0..255; PIL's own convert would clip everything above 255.
+    Transparent images (RGBA, LA, P with a transparent colour) are composited
+    onto white, as an image viewer shows them: the colour under alpha = 0 is
+    arbitrary, often black, and would otherwise become image content.
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.float32) / 257.0  # 65535 / 257 = 255
+        img = Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    # load() decodes fully, so a truncated file raises here (PIL's default; we
+    # deliberately leave ImageFile.LOAD_TRUNCATED_IMAGES off to detect them).
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+
+
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    width, height = img.size
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
+    return img if new_size == img.size else img.resize(new_size, Image.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    if min(img.size) < size:  # too small for the crop: upscale rather than pad with black
+        img = resize_shorter_side(img, size)
+    width, height = img.size
+    left, top = round((width - size) / 2), round((height - size) / 2)
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(img: Image.Image, size: int, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop algorithm: up to 10 tries of a random area
+    and log-uniform aspect ratio, else the largest centred crop within ratio."""
+    width, height = img.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(()).uniform_(*scale).item()
+        aspect = math.exp(torch.empty(()).uniform_(*log_ratio).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()).item())
+            left = int(torch.randint(0, width - w + 1, ()).item())
+            break
+    else:
+        if width / height < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif width / height > ratio[1]:
+            w, h = round(height * ratio[1]), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+class ImageFiles(Dataset):
+    """A fixed list of image files with integer targets: imagenet, imagenet100 and folder.
+
+    Train: random resized crop (scale 0.8-1, bicubic) + horizontal flip, both on
+    torch's RNG so DataLoader worker seeding applies. Eval, by eval_protocol:
+    "crop" is the ALIT code's evaluate_rfid.py (center crop, no resize, so pixel
+    scale is kept); "resize" is TiTok's (shorter side -> image_size, bicubic, then
+    center crop).
+
+    A file that fails to decode is skipped with a warning and the next index is
+    served instead, so one corrupt JPEG cannot end a multi-hour run; more than
+    max(1, 1%) bad files means the data itself is broken and raises. With
+    DataLoader workers each worker holds its own copy of bad_files.
+    """
+
+    def __init__(self, files: list[Path], targets: list[int], image_size: int,
+                 train: bool, eval_protocol: str = "crop"):
+        assert len(files) == len(targets) > 0
+        assert eval_protocol in ("crop", "resize"), eval_protocol
+        self.files, self.targets = files, targets
+        self.image_size, self.train, self.eval_protocol = image_size, train, eval_protocol
+        self.bad_files: dict[str, str] = {}  # path -> reason
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def transform(self, img: Image.Image) -> torch.Tensor:
+        if self.train:
+            img = random_resized_crop(img, self.image_size)
+            if torch.rand(()) < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            if self.eval_protocol == "resize":
+                img = resize_shorter_side(img, self.image_size)
+            img = center_crop(img, self.image_size)
+        return to_tensor(img)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            try:
+                img = load_rgb(self.files[i])
+            except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                self._skip(str(self.files[i]), f"{type(error).__name__}: {error}")
+                continue
+            return self.transform(img), self.targets[i]
+        raise RuntimeError("unreachable: _skip raises before every file is bad")
+
+    def _skip(self, path: str, reason: str) -> None:
+        self.bad_files[path] = reason
+        warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=3)
+        if len(self.bad_files) > max(1, 0.01 * len(self)):
+            listing = "\n".join(f"  {p}: {r}" for p, r in self.bad_files.items())
+            raise RuntimeError(f"{len(self.bad_files)} of {len(self)} images are unreadable "
+                               f"(more than max(1, 1%)):\n{listing}")
+
+
+# -----------------------------------------------------------------------------
+# folder layouts
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under folder, recursively (following symlinks), sorted."""
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        found += [Path(parent, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def _require_dir(path: Path, what: str, hint: str = "") -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {path} does not exist or is not a folder{hint}")
+    return path
+
+
+def _no_images(folder: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+
+
+def _imagenet_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    missing = [str(split_dir / c) for c in classes if not (split_dir / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} class folder(s) missing: {', '.join(missing[:10])}"
+                                + (" ..." if len(missing) > 10 else ""))
+    files, targets = [], []
+    for index, wnid in enumerate(classes):
+        class_files = list_images(split_dir / wnid)
+        if not class_files:
+            raise _no_images(split_dir / wnid)
+        files += class_files
+        targets += [index] * len(class_files)
+    return files, targets
+
+
+def build_dataset(name: str, split: str, image_size: int, data_dir: str | None = None,
+                  train: bool | None = None, eval_protocol: str = "crop", num_images: int | None = None,
+                  seed: int = 0) -> Dataset:
+    """The dataset behind --dataset / --data-dir.
+
+    train=None means train transforms iff split == "train". num_images is the
+    length of a shapes split (default 20000 train, 1000 val) and an optional cap
+    (first N files after sorting) for the others. seed only changes shapes; photo
+    augmentation draws from torch's RNG. "folder" ignores split: the whole tree is
+    one set, targets are all 0.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown --dataset {name!r}, expected one of {DATASETS}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if eval_protocol not in ("crop", "resize"):
+        raise ValueError(f"eval_protocol must be 'crop' or 'resize', got {eval_protocol!r}")
+    train = split == "train" if train is None else train
+    if name == "shapes":
+        length = num_images or (20000 if split == "train" else 1000)
+        return ShapesDataset(split, image_size, length, seed=seed, train_transform=train)
+
+    if data_dir is None:
+        raise ValueError(f"--dataset {name} reads images from disk: pass --data-dir")
+    root = _require_dir(Path(data_dir), "--data-dir")
+    if name == "folder":
+        files = list_images(root)
+        if not files:
+            raise _no_images(root)
+        targets = [0] * len(files)
+    else:
+        split_dir = _require_dir(root / split, "split folder",
+                                 f" (--dataset {name} expects <data-dir>/{split}/<wnid>/)")
+        if name == "imagenet100":
+            classes = sorted(IMAGENET100_CLASSES)
+        else:
+            classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+            if not classes:
+                raise FileNotFoundError(f"no class folders <wnid>/ in {split_dir}")
+        files, targets = _imagenet_files(split_dir, classes)
+    if num_images is not None:
+        files, targets = files[:num_images], targets[:num_images]
+    return ImageFiles(files, targets, image_size, train, eval_protocol)
+
+
+def save_image_grid(images: torch.Tensor | list, path, nrow: int, padding: int = 2) -> None:
+    """Write (N, 3, H, W) images in [0, 1] as one PNG, nrow images per row, black padding."""
+    images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+    images = images.detach().float().cpu().clamp(0, 1)
+    n, _, h, w = images.shape
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    grid = torch.zeros(3, rows * (h + padding) + padding, cols * (w + padding) + padding)
+    for i, image in enumerate(images):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[:, top:top + h, left:left + w] = image
+    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash mid-write never leaves a half PNG
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)

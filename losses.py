@@ -1,0 +1,210 @@
+"""Perceptual and adversarial losses shared by train_vqgan.py and train_stage2.py.
+
+Paper: ALIT, arXiv:2411.02393, §A.5 "Training Details": the full fine-tuning
+stage trains with "pixel-level reconstruction and adversarial losses (gan
+generator and discriminator losses) inspired from VQGAN (Esser et al., 2020)",
+reconstruction only for the first epochs, then both. Those VQGAN losses are
+- LPIPS (Zhang et al. 2018), the perceptual part of VQGAN's L_rec;
+- a PatchGAN discriminator (pix2pix, Isola et al. 2017) with the hinge loss;
+- the adaptive GAN weight λ of VQGAN (Esser et al. 2021, Eq. 7).
+This file holds the pieces; each stage script composes them.
+
+Every image in and out of this file is float (N, 3, H, W) in [0, 1]. Each network
+converts to the range it was trained on inside its forward, in one place.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vqgan import load_state_dict, source_name
+
+# -----------------------------------------------------------------------------
+# LPIPS
+
+# torchvision `vgg16().features` index of each 3x3 conv, grouped in the five VGG16
+# blocks. LPIPS reads the last ReLU of each block (relu1_2, relu2_2, relu3_3,
+# relu4_3, relu5_3); a 2x2 max pool opens blocks 2-5.
+VGG16_CONV_INDICES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
+VGG16_BLOCK_WIDTHS = (64, 128, 256, 512, 512)
+
+# Keys the files hold that LPIPS does not use, dropped by name whatever their shape.
+DROPPED_PREFIXES = (
+    "classifier.",  # torchvision vgg16: the ImageNet classifier
+    "scaling_layer.",  # combined layout: the fixed shift/scale below, not learned
+    "lins.",  # lpips package state_dict(): an nn.ModuleList aliasing lin0..lin4
+)
+
+
+def lpips_key_table():
+    """Our key -> (key in the two-file layout, key in the combined layout).
+
+    Two-file layout: torchvision's vgg16-397923af.pth (features.<i>.weight/bias)
+    and the lpips package's weights/v0.1/vgg.pth (lin<b>.model.1.weight, (1,C,1,1);
+    taming's vgg_lpips download "vgg.pth" has the same keys).
+    Combined layout: the state dict of taming's or the lpips package's LPIPS module
+    (net.slice<b+1>.<i>.weight/bias, lin<b>.model.1.weight), as stored in the official
+    ALIT checkpoint under gan_losses.<t>.perceptual_loss. (strip that prefix first).
+    The heads were saved behind an nn.Dropout at model.0, hence model.1.
+    """
+    table = {}
+    for block, conv_indices in enumerate(VGG16_CONV_INDICES):
+        for position, index in enumerate(conv_indices):
+            for param in ("weight", "bias"):
+                table[f"vgg.{block}.{position}.{param}"] = (
+                    f"features.{index}.{param}", f"net.slice{block + 1}.{index}.{param}")
+        table[f"heads.{block}.weight"] = (f"lin{block}.model.1.weight",) * 2
+    return table
+
+
+class LPIPS(nn.Module):
+    """LPIPS perceptual distance with VGG16 features (Zhang et al. 2018), frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.vgg = nn.ModuleList()  # vgg[block][position]: the 3x3 convs, each followed by a ReLU
+        in_width = 3
+        for width, conv_indices in zip(VGG16_BLOCK_WIDTHS, VGG16_CONV_INDICES):
+            convs = nn.ModuleList()
+            for _ in conv_indices:
+                convs.append(nn.Conv2d(in_width, width, 3, padding=1))
+                in_width = width
+            self.vgg.append(convs)
+        # The learned per-channel weights of the distance ("lin" layers in LPIPS). The
+        # original puts an nn.Dropout before each; it is the identity in eval mode,
+        # which is the only mode LPIPS runs in as a loss, so it is left out.
+        self.heads = nn.ModuleList(nn.Conv2d(width, 1, 1, bias=False) for width in VGG16_BLOCK_WIDTHS)
+        # LPIPS's ScalingLayer: ImageNet mean/std re-expressed for [-1, 1] inputs
+        # (-0.030 = 2*0.485-1, 0.458 = 2*0.229, ...). Constants, so not saved.
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def to_vgg_input(self, images):
+        # LPIPS was calibrated on [-1, 1] images. (The official ALIT code hands its [0, 1]
+        # images to taming's LPIPS unconverted, adaptive_vqgan.py forward_gan_losses;
+        # we follow LPIPS.)
+        return (images * 2 - 1 - self.shift) / self.scale
+
+    def vgg_features(self, x):
+        features = []
+        for block, convs in enumerate(self.vgg):
+            if block > 0:
+                x = F.max_pool2d(x, 2)
+            for conv in convs:
+                x = F.relu(conv(x))
+            features.append(x)  # (N, C_block, H / 2^block, W / 2^block)
+        return features
+
+    def forward(self, x, y):
+        """x, y: (N, 3, H, W) in [0, 1] -> (N,) distance, 0 for identical images."""
+        n = x.shape[0]
+        features = self.vgg_features(self.to_vgg_input(torch.cat([x, y])))  # one pass for both
+        distance = x.new_zeros(n)
+        for feature, head in zip(features, self.heads):
+            # Unit length along channels makes every layer's contribution scale-free.
+            feature = feature / (feature.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            squared_difference = (feature[:n] - feature[n:]).square()  # (N, C, h, w)
+            distance = distance + head(squared_difference).mean(dim=(1, 2, 3))
+        return distance
+
+    @classmethod
+    def from_pretrained(cls, vgg16_path_or_state_dict, lpips_head_path_or_state_dict=None):
+        """Two sources (torchvision vgg16 + lpips head), or one combined LPIPS-module
+        state dict when the second argument is None. See lpips_key_table."""
+        model = cls()
+        table = lpips_key_table()
+        params = dict(model.named_parameters())
+        assert table.keys() == params.keys(), "lpips_key_table is out of date with LPIPS"
+        if lpips_head_path_or_state_dict is None:
+            sources = [(vgg16_path_or_state_dict, {ours: combined for ours, (_, combined) in table.items()})]
+        else:
+            sources = [
+                (vgg16_path_or_state_dict, {ours: two[0] for ours, two in table.items() if ours.startswith("vgg.")}),
+                (lpips_head_path_or_state_dict, {ours: two[0] for ours, two in table.items() if ours.startswith("heads.")}),
+            ]
+        for source, key_map in sources:
+            name, state = source_name(source), load_state_dict(source)
+            state = {key: value for key, value in state.items() if not key.startswith(DROPPED_PREFIXES)}
+            expected = set(key_map.values())
+            missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            if missing or unexpected:
+                raise ValueError(f"{name}: missing keys {missing}, unexpected keys {unexpected}")
+            for ours, theirs in key_map.items():
+                if state[theirs].shape != params[ours].shape:
+                    raise ValueError(f"{name}: {theirs} has shape {tuple(state[theirs].shape)}, "
+                                     f"expected {tuple(params[ours].shape)}")
+                with torch.no_grad():
+                    params[ours].copy_(state[theirs])
+        return model
+
+# -----------------------------------------------------------------------------
+# PatchGAN discriminator and the VQGAN adversarial losses
+
+
+def init_like_taming(module):
+    # taming's weights_init (DCGAN practice): conv weights N(0, 0.02), BatchNorm gains
+    # N(1, 0.02) and zero shifts. Conv biases keep PyTorch's default, as in taming.
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix NLayerDiscriminator) as used by taming VQGAN.
+
+    Each output logit judges one overlapping patch (70x70 pixels for num_layers=3),
+    so the loss pushes local texture towards realism and leaves global structure to
+    the reconstruction losses (Isola et al. 2017; Esser et al. 2021 §3.1).
+    Images enter in [0, 1] and are mapped to [-1, 1], the range taming trains it on.
+    BatchNorm normalises each call's batch: real and fake go through separate calls,
+    as in taming. Under DDP each rank uses its local batch unless the training
+    script converts to SyncBatchNorm.
+    """
+
+    def __init__(self, in_channels=3, base_channels=64, num_layers=3):
+        super().__init__()
+        widths = [base_channels * min(2 ** n, 8) for n in range(num_layers + 1)]
+        layers = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for n in range(1, num_layers + 1):
+            stride = 2 if n < num_layers else 1  # the last hidden conv keeps the resolution
+            layers += [nn.Conv2d(widths[n - 1], widths[n], 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(widths[n]), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
+        # Named `main` with taming's layer order, so taming / official ALIT discriminator
+        # state dicts (gan_losses.<t>.discriminator.main.*) load without a key map.
+        self.main = nn.Sequential(*layers)
+        self.apply(init_like_taming)
+
+    def forward(self, images):
+        return self.main(images * 2 - 1)  # (N, 1, h, w) logits; 256x256 -> 30x30
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    # Zero once real logits >= 1 and fake logits <= -1: confident patches stop pushing.
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_adversarial_loss(logits_fake):
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(nll_loss, g_loss, last_layer_weight, max_weight=1e4):
+    """VQGAN Eq. 7: λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_GAN|| + δ), with G_L the
+    decoder's last layer. It balances the two losses where they meet the image.
+
+    Call with the generator graph alive; the graph is kept for the backward pass.
+    δ = 1e-4 and the clamp follow taming's code (the paper writes δ = 1e-6).
+    """
+    nll_grad, = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
+    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def adopt_weight(weight, global_step, threshold, value=0.0):
+    """`value` before step `threshold`, then `weight` (taming): the discriminator joins
+    after the reconstruction-only warm-up of §A.5."""
+    return value if global_step < threshold else weight

@@ -1,0 +1,541 @@
+"""ALIT: the adaptive-length image tokenizer, read top to bottom.
+
+Paper: "Adaptive Length Image Tokenization via Recurrent Allocation",
+Duggal, Isola, Torralba, Freeman, arXiv:2411.02393, §2 (the method) and Fig. 1.
+
+An image becomes 2D image tokens (VQGAN features + a patch embedding). A
+latent-distillation encoder attends jointly over [2D image tokens; 1D latent
+tokens] and distils the image into the latent tokens. The rollout is recurrent:
+every iteration appends K new learned latent tokens and runs the same encoder
+again, so after iteration t the image is described by t*K tokens (32, 64, ...,
+256 at paper scale). Each iteration's latent tokens are factorized (projected to
+12 dims) and quantized with one shared codebook; a decoder turns them, together
+with masked 2D tokens, back into logits over the VQGAN codebook ("reverse
+distillation"). Between iterations, dynamic halting replaces the image tokens
+the decoder already reconstructs well by a mask token, so later iterations spend
+their capacity on what is not yet reconstructed.
+
+The module layout follows our own names; `ALIT.from_official` maps the official
+checkpoints onto it with a written key table, and reproduces the official
+forward pass numerically (tests/test_model.py against the reference vectors).
+
+Shapes: B batch, N = grid^2 2D tokens, K new latent tokens per iteration,
+t iterations so far (1-based), L = t*K latent tokens, D width.
+"""
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from quantize import Quantized, VectorQuantizer
+from vqgan import PRESETS as VQGAN_PRESETS
+from vqgan import VQGAN, VQGANConfig, copy_state_dict, load_state_dict, official_config, source_name
+
+
+@dataclass
+class ALITConfig:
+    image_size: int = 256
+    patch_size: int = 16  # must equal the VQGAN's downsampling factor: one 2D token per VQGAN grid cell
+    encoder_width: int = 1024
+    encoder_layers: int = 8
+    encoder_heads: int = 8
+    decoder_width: int = 1024
+    decoder_layers: int = 8
+    decoder_heads: int = 8
+    mlp_ratio: float = 4.0
+    tokens_per_iter: int = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
+    rollout_iters: int = 8  # §A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256"
+    quantize_latent: bool = True  # False: continuous latent tokens (the official code ships such checkpoints too)
+    factorize_latent: bool = True  # project latents to latent_dim before quantization (§2, Yu et al. 2021)
+    latent_dim: int = 12  # factorized code size
+    latent_codebook_size: int = 4096  # one codebook shared by all iterations (§2)
+    beta: float = 0.25  # commitment weight of the latent quantizer
+    halting_threshold: float = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
+    decoder_latent_positions: int = 256  # rows of the decoder's latent position table (official code: fixed 256)
+    grad_checkpoint: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
+    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**VQGAN_PRESETS["imagenet"]))
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokens_per_iter * self.rollout_iters
+
+    @property
+    def code_dim(self) -> int:
+        """Size of the vectors the decoder receives."""
+        return self.latent_dim if self.factorize_latent else self.encoder_width
+
+    def __post_init__(self):
+        if isinstance(self.vqgan, dict):
+            self.vqgan = VQGANConfig(**self.vqgan)
+        checks = [
+            (self.vqgan.image_size == self.image_size, f"VQGAN image_size {self.vqgan.image_size} != {self.image_size}"),
+            (self.vqgan.downsample == self.patch_size,
+             f"patch_size {self.patch_size} != the VQGAN's downsampling factor {self.vqgan.downsample}"),
+            (self.encoder_width > self.vqgan.latent_channels,
+             f"encoder_width {self.encoder_width} must exceed the VQGAN latent size {self.vqgan.latent_channels}"),
+            (self.encoder_width % self.encoder_heads == 0, "encoder_width must be divisible by encoder_heads"),
+            (self.decoder_width % self.decoder_heads == 0, "decoder_width must be divisible by decoder_heads"),
+            (self.max_tokens <= self.decoder_latent_positions,
+             f"{self.max_tokens} latent tokens exceed decoder_latent_positions {self.decoder_latent_positions}"),
+            (self.factorize_latent or not self.quantize_latent,
+             "quantized latents must be factorized (the official code forces it too)"),
+            (self.factorize_latent or self.decoder_width == self.encoder_width,
+             "without factorization the decoder width must equal the encoder width"),
+            (0 < self.halting_threshold <= 1, "halting_threshold must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ALITConfig: {message}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _paper(width, layers, heads):
+    return dict(encoder_width=width, encoder_layers=layers, encoder_heads=heads,
+                decoder_width=width, decoder_layers=layers, decoder_heads=heads)
+
+
+PRESETS = {
+    # The official alit_* models (Table 1: Ours-S, Ours-SemiLarge), 256x256 over the imagenet VQGAN.
+    "small": _paper(1024, 8, 8),
+    "base": _paper(768, 12, 12),
+    "semilarge": _paper(1024, 16, 16),
+    # Two CPU cores: 32x32 images over the tiny VQGAN's 8x8 grid, 8 new tokens (1/8 of the grid)
+    # per iteration, 8 iterations, so the longest code has as many 1D tokens as there are 2D tokens.
+    "tiny": dict(image_size=32, patch_size=4, tokens_per_iter=8, latent_codebook_size=256,
+                 decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]),
+                 **_paper(128, 4, 4)),
+}
+
+
+def make_config(preset: str, **overrides) -> ALITConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ALIT preset {preset!r}; choose from {sorted(PRESETS)}")
+    return ALITConfig(**{**PRESETS[preset], **overrides})
+
+
+# --- the transformer both distillation modules use -------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)  # rows in q, k, v order, like nn.MultiheadAttention's in_proj
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
+        # No mask: every token sees every token, image and latent alike (§2: "joint self-attention").
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (CLIP's ResidualAttentionBlock layout)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.c_fc = nn.Linear(width, hidden)
+        self.mlp.gelu = nn.GELU()  # exact erf GELU, as the official checkpoints were trained with
+        self.mlp.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.ModuleList):
+    def __init__(self, width, layers, heads, mlp_ratio, grad_checkpoint=False):
+        super().__init__(Block(width, heads, mlp_ratio) for _ in range(layers))
+        self.grad_checkpoint = grad_checkpoint
+
+    def forward(self, x):
+        for block in self:
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+# --- what one rollout iteration produces -----------------------------------------------------
+
+@dataclass
+class Iteration:
+    index: int  # t - 1: 0 for the first iteration
+    logits: torch.Tensor  # (B, N, VQGAN codes): the decoder's prediction of every 2D token
+    latents: torch.Tensor  # (B, t*K, code_dim): what the decoder received (quantized codes, or continuous)
+    indices: torch.Tensor | None  # (B, t*K) latent codebook indices; None without quantization
+    quantized: Quantized | None  # the latent quantizer's output (loss, usage) for training
+    recon: torch.Tensor | None = None  # (B, 3, H, W) image decoded from the soft code, when asked for
+    halted: torch.Tensor | None = None  # (B, N) bool: image tokens replaced by the mask token after this iteration
+
+    @property
+    def num_tokens(self) -> int:
+        return self.latents.shape[1]
+
+
+class ALIT(nn.Module):
+    def __init__(self, config: ALITConfig):
+        super().__init__()
+        self.config = cfg = config
+        D, E = cfg.encoder_width, cfg.decoder_width
+        N, K = cfg.num_image_tokens, cfg.tokens_per_iter
+
+        # The base tokenizer (§2): a VQGAN whose grid cells are the 2D image tokens.
+        self.vqgan = VQGAN(cfg.vqgan)
+
+        # 2D image tokens: VQGAN features joined with a learned patch embedding of the pixels.
+        self.patch_embed = nn.Conv2d(3, D - cfg.vqgan.latent_channels, cfg.patch_size, stride=cfg.patch_size)
+        self.image_class_token = nn.Parameter(torch.empty(1, D))
+        self.image_positions = nn.Parameter(torch.empty(1 + N, D))  # row 0: class token
+        self.halted_token = nn.Parameter(torch.empty(1, 1, D))  # replaces halted image tokens (the Mask op)
+
+        # 1D latent tokens: the same K learned tokens are appended at every iteration; only the
+        # per-iteration embedding tells them apart.
+        self.latent_tokens = nn.Parameter(torch.empty(K, D))
+        self.latent_positions = nn.Parameter(torch.empty(K, D))
+        self.iteration_embedding = nn.Parameter(torch.empty(cfg.rollout_iters, K, D))
+
+        # Latent-distillation encoder, Enc.
+        self.encoder_ln_pre = nn.LayerNorm(D)
+        self.encoder = Transformer(D, cfg.encoder_layers, cfg.encoder_heads, cfg.mlp_ratio, cfg.grad_checkpoint)
+        self.encoder_ln_recursive = nn.LayerNorm(D)  # re-normalises the whole sequence before each new iteration
+        self.encoder_ln_post = nn.LayerNorm(D)
+
+        # Factorize and quantize (§2): down to latent_dim, then one l2-normalised codebook for all iterations.
+        self.factorize = nn.Linear(D, cfg.latent_dim) if cfg.factorize_latent else nn.Identity()
+        self.quantize = (VectorQuantizer(cfg.latent_codebook_size, cfg.latent_dim, cfg.beta, l2_normalize=True)
+                         if cfg.quantize_latent else None)
+
+        # Latent-distillation decoder, Dec: masked 2D tokens + latent tokens -> logits over VQGAN codes.
+        self.mask_class_token = nn.Parameter(torch.empty(1, E))
+        self.mask_token = nn.Parameter(torch.empty(1, 1, E))
+        self.mask_positions = nn.Parameter(torch.empty(1 + N, E))
+        self.decoder_embed = nn.Linear(cfg.latent_dim, E) if cfg.factorize_latent else nn.Identity()
+        self.decoder_latent_positions = nn.Parameter(torch.empty(cfg.decoder_latent_positions, E))
+        self.decoder_ln_pre = nn.LayerNorm(E)
+        self.decoder = Transformer(E, cfg.decoder_layers, cfg.decoder_heads, cfg.mlp_ratio, cfg.grad_checkpoint)
+        self.decoder_ln_post = nn.LayerNorm(E)
+        self.head = nn.Sequential(nn.Linear(E, 2 * E), nn.Tanh(), nn.Linear(2 * E, cfg.vqgan.codebook_size))
+
+        self._init_weights()
+
+    def _init_weights(self):
+        # The official initialisation: embeddings ~ N(0, 1/width), linears truncated N(0, 0.02).
+        for name, p in self.named_parameters(recurse=False):
+            nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+        for name, m in self.named_modules():
+            if name.startswith(("vqgan", "quantize")):
+                continue  # the VQGAN is loaded or trained separately; the quantizer has its own init
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def alit_parameters(self):
+        """Every parameter except the base VQGAN's: what stage 1 trains."""
+        return [p for name, p in self.named_parameters() if not name.startswith("vqgan.")]
+
+    # --- the pieces of one iteration ----------------------------------------------------------
+
+    def image_tokens(self, images, vqgan_latents):
+        """[class; 2D image tokens] + positions, (B, 1+N, D)."""
+        B = len(images)
+        patches = self.patch_embed(images)  # (B, D - C, g, g)
+        tokens = torch.cat([vqgan_latents.to(patches.dtype), patches], dim=1).flatten(2).transpose(1, 2)  # (B, N, D)
+        # Unit-norm tokens: VQGAN features and patch features come on different scales.
+        tokens = F.normalize(tokens, dim=-1)
+        return torch.cat([self.image_class_token.expand(B, 1, -1), tokens], dim=1) + self.image_positions
+
+    def new_latent_tokens(self, iteration: int, batch_size: int):
+        """The K fresh latent tokens appended at `iteration`, (B, K, D)."""
+        block = self.latent_tokens + self.latent_positions + self.iteration_embedding[iteration]
+        return block.expand(batch_size, -1, -1)
+
+    def factorize_and_quantize(self, latent_tokens):
+        """Encoder output latents (B, L, D) -> (decoder input (B, L, code_dim), Quantized or None)."""
+        codes = self.factorize(self.encoder_ln_post(latent_tokens))
+        if self.quantize is None:
+            return codes, None
+        q = self.quantize(codes)
+        return q.codes, q
+
+    def decode_logits(self, latents):
+        """Reverse distillation: latents (B, L, code_dim) -> logits over the VQGAN codebook (B, N, codes)."""
+        B, L, _ = latents.shape
+        N = self.config.num_image_tokens
+        masked = torch.cat([self.mask_class_token.expand(B, 1, -1), self.mask_token.expand(B, N, -1)], dim=1)
+        latents = self.decoder_embed(latents) + self.decoder_latent_positions[:L]
+        x = self.decoder_ln_pre(torch.cat([masked + self.mask_positions, latents], dim=1))  # (B, 1+N+L, E)
+        x = self.decoder(x)
+        return self.head(self.decoder_ln_post(x[:, 1:1 + N]))  # (B, N, codes)
+
+    def soft_codes(self, logits):
+        """softmax(logits) @ VQGAN codebook, (B, N, C): the expected code at every grid cell.
+
+        The official code reads the codebook through `.data`, so neither stage trains it through
+        this product; we detach it for the same function.
+        """
+        return logits.float().softmax(-1) @ self.vqgan.quantize.embedding.weight.detach().float()
+
+    def images_from_logits(self, logits):
+        """Decode the soft code grid through the VQGAN decoder (not re-quantized), (B, 3, H, W)."""
+        g = self.config.grid_size
+        codes = self.soft_codes(logits).view(len(logits), g, g, -1).permute(0, 3, 1, 2)
+        return self.vqgan.decode(codes)
+
+    def halt(self, x, logits, gt_indices, generator=None):
+        """Dynamic halting, the Mask operation of §2 (T -> T+1).
+
+        p = predicted probability of each 2D token's true VQGAN index. A token with p at or above
+        the threshold is replaced, with probability p, by the mask token (plus its position), so the
+        next iteration spends its capacity on what is not yet reconstructed. The decision is taken
+        afresh after every iteration from that iteration's prediction.
+        """
+        N = self.config.num_image_tokens
+        p = logits.detach().float().softmax(-1).gather(-1, gt_indices[..., None])[..., 0]  # (B, N)
+        halted = (p >= self.config.halting_threshold) & (torch.rand(p.shape, generator=generator, device=p.device) < p)
+        replacement = (self.halted_token + self.image_positions[1:]).to(x.dtype)  # (1, N, D)
+        image = torch.where(halted[..., None], replacement, x[:, 1:1 + N])
+        return torch.cat([x[:, :1], image, x[:, 1 + N:]], dim=1), halted
+
+    # --- the recurrent rollout ----------------------------------------------------------------
+
+    def forward(self, images, vqgan_latents=None, gt_indices=None, *, halting=False, iters=None,
+                reconstruct=False, generator=None):
+        """The recurrent rollout of §2; returns one `Iteration` per decoded iteration.
+
+        images: (B, 3, H, W) in [0, 1]. vqgan_latents (B, C, g, g) and gt_indices (B, N) are the
+        frozen VQGAN's encoding; computed here when not given (training passes them in, computed
+        under no_grad or read from a cache). iters: the iterations (0-based) to decode, default all;
+        the encoder only runs up to the last of them. Halting needs the decoder's prediction, so it
+        acts after decoded iterations only (as in the official code). reconstruct: also decode
+        pixels from the soft code.
+        """
+        cfg = self.config
+        if vqgan_latents is None:
+            vqgan_latents = self.vqgan.encoder(images)
+        if gt_indices is None and halting:
+            gt_indices = self.vqgan.quantize_latents(vqgan_latents.detach()).indices
+        iters = sorted(set(range(cfg.rollout_iters) if iters is None else iters))
+        if not iters or iters[0] < 0 or iters[-1] >= cfg.rollout_iters:
+            raise ValueError(f"iters must be within 0..{cfg.rollout_iters - 1}, got {iters}")
+        B, first_latent = len(images), 1 + cfg.num_image_tokens
+
+        # T = 0: [K_2D ; K_1D] -> encoder_ln_pre.
+        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, vqgan_latents),
+                                           self.new_latent_tokens(0, B)], dim=1))  # (B, 1+N+K, D)
+        records = []
+        for t in range(iters[-1] + 1):
+            # Enc: image tokens and all latent tokens so far; earlier latents get residual updates.
+            x = self.encoder(x)  # (B, 1+N+t*K, D)
+            if t in iters:
+                latents, q = self.factorize_and_quantize(x[:, first_latent:])
+                logits = self.decode_logits(latents)
+                record = Iteration(t, logits, latents, q.indices if q else None, q)
+                if reconstruct:
+                    record.recon = self.images_from_logits(logits)
+                if halting and t < iters[-1]:
+                    x, record.halted = self.halt(x, logits, gt_indices, generator)
+                records.append(record)
+            if t < iters[-1]:
+                # T -> T+1: append K new latent tokens and re-normalise the whole sequence.
+                x = self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(t + 1, B)], dim=1))
+        return records
+
+    def rollout(self, images, halting=False, generator=None):
+        """Every iteration with its reconstruction: records[t] describes the image with (t+1)*K tokens."""
+        return self(images, halting=halting, reconstruct=True, generator=generator)
+
+    # --- tokens in, tokens out ----------------------------------------------------------------
+
+    def encode(self, images, criterion=None, halting=False, generator=None):
+        """Images -> latent token indices.
+
+        Without a criterion: a list with the (B, t*K) indices of every length t = 1..T.
+        With a criterion (a function (images, reconstructions) -> (B,) bool, e.g. L1 < 0.07):
+        per image, the fewest tokens whose reconstruction passes (the longest if none does), as a
+        list of B tensors of different lengths. Images that pass leave the batch, so no further
+        encoder, decoder or VQGAN-decoder work is spent on them.
+        """
+        if self.quantize is None:
+            raise ValueError("encode returns codebook indices; this model has continuous latent tokens")
+        if criterion is None:
+            return [r.indices for r in self(images, halting=halting, generator=generator)]
+        return [c.indices for c in self.encode_adaptive(images, criterion, halting=halting, generator=generator)]
+
+    @torch.no_grad()
+    def encode_adaptive(self, images, criterion, halting=False, generator=None, token_space=False):
+        """Early-exit rollout; returns one `Choice` per image (see `encode`).
+
+        criterion(images, reconstructions) -> (B,) bool on pixels, or with token_space=True
+        criterion(gt_indices, logits) -> (B,) bool on the VQGAN token grid (no pixel decoding at
+        all until the final reconstruction).
+        """
+        cfg = self.config
+        vqgan_latents = self.vqgan.encoder(images)
+        gt_indices = self.vqgan.quantize_latents(vqgan_latents).indices
+        active = torch.arange(len(images), device=images.device)  # which original images are still running
+        choices = [None] * len(images)
+        first_latent = 1 + cfg.num_image_tokens
+        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, vqgan_latents),
+                                           self.new_latent_tokens(0, len(images))], dim=1))
+        for t in range(cfg.rollout_iters):
+            x = self.encoder(x)
+            latents, q = self.factorize_and_quantize(x[:, first_latent:])
+            logits = self.decode_logits(latents)
+            last = t == cfg.rollout_iters - 1
+            if token_space:
+                done = criterion(gt_indices[active], logits) | last
+                recon = self.images_from_logits(logits[done]) if done.any() else None
+            else:
+                recon = self.images_from_logits(logits)
+                done = criterion(images[active], recon) | last
+                recon = recon[done]
+            for j, i in enumerate(active[done].tolist()):
+                choices[i] = Choice((t + 1) * cfg.tokens_per_iter, q.indices[done][j], recon[j])
+            if last or done.all():
+                break
+            keep = ~done
+            x, active = x[keep], active[keep]
+            if halting:
+                x, _ = self.halt(x, logits[keep], gt_indices[active], generator)
+            x = self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(t + 1, len(x))], dim=1))
+        return choices
+
+    @torch.no_grad()
+    def decode(self, indices):
+        """Latent token indices (B, k*K) of any length k = 1..T -> (logits, VQGAN indices, images)."""
+        L, K = indices.shape[1], self.config.tokens_per_iter
+        if self.quantize is None:
+            raise ValueError("decode takes codebook indices; this model has continuous latent tokens")
+        if L == 0 or L % K or L > self.config.max_tokens:
+            raise ValueError(f"decode takes a multiple of {K} tokens up to {self.config.max_tokens}, got {L}")
+        logits = self.decode_logits(self.quantize.lookup(indices))
+        return logits, logits.argmax(-1), self.images_from_logits(logits)
+
+    # --- loading the official checkpoints -----------------------------------------------------
+
+    @classmethod
+    def from_official(cls, path_or_state_dict, heads=None) -> "ALIT":
+        """Load an official ALIT checkpoint (with its fine-tuned VQGAN) into this code.
+
+        Accepts the checkpoint file (a dict with 'ema' and/or 'model'; 'ema' is preferred, as the
+        official evaluation uses it) or a bare state dict. The architecture is read off the shapes;
+        the number of attention heads is not in the shapes: it comes from the official preset of
+        the same width and depth, or from `heads` (an int, or an (encoder, decoder) pair).
+        """
+        where = source_name(path_or_state_dict)
+        state = load_state_dict(path_or_state_dict)
+        for wrapper in ("ema", "model", "state_dict"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        # Training-only modules (a frozen LPIPS and a discriminator per iteration) are dropped.
+        state = {k: v for k, v in state.items() if not k.startswith("gan_losses.")}
+        try:
+            cfg = _official_config(state, heads)
+        except KeyError as missing:
+            raise KeyError(f"{where}: not an official ALIT checkpoint, it lacks {missing}") from None
+        model = cls(cfg)
+        prefix = "base_tokenizer.vqgan."
+        model.vqgan = VQGAN.from_official({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                          image_size=cfg.image_size)
+        ours = {_rename_official(k): v for k, v in state.items() if not k.startswith(prefix)}
+        ours.update({"vqgan." + k: v for k, v in model.vqgan.state_dict().items()})
+        copy_state_dict(model, ours, where)
+        return model
+
+
+@dataclass
+class Choice:
+    """The adaptive encoding of one image."""
+    num_tokens: int
+    indices: torch.Tensor  # (num_tokens,)
+    recon: torch.Tensor  # (3, H, W)
+
+
+# Official key -> ours, applied in order (regular expressions on the whole key).
+OFFICIAL_KEY_MAP = [
+    (r"^encoder_class_embedding$", "image_class_token"),
+    (r"^encoder_positional_embedding$", "image_positions"),
+    (r"^encoder_mask_token$", "halted_token"),
+    (r"^latent_token_positional_embedding$", "latent_positions"),
+    (r"^timestep_embedding$", "iteration_embedding"),
+    (r"^pre_quantizer_mlp\.", "factorize."),
+    (r"^decoder_class_embedding$", "mask_class_token"),
+    (r"^decoder_mask_token$", "mask_token"),
+    (r"^decoder_positional_embedding$", "mask_positions"),
+    (r"^decoder\.decoder_embed\.", "decoder_embed."),
+    (r"^decoder\.latent_token_positional_embedding$", "decoder_latent_positions"),
+    (r"^decoder\.ln_(pre|post)\.", r"decoder_ln_\1."),
+    (r"^decoder\.ffn\.", "head."),
+    (r"^(encoder|decoder)\.transformer\.", r"\1."),
+    # nn.MultiheadAttention's packed projections are our Linear layers: same rows, same q, k, v order.
+    (r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1"),
+    (r"\.attn\.out_proj\.", ".attn.proj."),
+]
+
+# Heads per official (width, layers); the shapes cannot tell heads apart.
+OFFICIAL_HEADS = {(c["encoder_width"], c["encoder_layers"]): c["encoder_heads"]
+                  for name, c in PRESETS.items() if name != "tiny"}
+
+
+def _rename_official(key: str) -> str:
+    for pattern, replacement in OFFICIAL_KEY_MAP:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _official_config(state: dict, heads) -> ALITConfig:
+    def layers(prefix):
+        return len({k.split(".")[2] for k in state if k.startswith(prefix + ".transformer.")})
+
+    enc_width, dec_width = state["encoder_ln_pre.weight"].shape[0], state["decoder.ln_pre.weight"].shape[0]
+    enc_layers, dec_layers = layers("encoder"), layers("decoder")
+    if heads is None:
+        found = [OFFICIAL_HEADS.get((enc_width, enc_layers)), OFFICIAL_HEADS.get((dec_width, dec_layers))]
+        if None in found:
+            raise ValueError(f"no official preset has width {enc_width}/{dec_width} and {enc_layers}/{dec_layers} "
+                             "layers; pass heads= (an int, or an (encoder, decoder) pair)")
+        heads = tuple(found)
+    enc_heads, dec_heads = (heads, heads) if isinstance(heads, int) else heads
+    patch = state["patch_embed.weight"].shape[-1]
+    grid = math.isqrt(state["encoder_positional_embedding"].shape[0] - 1)
+    K, D = state["latent_tokens"].shape
+    quantized, factorized = "quantize.embedding.weight" in state, "pre_quantizer_mlp.weight" in state
+    codebook_size, latent_dim = state["quantize.embedding.weight"].shape if quantized else (4096, 12)
+    if factorized:
+        latent_dim = state["pre_quantizer_mlp.weight"].shape[0]
+    vqgan_state = {k.split("base_tokenizer.vqgan.", 1)[1]: v for k, v in state.items()
+                   if k.startswith("base_tokenizer.vqgan.")}
+    vqgan_cfg = official_config(vqgan_state, image_size=grid * patch)
+    return ALITConfig(
+        image_size=grid * patch, patch_size=patch, encoder_width=enc_width, encoder_layers=enc_layers,
+        encoder_heads=enc_heads, decoder_width=dec_width, decoder_layers=dec_layers, decoder_heads=dec_heads,
+        mlp_ratio=state["encoder.transformer.0.mlp.c_fc.weight"].shape[0] / enc_width,
+        tokens_per_iter=K, rollout_iters=state["timestep_embedding"].shape[0], quantize_latent=quantized,
+        factorize_latent=factorized, latent_dim=latent_dim, latent_codebook_size=codebook_size,
+        decoder_latent_positions=state["decoder.latent_token_positional_embedding"].shape[0], vqgan=vqgan_cfg)
