@@ -402,3 +402,52 @@ def save_image_grid(images: torch.Tensor | list, path, nrow: int, padding: int =
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash mid-write never leaves a half PNG
     Image.fromarray(pixels).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Training batches that a resumed run can reproduce exactly
+
+class SeededAugmentation(Dataset):
+    """Draws each item's augmentation from its own seed (seed, epoch, index).
+
+    Random crops and flips then depend on neither the DataLoader's worker count nor
+    where a run was interrupted, so `--resume` continues bit-exactly.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 63)
+            return self.dataset[index]
+
+
+def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
+                  start_step: int = 0, num_workers: int = 0):
+    """Endless (epoch, batch) stream for one rank, starting at optimizer step `start_step`.
+
+    Each epoch is a DistributedSampler permutation (its epoch set, so every epoch is
+    reshuffled); a resumed run skips the batches already seen without loading them.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = SeededAugmentation(dataset, seed)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    steps_per_epoch = len(sampler) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch "
+                         f"({batch_size} x {world_size} ranks); lower --batch-size")
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        dataset.epoch = epoch
+        indices = list(sampler)[skip * batch_size:]
+        loader = DataLoader(dataset, batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        for batch in loader:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0

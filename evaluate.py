@@ -14,16 +14,29 @@ number published tokenizers report: the FID variant of InceptionV3 (pool3,
 ranks, and the Fréchet distance between two Gaussians. (Fig. 7's FID uses
 VGG16 features according to the paper's text; that variant is not here.)
 """
+import argparse
+import csv
+import json
+import sys
+import time
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy
 import scipy.linalg
+import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import build_dataset, save_image_grid
+from model import ALIT
 from vqgan import copy_state_dict, load_state_dict, source_name
 
 # -----------------------------------------------------------------------------
@@ -344,3 +357,357 @@ def fid_from_stats(a, b):
     mu1, sigma1 = a.mean_cov()
     mu2, sigma2 = b.mean_cov()
     return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+# -----------------------------------------------------------------------------
+# Token-selection criteria (§A.2 "Representational capacity depends on downstream task").
+# A criterion says, per image, whether a reconstruction is good enough; the adaptive encoding
+# gives each image the fewest tokens that pass. Users can plug in their own (the paper also
+# uses classification and depth error, which need models that cannot be downloaded here).
+
+def l1_below(threshold: float):
+    """Pixel criterion, the paper's self-supervised one: mean |x - x̂| < threshold (0.07 in the
+    official code's encode)."""
+    def criterion(images, reconstructions):  # (B, 3, H, W) each -> (B,) bool
+        return (reconstructions.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) < threshold
+    criterion.__name__ = f"l1<{threshold:g}"
+    return criterion
+
+
+def token_accuracy_above(threshold: float):
+    """Token-space criterion (needs no pixel decoding): the fraction of 2D tokens whose VQGAN
+    index the decoder predicts correctly is at least `threshold`."""
+    def criterion(gt_indices, logits):  # (B, N), (B, N, codes) -> (B,) bool
+        return (logits.argmax(-1) == gt_indices).float().mean(1) >= threshold
+    criterion.__name__ = f"token_acc>={threshold:g}"
+    return criterion
+
+
+def first_passing(passes: torch.Tensor) -> torch.Tensor:
+    """(T, B) bool -> (B,) index of the first iteration that passes, T - 1 if none does."""
+    T = passes.shape[0]
+    order = torch.where(passes, torch.arange(T)[:, None], T - 1)
+    return order.min(0).values
+
+
+# -----------------------------------------------------------------------------
+# The evaluation run: every token count, adaptive allocation, complexity
+
+PROTOCOLS = {
+    "crop": "the paper's code: center crop to the model size, no resizing",
+    "resize": "TiTok: resize the shorter side to the model size, then center crop",
+}
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
+    official: str | None = None  # ... or an official ALIT checkpoint (ALIT.from_official)
+    heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
+    use_ema: bool = True  # evaluate the EMA weights of our checkpoints
+    dataset: str = "shapes"
+    data_dir: str | None = None
+    split: str = "val"
+    num_images: int | None = None  # default: the whole split (shapes: 1000)
+    protocol: str = "crop"
+    batch_size: int = 50
+    inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    thresholds: str = "0.03,0.05,0.07,0.1,0.15"  # L1 thresholds of the adaptive allocation sweep (Fig. 7)
+    token_thresholds: str = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
+    default_threshold: float = 0.07  # the official encode's L1 threshold
+    halting: bool = False  # the official code halts in eval too, which makes reconstructions random
+    grid_images: int = 8
+    speed_images: int = 64  # images timed for early exit vs running every iteration
+    out_dir: str = "out/eval"
+    device: str = "auto"
+    seed: int = 0
+
+
+def load_model(cfg: EvalConfig, device) -> ALIT:
+    if cfg.official:
+        heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
+        heads = heads[0] if heads and len(heads) == 1 else heads
+        return ALIT.from_official(cfg.official, heads=heads).to(device).eval()
+    from train_stage1 import load_alit
+    if not Path(cfg.ckpt).is_file():
+        sys.exit(f"error: --ckpt {cfg.ckpt} not found (train it, or pass --official PATH)")
+    return load_alit(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def evaluate(model: ALIT, loader, cfg: EvalConfig, inception=None, device="cpu"):
+    """One pass over the data: every token count, the base VQGAN, and the inputs of every criterion.
+
+    Returns per-image arrays (all (T, n) over token counts) and the FID statistics.
+    """
+    T = model.config.rollout_iters
+    thresholds = [float(t) for t in cfg.thresholds.split(",")]
+    per_image = {"l1": [], "mse": [], "token_acc": [], "vqgan_l1": [], "vqgan_mse": [], "target": []}
+    stats = {"real": FeatureStats(), "vqgan": FeatureStats(),
+             **{f"tokens_{(t + 1) * model.config.tokens_per_iter}": FeatureStats() for t in range(T)},
+             **{f"l1<{thr:g}": FeatureStats() for thr in thresholds}} if inception else None
+    keep = None  # the first batch, for the Fig. 2 grid
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    for images, targets in tqdm(loader, desc="evaluate", dynamic_ncols=True):
+        images = images.to(device)
+        _, gt_indices = model.vqgan.encode(images)
+        records = model.rollout(images, halting=cfg.halting, generator=generator)
+        recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
+        vqgan_recon = model.vqgan(images)[0].float().clamp(0, 1)
+        l1 = (recon - images).abs().mean(dim=(2, 3, 4))  # (T, B)
+        mse = (recon - images).square().mean(dim=(2, 3, 4))
+        per_image["l1"].append(l1.cpu())
+        per_image["mse"].append(mse.cpu())
+        per_image["token_acc"].append(torch.stack([(r.logits.argmax(-1) == gt_indices).float().mean(1)
+                                                   for r in records]).cpu())
+        per_image["vqgan_l1"].append((vqgan_recon - images).abs().mean(dim=(1, 2, 3)).cpu())
+        per_image["vqgan_mse"].append((vqgan_recon - images).square().mean(dim=(1, 2, 3)).cpu())
+        per_image["target"].append(targets)
+        if keep is None:
+            keep = (images.cpu(), recon.cpu(), targets)
+        if inception is not None:
+            B = len(images)
+            stats["real"].update(inception(images))
+            stats["vqgan"].update(inception(vqgan_recon))
+            features = inception(recon.flatten(0, 1)).view(T, B, -1)
+            for t in range(T):
+                stats[f"tokens_{(t + 1) * model.config.tokens_per_iter}"].update(features[t])
+            for thr in thresholds:  # the allocation's reconstructions reuse the features above
+                chosen = first_passing(l1.cpu() < thr).to(features.device)
+                stats[f"l1<{thr:g}"].update(features[chosen, torch.arange(B)])
+    per_image = {k: torch.cat(v, dim=-1) for k, v in per_image.items()}
+    return per_image, stats, keep
+
+
+def allocation_summary(chosen: torch.Tensor, per_image: dict, model: ALIT) -> dict:
+    """Token counts chosen per image -> histogram, dataset representation and quality there."""
+    K, T = model.config.tokens_per_iter, model.config.rollout_iters
+    tokens = (chosen + 1) * K
+    n = len(chosen)
+    pick = (chosen, torch.arange(n))
+    return {
+        "mean_tokens": tokens.float().mean().item(),
+        # §A.2: the dataset's cumulative token count as a fraction of the maximum
+        "dataset_representation": tokens.sum().item() / (n * T * K),
+        "histogram": {int((t + 1) * K): int((chosen == t).sum()) for t in range(T)},
+        "l1": per_image["l1"][pick].mean().item(),
+        "psnr": psnr(per_image["mse"][pick]).mean().item(),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate ALIT: L1, PSNR and rFID at every token count, "
+                                                 "adaptive token allocation, complexity analysis.")
+    from train_vqgan import add_dataclass_flags, check_flags, dataclass_overrides, setup_distributed
+    add_dataclass_flags(parser, EvalConfig)
+    cfg = EvalConfig(**dataclass_overrides(parser.parse_args(argv), EvalConfig))
+    check_flags([(cfg.protocol in PROTOCOLS, f"--protocol must be one of {sorted(PROTOCOLS)}"),
+                 (cfg.batch_size > 0, "--batch-size must be positive"),
+                 (0 < cfg.default_threshold, "--default-threshold must be positive")])
+    device = setup_distributed(cfg.device).device
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg, device)
+    mc = model.config
+    K, T = mc.tokens_per_iter, mc.rollout_iters
+    counts = [(t + 1) * K for t in range(T)]
+    print(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
+    dataset = build_dataset(cfg.dataset, cfg.split, mc.image_size, cfg.data_dir, train=False,
+                            eval_protocol="resize" if cfg.protocol == "resize" else "crop", num_images=cfg.num_images)
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=False)
+    inception = None
+    if cfg.inception_weights:
+        inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device)
+    else:
+        print("no --inception-weights given: reporting everything but FID")
+
+    per_image, stats, keep = evaluate(model, loader, cfg, inception, device)
+    n = per_image["l1"].shape[1]
+    fid = (lambda name: fid_from_stats(stats["real"], stats[name])) if inception else (lambda name: None)
+
+    # 1. Every token count (Table 1, Fig. 2).
+    rows = [{"tokens": c, "l1": per_image["l1"][t].mean().item(), "mse": per_image["mse"][t].mean().item(),
+             "psnr": psnr(per_image["mse"][t]).mean().item(), "token_accuracy": per_image["token_acc"][t].mean().item(),
+             "rfid": fid(f"tokens_{c}")} for t, c in enumerate(counts)]
+    vqgan_row = {"tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
+                 "mse": per_image["vqgan_mse"].mean().item(), "psnr": psnr(per_image["vqgan_mse"]).mean().item(),
+                 "rfid": fid("vqgan")}
+
+    # 2. Adaptive allocation, pixel criterion (Fig. 7): per image, the fewest tokens with L1 < threshold.
+    thresholds = [float(v) for v in cfg.thresholds.split(",")]
+    sweep = []
+    for thr in thresholds:
+        chosen = first_passing(per_image["l1"] < thr)
+        sweep.append({"criterion": f"l1<{thr:g}", "threshold": thr, **allocation_summary(chosen, per_image, model),
+                      "rfid": fid(f"l1<{thr:g}")})
+    # The cheaper token-space criterion, side by side: its choices vs the pixel criterion's at the
+    # default threshold, matched by the token threshold whose mean token count is closest.
+    pixel_choice = first_passing(per_image["l1"] < cfg.default_threshold)
+    token_sweep = []
+    for thr in [float(v) for v in cfg.token_thresholds.split(",")]:
+        chosen = first_passing(per_image["token_acc"] >= thr)
+        token_sweep.append({"criterion": f"token_acc>={thr:g}", "threshold": thr,
+                            **allocation_summary(chosen, per_image, model),
+                            "same_count_as_pixel_default": (chosen == pixel_choice).float().mean().item()})
+    pixel_default = allocation_summary(pixel_choice, per_image, model)
+    matched = min(token_sweep, key=lambda r: abs(r["mean_tokens"] - pixel_default["mean_tokens"]))
+
+    # 3. Early exit: the batched adaptive encode against running every iteration for every image.
+    speed = time_early_exit(model, dataset, cfg, matched["threshold"], device)
+
+    # 4. Complexity (§3): does a more complex image get more tokens?
+    complexity = None
+    if cfg.dataset == "shapes":
+        level = per_image["target"]
+        complexity = {
+            "spearman_complexity_vs_tokens": float(scipy.stats.spearmanr(level.numpy(), pixel_choice.numpy())[0]),
+            "threshold": cfg.default_threshold,
+            "mean_tokens_per_level": {int(c): ((pixel_choice[level == c] + 1) * K).float().mean().item()
+                                      for c in level.unique()},
+            "l1_per_level_per_tokens": {int(c): {counts[t]: per_image["l1"][t][level == c].mean().item()
+                                                 for t in range(T)} for c in level.unique()},
+        }
+
+    results = {"protocol": cfg.protocol, "images": n, "dataset": cfg.dataset, "checkpoint": cfg.official or cfg.ckpt,
+               "halting": cfg.halting, "per_token_count": rows, "vqgan": vqgan_row,
+               "adaptive_l1": sweep, "adaptive_token_accuracy": token_sweep,
+               "pixel_vs_token_criterion": {"pixel": f"l1<{cfg.default_threshold:g}", **pixel_default,
+                                            "token": matched["criterion"],
+                                            "token_mean_tokens": matched["mean_tokens"],
+                                            "same_count": matched["same_count_as_pixel_default"]},
+               "early_exit": speed, "complexity": complexity}
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_sweep_csv(out / "adaptive_sweep.csv", sweep + token_sweep)
+    plot_sweep(out / "adaptive_sweep.png", sweep, inception is not None)
+    save_fig2_grid(keep, per_image, out / "reconstructions.png", cfg.grid_images, cfg.dataset == "shapes")
+    print(markdown_report(results))
+    print(f"wrote {out / 'metrics.json'}, {out / 'adaptive_sweep.csv'}, {out / 'adaptive_sweep.png'}, "
+          f"{out / 'reconstructions.png'}")
+    return results
+
+
+def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: float, device) -> dict:
+    """Seconds to encode `speed_images` images adaptively (pixel and token criterion, early exit)
+    against running every iteration and decoding every reconstruction for every image (what the
+    official encode does), and whether early exit picks the same counts as the exhaustive search."""
+    n = min(cfg.speed_images, len(dataset))
+    images = torch.stack([dataset[i][0] for i in range(n)]).to(device)
+    pixel, token = l1_below(cfg.default_threshold), token_accuracy_above(token_threshold)
+
+    def exhaustive():
+        records = model.rollout(images)
+        return first_passing(torch.stack([pixel(images, r.recon) for r in records]).cpu())
+
+    with torch.no_grad():
+        exhaustive()  # warm-up
+        timings, results = {}, {}
+        for name, run in [("every_iteration", exhaustive),
+                          ("early_exit_pixel", lambda: model.encode_adaptive(images, pixel)),
+                          ("early_exit_token", lambda: model.encode_adaptive(images, token, token_space=True))]:
+            start = time.perf_counter()
+            results[name] = run()
+            timings[name] = time.perf_counter() - start
+    exhaustive_tokens = (results["every_iteration"] + 1) * model.config.tokens_per_iter
+    early_tokens = torch.tensor([c.num_tokens for c in results["early_exit_pixel"]])
+    return {"images": n, "seconds": timings,
+            "speedup_pixel": timings["every_iteration"] / timings["early_exit_pixel"],
+            "speedup_token": timings["every_iteration"] / timings["early_exit_token"],
+            "same_counts_as_exhaustive": (early_tokens == exhaustive_tokens).float().mean().item(),
+            "mean_tokens_pixel": early_tokens.float().mean().item(),
+            "mean_tokens_token": sum(c.num_tokens for c in results["early_exit_token"]) / n}
+
+
+def write_sweep_csv(path, rows):
+    fields = ["criterion", "threshold", "mean_tokens", "dataset_representation", "l1", "psnr", "rfid"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_sweep(path, sweep, with_fid: bool, size=(360, 280)):
+    """Fig. 7 with PIL: dataset representation (x) against L1 (and rFID) of the allocation."""
+    panels = [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else [])
+    width, height = size
+    canvas = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(canvas)
+    left, right, top, bottom = 52, 16, 28, 40
+    for p, (key, label) in enumerate(panels):
+        x0 = p * width
+        xs = [r["dataset_representation"] for r in sweep]
+        ys = [r[key] for r in sweep]
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1e-9
+
+        def to_px(x, y):
+            return (x0 + left + x * (width - left - right),
+                    top + (1 - (y - lo) / (hi - lo)) * (height - top - bottom))
+
+        draw.rectangle([x0 + left, top, x0 + width - right, height - bottom], outline="black")
+        for tick in (0, 0.25, 0.5, 0.75, 1.0):
+            px, _ = to_px(tick, lo)
+            draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+            draw.text((px - 10, height - bottom + 6), f"{tick:.2f}", fill="black")
+        for value in (lo, hi):
+            _, py = to_px(0, value)
+            draw.text((x0 + 4, py - 6), f"{value:.3g}", fill="black")
+        points = sorted(to_px(x, y) for x, y in zip(xs, ys))
+        if len(points) > 1:
+            draw.line(points, fill=(31, 119, 180), width=2)
+        for (px, py), r in zip([to_px(x, y) for x, y in zip(xs, ys)], sweep):
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(214, 39, 40))
+            draw.text((px + 4, py - 12), f"{r['threshold']:g}", fill="gray")
+        draw.text((x0 + left, 8), f"{label} vs dataset representation (L1 threshold labels)", fill="black")
+        draw.text((x0 + width // 2 - 60, height - 16), "fraction of max tokens", fill="black")
+    canvas.save(path)
+
+
+def save_fig2_grid(keep, per_image, path, rows: int, by_complexity: bool):
+    """Fig. 2: rows are images from simple to complex (by recorded complexity on `shapes`, else by
+    the L1 at the fewest tokens), columns are the token counts, then the original."""
+    images, recon, targets = keep
+    difficulty = targets.float() if by_complexity else per_image["l1"][0, :len(images)]
+    # spread the rows over the range of difficulty: sort, then take evenly spaced images
+    order = difficulty.argsort(stable=True)
+    order = order[torch.linspace(0, len(order) - 1, min(rows, len(order))).round().long()]
+    columns = [recon[t, order] for t in range(recon.shape[0])] + [images[order]]
+    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
+
+
+def markdown_report(r: dict) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"## {r['dataset']} {r['images']} images, protocol {r['protocol']}, {r['checkpoint']}", "",
+             "| tokens | L1 | PSNR | token acc. | rFID |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["per_token_count"]:
+        lines.append(f"| {row['tokens']} | {row['l1']:.4f} | {row['psnr']:.2f} | {row['token_accuracy']:.3f} | "
+                     f"{num(row['rfid'], '.2f')} |")
+    v = r["vqgan"]
+    lines.append(f"| VQGAN ({v['tokens']} 2D) | {v['l1']:.4f} | {v['psnr']:.2f} | - | {num(v['rfid'], '.2f')} |")
+    lines += ["", "| adaptive criterion | mean tokens | dataset repr. | L1 | PSNR | rFID |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["adaptive_l1"] + r["adaptive_token_accuracy"]:
+        lines.append(f"| {row['criterion']} | {row['mean_tokens']:.1f} | {row['dataset_representation']:.3f} | "
+                     f"{row['l1']:.4f} | {row['psnr']:.2f} | {num(row.get('rfid'), '.2f')} |")
+    c, s = r["pixel_vs_token_criterion"], r["early_exit"]
+    lines += ["", f"{c['pixel']} (mean {c['mean_tokens']:.1f} tokens) vs {c['token']} (mean "
+              f"{c['token_mean_tokens']:.1f}): same token count for {100 * c['same_count']:.0f}% of images",
+              f"early exit on {s['images']} images: pixel criterion {s['speedup_pixel']:.2f}x, token criterion "
+              f"{s['speedup_token']:.2f}x faster than running every iteration; same counts as the exhaustive "
+              f"search for {100 * s['same_counts_as_exhaustive']:.0f}% of images"]
+    if r["complexity"]:
+        cx = r["complexity"]
+        lines.append(f"complexity vs chosen tokens (l1<{cx['threshold']:g}): Spearman "
+                     f"{cx['spearman_complexity_vs_tokens']:.3f}; mean tokens per level "
+                     + ", ".join(f"{k}: {v:.1f}" for k, v in cx["mean_tokens_per_level"].items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

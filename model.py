@@ -56,6 +56,7 @@ class ALITConfig:
     beta: float = 0.25  # commitment weight of the latent quantizer
     halting_threshold: float = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
     decoder_latent_positions: int = 256  # rows of the decoder's latent position table (official code: fixed 256)
+    init_std: float = 0.02  # linear weights ~ truncated N(0, init_std): the official 0.02 suits widths near 1024
     grad_checkpoint: bool = False  # recompute transformer blocks in backward: less memory, ~30% more time
     vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**VQGAN_PRESETS["imagenet"]))
 
@@ -115,9 +116,11 @@ PRESETS = {
     "semilarge": _paper(1024, 16, 16),
     # Two CPU cores: 32x32 images over the tiny VQGAN's 8x8 grid, 8 new tokens (1/8 of the grid)
     # per iteration, 8 iterations, so the longest code has as many 1D tokens as there are 2D tokens.
+    # At width 128, 0.02 is 0.23/sqrt(width): attention starts so uniform that the decoder ignores
+    # the latent tokens for hundreds of steps; 0.1 (about 1/sqrt(width)) starts using them at once.
     "tiny": dict(image_size=32, patch_size=4, tokens_per_iter=8, latent_codebook_size=256,
-                 decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]),
-                 **_paper(128, 4, 4)),
+                 decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]), init_std=0.1,
+                 **_paper(128, 2, 4)),
 }
 
 
@@ -241,14 +244,14 @@ class ALIT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # The official initialisation: embeddings ~ N(0, 1/width), linears truncated N(0, 0.02).
+        # The official initialisation: embeddings ~ N(0, 1/width), linears truncated N(0, init_std = 0.02).
         for name, p in self.named_parameters(recurse=False):
             nn.init.normal_(p, std=p.shape[-1] ** -0.5)
         for name, m in self.named_modules():
             if name.startswith(("vqgan", "quantize")):
                 continue  # the VQGAN is loaded or trained separately; the quantizer has its own init
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=self.config.init_std)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
@@ -298,7 +301,7 @@ class ALIT(nn.Module):
         The official code reads the codebook through `.data`, so neither stage trains it through
         this product; we detach it for the same function.
         """
-        return logits.float().softmax(-1) @ self.vqgan.quantize.embedding.weight.detach().float()
+        return logits.float().softmax(-1) @ self.vqgan.quantize.codebook().detach()
 
     def images_from_logits(self, logits):
         """Decode the soft code grid through the VQGAN decoder (not re-quantized), (B, 3, H, W)."""

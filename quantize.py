@@ -38,6 +38,9 @@ class VectorQuantizer(nn.Module):
         # Named `embedding` so that official checkpoints (`quantize.embedding.weight`) load by name.
         self.embedding = nn.Embedding(codebook_size, code_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        # Usage since the last dead-code restart and the latest inputs (training only; plain attributes,
+        # not buffers, so that DDP does not overwrite them with rank 0's).
+        self.counts_since_restart, self.recent_inputs = None, None
 
     def codebook(self) -> torch.Tensor:
         """(codebook_size, code_dim): the rows lookups return (unit rows when l2_normalize)."""
@@ -66,7 +69,27 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * F.mse_loss(z, chosen.detach()) + F.mse_loss(chosen, z.detach())
             codes = z + (chosen - z).detach()  # straight-through estimator
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            if self.training:
+                self.counts_since_restart = counts if self.counts_since_restart is None else self.counts_since_restart + counts
+                self.recent_inputs = flat.detach()
             probs = counts / indices.numel()
             perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
             usage = (counts > 0).float().mean()
         return Quantized(codes, indices.view(z.shape[:-1]), loss, perplexity.detach(), usage.detach())
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """Move every code unused since the last call onto a random recent input vector.
+
+        From scratch, most codes are never chosen after the first steps and never move again
+        (codebook collapse: ~5% usage on `shapes`); restarting them on encoder outputs (as in
+        Jukebox, Dhariwal et al. 2020) keeps the whole codebook in use. Returns how many moved.
+        """
+        if self.counts_since_restart is None:
+            return 0
+        dead = (self.counts_since_restart == 0).nonzero()[:, 0]
+        if len(dead):
+            picks = torch.randint(len(self.recent_inputs), (len(dead),), device=self.recent_inputs.device)
+            self.embedding.weight[dead] = self.recent_inputs[picks].to(self.embedding.weight.dtype)
+        self.counts_since_restart = None
+        return len(dead)

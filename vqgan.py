@@ -37,6 +37,7 @@ class VQGANConfig:
     attn_resolutions: tuple = ()  # feature-map sizes that get a self-attention block (taming: (16,); MaskGIT: none)
     norm_groups: int = 32  # GroupNorm groups, every channel count must be a multiple of it
     beta: float = 0.25  # commitment weight of the quantizer
+    l2_normalize: bool = False  # cosine lookup on unit codes (ViT-VQGAN, Yu et al. 2021); the official VQGAN is Euclidean
 
     @property
     def downsample(self) -> int:
@@ -61,7 +62,8 @@ PRESETS = {
                      latent_channels=256, codebook_size=1024),
     # Two CPU cores: 32x32 images -> 8x8 tokens; trains to recognisable shapes in a few minutes.
     "tiny": dict(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                 latent_channels=32, codebook_size=256, norm_groups=8),
+                 latent_channels=32, codebook_size=256, norm_groups=8,
+                 l2_normalize=True),  # from scratch, a Euclidean codebook collapses to ~5% usage here
 }
 
 
@@ -214,7 +216,10 @@ class VQGAN(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta, cfg.l2_normalize)
+        # Channels-last conv weights make every convolution run channels-last (oneDNN on the CPU,
+        # cuDNN on GPUs): 1.3x (256px encode) to 1.9x (tiny training step) faster on 2 CPU cores.
+        self.to(memory_format=torch.channels_last)
 
     def quantize_latents(self, latents: torch.Tensor) -> Quantized:
         """(N, C, g, g) continuous latents -> codes (N, C, g, g), indices (N, g*g) in row-major order."""

@@ -59,3 +59,21 @@ def test_search_stays_float32_under_bf16_autocast():
     # bf16 input rounding may move a few near-ties; the search itself must not add more
     assert (q.indices == vq(z.bfloat16().float()).indices).all()
     assert (q.indices == expected).float().mean() > 0.9
+
+
+def test_dead_code_restart_moves_only_unused_codes():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4)
+    z = torch.randn(32, 4) + 5  # far from the initial codebook: one code wins everything
+    vq.train()
+    used = vq(z).indices.unique()
+    before = vq.embedding.weight.clone()
+    moved = vq.restart_dead_codes()
+    assert moved == 16 - len(used)
+    unchanged = torch.zeros(16, dtype=torch.bool)
+    unchanged[used] = True
+    assert torch.equal(vq.embedding.weight[unchanged], before[unchanged])
+    # every moved code now sits on one of the inputs
+    moved_rows = vq.embedding.weight[~unchanged]
+    assert (moved_rows[:, None] - z[None]).norm(dim=-1).min(1).values.max() < 1e-6
+    assert vq(z).usage > 1 / 16

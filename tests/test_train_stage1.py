@@ -1,0 +1,127 @@
+"""train_stage1.py: the loss falls, DDP on 2 CPU processes equals 1 process, exact resume, errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_stage1
+import train_vqgan
+from data import build_dataset
+from model import ALIT, make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads", "2", "--decoder-width", "64",
+              "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
+              "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def vqgan_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vqgan")
+    train_vqgan.main(["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--steps", "2",
+                      "--out-dir", str(out)])
+    return out / "ckpt.pt"
+
+
+def stage1(tmp_path, vqgan_ckpt, name, *extra):
+    return train_stage1.main(SMALL_ALIT + ["--vqgan-ckpt", str(vqgan_ckpt), "--out-dir", str(tmp_path / name),
+                                           *extra])
+
+
+def test_overfitting_one_batch_drives_every_iteration_down():
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64, init_std=0.3))
+    model.vqgan.requires_grad_(False)
+    images = torch.stack([build_dataset("shapes", "train", 32)[i][0] for i in range(4)])
+    with torch.no_grad():
+        latents, gt = model.vqgan.encode(images)
+    optimizer = torch.optim.AdamW(model.alit_parameters(), lr=1e-3)
+    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
+    history = []
+    for _ in range(100):
+        records = model(images, latents, gt)
+        loss, stats = train_stage1.stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(stats[:, 0].detach())
+    first, last = history[0], torch.stack(history[-5:]).mean(0)
+    assert (last < 0.5 * first).all(), (first, last)
+    # The decoder reads the latent tokens, not only a per-position prior over the batch: given
+    # another image's tokens, its loss is much higher at every length.
+    with torch.no_grad():
+        for r in model(images, latents, gt):
+            own = torch.nn.functional.cross_entropy(r.logits.flatten(0, 1), gt.flatten())
+            swapped = model.decode_logits(r.latents.roll(1, dims=0))
+            other = torch.nn.functional.cross_entropy(swapped.flatten(0, 1), gt.flatten())
+            assert other > own + 0.3, (r.index, own, other)
+
+
+def test_two_processes_equal_one_process(tmp_path, vqgan_ckpt):
+    common = SMALL_ALIT + ["--vqgan-ckpt", str(vqgan_ckpt), "--steps", "3", "--no-halting"]
+    single = train_stage1.main(common + ["--batch-size", "4", "--out-dir", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_stage1.py"), *common, "--batch-size", "2", "--out-dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(two["model"][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_resume_continues_bit_exactly(tmp_path, vqgan_ckpt):
+    whole = stage1(tmp_path, vqgan_ckpt, "whole", "--steps", "4", "--batch-size", "2", "--save-every", "2")
+    stage1(tmp_path, vqgan_ckpt, "parts", "--steps", "4", "--batch-size", "2", "--save-every", "2",
+           "--stop-after", "2")
+    resumed = stage1(tmp_path, vqgan_ckpt, "parts", "--steps", "4", "--batch-size", "2", "--save-every", "2",
+                     "--resume")
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=False)
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert (tmp_path / "whole" / "rollout_000004.png").is_file()
+    loaded = train_stage1.load_alit(tmp_path / "whole" / "ckpt.pt")
+    for key, value in a["ema"].items():
+        assert torch.equal(dict(loaded.named_parameters())[key], value)
+
+
+def test_wrong_vqgan_is_refused(tmp_path, vqgan_ckpt):
+    other = tmp_path / "vq"
+    train_vqgan.main(["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--steps", "1",
+                      "--codebook-size", "64", "--out-dir", str(other)])
+    with pytest.raises(SystemExit, match="64 codes"):
+        stage1(tmp_path, other / "ckpt.pt", "x", "--steps", "1")
+    with pytest.raises(SystemExit, match="not found"):
+        stage1(tmp_path, tmp_path / "missing.pt", "x", "--steps", "1")
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, vqgan_ckpt, monkeypatch):
+    stage1(tmp_path, vqgan_ckpt, "nan", "--steps", "4", "--batch-size", "2", "--save-every", "2", "--stop-after", "2")
+    good = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)
+    real_loss = train_stage1.stage1_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(train_stage1, "stage1_loss", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss at step 3"):
+        stage1(tmp_path, vqgan_ckpt, "nan", "--steps", "4", "--batch-size", "2", "--save-every", "2", "--resume")
+    kept = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)
+    assert kept["step"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "huge"], "--preset"),
+    (["--loss-iters", "9"], "--loss-iters"),
+    (["--ema-decay", "1.5"], "--ema-decay"),
+    (["--patch-size", "2"], "patch_size"),
+])
+def test_bad_flags_are_named(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train_stage1.parse_args(flags)

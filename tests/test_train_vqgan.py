@@ -1,0 +1,75 @@
+"""train_vqgan.py: overfitting, exact resume, DDP on 2 CPU processes, flag errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_vqgan
+from data import build_dataset
+from vqgan import PRESETS, VQGAN, VQGANConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--disc-channels", "8",
+         "--log-every", "2", "--sample-every", "100", "--warmup-steps", "2"]
+
+
+def test_vqgan_overfits_one_batch():
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(**{**PRESETS["tiny"], "channels": 16, "norm_groups": 8}))
+    images = torch.stack([build_dataset("shapes", "train", 32)[i][0] for i in range(4)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(120):
+        recon, q = model(images)
+        loss = (recon - images).abs().mean() + q.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append((recon - images).abs().mean().item())
+    assert losses[-1] < 0.4 * losses[0], losses[::20]
+
+
+def run(tmp_path, name, *extra):
+    return train_vqgan.main(SMALL + ["--out-dir", str(tmp_path / name), "--disc-start", "2", *extra])
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    whole = run(tmp_path, "whole", "--steps", "6", "--save-every", "3")
+    run(tmp_path, "parts", "--steps", "6", "--save-every", "3", "--stop-after", "3")
+    resumed = run(tmp_path, "parts", "--steps", "6", "--save-every", "3", "--resume")
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=False)
+    for (key, x), y in zip(a["discriminator"].items(), b["discriminator"].values()):
+        assert torch.equal(x, y), key
+    assert (tmp_path / "whole" / "recon_000006.png").is_file()
+
+
+def test_two_process_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_vqgan.py"), *SMALL, "--steps", "3", "--disc-start", "1",
+           "--out-dir", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # every rank's RNG state is kept
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "cifar"], "--dataset"),
+    (["--steps", "0"], "--steps"),
+    (["--lpips-weights", "x.pth"], "--vgg16-weights"),
+    (["--channels", "12"], "norm_groups"),
+])
+def test_bad_flags_are_named(flags, message, capsys):
+    with pytest.raises((SystemExit, ValueError), match=message):
+        train_vqgan.parse_args(flags)
+
+
+def test_resume_without_checkpoint_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt.pt"):
+        run(tmp_path, "none", "--steps", "2", "--resume")

@@ -1,0 +1,256 @@
+"""Stage 1: latent-distillation pretraining, with the VQGAN frozen.
+
+Paper: ALIT, arXiv:2411.02393, §A.5 "Training Details": "we only train the
+latent-distillation encoder-decoder modules in this stage, using image token
+reconstruction loss ... cross-entropy loss comparing predicted logits with the
+ground-truth VQGAN-codebook index at each 2D token position. We unroll the
+recurrent token allocation procedure for 8 iterations ... All the recurrent
+rollouts are trained end-to-end ... we perform dynamic halting of the image
+tokens in each iteration."
+
+    python train_stage1.py                      # tiny preset on `shapes`, from out/vqgan/ckpt.pt
+    python train_stage1.py --dataset imagenet100 --data-dir /data/imagenet --preset small \
+        --vqgan-official vqgan.ckpt --batch-size 32 --bf16
+    torchrun --nproc_per_node=8 train_stage1.py ...   # DDP: gloo on CPU, nccl on CUDA
+"""
+import argparse
+import contextlib
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import build_dataset, save_image_grid, train_batches
+from model import ALIT, ALITConfig, PRESETS, make_config
+from train_vqgan import (EMA, LoopConfig, add_dataclass_flags, check_loop_flags, adamw, all_reduce_mean, autocast, check_flags,
+                         dataclass_overrides, gather_rng_states, load_checkpoint, load_vqgan, lr_at, progress,
+                         save_checkpoint, set_lr, set_rng_state, setup_distributed, wrap_ddp)
+from vqgan import VQGAN
+
+# Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
+# shortest codes carry the most information per token, so they are weighted up.
+OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    out_dir: str = "out/stage1"
+    steps: int = 1500
+    vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
+    vqgan_official: str | None = None  # ... or the VQGAN checkpoint of the official code (VQGAN.from_official)
+    grad_accum: int = 1
+    base_lr: float = 1.5e-4  # official: blr 1.5e-4; lr = base_lr * global batch / 256
+    weight_decay: float = 0.05  # on weight matrices only
+    ema_decay: float = 0.999
+    halting: bool = True  # dynamic halting during training (§A.5)
+    loss_iters: int = 0  # 0: loss at every iteration; n: at n random iterations per step (saves compute)
+    iteration_weights: str = OFFICIAL_ITERATION_WEIGHTS  # cross-entropy weight per iteration, padded with 1
+    label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
+    code_loss_weight: float = 1.0  # MSE between the softmax-expected code and the true code
+    quantizer_loss_weight: float = 1.0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataclass_flags(parser, TrainConfig)
+    add_dataclass_flags(parser, ALITConfig)
+    args = parser.parse_args(argv)
+    train = TrainConfig(**dataclass_overrides(args, TrainConfig))
+    check_flags(check_loop_flags(train, PRESETS) + [
+        (train.grad_accum > 0, "--grad-accum must be positive"),
+        (train.base_lr > 0, "--base-lr must be positive"),
+        (0 <= train.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+        (0 <= train.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (train.loss_iters >= 0, "--loss-iters must be >= 0"),
+    ])
+    try:
+        model_cfg = make_config(train.preset, **dataclass_overrides(args, ALITConfig))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
+    return train, model_cfg
+
+
+def iteration_weights(text: str, iters: int) -> list:
+    weights = [float(w) for w in text.split(",")]
+    return (weights + [1.0] * iters)[:iters]
+
+
+def load_base_vqgan(train, model_cfg: ALITConfig) -> VQGAN:
+    """The frozen base tokenizer; its grid and codebook must match the preset."""
+    if train.vqgan_official:
+        vqgan = VQGAN.from_official(train.vqgan_official, image_size=model_cfg.image_size)
+        source = train.vqgan_official
+    else:
+        if not Path(train.vqgan_ckpt).is_file():
+            sys.exit(f"error: --vqgan-ckpt {train.vqgan_ckpt} not found; train one with train_vqgan.py "
+                     "or pass --vqgan-official")
+        vqgan, source = load_vqgan(train.vqgan_ckpt), train.vqgan_ckpt
+    ours, theirs = model_cfg.vqgan, vqgan.config
+    if (theirs.image_size, theirs.grid_size, theirs.codebook_size, theirs.latent_channels) != (
+            ours.image_size, ours.grid_size, ours.codebook_size, ours.latent_channels):
+        sys.exit(f"error: the VQGAN in {source} ({theirs.image_size}px -> {theirs.grid_size}x{theirs.grid_size}, "
+                 f"{theirs.codebook_size} codes x {theirs.latent_channels}) does not match preset "
+                 f"{train.preset!r} ({ours.image_size}px -> {ours.grid_size}x{ours.grid_size}, "
+                 f"{ours.codebook_size} codes x {ours.latent_channels})")
+    return vqgan
+
+
+def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
+    """Σ_t λ_t CE(logits_t, gt) + MSE(softmax-expected code, true code) + quantizer loss (§A.5 and the
+    official code). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
+    1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right."""
+    target_codes = model.vqgan.quantize.lookup(gt_indices).float()  # (B, N, C)
+    total = 0.0
+    stats = torch.zeros(model.config.rollout_iters, 3, device=gt_indices.device)
+    for r in records:
+        logits = r.logits.float()
+        ce = F.cross_entropy(logits.flatten(0, 1), gt_indices.flatten(), label_smoothing=label_smoothing)
+        code = F.mse_loss(model.soft_codes(logits), target_codes)
+        total = total + weights[r.index] * ce + code_weight * code
+        if r.quantized is not None:
+            total = total + quantizer_weight * r.quantized.loss
+        accuracy = (logits.argmax(-1) == gt_indices).float().mean()
+        stats[r.index] = torch.stack([ce.detach(), accuracy, torch.ones_like(accuracy)])
+    return total, stats
+
+
+def main(argv=None):
+    train, model_cfg = parse_args(argv)
+    ctx = setup_distributed(train.device)
+    bf16 = ctx.device.type == "cuda" if train.bf16 is None else train.bf16
+    out = Path(train.out_dir)
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+
+    vqgan = load_base_vqgan(train, model_cfg)
+    model_cfg = dataclasses.replace(model_cfg, vqgan=vqgan.config)  # the checkpoint's exact VQGAN
+    model = ALIT(model_cfg)
+    model.vqgan = vqgan
+    model.vqgan.requires_grad_(False).eval()  # frozen: no gradient, no optimizer state, outside EMA
+    if not train.halting:
+        model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
+    model.to(ctx.device)
+    global_batch = train.batch_size * train.grad_accum * ctx.world_size
+    lr = train.base_lr * global_batch / 256
+    optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
+    ema = EMA(model, train.ema_decay)
+    weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
+
+    step = 0
+    if train.resume:
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        if ckpt["model_config"] != model_cfg.to_dict():
+            sys.exit(f"error: {out / 'ckpt.pt'} was trained with another model config")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"][ctx.rank])
+        log(f"resumed from {out / 'ckpt.pt'} at step {step}")
+    else:
+        torch.manual_seed(train.seed + ctx.rank)  # halting draws and loss-iteration choices differ per rank
+    n_params = sum(p.numel() for p in model.alit_parameters())
+    log(f"ALIT {model_cfg}\n{n_params / 1e6:.2f}M trainable parameters\ntraining {train}\n"
+        f"device {ctx.device}, {ctx.world_size} rank(s), global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
+
+    # Frozen params never get gradients; when only a subset of iterations is decoded, halting
+    # (hence the halted token) may not run at all in a step.
+    ddp_model = wrap_ddp(model, ctx, find_unused_parameters=train.loss_iters not in (0, model_cfg.rollout_iters))
+    dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir)
+    val = build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir)
+    val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed,
+                            step * train.grad_accum, train.num_workers)
+
+    bar = progress(train.steps, step, ctx.is_main)
+    stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)
+    first_nonfinite = torch.full((), -1, device=ctx.device)  # checked at log/save steps only: no sync per step
+    stop = min(train.steps, step + train.stop_after) if train.stop_after else train.steps
+    while step < stop:
+        set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+        for micro in range(train.grad_accum):
+            _, (images, _) = next(batches)
+            images = images.to(ctx.device, non_blocking=True)
+            iters = None
+            if train.loss_iters:
+                iters = torch.randperm(model_cfg.rollout_iters)[:train.loss_iters].tolist()
+            with torch.no_grad(), autocast(ctx.device, bf16):
+                vqgan_latents, gt_indices = model.vqgan.encode(images)
+            last_micro = micro == train.grad_accum - 1
+            with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
+                with autocast(ctx.device, bf16):
+                    records = ddp_model(images, vqgan_latents, gt_indices, halting=train.halting, iters=iters)
+                    loss, micro_stats = stage1_loss(model, records, gt_indices, weights, train.label_smoothing,
+                                                    train.code_loss_weight, train.quantizer_loss_weight)
+                (loss / train.grad_accum).backward()
+            stats += micro_stats
+            first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss), step, first_nonfinite)
+        torch.nn.utils.clip_grad_norm_(model.alit_parameters(), train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+        step += 1
+        bar.update(1)
+
+        checkpoint_due = step % train.save_every == 0 or step == stop
+        if step % train.log_every == 0 or checkpoint_due:
+            all_reduce_mean([stats], ctx)
+            if ctx.enabled:
+                dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
+            if first_nonfinite.item() >= 0:
+                sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
+                         f"saving, so {out / 'ckpt.pt'} is the last good checkpoint")
+            ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
+            per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
+            bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration))
+            stats.zero_()
+        if ctx.is_main and (step % train.sample_every == 0 or step == stop):
+            save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png")
+        if checkpoint_due:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train),
+                     "rng": gather_rng_states(ctx)}
+            if ctx.is_main:
+                save_checkpoint(out / "ckpt.pt", state)
+    bar.close()
+    if ctx.enabled:
+        dist.destroy_process_group()
+    log(f"done: {out / 'ckpt.pt'}")
+    return model
+
+
+@torch.no_grad()
+def save_rollout_grid(model: ALIT, images, path):
+    """Rows: images; columns: iterations 1..T decoded through the VQGAN from the argmax
+    indices, then the original."""
+    was_training = model.training
+    model.eval()
+    records = model(images)
+    model.train(was_training)
+    columns = [model.vqgan.decode_indices(r.logits.argmax(-1)).float().clamp(0, 1) for r in records] + [images]
+    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
+
+
+def load_alit(path, use_ema=True, device="cpu") -> ALIT:
+    """An ALIT trained by train_stage1.py / train_stage2.py, with its EMA weights by default."""
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt or "ema" not in ckpt:
+        raise ValueError(f"{path} is not a train_stage1.py/train_stage2.py checkpoint "
+                         "(for official checkpoints use ALIT.from_official)")
+    model = ALIT(ALITConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    if use_ema:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in ckpt["ema"].items():
+                params[name].copy_(value)
+    return model.to(device).eval()
+
+
+if __name__ == "__main__":
+    main()

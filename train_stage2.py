@@ -1,0 +1,247 @@
+"""Stage 2: full fine-tuning in pixel space, with an adversarial loss.
+
+Paper: ALIT, arXiv:2411.02393, §A.5 "Training Details": "we jointly fine-tune
+both the base image tokenizer modules and the latent-distillation
+encoder-decoder modules with losses directly at the pixel-space ...
+pixel-level reconstruction and adversarial losses ... We optimize for
+reconstruction loss for first few epochs, later switching to both ... we only
+compute loss at only [one] iteration, thus we only need to perform recurrent
+processing of the latent-distillation encoder in each training run, executing
+the latent-distillation decoder and the base tokenizer decoder only once ...
+No dynamic halting is performed in this phase."
+
+Images are decoded differentiably: softmax(logits) @ VQGAN codebook gives a soft
+code grid that the (now trainable) VQGAN decoder turns into pixels.
+
+    python train_stage2.py                      # tiny preset, from out/stage1/ckpt.pt
+    torchrun --nproc_per_node=8 train_stage2.py --dataset imagenet100 --data-dir /data/imagenet \
+        --stage1-ckpt out/stage1/ckpt.pt --vgg16-weights vgg16-397923af.pth --lpips-weights vgg.pth
+"""
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import build_dataset, save_image_grid, train_batches
+from losses import LPIPS, PatchDiscriminator
+from model import ALIT, ALITConfig, PRESETS, make_config
+from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
+                         check_loop_flags, dataclass_overrides, discriminator_step, gather_rng_states,
+                         generator_gan_loss, load_checkpoint, lr_at, progress, save_checkpoint, set_lr,
+                         set_rng_state, setup_distributed, wrap_ddp)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    out_dir: str = "out/stage2"
+    steps: int = 800
+    preset: str | None = None  # default: the stage-1 checkpoint's; if given, the checkpoint must match it
+    stage1_ckpt: str = "out/stage1/ckpt.pt"
+    base_lr: float = 1e-4  # official: blr 1e-4; lr = base_lr * global batch / 256
+    weight_decay: float = 0.05
+    ema_decay: float = 0.999
+    iteration_order: str = "cycle"  # which iteration carries the loss: "cycle" (t = step mod T) or "random"
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
+    quantizer_loss_weight: float = 1.0
+    # Adversarial schedule: reconstruction only until the first fraction of the steps, then the GAN
+    # weight rises in two steps (the official code raises it in two steps too; its values are not
+    # in the paper).
+    gan_schedule: str = "0.5:0.1,0.75:0.2"  # fraction_of_steps:disc_weight, ...
+    disc_per_iteration: bool = False  # the official code: one discriminator per rollout iteration
+    disc_channels: int = 64
+    disc_layers: int = 2  # 3 for 256x256 images
+    disc_lr: float = 1e-4
+    vgg16_weights: str | None = None
+    lpips_weights: str | None = None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataclass_flags(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    train = TrainConfig(**dataclass_overrides(args, TrainConfig))
+    try:
+        schedule = gan_schedule(train.gan_schedule)
+    except ValueError:
+        schedule = None
+    check_flags(check_loop_flags(train, PRESETS) + [
+        (train.base_lr > 0 and train.disc_lr > 0, "--base-lr and --disc-lr must be positive"),
+        (train.iteration_order in ("cycle", "random"), "--iteration-order must be cycle or random"),
+        (schedule is not None, "--gan-schedule must look like 0.5:0.1,0.75:0.2 (fractions in [0, 1])"),
+        (train.lpips_weights is None or train.vgg16_weights is not None, "--lpips-weights needs --vgg16-weights"),
+    ])
+    return train
+
+
+def gan_schedule(text: str) -> list:
+    """'0.5:0.1,0.75:0.2' -> [(0.5, 0.1), (0.75, 0.2)], sorted by fraction."""
+    pairs = sorted(tuple(float(v) for v in item.split(":")) for item in text.split(",") if item.strip())
+    if any(len(p) != 2 or not 0 <= p[0] <= 1 or p[1] < 0 for p in pairs):
+        raise ValueError(text)
+    return pairs
+
+
+def gan_weight_at(step: int, steps: int, schedule) -> float:
+    weight = 0.0
+    for fraction, value in schedule:
+        if step >= fraction * steps:
+            weight = value
+    return weight
+
+
+def load_stage1(path, preset: str) -> ALIT:
+    """The stage-1 model (its raw weights: training continues from them, not from the EMA)."""
+    if not Path(path).is_file():
+        sys.exit(f"error: --stage1-ckpt {path} not found; run train_stage1.py first")
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt or "ema" not in ckpt:
+        sys.exit(f"error: {path} is not a train_stage1.py checkpoint")
+    cfg = ALITConfig(**ckpt["model_config"])
+    if preset is not None and cfg.to_dict() != make_config(preset, vqgan=cfg.vqgan).to_dict():
+        sys.exit(f"error: {path} holds a model of another preset than --preset {preset!r}: {cfg}")
+    model = ALIT(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def main(argv=None):
+    train = parse_args(argv)
+    ctx = setup_distributed(train.device)
+    bf16 = ctx.device.type == "cuda" if train.bf16 is None else train.bf16
+    out = Path(train.out_dir)
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    torch.manual_seed(train.seed)
+
+    model = load_stage1(train.stage1_ckpt, train.preset)
+    cfg = model.config
+    # Everything trains except what no loss reaches here: the VQGAN codebook (the soft code reads it
+    # detached, as the official code does, and halting, which uses the halted token, is off).
+    model.requires_grad_(True)
+    model.vqgan.quantize.requires_grad_(False)
+    model.halted_token.requires_grad_(False)
+    model.to(ctx.device)
+    discriminators = torch.nn.ModuleList(
+        PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
+        for _ in range(cfg.rollout_iters if train.disc_per_iteration else 1)).to(ctx.device)
+    perceptual = None
+    if train.vgg16_weights:
+        perceptual = LPIPS.from_pretrained(train.vgg16_weights, train.lpips_weights).to(ctx.device)
+    else:
+        log("no --vgg16-weights/--lpips-weights given: training without the perceptual (LPIPS) loss")
+    global_batch = train.batch_size * ctx.world_size
+    lr = train.base_lr * global_batch / 256
+    # The discriminators' parameters live in their own optimizer only (the official code also
+    # passes them to the generator's optimizer, where weight decay would shrink them).
+    optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
+    disc_optimizer = adamw(discriminators.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
+    ema = EMA(model, train.ema_decay)
+    schedule = gan_schedule(train.gan_schedule)
+
+    step = 0
+    if train.resume:
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        if ckpt["model_config"] != cfg.to_dict():
+            sys.exit(f"error: {out / 'ckpt.pt'} was trained with another model config")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        discriminators.load_state_dict(ckpt["discriminators"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"][ctx.rank])
+        log(f"resumed from {out / 'ckpt.pt'} at step {step}")
+    else:
+        torch.manual_seed(train.seed + ctx.rank)
+    log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
+        f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
+
+    ddp_model = wrap_ddp(model, ctx)
+    dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir)
+    val = build_dataset(train.dataset, "val", cfg.image_size, train.data_dir)
+    val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)
+    last_layer = model.vqgan.decoder.last_layer
+
+    bar = progress(train.steps, step, ctx.is_main)
+    stop = min(train.steps, step + train.stop_after) if train.stop_after else train.steps
+    logs = torch.zeros(5, device=ctx.device)
+    while step < stop:
+        set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+        set_lr(disc_optimizer, lr_at(step, train.disc_lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+        _, (images, _) = next(batches)
+        images = images.to(ctx.device, non_blocking=True)
+        # One iteration carries the loss: the encoder runs up to it, decoder and VQGAN decoder once.
+        if train.iteration_order == "cycle":
+            t = step % cfg.rollout_iters
+        else:  # the same draw on every rank, so that all ranks run the same graph
+            t = int(torch.randint(cfg.rollout_iters, (), generator=torch.Generator().manual_seed(train.seed + step)))
+        disc_weight = gan_weight_at(step, train.steps, schedule)
+        discriminator = discriminators[t if train.disc_per_iteration else 0]
+
+        with autocast(ctx.device, bf16):
+            (record,) = ddp_model(images, iters=[t], reconstruct=True)
+            recon = record.recon.float()
+            rec_loss = train.l1_weight * (recon - images).abs().mean()
+            if perceptual is not None:
+                rec_loss = rec_loss + train.perceptual_weight * perceptual(recon, images).mean()
+            loss = rec_loss + train.quantizer_loss_weight * record.quantized.loss if record.quantized else rec_loss
+            if disc_weight > 0:
+                loss = loss + generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        d_loss = torch.zeros((), device=ctx.device)
+        if disc_weight > 0:
+            d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16)
+        q = record.quantized
+        logs += torch.stack([rec_loss.detach(), d_loss, q.usage if q else d_loss, q.perplexity if q else d_loss,
+                             torch.ones_like(d_loss)])
+        step += 1
+        bar.update(1)
+
+        checkpoint_due = step % train.save_every == 0 or step == stop
+        if step % train.log_every == 0 or checkpoint_due:
+            all_reduce_mean([logs], ctx)
+            rec, dl, usage, ppl = (logs[:4] / logs[4]).tolist()
+            if rec != rec:  # NaN
+                sys.exit(f"error: non-finite loss by step {step}; stopped without saving, "
+                         f"so {out / 'ckpt.pt'} is the last good checkpoint")
+            bar.set_postfix(rec=f"{rec:.4f}", d=f"{dl:.3f}", gan=f"{disc_weight:g}", used1d=f"{usage:.2f}",
+                            ppl1d=f"{ppl:.0f}")
+            logs.zero_()
+        if ctx.is_main and (step % train.sample_every == 0 or step == stop):
+            save_pixel_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png")
+        if checkpoint_due:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "discriminators": discriminators.state_dict(),
+                     "optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
+                     "step": step, "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(train),
+                     "rng": gather_rng_states(ctx)}
+            if ctx.is_main:
+                save_checkpoint(out / "ckpt.pt", state)
+    bar.close()
+    if ctx.enabled:
+        dist.destroy_process_group()
+    log(f"done: {out / 'ckpt.pt'}")
+    return model
+
+
+@torch.no_grad()
+def save_pixel_rollout_grid(model: ALIT, images, path):
+    """Rows: images; columns: the soft-code reconstruction at iterations 1..T, then the original."""
+    was_training = model.training
+    model.eval()
+    records = model.rollout(images)
+    model.train(was_training)
+    columns = [r.recon.float().clamp(0, 1) for r in records] + [images]
+    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
+
+
+if __name__ == "__main__":
+    main()
