@@ -303,6 +303,8 @@ class TrainConfig(LoopConfig):
     disc_layers: int = 2  # 3 for 256x256 (70x70 PatchGAN); 2 keeps a 32x32 image at a 2x2 patch grid
     disc_lr: float = 4e-4
     restart_every: int = 50  # move codes unused for so many steps onto recent encoder outputs (0: never)
+    eval_only: bool = False  # only report val L1 and codebook usage of <out_dir>/ckpt.pt
+    val_images: int = 1000  # images of the val split measured at the end of training
     vgg16_weights: str | None = None  # torchvision's vgg16-397923af.pth
     lpips_weights: str | None = None  # the lpips package's weights/v0.1/vgg.pth (or a combined LPIPS state dict)
 
@@ -335,6 +337,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     train, model_cfg = parse_args(argv)
+    if train.eval_only:
+        model = load_vqgan(Path(train.out_dir) / "ckpt.pt")
+        print(format_val_metrics(evaluate_vqgan(model, train)))
+        return model
     ctx = setup_distributed(train.device)
     bf16 = ctx.device.type == "cuda" if train.bf16 is None else train.bf16
     out = Path(train.out_dir)
@@ -424,8 +430,36 @@ def main(argv=None):
     bar.close()
     if ctx.enabled:
         dist.destroy_process_group()
+    if ctx.is_main and step == train.steps:
+        log(format_val_metrics(evaluate_vqgan(model, train)))
     log(f"done: {out / 'ckpt.pt'}")
     return model
+
+
+@torch.no_grad()
+def evaluate_vqgan(model: VQGAN, train: TrainConfig) -> dict:
+    """Val L1 and codebook usage over the first `val_images` val images."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dataset = build_dataset(train.dataset, "val", model.config.image_size, train.data_dir,
+                            num_images=train.val_images if train.dataset == "shapes" else None)
+    subset = torch.utils.data.Subset(dataset, range(min(train.val_images, len(dataset))))
+    l1, counts = 0.0, torch.zeros(model.config.codebook_size, device=device)
+    for images, _ in torch.utils.data.DataLoader(subset, batch_size=100):
+        images = images.to(device)
+        recon, q = model(images)
+        l1 += (recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)).sum().item()
+        counts += torch.bincount(q.indices.flatten(), minlength=len(counts))
+    model.train(was_training)
+    probs = counts / counts.sum()
+    return {"images": len(subset), "l1": l1 / len(subset), "codes_used": int((counts > 0).sum()),
+            "codebook_size": len(counts), "perplexity": torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum()).item()}
+
+
+def format_val_metrics(m: dict) -> str:
+    return (f"val: L1 {m['l1']:.4f} over {m['images']} images; codebook usage {m['codes_used']}/{m['codebook_size']} "
+            f"codes ({100 * m['codes_used'] / m['codebook_size']:.0f}%), perplexity {m['perplexity']:.1f}")
 
 
 @torch.no_grad()
