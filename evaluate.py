@@ -564,8 +564,10 @@ def main(argv=None):
     complexity = None
     if cfg.dataset == "shapes":
         level = per_image["target"]
+        varies = len(level.unique()) > 1 and len(pixel_choice.unique()) > 1  # else Spearman is undefined
         complexity = {
-            "spearman_complexity_vs_tokens": float(scipy.stats.spearmanr(level.numpy(), pixel_choice.numpy())[0]),
+            "spearman_complexity_vs_tokens":
+                float(scipy.stats.spearmanr(level.numpy(), pixel_choice.numpy())[0]) if varies else None,
             "threshold": cfg.default_threshold,
             "mean_tokens_per_level": {int(c): ((pixel_choice[level == c] + 1) * K).float().mean().item()
                                       for c in level.unique()},
@@ -703,8 +705,9 @@ def markdown_report(r: dict) -> str:
               f"search for {100 * s['same_counts_as_exhaustive']:.0f}% of images"]
     if r["complexity"]:
         cx = r["complexity"]
+        rho = cx["spearman_complexity_vs_tokens"]
         lines.append(f"complexity vs chosen tokens (l1<{cx['threshold']:g}): Spearman "
-                     f"{cx['spearman_complexity_vs_tokens']:.3f}; mean tokens per level "
+                     f"{'undefined (one count for all)' if rho is None else format(rho, '.3f')}; mean tokens per level "
                      + ", ".join(f"{k}: {v:.1f}" for k, v in cx["mean_tokens_per_level"].items()))
     return "\n".join(lines)
 

@@ -102,8 +102,13 @@ def load_stage1(path, preset: str) -> ALIT:
     if "model_config" not in ckpt or "ema" not in ckpt:
         sys.exit(f"error: {path} is not a train_stage1.py checkpoint")
     cfg = ALITConfig(**ckpt["model_config"])
-    if preset is not None and cfg.to_dict() != make_config(preset, vqgan=cfg.vqgan).to_dict():
-        sys.exit(f"error: {path} holds a model of another preset than --preset {preset!r}: {cfg}")
+    if preset is not None:
+        try:  # the VQGAN may be the official one or our own: compare everything else
+            expected = make_config(preset, vqgan=cfg.vqgan).to_dict()
+        except ValueError:
+            expected = None
+        if expected != cfg.to_dict():
+            sys.exit(f"error: {path} holds a model of another preset than --preset {preset!r}: {cfg}")
     model = ALIT(cfg)
     model.load_state_dict(ckpt["model"])
     return model
@@ -160,7 +165,8 @@ def main(argv=None):
     log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
         f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
 
-    ddp_model = wrap_ddp(model, ctx)
+    # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
+    ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
     dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir)
     val = build_dataset(train.dataset, "val", cfg.image_size, train.data_dir)
     val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)

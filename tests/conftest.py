@@ -4,3 +4,28 @@ from pathlib import Path
 # Tests import the project's flat modules (model.py, vqgan.py, ...) and tests/seeded.py.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
+
+import pytest
+
+# Smallest settings the training scripts accept: every loop runs in seconds on 2 CPU cores.
+SMALL_VQGAN = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4"]
+SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads", "2", "--decoder-width", "64",
+              "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
+              "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def vqgan_ckpt(tmp_path_factory):
+    import train_vqgan
+    out = tmp_path_factory.mktemp("vqgan")
+    train_vqgan.main(SMALL_VQGAN + ["--steps", "2", "--out-dir", str(out), "--val-images", "8"])
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(tmp_path_factory, vqgan_ckpt):
+    import train_stage1
+    out = tmp_path_factory.mktemp("stage1")
+    train_stage1.main(SMALL_ALIT + ["--vqgan-ckpt", str(vqgan_ckpt), "--steps", "2", "--batch-size", "2",
+                                    "--out-dir", str(out)])
+    return out / "ckpt.pt"

@@ -12,17 +12,7 @@ from data import build_dataset
 from model import ALIT, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads", "2", "--decoder-width", "64",
-              "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
-              "--warmup-steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def vqgan_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vqgan")
-    train_vqgan.main(["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--steps", "2",
-                      "--out-dir", str(out)])
-    return out / "ckpt.pt"
+from conftest import SMALL_ALIT, SMALL_VQGAN
 
 
 def stage1(tmp_path, vqgan_ckpt, name, *extra):
@@ -92,8 +82,7 @@ def test_resume_continues_bit_exactly(tmp_path, vqgan_ckpt):
 
 def test_wrong_vqgan_is_refused(tmp_path, vqgan_ckpt):
     other = tmp_path / "vq"
-    train_vqgan.main(["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--steps", "1",
-                      "--codebook-size", "64", "--out-dir", str(other)])
+    train_vqgan.main(SMALL_VQGAN + ["--steps", "1", "--codebook-size", "64", "--out-dir", str(other)])
     with pytest.raises(SystemExit, match="64 codes"):
         stage1(tmp_path, other / "ckpt.pt", "x", "--steps", "1")
     with pytest.raises(SystemExit, match="not found"):

@@ -11,8 +11,10 @@ from data import build_dataset
 from vqgan import PRESETS, VQGAN, VQGANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--disc-channels", "8",
-         "--log-every", "2", "--sample-every", "100", "--warmup-steps", "2"]
+from conftest import SMALL_VQGAN
+
+SMALL = SMALL_VQGAN + ["--disc-channels", "8", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "2",
+                       "--val-images", "8"]
 
 
 def test_vqgan_overfits_one_batch():
