@@ -39,11 +39,15 @@ OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
 @dataclass
 class TrainConfig(LoopConfig):
     out_dir: str = "out/stage1"
-    steps: int = 1500
+    steps: int = 300
+    batch_size: int = 16
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
     vqgan_official: str | None = None  # ... or the VQGAN checkpoint of the official code (VQGAN.from_official)
+    warmup_steps: int = 30  # official: 20 of 200 epochs
     grad_accum: int = 1
-    base_lr: float = 1.5e-4  # official: blr 1.5e-4; lr = base_lr * global batch / 256
+    # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
+    # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few hundred steps need large ones.
+    base_lr: float | None = None
     weight_decay: float = 0.05  # on weight matrices only
     ema_decay: float = 0.999
     halting: bool = True  # dynamic halting during training (§A.5)
@@ -62,7 +66,7 @@ def parse_args(argv=None):
     train = TrainConfig(**dataclass_overrides(args, TrainConfig))
     check_flags(check_loop_flags(train, PRESETS) + [
         (train.grad_accum > 0, "--grad-accum must be positive"),
-        (train.base_lr > 0, "--base-lr must be positive"),
+        (train.base_lr is None or train.base_lr > 0, "--base-lr must be positive"),
         (0 <= train.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (0 <= train.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (train.loss_iters >= 0, "--loss-iters must be >= 0"),
@@ -136,7 +140,8 @@ def main(argv=None):
         model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
     global_batch = train.batch_size * train.grad_accum * ctx.world_size
-    lr = train.base_lr * global_batch / 256
+    base_lr = train.base_lr or (1.5e-4 if model_cfg.image_size >= 256 else 3.2e-2)
+    lr = base_lr * global_batch / 256
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
@@ -225,14 +230,16 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def save_rollout_grid(model: ALIT, images, path):
-    """Rows: images; columns: iterations 1..T decoded through the VQGAN from the argmax
-    indices, then the original."""
+def save_rollout_grid(model: ALIT, images, path, soft_codes=False):
+    """Rows: images; columns: iterations 1..T, then the original. Each image is decoded through
+    the VQGAN from the argmax indices (stage 1, the VQGAN is frozen) or from the soft code
+    (stage 2, the pixels the loss sees)."""
     was_training = model.training
     model.eval()
-    records = model(images)
+    records = model(images, reconstruct=soft_codes)
     model.train(was_training)
-    columns = [model.vqgan.decode_indices(r.logits.argmax(-1)).float().clamp(0, 1) for r in records] + [images]
+    columns = [r.recon if soft_codes else model.vqgan.decode_indices(r.logits.argmax(-1)) for r in records]
+    columns = [c.float().clamp(0, 1) for c in columns] + [images]
     save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
 
 

@@ -17,7 +17,7 @@ Its losses (L1, LPIPS, PatchGAN) live in losses.py and train_vqgan.py.
 """
 import argparse
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -319,7 +319,3 @@ def copy_state_dict(model: nn.Module, state: dict, where: str = "state dict") ->
         for key, value in ours.items():
             value.copy_(state[key])
 
-
-def config_dict(cfg) -> dict:
-    """A dataclass config as a plain dict, for checkpoints (rebuild with Config(**d))."""
-    return asdict(cfg)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import ALIT, ALITConfig, PRESETS, make_config
+from model import ALIT, PRESETS, make_config
 from seeded import DATA, load_vectors, read_keys_tsv, seeded_state_dict
 
 

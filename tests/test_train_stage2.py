@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import train_stage2
-from conftest import SMALL_ALIT
 from losses import PatchDiscriminator
 from train_stage1 import load_alit
 from train_vqgan import discriminator_step, generator_gan_loss, setup_distributed
