@@ -383,6 +383,17 @@ def token_accuracy_above(threshold: float):
     return criterion
 
 
+def code_error_below(threshold: float, codebook: torch.Tensor):
+    """Token-space criterion on a continuous scale: the mean squared distance between the
+    decoder's expected code (softmax(logits) @ codebook, what the VQGAN decoder would receive) and
+    the true code is below `threshold`. codebook: (codes, C), e.g. model.vqgan.quantize.codebook()."""
+    def criterion(gt_indices, logits):
+        expected = logits.float().softmax(-1) @ codebook
+        return (expected - codebook[gt_indices]).square().mean(dim=(1, 2)) < threshold
+    criterion.__name__ = f"code_mse<{threshold:g}"
+    return criterion
+
+
 def first_passing(passes: torch.Tensor) -> torch.Tensor:
     """(T, B) bool -> (B,) index of the first iteration that passes, T - 1 if none does."""
     T = passes.shape[0]

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from data import build_dataset, save_image_grid, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
-from train_vqgan import (EMA, LoopConfig, add_dataclass_flags, check_loop_flags, adamw, all_reduce_mean, autocast, check_flags,
-                         dataclass_overrides, gather_rng_states, load_checkpoint, load_vqgan, lr_at, progress,
-                         save_checkpoint, set_lr, set_rng_state, setup_distributed, wrap_ddp)
+from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
+                         check_loop_flags, dataclass_overrides, gather_rng_states, load_checkpoint, load_vqgan,
+                         lr_at, native_bf16, progress, save_checkpoint, set_lr, set_rng_state,
+                         setup_distributed, wrap_ddp)
 from vqgan import VQGAN
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
@@ -126,7 +127,7 @@ def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code
 def main(argv=None):
     train, model_cfg = parse_args(argv)
     ctx = setup_distributed(train.device)
-    bf16 = ctx.device.type == "cuda" if train.bf16 is None else train.bf16
+    bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
     out = Path(train.out_dir)
     log = print if ctx.is_main else (lambda *a, **k: None)
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)

@@ -32,8 +32,8 @@ from model import ALIT, ALITConfig, PRESETS, make_config
 from train_stage1 import save_rollout_grid
 from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
                          check_loop_flags, dataclass_overrides, discriminator_step, gather_rng_states,
-                         generator_gan_loss, load_checkpoint, lr_at, progress, save_checkpoint, set_lr,
-                         set_rng_state, setup_distributed, wrap_ddp)
+                         generator_gan_loss, load_checkpoint, lr_at, native_bf16, progress, save_checkpoint,
+                         set_lr, set_rng_state, setup_distributed, wrap_ddp)
 
 
 @dataclass
@@ -122,7 +122,7 @@ def load_stage1(path, preset: str) -> ALIT:
 def main(argv=None):
     train = parse_args(argv)
     ctx = setup_distributed(train.device)
-    bf16 = ctx.device.type == "cuda" if train.bf16 is None else train.bf16
+    bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
     out = Path(train.out_dir)
     log = print if ctx.is_main else (lambda *a, **k: None)
     torch.manual_seed(train.seed)

@@ -81,6 +81,18 @@ def wrap_ddp(module, ctx: Distributed, find_unused_parameters=False):
                find_unused_parameters=find_unused_parameters)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (and so about twice as fast as float32): CUDA with
+    bf16 support, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast where asked for (no GradScaler needed: bf16 has float32's range)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -280,7 +292,7 @@ class LoopConfig:
     save_every: int = 250
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available
-    bf16: bool | None = None  # bf16 autocast; default: on for CUDA
+    bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
     resume: bool = False  # continue from <out_dir>/ckpt.pt
 
 
@@ -341,7 +353,7 @@ def main(argv=None):
         print(format_val_metrics(evaluate_vqgan(model, train)))
         return model
     ctx = setup_distributed(train.device)
-    bf16 = ctx.device.type == "cuda" if train.bf16 is None else train.bf16
+    bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
     out = Path(train.out_dir)
     torch.manual_seed(train.seed + ctx.rank)
     log = print if ctx.is_main else (lambda *a, **k: None)

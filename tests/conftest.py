@@ -8,10 +8,11 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 import pytest
 
 # Smallest settings the training scripts accept: every loop runs in seconds on 2 CPU cores.
-SMALL_VQGAN = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4"]
+# float32 everywhere: exact comparisons (resume, 1 vs 2 processes) need it, whatever the CPU.
+SMALL_VQGAN = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--no-bf16"]
 SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads", "2", "--decoder-width", "64",
               "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
-              "--warmup-steps", "2"]
+              "--warmup-steps", "2", "--no-bf16"]
 
 
 @pytest.fixture(scope="session")

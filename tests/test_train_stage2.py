@@ -12,7 +12,7 @@ from train_stage1 import load_alit
 from train_vqgan import discriminator_step, generator_gan_loss, setup_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--batch-size", "2", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "1",
+SMALL = ["--no-bf16", "--batch-size", "2", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "1",
          "--disc-channels", "8", "--gan-schedule", "0.25:0.1,0.5:0.2"]
 
 

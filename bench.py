@@ -1,0 +1,419 @@
+"""Speed and memory of this project, as ratios measured in one run (in the style of nanoGPT's bench.py).
+
+Every figure is compared with a ceiling or an alternative measured in the same process, on
+whatever device is present (timed with CUDA events on a GPU):
+1. ceilings: FLOP/s of a large float32 and bf16 matrix product;
+2. the stage-1 training step (forward + backward + AdamW, all 8 iterations, halting on) of the
+   paper's `small` model and a `mid` model: images/s, model FLOPs per step (counted analytically
+   from the config, `stage1_flops`), fraction of the float32 ceiling, float32 vs bf16 autocast,
+   and whether bf16 follows the float32 loss curve over 50 steps of the tiny preset;
+3. the frozen VQGAN's share of a stage-1 step: encoder run live vs its output precomputed;
+4. adaptive encoding: early exit (pixel and token criteria) vs running every iteration and
+   decoding every reconstruction for every image (the official encode);
+5. FID Inception features: images/s in float32 and bf16, and how much bf16 moves features and FID;
+6. memory: peak of one stage-1 step with and without activation checkpointing.
+
+    python bench.py            # about 10 minutes on 2 CPU cores
+    python bench.py --quick    # about a minute: tiny sizes, fewer repetitions
+    python bench.py --out bench.json
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import ALIT, ALITConfig, make_config
+from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
+from train_vqgan import autocast, native_bf16
+
+
+def mid_config() -> ALITConfig:
+    """256x256 over the imagenet VQGAN, encoder width 384, decoder 256, 4 layers and 4 heads each."""
+    return make_config("small", encoder_width=384, encoder_layers=4, encoder_heads=4,
+                       decoder_width=256, decoder_layers=4, decoder_heads=4)
+
+
+# -----------------------------------------------------------------------------
+# Timing
+
+def timed(fn, reps: int, warmup: int, device) -> dict:
+    """Median, min and max seconds of `fn()` over `reps` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def matmul_flops(dtype, n: int, reps: int, device) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, reps, 2, device)["median"]
+    return 2 * n ** 3 / seconds
+
+
+# -----------------------------------------------------------------------------
+# Model FLOPs, counted from the config
+
+def transformer_flops(width: int, layers: int, tokens: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of `layers` pre-norm blocks over `tokens` tokens: the q, k, v and output
+    projections (4 w^2) and the MLP (2 mlp_ratio w^2) per token, 2 FLOPs per multiply-add, plus
+    attention's two L x L x w products (QK^T and AV)."""
+    per_token = 2 * (4 + 2 * mlp_ratio) * width ** 2
+    return layers * (tokens * per_token + 2 * 2 * tokens ** 2 * width)
+
+
+def vqgan_encoder_flops(model: ALIT) -> float:
+    """Forward FLOPs of the VQGAN encoder for one image, from its convolutions' shapes."""
+    total = 0.0
+
+    def count(module, inputs, output):
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1]
+        total += 2 * module.in_channels * module.out_channels * k * output.shape[-2] * output.shape[-1]
+
+    hooks = [m.register_forward_hook(count) for m in model.vqgan.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    size = model.config.image_size
+    with torch.no_grad():
+        model.vqgan.encoder(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def stage1_flops(cfg: ALITConfig, batch: int, vqgan_flops: float) -> float:
+    """FLOPs of one stage-1 step: backward = 2x forward for the trained ALIT; the frozen VQGAN
+    encoder runs forward only. At iteration t (1-based) both transformers see 1 + N + t*K tokens;
+    the head predicts N x VQGAN-codes logits; the patch embedding runs once."""
+    N, K, D, E = cfg.num_image_tokens, cfg.tokens_per_iter, cfg.encoder_width, cfg.decoder_width
+    codes = cfg.vqgan.codebook_size
+    forward = 2 * N * 3 * cfg.patch_size ** 2 * (D - cfg.vqgan.latent_channels)  # patch embedding
+    for t in range(1, cfg.rollout_iters + 1):
+        tokens = 1 + N + t * K
+        forward += transformer_flops(D, cfg.encoder_layers, tokens, cfg.mlp_ratio)
+        forward += transformer_flops(E, cfg.decoder_layers, tokens, cfg.mlp_ratio)
+        forward += 2 * N * (E * 2 * E + 2 * E * codes)  # the head
+        forward += 2 * t * K * (D * cfg.latent_dim + cfg.latent_dim * E)  # factorize + decoder_embed
+        forward += 2 * 2 * N * codes * cfg.vqgan.latent_channels  # soft codes for the code loss
+    return batch * (3 * forward + vqgan_flops)
+
+
+# -----------------------------------------------------------------------------
+# The stage-1 step
+
+def stage1_setup(cfg: ALITConfig, batch: int, device, grad_checkpoint=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(cfg, grad_checkpoint=grad_checkpoint)
+    model = ALIT(cfg).to(device)
+    model.vqgan.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.alit_parameters(), lr=1e-4, fused=device.type == "cuda")
+    images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    return model, optimizer, images
+
+
+def stage1_step(model, optimizer, images, bf16, weights, precomputed=None, generator=None):
+    """One training step; returns the loss tensor (no host sync)."""
+    device = images.device
+    if precomputed is None:
+        with torch.no_grad(), autocast(device, bf16):
+            latents, gt = model.vqgan.encode(images)
+    else:
+        latents, gt = precomputed
+    with autocast(device, bf16):
+        records = model(images, latents, gt, halting=True, generator=generator)
+        loss, _ = stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def bench_stage1(name, cfg, batch, device, reps, ceiling_fp32, bf16_available) -> dict:
+    model, optimizer, images = stage1_setup(cfg, batch, device)
+    weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
+    flops = stage1_flops(cfg, batch, vqgan_encoder_flops(model))
+    result = {"config": name, "batch": batch, "flops_per_step": flops}
+    for precision in ["float32", "bf16"] if bf16_available else ["float32"]:
+        t = timed(lambda: stage1_step(model, optimizer, images, precision == "bf16", weights), reps, 1, device)
+        result[precision] = {"seconds": t, "images_per_s": batch / t["median"],
+                             "fraction_of_fp32_ceiling": flops / t["median"] / ceiling_fp32}
+    if "bf16" in result:
+        result["bf16_speedup"] = result["float32"]["seconds"]["median"] / result["bf16"]["seconds"]["median"]
+    # 3. the frozen VQGAN's share: the same step with its encoder output precomputed
+    with torch.no_grad():
+        precomputed = model.vqgan.encode(images)
+    t = timed(lambda: stage1_step(model, optimizer, images, False, weights, precomputed), reps, 0, device)
+    result["precomputed_vqgan"] = {"seconds": t,
+                                   "speedup": result["float32"]["seconds"]["median"] / t["median"]}
+    return result
+
+
+def bf16_loss_curves(device, steps: int) -> dict:
+    """The tiny preset trained `steps` steps in float32 and in bf16 autocast from the same start on
+    the same batches. Tolerance: the mean relative gap of the two curves stays under 2%, the size
+    of the step-to-step noise of the float32 curve itself at this batch size."""
+    curves = {}
+    for bf16 in (False, True):
+        model, optimizer, _ = stage1_setup(make_config("tiny"), 8, device, seed=0)
+        weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, 8)
+        data = torch.Generator().manual_seed(1)
+        halting = torch.Generator(device).manual_seed(2)
+        losses = []
+        for _ in range(steps):
+            images = torch.rand(8, 3, 32, 32, generator=data).to(device)
+            losses.append(stage1_step(model, optimizer, images, bf16, weights, generator=halting))
+        curves["bf16" if bf16 else "float32"] = torch.stack(losses).float().cpu()
+    gap = ((curves["bf16"] - curves["float32"]).abs() / curves["float32"]).mean().item()
+    noise = (curves["float32"].diff().abs() / curves["float32"][1:]).mean().item()
+    return {"steps": steps, "mean_relative_gap": gap, "float32_step_to_step_noise": noise,
+            "same_curve": gap < 0.02, "final": {k: v[-1].item() for k, v in curves.items()}}
+
+
+# -----------------------------------------------------------------------------
+# 4. Adaptive encoding
+
+def bench_adaptive(cfg, batch, device, reps) -> dict:
+    """Thresholds are set from the exhaustive per-image L1 table so that images stop at about 1/4,
+    1/2 and 3/4 of the maximum tokens on average (an untrained model's L1 does not fall with
+    tokens, so each image's stopping point is set by its own L1 curve)."""
+    from evaluate import code_error_below, first_passing, l1_below
+    torch.manual_seed(0)
+    model = ALIT(cfg).to(device).eval()
+    images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    T = cfg.rollout_iters
+    with torch.no_grad():
+        records = model.rollout(images)
+        _, gt = model.vqgan.encode(images)
+    l1 = torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in records]).cpu()
+    codebook = model.vqgan.quantize.codebook().detach()
+    code_error = torch.stack([(r.logits.float().softmax(-1) @ codebook - codebook[gt]).square().mean(dim=(1, 2))
+                              for r in records]).cpu()
+
+    def exhaustive():  # what the official encode does: every iteration, every reconstruction
+        with torch.no_grad():
+            return model.rollout(images)
+
+    everything = timed(exhaustive, reps, 1, device)
+    results = {"batch": batch, "every_iteration_seconds": everything}
+    for fraction in (0.25, 0.5, 0.75):
+        thr = threshold_for(l1, fraction)
+        token_thr = threshold_for(code_error, fraction)
+        mean_pixel = ((first_passing(l1 < thr) + 1).float().mean() / T).item()
+        mean_token = ((first_passing(code_error < token_thr) + 1).float().mean() / T).item()
+        with torch.no_grad():
+            pixel = timed(lambda: model.encode_adaptive(images, l1_below(thr)), reps, 1, device)
+            token = timed(lambda: model.encode_adaptive(images, code_error_below(token_thr, codebook), token_space=True),
+                          reps, 1, device)
+        results[f"{fraction:g}"] = {
+            "pixel": {"threshold": thr, "fraction_of_max_tokens": mean_pixel, "seconds": pixel,
+                      "speedup": everything["median"] / pixel["median"]},
+            "token": {"threshold": token_thr, "fraction_of_max_tokens": mean_token, "seconds": token,
+                      "speedup": everything["median"] / token["median"]}}
+    return results
+
+
+def threshold_for(table, fraction):
+    """The threshold on table (T, B) (pass = value < threshold) whose first-passing iterations
+    average closest to `fraction` of T."""
+    from evaluate import first_passing
+    T = table.shape[0]
+    values = table.flatten().sort().values
+    candidates = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
+    # the mean stop falls as the threshold rises: bisect on the sorted candidates
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ((first_passing(table < candidates[mid]) + 1).float().mean() / T) > fraction:
+            lo = mid + 1
+        else:
+            hi = mid
+    return candidates[lo].item()
+
+
+# -----------------------------------------------------------------------------
+# 5. FID features
+
+def bench_fid(device, batch, reps, fid_images) -> dict:
+    """Seeded weights with the real layout (the real file cannot be downloaded here): the speed is
+    the same, and the bf16 feature error is of the same order as for the real weights."""
+    from data import build_dataset
+    from evaluate import FeatureStats, InceptionV3, fid_from_stats
+    torch.manual_seed(0)
+    net = InceptionV3().to(device).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    images = torch.rand(batch, 3, 299, 299, device=device)
+    result = {"batch": batch}
+    with torch.no_grad():
+        for name, dtype in [("float32", None), ("bf16", torch.bfloat16)]:
+            t = timed(lambda: net(images, autocast_dtype=dtype), reps, 1, device)
+            result[name] = {"seconds": t, "images_per_s": batch / t["median"]}
+        a, b = net(images), net(images, autocast_dtype=torch.bfloat16)
+        result["bf16_feature_max_abs_diff"] = (a - b).abs().max().item()
+        result["bf16_feature_relative_diff"] = ((a - b).norm() / a.norm()).item()
+        # FID of the shapes val set against itself shifted by one image, in both precisions
+        val = build_dataset("shapes", "val", 64, num_images=fid_images)
+        stats = {k: (FeatureStats(), FeatureStats()) for k in ("float32", "bf16")}
+        for start in range(0, fid_images, batch):
+            chunk = torch.stack([val[i][0] for i in range(start, min(start + batch, fid_images))]).to(device)
+            for name, dtype in [("float32", None), ("bf16", torch.bfloat16)]:
+                real, fake = stats[name]
+                real.update(net(chunk, autocast_dtype=dtype))
+                fake.update(net(chunk.flip(-1), autocast_dtype=dtype))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small-sample warning is expected here
+        fids = {name: fid_from_stats(*pair) for name, pair in stats.items()}
+    result["fid_shapes_val_vs_flipped"] = fids
+    result["fid_bf16_shift"] = abs(fids["bf16"] - fids["float32"])
+    result["fid_stays_float32"] = result["fid_bf16_shift"] > 0.1
+    return result
+
+
+# -----------------------------------------------------------------------------
+# 6. Memory
+
+def peak_memory_child(preset: str, batch: int, grad_checkpoint: bool) -> None:
+    """Run one stage-1 step and print the peak memory it needed (in a fresh process, so the peak
+    belongs to this configuration alone)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = mid_config() if preset == "mid" else make_config(preset)
+    model, optimizer, images = stage1_setup(cfg, batch, device, grad_checkpoint)
+    weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        stage1_step(model, optimizer, images, False, weights)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # Linux: reset the process's peak resident size (VmHWM), then read it after the step
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = proc_status_bytes("VmRSS")
+        stage1_step(model, optimizer, images, False, weights)
+        peak = proc_status_bytes("VmHWM") - base
+    params = sum(p.numel() for p in model.alit_parameters())
+    print(json.dumps({"peak_bytes": peak, "trainable_params": params}))
+
+
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def bench_memory(presets, batch: int) -> dict:
+    """Peak memory of one step (activations + gradients + optimizer state, above the model) at
+    `batch`, with and without activation checkpointing; then a linear estimate at batch 32 per GPU:
+    the per-image part scales with the batch, the parameter part does not."""
+    results = {}
+    for preset in presets:
+        row = {}
+        for ckpt in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", preset, str(batch), str(int(ckpt))],
+                                 capture_output=True, text=True, check=True)
+            row["grad_checkpoint" if ckpt else "plain"] = json.loads(out.stdout.strip().splitlines()[-1])
+        params = row["plain"]["trainable_params"]
+        state = params * 4 * 4  # weights + grads + 2 AdamW moments, float32
+        for key in ("plain", "grad_checkpoint"):
+            per_image = max(0.0, row[key]["peak_bytes"] - 3 * params * 4) / batch
+            row[key]["estimated_gb_at_batch_32"] = (state + 32 * per_image) / 1e9
+        row["fits_80gb"] = {k: row[k]["estimated_gb_at_batch_32"] < 80 for k in ("plain", "grad_checkpoint")}
+        results[preset] = row
+    return results
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer repetitions, about a minute")
+    parser.add_argument("--out", help="also write the numbers as JSON here")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3, quick 2)")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        preset, batch, ckpt = args.memory_child
+        return peak_memory_child(preset, int(batch), bool(int(ckpt)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reps = args.reps or (2 if args.quick else 3)
+    # bf16 steps only where bf16 is native: emulated bf16 (e.g. AVX512 without BF16) is several
+    # times slower than float32, which the ceiling line shows without spending minutes on it.
+    bf16 = native_bf16(device)
+    report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "native_bf16": native_bf16(device), "quick": args.quick}
+    n = 1024 if args.quick else 2048
+    report["ceiling"] = {"float32_flops": matmul_flops(torch.float32, n, reps + 2, device),
+                         "bf16_flops": matmul_flops(torch.bfloat16, n, reps + 2, device), "matrix_size": n}
+    ceiling = report["ceiling"]["float32_flops"]
+    configs = [("tiny", make_config("tiny"), 16)] if args.quick else [("small", make_config("small"), 2),
+                                                                       ("mid", mid_config(), 4)]
+    report["stage1"] = [bench_stage1(name, cfg, batch, device, reps, ceiling, bf16) for name, cfg, batch in configs]
+    report["bf16_loss_curve"] = bf16_loss_curves(device, 10 if args.quick else 50)
+    report["adaptive"] = bench_adaptive(make_config("tiny") if args.quick else mid_config(),
+                                        32 if args.quick else 8, device, reps)
+    report["fid"] = bench_fid(device, 10 if args.quick else 50, reps, 20 if args.quick else 200)
+    report["memory"] = bench_memory(["tiny"] if args.quick else ["small", "semilarge"], 1 if not args.quick else 4)
+    print(format_report(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def format_report(r: dict) -> str:
+    c = r["ceiling"]
+    lines = [f"device {r['device']}, {r['threads']} threads, torch {r['torch']}, native bf16: {r['native_bf16']}",
+             f"ceiling: float32 matmul {c['float32_flops'] / 1e9:.0f} GFLOP/s, bf16 {c['bf16_flops'] / 1e9:.0f} "
+             f"GFLOP/s ({c['matrix_size']}^3)", "",
+             "| stage-1 step | batch | GFLOP/step | fp32 s/step | img/s | of fp32 ceiling | bf16 s/step | bf16 x "
+             "| VQGAN precomputed x |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in r["stage1"]:
+        fp, bf = s["float32"], s.get("bf16")
+        bf16_cells = f"{bf['seconds']['median']:.2f} | {s['bf16_speedup']:.2f}" if bf else "not native | -"
+        lines.append(f"| {s['config']} | {s['batch']} | {s['flops_per_step'] / 1e9:.0f} | {fp['seconds']['median']:.2f} "
+                     f"({fp['seconds']['min']:.2f}-{fp['seconds']['max']:.2f}) | {fp['images_per_s']:.2f} | "
+                     f"{100 * fp['fraction_of_fp32_ceiling']:.0f}% | {bf16_cells} | "
+                     f"{s['precomputed_vqgan']['speedup']:.2f} |")
+    b = r["bf16_loss_curve"]
+    lines += ["", f"bf16 vs float32 loss curve over {b['steps']} tiny steps: mean relative gap "
+              f"{100 * b['mean_relative_gap']:.2f}% (float32 step-to-step noise {100 * b['float32_step_to_step_noise']:.1f}%)"
+              f" -> {'same curve' if b['same_curve'] else 'DIFFERENT'}", "",
+              "| adaptive encode | tokens (pixel) | speed-up pixel | tokens (token) | speed-up token |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for key in ("0.25", "0.5", "0.75"):
+        a = r["adaptive"][key]
+        lines.append(f"| stop at ~{key} | {a['pixel']['fraction_of_max_tokens']:.2f} | {a['pixel']['speedup']:.2f}x | "
+                     f"{a['token']['fraction_of_max_tokens']:.2f} | {a['token']['speedup']:.2f}x |")
+    f = r["fid"]
+    lines += ["", f"FID Inception, batch {f['batch']}: float32 {f['float32']['images_per_s']:.1f} img/s, bf16 "
+              f"{f['bf16']['images_per_s']:.1f} img/s; bf16 moves features by {100 * f['bf16_feature_relative_diff']:.2f}% "
+              f"and FID by {f['fid_bf16_shift']:.3f} -> FID stays float32: {f['fid_stays_float32']}", "",
+              "| memory, one step | peak above the model | with grad checkpointing | est. GB at batch 32 (plain / ckpt) | fits 80 GB |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    for preset, m in r["memory"].items():
+        lines.append(f"| {preset} | {m['plain']['peak_bytes'] / 1e9:.2f} GB | {m['grad_checkpoint']['peak_bytes'] / 1e9:.2f} GB | "
+                     f"{m['plain']['estimated_gb_at_batch_32']:.0f} / {m['grad_checkpoint']['estimated_gb_at_batch_32']:.0f} | "
+                     f"{m['fits_80gb']['plain']} / {m['fits_80gb']['grad_checkpoint']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
