@@ -393,6 +393,8 @@ def format_report(r: dict) -> str:
                      f"{100 * fp['fraction_of_fp32_ceiling']:.0f}% | {bf16_cells} | "
                      f"{s['precomputed_vqgan']['speedup']:.2f} |")
     b = r["bf16_loss_curve"]
+    lines += ["VQGAN precomputed: `train_stage1.py --token-cache DIR` stores each image's fixed crop and its mirror "
+              "image with their VQGAN tokens (memory-mapped); it keeps flips and gives up random resized crops."]
     lines += ["", f"bf16 vs float32 loss curve over {b['steps']} tiny steps: mean relative gap "
               f"{100 * b['mean_relative_gap']:.2f}% (float32 step-to-step noise {100 * b['float32_step_to_step_noise']:.1f}%)"
               f" -> {'same curve' if b['same_curve'] else 'DIFFERENT'}", "",

@@ -451,3 +451,66 @@ def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int,
         for batch in loader:
             yield epoch, batch
         epoch, skip = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# Precomputed VQGAN tokens for stage 1
+
+class TokenCache(Dataset):
+    """Stage-1 items with the frozen VQGAN's encoding read from disk instead of recomputed.
+
+    In stage 1 the VQGAN is frozen, so its encoding of an image never changes; only the
+    augmentation does. The cache keeps two views per image, the evaluation crop and its mirror
+    image, with their VQGAN latents and indices, memory-mapped. A random flip picks the view, so
+    flips survive; random resized crops do not (their variety would need a view per crop).
+    Items are (image, target, vqgan_latents (C, g, g), gt_indices (g*g,)).
+    """
+
+    def __init__(self, dataset: Dataset, path):
+        path = Path(path)
+        self.dataset = dataset
+        self.latents = np.load(path / "latents.npy", mmap_mode="r")  # (n, 2, C, g, g) float32
+        self.indices = np.load(path / "indices.npy", mmap_mode="r")  # (n, 2, g*g) int64
+        if len(self.latents) != len(dataset):
+            raise ValueError(f"token cache {path} holds {len(self.latents)} images, the dataset {len(dataset)}; "
+                             "delete it to rebuild")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        view = int(torch.rand(()) < 0.5)
+        if view:
+            image = image.flip(-1)
+        return (image, target, torch.from_numpy(np.array(self.latents[index, view])),
+                torch.from_numpy(np.array(self.indices[index, view])))
+
+
+@torch.no_grad()
+def build_token_cache(dataset: Dataset, vqgan, path, batch_size: int = 64, device="cpu") -> None:
+    """Encode every image of `dataset` (evaluation transform: a fixed view) and its mirror image
+    with `vqgan`, into <path>/latents.npy and indices.npy (written under temporary names, then
+    renamed, so an interrupted build leaves no half cache behind)."""
+    from torch.utils.data import DataLoader
+    from numpy.lib.format import open_memmap
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = vqgan.config
+    n, g = len(dataset), cfg.grid_size
+    latents = open_memmap(path / "latents.tmp.npy", "w+", np.float32, (n, 2, cfg.latent_channels, g, g))
+    indices = open_memmap(path / "indices.tmp.npy", "w+", np.int64, (n, 2, g * g))
+    start = 0
+    for images, _ in DataLoader(dataset, batch_size):
+        images = images.to(device)
+        for view, batch in enumerate((images, images.flip(-1))):
+            z, idx = vqgan.encode(batch)
+            latents[start:start + len(images), view] = z.float().cpu().numpy()
+            indices[start:start + len(images), view] = idx.cpu().numpy()
+        start += len(images)
+    latents.flush()
+    indices.flush()
+    del latents, indices
+    os.replace(path / "latents.tmp.npy", path / "latents.npy")
+    os.replace(path / "indices.tmp.npy", path / "indices.npy")

@@ -16,6 +16,7 @@ tokens in each iteration."
 import argparse
 import contextlib
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import build_dataset, save_image_grid, train_batches
+from data import TokenCache, build_dataset, build_token_cache, save_image_grid, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
 from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
                          check_loop_flags, dataclass_overrides, gather_rng_states, load_checkpoint, load_vqgan,
@@ -57,6 +58,9 @@ class TrainConfig(LoopConfig):
     label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
     code_loss_weight: float = 1.0  # MSE between the softmax-expected code and the true code
     quantizer_loss_weight: float = 1.0
+    # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
+    # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
+    token_cache: str | None = None
 
 
 def parse_args(argv=None):
@@ -103,6 +107,26 @@ def load_base_vqgan(train, model_cfg: ALITConfig) -> VQGAN:
                  f"{train.preset!r} ({ours.image_size}px -> {ours.grid_size}x{ours.grid_size}, "
                  f"{ours.codebook_size} codes x {ours.latent_channels})")
     return vqgan
+
+
+def open_token_cache(train, model: ALIT, ctx) -> TokenCache:
+    """The training set with precomputed VQGAN tokens; rank 0 builds the cache if it is missing."""
+    path = Path(train.token_cache)
+    views = build_dataset(train.dataset, "train", model.config.image_size, train.data_dir, train=False,
+                          num_images=train.train_images)
+    meta = {"dataset": train.dataset, "data_dir": train.data_dir, "images": len(views),
+            "image_size": model.config.image_size, "vqgan": train.vqgan_official or train.vqgan_ckpt,
+            "vqgan_config": dataclasses.asdict(model.vqgan.config)}
+    if ctx.is_main and not (path / "latents.npy").is_file():
+        print(f"building the token cache {path} ({len(views)} images x 2 views)")
+        build_token_cache(views, model.vqgan, path, device=ctx.device)
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    if ctx.enabled:
+        dist.barrier()
+    stored = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else None
+    if stored != json.loads(json.dumps(meta)):
+        sys.exit(f"error: --token-cache {path} was built for {stored}, not {meta}; delete it to rebuild")
+    return TokenCache(views, path)
 
 
 def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
@@ -167,7 +191,9 @@ def main(argv=None):
     # Frozen params never get gradients; when only a subset of iterations is decoded, halting
     # (hence the halted token) may not run at all in a step.
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=train.loss_iters not in (0, model_cfg.rollout_iters))
-    dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir)
+    dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
+    if train.token_cache:
+        dataset = open_token_cache(train, model, ctx)
     val = build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir)
     val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed,
@@ -180,13 +206,16 @@ def main(argv=None):
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         for micro in range(train.grad_accum):
-            _, (images, _) = next(batches)
-            images = images.to(ctx.device, non_blocking=True)
+            _, batch = next(batches)
+            images = batch[0].to(ctx.device, non_blocking=True)
             iters = None
             if train.loss_iters:
                 iters = torch.randperm(model_cfg.rollout_iters)[:train.loss_iters].tolist()
-            with torch.no_grad(), autocast(ctx.device, bf16):
-                vqgan_latents, gt_indices = model.vqgan.encode(images)
+            if train.token_cache:
+                vqgan_latents, gt_indices = batch[2].to(ctx.device), batch[3].to(ctx.device)
+            else:
+                with torch.no_grad(), autocast(ctx.device, bf16):
+                    vqgan_latents, gt_indices = model.vqgan.encode(images)
             last_micro = micro == train.grad_accum - 1
             with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
                 with autocast(ctx.device, bf16):

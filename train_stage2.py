@@ -173,7 +173,7 @@ def main(argv=None):
 
     # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
-    dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir)
+    dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir, num_images=train.train_images)
     val = build_dataset(train.dataset, "val", cfg.image_size, train.data_dir)
     val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)

@@ -283,6 +283,7 @@ class LoopConfig:
     steps: int = 1000  # optimizer steps; the LR schedule spans them
     stop_after: int = 0  # stop this run after so many steps (0: never); --resume continues on the same schedule
     batch_size: int = 32  # per rank (and per micro-step)
+    train_images: int | None = None  # use only the first so many training images (shapes: the split's size)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio x the peak LR
     grad_clip: float = 1.0
@@ -384,7 +385,7 @@ def main(argv=None):
     log(f"VQGAN {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}")
 
     ddp_model = wrap_ddp(model, ctx)
-    dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir)
+    dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = torch.stack([build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir)[i][0]
                               for i in range(8)]).to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)
