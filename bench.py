@@ -70,12 +70,12 @@ def matmul_flops(dtype, n: int, reps: int, device) -> float:
 # -----------------------------------------------------------------------------
 # Model FLOPs, counted from the config
 
-def transformer_flops(width: int, layers: int, tokens: int, mlp_ratio: float) -> float:
+def transformer_flops(width: int, layers: int, tokens: int, mlp_ratio: float, attention=True) -> float:
     """Forward FLOPs of `layers` pre-norm blocks over `tokens` tokens: the q, k, v and output
     projections (4 w^2) and the MLP (2 mlp_ratio w^2) per token, 2 FLOPs per multiply-add, plus
     attention's two L x L x w products (QK^T and AV)."""
     per_token = 2 * (4 + 2 * mlp_ratio) * width ** 2
-    return layers * (tokens * per_token + 2 * 2 * tokens ** 2 * width)
+    return layers * (tokens * per_token + (2 * 2 * tokens ** 2 * width if attention else 0))
 
 
 def vqgan_encoder_flops(model: ALIT) -> float:
@@ -96,21 +96,29 @@ def vqgan_encoder_flops(model: ALIT) -> float:
     return total
 
 
-def stage1_flops(cfg: ALITConfig, batch: int, vqgan_flops: float) -> float:
-    """FLOPs of one stage-1 step: backward = 2x forward for the trained ALIT; the frozen VQGAN
-    encoder runs forward only. At iteration t (1-based) both transformers see 1 + N + t*K tokens;
-    the head predicts N x VQGAN-codes logits; the patch embedding runs once."""
+def alit_forward_flops(cfg: ALITConfig, attention=True) -> float:
+    """Forward FLOPs of one image through all T iterations with the stage-1 loss. At iteration t
+    (1-based) both transformers see 1 + N + t*K tokens; t*K latents are factorized, looked up in the
+    codebook and embedded for the decoder; the head predicts N x VQGAN-codes logits, and the loss
+    takes their expected code (softmax @ codebook). The patch embedding runs once."""
     N, K, D, E = cfg.num_image_tokens, cfg.tokens_per_iter, cfg.encoder_width, cfg.decoder_width
-    codes = cfg.vqgan.codebook_size
-    forward = 2 * N * 3 * cfg.patch_size ** 2 * (D - cfg.vqgan.latent_channels)  # patch embedding
+    codes, C = cfg.vqgan.codebook_size, cfg.vqgan.latent_channels
+    flops = 2 * N * 3 * cfg.patch_size ** 2 * (D - C)  # patch embedding
     for t in range(1, cfg.rollout_iters + 1):
-        tokens = 1 + N + t * K
-        forward += transformer_flops(D, cfg.encoder_layers, tokens, cfg.mlp_ratio)
-        forward += transformer_flops(E, cfg.decoder_layers, tokens, cfg.mlp_ratio)
-        forward += 2 * N * (E * 2 * E + 2 * E * codes)  # the head
-        forward += 2 * t * K * (D * cfg.latent_dim + cfg.latent_dim * E)  # factorize + decoder_embed
-        forward += 2 * 2 * N * codes * cfg.vqgan.latent_channels  # soft codes for the code loss
-    return batch * (3 * forward + vqgan_flops)
+        tokens, latents = 1 + N + t * K, t * K
+        flops += transformer_flops(D, cfg.encoder_layers, tokens, cfg.mlp_ratio, attention)
+        flops += transformer_flops(E, cfg.decoder_layers, tokens, cfg.mlp_ratio, attention)
+        flops += 2 * latents * (D * cfg.latent_dim + cfg.latent_dim * E)  # factorize + decoder_embed
+        flops += 2 * latents * cfg.latent_codebook_size * cfg.latent_dim  # codebook distances
+        flops += 2 * N * (E * 2 * E + 2 * E * codes)  # the head
+        flops += 2 * N * codes * C  # expected code
+    return flops
+
+
+def stage1_flops(cfg: ALITConfig, batch: int, vqgan_flops: float) -> float:
+    """One stage-1 step: backward = 2 x forward for the trained ALIT; the frozen VQGAN encoder
+    (vqgan_flops per image) runs forward only."""
+    return batch * (3 * alit_forward_flops(cfg) + vqgan_flops)
 
 
 # -----------------------------------------------------------------------------

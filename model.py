@@ -257,6 +257,13 @@ class ALIT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def compile_transformers(self):
+        """torch.compile every transformer block in place (state-dict keys unchanged), with dynamic
+        shapes: the sequence grows by K tokens every iteration."""
+        for block in [*self.encoder, *self.decoder]:
+            block.compile(dynamic=True)
+        return self
+
     def alit_parameters(self):
         """Every parameter except the base VQGAN's: what stage 1 trains."""
         return [p for name, p in self.named_parameters() if not name.startswith("vqgan.")]

@@ -190,6 +190,8 @@ def main(argv=None):
 
     # Frozen params never get gradients; when only a subset of iterations is decoded, halting
     # (hence the halted token) may not run at all in a step.
+    if train.compile:
+        model.compile_transformers()
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=train.loss_iters not in (0, model_cfg.rollout_iters))
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     if train.token_cache:

@@ -172,6 +172,8 @@ def main(argv=None):
         f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
 
     # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
+    if train.compile:
+        model.compile_transformers()
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
     dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir, num_images=train.train_images)
     val = build_dataset(train.dataset, "val", cfg.image_size, train.data_dir)

@@ -294,6 +294,7 @@ class LoopConfig:
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available
     bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
+    compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
     resume: bool = False  # continue from <out_dir>/ckpt.pt
 
 

@@ -195,3 +195,31 @@ def test_from_official_errors(tmp_path):
     path = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         ALIT.from_official(path)
+
+
+def test_grad_checkpointing_and_compile_give_the_same_loss_and_gradients():
+    import train_stage1
+    images = torch.rand(2, 3, 32, 32)
+    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
+    import shutil
+    results = []
+    # torch.compile's CPU backend generates C++: without a compiler only the other two are compared
+    variants = ["eager", "grad_checkpoint"] + (["compile"] if shutil.which("g++") or shutil.which("c++") else [])
+    for variant in variants:
+        model = tiny_model(encoder_width=64, decoder_width=64, encoder_layers=1, decoder_layers=1,
+                           grad_checkpoint=variant == "grad_checkpoint")
+        model.vqgan.requires_grad_(False)
+        if variant == "compile":
+            model.compile_transformers()
+        with torch.no_grad():
+            latents, gt = model.vqgan.encode(images)
+        records = model(images, latents, gt, halting=True, generator=torch.Generator().manual_seed(0))
+        loss, _ = train_stage1.stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), *others = results
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss, atol=1e-5, rtol=1e-5)
+        assert other_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
