@@ -193,6 +193,34 @@ def bf16_loss_curves(device, steps: int) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Optimisations, each against its own "before" in the same process
+
+def bench_optimisations(device, reps, quick) -> dict:
+    """channels-last VQGAN weights (vqgan.py) vs the default layout, on a VQGAN encode; torch.compile
+    of the transformer blocks (--compile) vs eager, on a stage-1 step of the tiny preset."""
+    from vqgan import PRESETS, VQGAN, VQGANConfig
+    result = {}
+    size, batch = (32, 32) if quick else (256, 2)
+    vqgan = VQGAN(VQGANConfig(**PRESETS["tiny" if quick else "imagenet"])).to(device).eval()
+    images = torch.rand(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        channels_last = timed(lambda: vqgan.encode(images), reps, 1, device)
+        vqgan.to(memory_format=torch.contiguous_format)
+        contiguous = timed(lambda: vqgan.encode(images), reps, 1, device)
+    result["channels_last_vqgan_encode"] = {"image_size": size, "batch": batch, "before": contiguous,
+                                            "after": channels_last,
+                                            "speedup": contiguous["median"] / channels_last["median"]}
+    if not quick:
+        cfg, weights = make_config("tiny"), iteration_weights(OFFICIAL_ITERATION_WEIGHTS, 8)
+        model, optimizer, images = stage1_setup(cfg, 16, device)
+        eager = timed(lambda: stage1_step(model, optimizer, images, False, weights), reps, 1, device)
+        model.compile_transformers()
+        compiled = timed(lambda: stage1_step(model, optimizer, images, False, weights), reps, 2, device)
+        result["compile_tiny_step"] = {"before": eager, "after": compiled, "speedup": eager["median"] / compiled["median"]}
+    return result
+
+
+# -----------------------------------------------------------------------------
 # 4. Adaptive encoding
 
 def bench_adaptive(cfg, batch, device, reps) -> dict:
@@ -374,6 +402,7 @@ def main(argv=None):
     configs = [("tiny", make_config("tiny"), 16)] if args.quick else [("small", make_config("small"), 2),
                                                                        ("mid", mid_config(), 4)]
     report["stage1"] = [bench_stage1(name, cfg, batch, device, reps, ceiling, bf16) for name, cfg, batch in configs]
+    report["optimisations"] = bench_optimisations(device, reps, args.quick)
     report["bf16_loss_curve"] = bf16_loss_curves(device, 10 if args.quick else 50)
     report["adaptive"] = bench_adaptive(make_config("tiny") if args.quick else mid_config(),
                                         32 if args.quick else 8, device, reps)
@@ -401,6 +430,9 @@ def format_report(r: dict) -> str:
                      f"{100 * fp['fraction_of_fp32_ceiling']:.0f}% | {bf16_cells} | "
                      f"{s['precomputed_vqgan']['speedup']:.2f} |")
     b = r["bf16_loss_curve"]
+    for name, o in r["optimisations"].items():
+        lines.append(f"optimisation {name}: {o['before']['median']:.3f} s -> {o['after']['median']:.3f} s, "
+                     f"{o['speedup']:.2f}x")
     lines += ["VQGAN precomputed: `train_stage1.py --token-cache DIR` stores each image's fixed crop and its mirror "
               "image with their VQGAN tokens (memory-mapped); it keeps flips and gives up random resized crops."]
     lines += ["", f"bf16 vs float32 loss curve over {b['steps']} tiny steps: mean relative gap "

@@ -716,6 +716,12 @@ def markdown_report(r: dict) -> str:
               f"search for {100 * s['same_counts_as_exhaustive']:.0f}% of images"]
     if r["complexity"]:
         cx = r["complexity"]
+        counts = list(next(iter(cx["l1_per_level_per_tokens"].values())))
+        lines += ["", "| complexity level | " + " | ".join(f"L1 @ {c}" for c in counts) + " |",
+                  "| ---: |" + " ---: |" * len(counts)]
+        for level, row in cx["l1_per_level_per_tokens"].items():
+            lines.append(f"| {level} | " + " | ".join(f"{row[c]:.4f}" for c in counts) + " |")
+        lines.append("")
         rho = cx["spearman_complexity_vs_tokens"]
         lines.append(f"complexity vs chosen tokens (l1<{cx['threshold']:g}): Spearman "
                      f"{'undefined (one count for all)' if rho is None else format(rho, '.3f')}; mean tokens per level "
