@@ -31,6 +31,9 @@ def test_vqgan_overfits_one_batch():
         optimizer.step()
         losses.append((recon - images).abs().mean().item())
     assert losses[-1] < 0.4 * losses[0], losses[::20]
+    # images come out in the [0, 1] range they went in (up to the fit's error)
+    inside = ((recon > -0.05) & (recon < 1.05)).float().mean()
+    assert inside > 0.99, inside
 
 
 def run(tmp_path, name, *extra):
