@@ -230,7 +230,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.alit_parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        ema.update(model, step)
         step += 1
         bar.update(1)
 

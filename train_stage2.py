@@ -210,7 +210,7 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
-        ema.update(model)
+        ema.update(model, step)
         d_loss = torch.zeros((), device=ctx.device)
         if disc_weight > 0:
             d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16)

@@ -78,3 +78,14 @@ def test_bad_flags_are_named(flags, message, capsys):
 def test_resume_without_checkpoint_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt.pt"):
         run(tmp_path, "none", "--steps", "2", "--resume")
+
+
+def test_ema_warms_up_then_uses_its_decay():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = train_vqgan.EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)  # decay (1 + 0) / (10 + 0) = 0.1: the average moves 90% of the way at once
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.9))
+    assert ema.decay_at(10_000) == 0.999
