@@ -401,13 +401,20 @@ def main(argv=None):
     ceiling = report["ceiling"]["float32_flops"]
     configs = [("tiny", make_config("tiny"), 16)] if args.quick else [("small", make_config("small"), 2),
                                                                        ("mid", mid_config(), 4)]
-    report["stage1"] = [bench_stage1(name, cfg, batch, device, reps, ceiling, bf16) for name, cfg, batch in configs]
-    report["optimisations"] = bench_optimisations(device, reps, args.quick)
-    report["bf16_loss_curve"] = bf16_loss_curves(device, 10 if args.quick else 50)
-    report["adaptive"] = bench_adaptive(make_config("tiny") if args.quick else mid_config(),
-                                        32 if args.quick else 8, device, reps)
-    report["fid"] = bench_fid(device, 10 if args.quick else 50, reps, 20 if args.quick else 200)
-    report["memory"] = bench_memory(["tiny"] if args.quick else ["small", "semilarge"], 1 if not args.quick else 4)
+    def section(name, fn):  # progress on stderr: the full run takes minutes
+        start = time.perf_counter()
+        report[name] = fn()
+        print(f"bench: {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    section("stage1", lambda: [bench_stage1(name, cfg, batch, device, reps, ceiling, bf16)
+                               for name, cfg, batch in configs])
+    section("optimisations", lambda: bench_optimisations(device, reps, args.quick))
+    section("bf16_loss_curve", lambda: bf16_loss_curves(device, 10 if args.quick else 50))
+    section("adaptive", lambda: bench_adaptive(make_config("tiny") if args.quick else mid_config(),
+                                               32 if args.quick else 8, device, reps))
+    section("fid", lambda: bench_fid(device, 10 if args.quick else 50, reps, 20 if args.quick else 200))
+    section("memory", lambda: bench_memory(["tiny"] if args.quick else ["small", "semilarge"],
+                                           4 if args.quick else 1))
     print(format_report(report))
     if args.out:
         with open(args.out, "w") as f:
