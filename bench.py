@@ -454,7 +454,8 @@ def format_report(r: dict) -> str:
     f = r["fid"]
     lines += ["", f"FID Inception, batch {f['batch']}: float32 {f['float32']['images_per_s']:.1f} img/s, bf16 "
               f"{f['bf16']['images_per_s']:.1f} img/s; bf16 moves features by {100 * f['bf16_feature_relative_diff']:.2f}% "
-              f"and FID by {f['fid_bf16_shift']:.3f} -> FID stays float32: {f['fid_stays_float32']}", "",
+              f"and FID by {f['fid_bf16_shift']:.3f} (more than 0.1: {f['fid_stays_float32']}); "
+              "evaluation stays float32", "",
               "| memory, one step | peak above the model | with grad checkpointing | est. GB at batch 32 (plain / ckpt) | fits 80 GB |",
               "| --- | ---: | ---: | ---: | --- |"]
     for preset, m in r["memory"].items():
