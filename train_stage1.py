@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from data import TokenCache, build_dataset, build_token_cache, save_image_grid, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
 from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                         check_loop_flags, dataclass_overrides, gather_rng_states, load_checkpoint, load_vqgan,
-                         lr_at, native_bf16, progress, save_checkpoint, set_lr, set_rng_state,
+                         check_loop_flags, dataclass_overrides, gather_rng_states, load_checkpoint,
+                         load_vqgan, lr_at, native_bf16, progress, resume, save_checkpoint, set_lr,
                          setup_distributed, wrap_ddp)
 from vqgan import VQGAN
 
@@ -173,15 +173,8 @@ def main(argv=None):
 
     step = 0
     if train.resume:
-        ckpt = load_checkpoint(out / "ckpt.pt")
-        if ckpt["model_config"] != model_cfg.to_dict():
-            sys.exit(f"error: {out / 'ckpt.pt'} was trained with another model config")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][ctx.rank])
-        log(f"resumed from {out / 'ckpt.pt'} at step {step}")
+        step = resume(out / "ckpt.pt", model_cfg.to_dict(),
+                      {"model": model, "ema": ema, "optimizer": optimizer}, ctx, log)["step"]
     else:
         torch.manual_seed(train.seed + ctx.rank)  # halting draws and loss-iteration choices differ per rank
     n_params = sum(p.numel() for p in model.alit_parameters())

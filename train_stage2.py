@@ -32,8 +32,8 @@ from model import ALIT, ALITConfig, PRESETS, make_config
 from train_stage1 import save_rollout_grid
 from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
                          check_loop_flags, dataclass_overrides, discriminator_step, gather_rng_states,
-                         generator_gan_loss, load_checkpoint, lr_at, native_bf16, progress, save_checkpoint,
-                         set_lr, set_rng_state, setup_distributed, wrap_ddp)
+                         generator_gan_loss, load_checkpoint, lr_at, native_bf16, progress, resume,
+                         save_checkpoint, set_lr, setup_distributed, wrap_ddp)
 
 
 @dataclass
@@ -155,17 +155,9 @@ def main(argv=None):
 
     step = 0
     if train.resume:
-        ckpt = load_checkpoint(out / "ckpt.pt")
-        if ckpt["model_config"] != cfg.to_dict():
-            sys.exit(f"error: {out / 'ckpt.pt'} was trained with another model config")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        discriminators.load_state_dict(ckpt["discriminators"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][ctx.rank])
-        log(f"resumed from {out / 'ckpt.pt'} at step {step}")
+        step = resume(out / "ckpt.pt", cfg.to_dict(), {
+            "model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
+            "disc_optimizer": disc_optimizer}, ctx, log)["step"]
     else:
         torch.manual_seed(train.seed + ctx.rank)
     log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "

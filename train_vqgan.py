@@ -205,6 +205,19 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def resume(path, model_config: dict, stateful: dict, ctx, log) -> dict:
+    """--resume: load `path` into every object of `stateful` (checkpoint key -> object with
+    load_state_dict), restore this rank's RNG state, and return the checkpoint (step, extras)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_config"] != model_config:
+        sys.exit(f"error: {path} was trained with another model config: {ckpt['model_config']}")
+    for key, obj in stateful.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"][ctx.rank])
+    log(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt
+
+
 def parse_int_tuple(text: str) -> tuple:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
@@ -378,17 +391,11 @@ def main(argv=None):
 
     step = 0
     if train.resume:
-        ckpt = load_checkpoint(out / "ckpt.pt")
-        if ckpt["model_config"] != dataclasses.asdict(model_cfg):
-            sys.exit(f"error: {out / 'ckpt.pt'} holds a different VQGAN config: {ckpt['model_config']}")
-        model.load_state_dict(ckpt["model"])
-        discriminator.load_state_dict(ckpt["discriminator"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+        ckpt = resume(out / "ckpt.pt", dataclasses.asdict(model_cfg), {
+            "model": model, "discriminator": discriminator, "optimizer": optimizer,
+            "disc_optimizer": disc_optimizer}, ctx, log)
         step = ckpt["step"]
         model.quantize.counts_since_restart = ckpt["code_counts"]
-        set_rng_state(ckpt["rng"][ctx.rank])
-        log(f"resumed from {out / 'ckpt.pt'} at step {step}")
     log(f"VQGAN {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}")
 
     ddp_model = wrap_ddp(model, ctx)
