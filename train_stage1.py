@@ -171,10 +171,10 @@ def main(argv=None):
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
 
+    stateful = {"model": model, "ema": ema, "optimizer": optimizer}  # what a checkpoint saves and resume restores
     step = 0
     if train.resume:
-        step = resume(out / "ckpt.pt", model_cfg.to_dict(),
-                      {"model": model, "ema": ema, "optimizer": optimizer}, ctx, log)["step"]
+        step = resume(out / "ckpt.pt", model_cfg.to_dict(), stateful, ctx, log)["step"]
     else:
         torch.manual_seed(train.seed + ctx.rank)  # halting draws and loss-iteration choices differ per rank
     n_params = sum(p.numel() for p in model.alit_parameters())
@@ -242,8 +242,8 @@ def main(argv=None):
         if ctx.is_main and (step % train.sample_every == 0 or step == stop):
             save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png")
         if checkpoint_due:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train),
+            state = {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
+                     "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train),
                      "rng": gather_rng_states(ctx)}
             if ctx.is_main:
                 save_checkpoint(out / "ckpt.pt", state)

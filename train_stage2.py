@@ -153,11 +153,11 @@ def main(argv=None):
     ema = EMA(model, train.ema_decay)
     schedule = gan_schedule(train.gan_schedule)
 
+    stateful = {"model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
+                "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
     step = 0
     if train.resume:
-        step = resume(out / "ckpt.pt", cfg.to_dict(), {
-            "model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
-            "disc_optimizer": disc_optimizer}, ctx, log)["step"]
+        step = resume(out / "ckpt.pt", cfg.to_dict(), stateful, ctx, log)["step"]
     else:
         torch.manual_seed(train.seed + ctx.rank)
     log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
@@ -225,9 +225,8 @@ def main(argv=None):
         if ctx.is_main and (step % train.sample_every == 0 or step == stop):
             save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png", soft_codes=True)
         if checkpoint_due:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "discriminators": discriminators.state_dict(),
-                     "optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
-                     "step": step, "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(train),
+            state = {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
+                     "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(train),
                      "rng": gather_rng_states(ctx)}
             if ctx.is_main:
                 save_checkpoint(out / "ckpt.pt", state)
