@@ -148,18 +148,23 @@ def test_halting_masks_only_confident_tokens_and_is_seeded():
         assert torch.equal(rp.logits, ro.logits) and ro.halted is None
 
 
-@pytest.mark.parametrize("threshold", [0.55, 0.001])
-def test_gradients_reach_alit_not_frozen_vqgan(threshold):
-    model = tiny_model(halting_threshold=threshold)
-    model.vqgan.requires_grad_(False)
+def rollout_loss_backward(model):
     cfg = model.config
-    images = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         latents, gt = model.vqgan.encode(images)
     records = model(images, latents, gt, halting=True, generator=torch.Generator().manual_seed(0))
     loss = sum(torch.nn.functional.cross_entropy(r.logits.flatten(0, 1), gt.flatten()) + r.quantized.loss
                for r in records)
     loss.backward()
+    return records
+
+
+@pytest.mark.parametrize("threshold", [0.55, 0.001])
+def test_gradients_reach_alit_not_frozen_vqgan(threshold):
+    model = tiny_model(halting_threshold=threshold, zero_init_encoder_residuals=False)
+    model.vqgan.requires_grad_(False)
+    records = rollout_loss_backward(model)
     halted_any = any(r.halted.any() for r in records[:-1])
     for name, p in model.named_parameters():
         if name == "halted_token" and not halted_any:
@@ -168,6 +173,23 @@ def test_gradients_reach_alit_not_frozen_vqgan(threshold):
             assert p.grad is None, name
         else:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_zero_init_encoder_starts_as_identity_then_every_weight_learns():
+    model = tiny_model()
+    assert model.config.zero_init_encoder_residuals  # the tiny preset's choice
+    model.vqgan.requires_grad_(False)
+    x = torch.randn(2, 5, model.config.encoder_width)
+    assert torch.equal(model.encoder(x), x)  # every pass starts as the identity
+    rollout_loss_backward(model)
+    for name, p in model.encoder.named_parameters():
+        learns_first = name.endswith(("attn.proj.weight", "attn.proj.bias", "c_proj.weight", "c_proj.bias"))
+        assert (p.grad.abs().sum() > 0) == learns_first, name  # behind a zero projection: no gradient yet
+    torch.optim.SGD(model.alit_parameters(), lr=0.1).step()
+    model.zero_grad()
+    rollout_loss_backward(model)
+    for name, p in model.encoder.named_parameters():
+        assert p.grad.abs().sum() > 0, name
 
 
 def test_continuous_latents_and_official_unquantized_layout():
