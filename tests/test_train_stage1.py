@@ -64,7 +64,13 @@ def test_two_processes_equal_one_process(tmp_path, vqgan_ckpt):
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
     for key, value in single.state_dict().items():
-        torch.testing.assert_close(two["model"][key], value, atol=1e-5, rtol=0, msg=key)
+        other = two["model"][key]
+        if key.endswith("attn.qkv.bias"):
+            # Softmax ignores a bias added to every key, so the key bias's gradient is only rounding
+            # noise (~1e-10), which AdamW scales up to steps of up to lr: compare q and v only.
+            w = len(value) // 3
+            value, other = torch.cat([value[:w], value[2 * w:]]), torch.cat([other[:w], other[2 * w:]])
+        torch.testing.assert_close(other, value, atol=1e-5, rtol=0, msg=key)
 
 
 def test_resume_continues_bit_exactly(tmp_path, vqgan_ckpt):
