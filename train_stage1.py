@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from data import TokenCache, build_dataset, build_token_cache, save_image_grid, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
 from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                         check_loop_flags, dataclass_overrides, gather_rng_states, load_checkpoint,
-                         load_vqgan, lr_at, native_bf16, progress, resume, save_checkpoint, set_lr,
-                         setup_distributed, wrap_ddp)
+                         check_loop_flags, checkpoint_state, dataclass_overrides, load_checkpoint, load_vqgan,
+                         lr_at, native_bf16, progress, resume, save_checkpoint, set_lr, setup_distributed, wrap_ddp)
 from vqgan import VQGAN
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
@@ -242,9 +241,7 @@ def main(argv=None):
         if ctx.is_main and (step % train.sample_every == 0 or step == stop):
             save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png")
         if checkpoint_due:
-            state = {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
-                     "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train),
-                     "rng": gather_rng_states(ctx)}
+            state = checkpoint_state(stateful, step, model_cfg.to_dict(), train, ctx)  # collective
             if ctx.is_main:
                 save_checkpoint(out / "ckpt.pt", state)
     bar.close()

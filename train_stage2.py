@@ -18,7 +18,6 @@ code grid that the (now trainable) VQGAN decoder turns into pixels.
         --stage1-ckpt out/stage1/ckpt.pt --vgg16-weights vgg16-397923af.pth --lpips-weights vgg.pth
 """
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from losses import LPIPS, PatchDiscriminator
 from model import ALIT, ALITConfig, PRESETS, make_config
 from train_stage1 import save_rollout_grid
 from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                         check_loop_flags, dataclass_overrides, discriminator_step, gather_rng_states,
+                         check_loop_flags, checkpoint_state, dataclass_overrides, discriminator_step,
                          generator_gan_loss, load_checkpoint, lr_at, native_bf16, progress, resume,
                          save_checkpoint, set_lr, setup_distributed, wrap_ddp)
 
@@ -225,9 +224,7 @@ def main(argv=None):
         if ctx.is_main and (step % train.sample_every == 0 or step == stop):
             save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png", soft_codes=True)
         if checkpoint_due:
-            state = {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
-                     "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(train),
-                     "rng": gather_rng_states(ctx)}
+            state = checkpoint_state(stateful, step, cfg.to_dict(), train, ctx)  # collective
             if ctx.is_main:
                 save_checkpoint(out / "ckpt.pt", state)
     bar.close()

@@ -205,6 +205,15 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, **extra) -> dict:
+    """What a checkpoint holds: the state dict of every object in `stateful` (checkpoint key ->
+    object), the step, both configs and every rank's RNG state. Collective under DDP (the RNG
+    states are gathered), so every rank calls it."""
+    return {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
+            "model_config": model_config, "train_config": dataclasses.asdict(train),
+            "rng": gather_rng_states(ctx), **extra}
+
+
 def resume(path, model_config: dict, stateful: dict, ctx, log) -> dict:
     """--resume: load `path` into every object of `stateful` (checkpoint key -> object with
     load_state_dict), restore this rank's RNG state, and return the checkpoint (step, extras)."""
@@ -389,11 +398,11 @@ def main(argv=None):
     optimizer = adamw(model.parameters(), train.lr, (0.5, 0.9), train.weight_decay, ctx.device)
     disc_optimizer = adamw(discriminator.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
 
+    stateful = {"model": model, "discriminator": discriminator, "optimizer": optimizer,
+                "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
     step = 0
     if train.resume:
-        ckpt = resume(out / "ckpt.pt", dataclasses.asdict(model_cfg), {
-            "model": model, "discriminator": discriminator, "optimizer": optimizer,
-            "disc_optimizer": disc_optimizer}, ctx, log)
+        ckpt = resume(out / "ckpt.pt", dataclasses.asdict(model_cfg), stateful, ctx, log)
         step = ckpt["step"]
         model.quantize.counts_since_restart = ckpt["code_counts"]
     log(f"VQGAN {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}")
@@ -403,13 +412,6 @@ def main(argv=None):
     val_images = torch.stack([build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir)[i][0]
                               for i in range(8)]).to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)
-
-    def checkpoint_state():
-        return {"model": model.state_dict(), "discriminator": discriminator.state_dict(),
-                "optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
-                "step": step, "model_config": dataclasses.asdict(model_cfg),
-                "train_config": dataclasses.asdict(train), "rng": gather_rng_states(ctx),
-                "code_counts": model.quantize.counts_since_restart}  # for the next dead-code restart
 
     bar = progress(train.steps, step, ctx.is_main)
     last_layer = model.decoder.last_layer
@@ -450,7 +452,8 @@ def main(argv=None):
         if ctx.is_main and (step % train.sample_every == 0 or step == stop):
             save_reconstructions(model, val_images, out / f"recon_{step:06d}.png")
         if step % train.save_every == 0 or step == stop:
-            state = checkpoint_state()  # collective: every rank contributes its RNG state
+            state = checkpoint_state(stateful, step, dataclasses.asdict(model_cfg), train, ctx,
+                                     code_counts=model.quantize.counts_since_restart)  # for the next dead-code restart
             if ctx.is_main:
                 save_checkpoint(out / "ckpt.pt", state)
     bar.close()
