@@ -11,21 +11,23 @@ whatever device is present (timed with CUDA events on a GPU):
 4. adaptive encoding: early exit (pixel and token criteria) vs running every iteration and
    decoding every reconstruction for every image (the official encode);
 5. FID Inception features: images/s in float32 and bf16, and how much bf16 moves features and FID;
-6. memory: peak of one stage-1 step with and without activation checkpointing.
+6. memory: peak live tensor bytes of one stage-1 step with and without activation checkpointing,
+   and from it the GPU memory at batch 32.
 
-    python bench.py            # about 10 minutes on 2 CPU cores
-    python bench.py --quick    # about a minute: tiny sizes, fewer repetitions
+    python bench.py            # about 9.5 minutes on 2 CPU cores
+    python bench.py --quick    # under a minute: tiny sizes
     python bench.py --out bench.json
 """
 import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
@@ -181,13 +183,13 @@ def bf16_loss_curves(device, steps: int) -> dict:
     of the step-to-step noise of the float32 curve itself at this batch size."""
     curves = {}
     for bf16 in (False, True):
-        model, optimizer, _ = stage1_setup(make_config("tiny"), 8, device, seed=0)
+        model, optimizer, _ = stage1_setup(make_config("tiny"), 4, device, seed=0)
         weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, 8)
         data = torch.Generator().manual_seed(1)
         halting = torch.Generator(device).manual_seed(2)
         losses = []
         for _ in range(steps):
-            images = torch.rand(8, 3, 32, 32, generator=data).to(device)
+            images = torch.rand(4, 3, 32, 32, generator=data).to(device)
             losses.append(stage1_step(model, optimizer, images, bf16, weights, generator=halting))
         curves["bf16" if bf16 else "float32"] = torch.stack(losses).float().cpu()
     gap = ((curves["bf16"] - curves["float32"]).abs() / curves["float32"]).mean().item()
@@ -230,25 +232,27 @@ def bench_optimisations(device, reps, quick) -> dict:
 def bench_adaptive(cfg, batch, device, reps) -> dict:
     """Thresholds are set from the exhaustive per-image L1 table so that images stop at about 1/4,
     1/2 and 3/4 of the maximum tokens on average (an untrained model's L1 does not fall with
-    tokens, so each image's stopping point is set by its own L1 curve)."""
+    tokens, so each image's stopping point is set by its own L1 curve). The timed exhaustive
+    rollout also gives that table: at `mid` it is the section's largest cost (~7 s an image)."""
     from evaluate import code_error_below, first_passing, l1_below
     torch.manual_seed(0)
     model = ALIT(cfg).to(device).eval()
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     T = cfg.rollout_iters
+    records = []
+
+    def exhaustive():  # what the official encode does: every iteration, every reconstruction
+        with torch.no_grad():
+            records[:] = model.rollout(images)
+
     with torch.no_grad():
-        records = model.rollout(images)
+        model.rollout(images[:1])  # warm-up of every kernel, on one image
         _, gt = model.vqgan.encode(images)
+    everything = timed(exhaustive, reps, 0, device)
     l1 = torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in records]).cpu()
     codebook = model.vqgan.quantize.codebook().detach()
     code_error = torch.stack([(r.logits.float().softmax(-1) @ codebook - codebook[gt]).square().mean(dim=(1, 2))
                               for r in records]).cpu()
-
-    def exhaustive():  # what the official encode does: every iteration, every reconstruction
-        with torch.no_grad():
-            return model.rollout(images)
-
-    everything = timed(exhaustive, reps, 1, device)
     results = {"batch": batch, "every_iteration_seconds": everything}
     for fraction in (0.25, 0.5, 0.75):
         thr = threshold_for(l1, fraction)
@@ -256,7 +260,6 @@ def bench_adaptive(cfg, batch, device, reps) -> dict:
         mean_pixel = ((first_passing(l1 < thr) + 1).float().mean() / T).item()
         mean_token = ((first_passing(code_error < token_thr) + 1).float().mean() / T).item()
         with torch.no_grad():
-            # no warm-up runs: the exhaustive timing above already warmed every kernel these use
             pixel = timed(lambda: model.encode_adaptive(images, l1_below(thr)), reps, 0, device)
             token = timed(lambda: model.encode_adaptive(images, code_error_below(token_thr, codebook), token_space=True),
                           reps, 0, device)
@@ -289,9 +292,10 @@ def threshold_for(table, fraction):
 # -----------------------------------------------------------------------------
 # 5. FID features
 
-def bench_fid(device, batch, reps, fid_images) -> dict:
+def bench_fid(device, batch, fid_images) -> dict:
     """Seeded weights with the real layout (the real file cannot be downloaded here): the speed is
-    the same, and the bf16 feature error is of the same order as for the real weights."""
+    the same, and the bf16 feature error is of the same order as for the real weights. The timed
+    forwards are the FID's own: `fid_images` shapes val images and their mirror images, in batches."""
     from data import build_dataset
     from evaluate import FeatureStats, InceptionV3, fid_from_stats
     torch.manual_seed(0)
@@ -299,28 +303,31 @@ def bench_fid(device, batch, reps, fid_images) -> dict:
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)
-    images = torch.rand(batch, 3, 299, 299, device=device)
-    result = {"batch": batch}
+    val = build_dataset("shapes", "val", 64, num_images=fid_images)
+    real = [torch.stack([val[i][0] for i in range(start, min(start + batch, fid_images))]).to(device)
+            for start in range(0, fid_images, batch)]
+    batches = real + [chunk.flip(-1) for chunk in real]  # FID of the val set against its mirror image
+    result = {"batch": batch, "images": fid_images}
+    features = {}
     with torch.no_grad():
         for name, dtype in [("float32", None), ("bf16", torch.bfloat16)]:
-            t = timed(lambda: net(images, autocast_dtype=dtype), reps, 1, device)
+            net(batches[0], autocast_dtype=dtype)  # warm-up
+            outputs, pending = [], iter(batches)
+            t = timed(lambda: outputs.append(net(next(pending), autocast_dtype=dtype).float()), len(batches), 0, device)
             result[name] = {"seconds": t, "images_per_s": batch / t["median"]}
-        a, b = net(images), net(images, autocast_dtype=torch.bfloat16)
-        result["bf16_feature_max_abs_diff"] = (a - b).abs().max().item()
-        result["bf16_feature_relative_diff"] = ((a - b).norm() / a.norm()).item()
-        # FID of the shapes val set against itself shifted by one image, in both precisions
-        val = build_dataset("shapes", "val", 64, num_images=fid_images)
-        stats = {k: (FeatureStats(), FeatureStats()) for k in ("float32", "bf16")}
-        for start in range(0, fid_images, batch):
-            chunk = torch.stack([val[i][0] for i in range(start, min(start + batch, fid_images))]).to(device)
-            for name, dtype in [("float32", None), ("bf16", torch.bfloat16)]:
-                real, fake = stats[name]
-                real.update(net(chunk, autocast_dtype=dtype))
-                fake.update(net(chunk.flip(-1), autocast_dtype=dtype))
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the small-sample warning is expected here
-        fids = {name: fid_from_stats(*pair) for name, pair in stats.items()}
+            features[name] = outputs
+    a, b = torch.cat(features["float32"]), torch.cat(features["bf16"])
+    result["bf16_feature_max_abs_diff"] = (a - b).abs().max().item()
+    result["bf16_feature_relative_diff"] = ((a - b).norm() / a.norm()).item()
+    fids = {}
+    for name, outputs in features.items():
+        stats = FeatureStats(), FeatureStats()
+        for i, f in enumerate(outputs):
+            stats[i >= len(real)].update(f)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the small-sample warning is expected here
+            fids[name] = fid_from_stats(*stats)
     result["fid_shapes_val_vs_flipped"] = fids
     result["fid_bf16_shift"] = abs(fids["bf16"] - fids["float32"])
     result["fid_stays_float32"] = result["fid_bf16_shift"] > 0.1
@@ -330,52 +337,94 @@ def bench_fid(device, batch, reps, fid_images) -> dict:
 # -----------------------------------------------------------------------------
 # 6. Memory
 
-def peak_memory_child(preset: str, batch: int, grad_checkpoint: bool) -> None:
-    """Run one stage-1 step and print the peak memory it needed (in a fresh process, so the peak
-    belongs to this configuration alone)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = mid_config() if preset == "mid" else make_config(preset)
-    model, optimizer, images = stage1_setup(cfg, batch, device, grad_checkpoint)
-    weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        stage1_step(model, optimizer, images, False, weights)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:  # Linux: reset the process's peak resident size (VmHWM), then read it after the step
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = proc_status_bytes("VmRSS")
-        stage1_step(model, optimizer, images, False, weights)
-        peak = proc_status_bytes("VmHWM") - base
-    params = sum(p.numel() for p in model.alit_parameters())
-    print(json.dumps({"peak_bytes": peak, "trainable_params": params}))
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive, op by op, split into what scales with the batch and what
+    does not. This is what a GPU caching allocator must hold (before its rounding), measured on
+    the CPU during a real step; the process's resident size would add the CPU allocator's slack
+    (glibc keeps freed activations and hands them back in other sizes: 0.7 GB more than the
+    tensors at `small`, batch 1, and over 2 GB with checkpointing).
+
+    Every storage an op creates is tagged with the phase it was made in ("step": forward and
+    backward, "optimizer": AdamW's update) and freed through a finalizer. After the step,
+    `gradients` re-tags the storages that ended up as .grad (parameter-sized, not per image).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "step"
+        self.events = []  # (+bytes or -bytes, allocation id), in order
+        self.alive = {}  # data_ptr -> (allocation id, bytes)
+        self.kinds = []  # allocation id -> phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.track(t.untyped_storage())  # views and in-place results share an input's storage
+        return out
+
+    def track(self, storage):
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or ptr in self.alive:
+            return
+        alloc = len(self.kinds)
+        self.kinds.append(self.phase)
+        self.alive[ptr] = (alloc, nbytes)
+        self.events.append((nbytes, alloc))
+        weakref.finalize(storage, self.free, ptr, alloc)
+
+    def free(self, ptr, alloc):
+        if self.alive.get(ptr, (None,))[0] == alloc:
+            nbytes = self.alive.pop(ptr)[1]
+            self.events.append((-nbytes, alloc))
+
+    def peak(self, gradient_ptrs, state_ptrs, batch_scale=1.0):
+        """Peak over the step of (gradients + optimizer temporaries + batch_scale x the rest): the
+        rest (activations, temporaries, inputs) is what grows with the batch. The optimizer state
+        this first step creates is left out: in training it is there all along (add it once)."""
+        tags = {self.alive[p][0]: "grad" for p in gradient_ptrs if p in self.alive}
+        tags.update({self.alive[p][0]: "state" for p in state_ptrs if p in self.alive})
+        live = {"grad": 0, "optimizer": 0, "step": 0, "state": 0}
+        best = 0
+        for nbytes, alloc in self.events:
+            live[tags.get(alloc, self.kinds[alloc])] += nbytes
+            best = max(best, live["grad"] + live["optimizer"] + batch_scale * live["step"])
+        return best
 
 
-def proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def bench_memory(presets, batch: int) -> dict:
-    """Peak memory of one step (activations + gradients + optimizer state, above the model) at
-    `batch`, with and without activation checkpointing; then a linear estimate at batch 32 per GPU:
-    the per-image part scales with the batch, the parameter part does not."""
+def bench_memory(presets, batch: int, device) -> dict:
+    """Peak memory of one stage-1 step (activations, gradients, AdamW's update, above the model
+    and its optimizer state) at `batch`, with and without activation checkpointing, counted as
+    live tensor bytes; then the GPU memory at batch 32 per GPU: weights + AdamW moments (alive
+    for the whole step once training runs) + the step's peak with the per-image part scaled."""
     results = {}
     for preset in presets:
         row = {}
         for ckpt in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--memory-child", preset, str(batch), str(int(ckpt))],
-                                 capture_output=True, text=True, check=True)
-            row["grad_checkpoint" if ckpt else "plain"] = json.loads(out.stdout.strip().splitlines()[-1])
-        params = row["plain"]["trainable_params"]
-        state = params * 4 * 4  # weights + grads + 2 AdamW moments, float32
-        for key in ("plain", "grad_checkpoint"):
-            per_image = max(0.0, row[key]["peak_bytes"] - 3 * params * 4) / batch
-            row[key]["estimated_gb_at_batch_32"] = (state + 32 * per_image) / 1e9
+            model, optimizer, images = stage1_setup(make_config(preset), batch, device, grad_checkpoint=ckpt)
+            weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, model.config.rollout_iters)
+            tracker = LiveTensorBytes()
+            with tracker:
+                with torch.no_grad(), autocast(device, False):
+                    latents, gt = model.vqgan.encode(images)
+                records = model(images, latents, gt, halting=True)
+                loss, _ = stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+                del records
+                loss.backward()
+                tracker.phase = "optimizer"
+                optimizer.step()
+            grads = [p.grad.untyped_storage().data_ptr() for p in model.alit_parameters()]
+            state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+            state_bytes = sum(t.untyped_storage().nbytes() for t in state)
+            state = [t.untyped_storage().data_ptr() for t in state]
+            model_bytes = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
+            row["grad_checkpoint" if ckpt else "plain"] = {
+                "peak_bytes": state_bytes + tracker.peak(grads, state),
+                "estimated_gb_at_batch_32": (model_bytes + state_bytes + tracker.peak(grads, state, 32 / batch)) / 1e9,
+                "trainable_params": sum(p.numel() for p in model.alit_parameters())}
+            del model, optimizer, tracker
         row["fits_80gb"] = {k: row[k]["estimated_gb_at_batch_32"] < 80 for k in ("plain", "grad_checkpoint")}
         results[preset] = row
     return results
@@ -387,14 +436,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer repetitions, about a minute")
     parser.add_argument("--out", help="also write the numbers as JSON here")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3, quick 2)")
-    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 2)")
     args = parser.parse_args(argv)
-    if args.memory_child:
-        preset, batch, ckpt = args.memory_child
-        return peak_memory_child(preset, int(batch), bool(int(ckpt)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or 2
     # bf16 steps only where bf16 is native: emulated bf16 (e.g. AVX512 without BF16) is several
     # times slower than float32, which the ceiling line shows without spending minutes on it.
     bf16 = native_bf16(device)
@@ -405,10 +450,10 @@ def main(argv=None):
                          "bf16_flops": matmul_flops(torch.bfloat16, n, 4, device), "matrix_size": n}
     ceiling = report["ceiling"]["float32_flops"]
     # (name, config, batch, timed repetitions, also time the step with the VQGAN precomputed):
-    # a `small` step takes ~40 s on 2 CPU cores, so it gets one repetition less and the VQGAN's
-    # share (the issue's 40% case) is measured on `mid`.
+    # a `small` step takes ~33 s on 2 CPU cores, so the VQGAN's share (the issue's 40% case) is
+    # measured on `mid` only.
     configs = ([("tiny", make_config("tiny"), 16, reps, True)] if args.quick else
-               [("small", make_config("small"), 2, max(1, reps - 1), False), ("mid", mid_config(), 4, reps, True)])
+               [("small", make_config("small"), 2, reps, False), ("mid", mid_config(), 4, reps, True)])
     def section(name, fn):  # progress on stderr: the full run takes minutes
         start = time.perf_counter()
         report[name] = fn()
@@ -418,13 +463,14 @@ def main(argv=None):
                                for name, cfg, batch, n_reps, precomputed in configs])
     section("optimisations", lambda: bench_optimisations(device, reps, args.quick))
     section("bf16_loss_curve", lambda: bf16_loss_curves(device, 10 if args.quick else 50))
-    # every exhaustive `mid` rollout decodes 8 reconstructions per image at 256x256 (~3 s an image
-    # on 2 CPU cores): batch 4 and 2 repetitions keep this section near two minutes
+    # Every exhaustive `mid` rollout decodes 8 reconstructions per image at 256x256 (~7 s an image
+    # on 2 CPU cores), so each encode is timed once. Batch 8: with fewer images, the mean stop
+    # moves in steps of 1/(batch x 8) and a few late images keep the batch running.
     section("adaptive", lambda: bench_adaptive(make_config("tiny") if args.quick else mid_config(),
-                                               32 if args.quick else 4, device, min(reps, 2)))
-    section("fid", lambda: bench_fid(device, 10 if args.quick else 50, reps, 20 if args.quick else 100))
+                                               32 if args.quick else 8, device, reps if args.quick else 1))
+    section("fid", lambda: bench_fid(device, 10 if args.quick else 50, 20 if args.quick else 50))
     section("memory", lambda: bench_memory(["tiny"] if args.quick else ["small", "semilarge"],
-                                           4 if args.quick else 1))
+                                           4 if args.quick else 1, device))
     print(format_report(report))
     if args.out:
         with open(args.out, "w") as f:
@@ -466,7 +512,7 @@ def format_report(r: dict) -> str:
               f"{f['bf16']['images_per_s']:.1f} img/s; bf16 moves features by {100 * f['bf16_feature_relative_diff']:.2f}% "
               f"and FID by {f['fid_bf16_shift']:.3f} (more than 0.1: {f['fid_stays_float32']}); "
               "evaluation stays float32", "",
-              "| memory, one step | peak above the model | with grad checkpointing | est. GB at batch 32 (plain / ckpt) | fits 80 GB |",
+              "| memory, one step (live tensors) | peak above the weights | with grad checkpointing | est. GB at batch 32 (plain / ckpt) | fits 80 GB |",
               "| --- | ---: | ---: | ---: | --- |"]
     for preset, m in r["memory"].items():
         lines.append(f"| {preset} | {m['plain']['peak_bytes'] / 1e9:.2f} GB | {m['grad_checkpoint']['peak_bytes'] / 1e9:.2f} GB | "

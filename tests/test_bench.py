@@ -22,3 +22,33 @@ def test_flop_formula_matches_counted_flops():
     with vqgan, torch.no_grad():
         model.vqgan.encoder(images)
     assert vqgan.get_total_flops() == bench.vqgan_encoder_flops(model)
+
+
+def test_live_tensor_bytes_counts_allocations_and_frees():
+    mb = 1 << 20
+    tracker = bench.LiveTensorBytes()
+    with tracker:
+        a = torch.ones(mb // 4)  # 1 MiB of float32
+        b = a * 2  # 2 MiB alive
+        b.add_(1)  # in place: nothing new
+        view = b[:10]  # a view: nothing new
+        del a  # 1 MiB alive
+        c = torch.zeros(2 * mb // 4)  # 3 MiB alive: the peak
+        del c, view
+        tracker.phase = "optimizer"
+        d = b + 1
+    assert tracker.peak([], []) == 3 * mb
+    assert tracker.peak([], [], batch_scale=2.0) == 6 * mb  # every tensor above was made in "step"
+    # b tagged as a gradient is not scaled; d (optimizer phase) never is
+    assert tracker.peak([b.untyped_storage().data_ptr()], [], batch_scale=2.0) == 5 * mb
+    assert tracker.peak([b.untyped_storage().data_ptr()], [d.untyped_storage().data_ptr()]) == 3 * mb
+    del b, d
+
+
+def test_memory_of_a_tiny_step_checkpointing_saves_and_estimates_scale():
+    r = bench.bench_memory(["tiny"], 2, torch.device("cpu"))["tiny"]
+    plain, ckpt = r["plain"], r["grad_checkpoint"]
+    params = plain["trainable_params"] * 4
+    # at least the gradients and AdamW's two moments, and far less than every allocation of the step
+    assert 3 * params < ckpt["peak_bytes"] < plain["peak_bytes"] < 1e9
+    assert plain["estimated_gb_at_batch_32"] * 1e9 > 8 * plain["peak_bytes"]
