@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
-from train_vqgan import autocast, native_bf16
+from train_vqgan import adamw, autocast, native_bf16
 
 
 def mid_config() -> ALITConfig:
@@ -133,7 +133,7 @@ def stage1_setup(cfg: ALITConfig, batch: int, device, grad_checkpoint=False, see
     cfg = dataclasses.replace(cfg, grad_checkpoint=grad_checkpoint)
     model = ALIT(cfg).to(device)
     model.vqgan.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.alit_parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = adamw(model.alit_parameters(), 1e-4, (0.9, 0.95), 0.05, device)  # as train_stage1.py
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     return model, optimizer, images
 
@@ -202,8 +202,9 @@ def bf16_loss_curves(device, steps: int) -> dict:
 # Optimisations, each against its own "before" in the same process
 
 def bench_optimisations(device, reps, quick) -> dict:
-    """channels-last VQGAN weights (vqgan.py) vs the default layout, on a VQGAN encode; torch.compile
-    of the transformer blocks (--compile) vs eager, on a stage-1 step of the tiny preset."""
+    """channels-last VQGAN weights (vqgan.py) vs the default layout, on a VQGAN encode; the fused
+    AdamW kernel vs the for-each one; torch.compile of the transformer blocks (--compile) vs
+    eager, on a stage-1 step of the tiny preset."""
     from vqgan import PRESETS, VQGAN, VQGANConfig
     result = {}
     size, batch = (32, 32) if quick else (256, 2)
@@ -216,6 +217,17 @@ def bench_optimisations(device, reps, quick) -> dict:
     result["channels_last_vqgan_encode"] = {"image_size": size, "batch": batch, "before": contiguous,
                                             "after": channels_last,
                                             "speedup": contiguous["median"] / channels_last["median"]}
+    # AdamW's update over as many weights as `small` trains (207M): for-each vs the fused kernel
+    params = [torch.nn.Parameter(torch.randn(1024, 1024 if not quick else 64, device=device))
+              for _ in range(198)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    times = {}
+    for name, kind in [("before", dict(foreach=True)), ("after", dict(fused=device.type in ("cuda", "cpu")))]:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **kind)
+        times[name] = timed(optimizer.step, reps, 1, device)
+    result["fused_adamw_small_update"] = {**times, "speedup": times["before"]["median"] / times["after"]["median"]}
+    del params, optimizer
     if not quick:
         cfg, weights = make_config("tiny"), iteration_weights(OFFICIAL_ITERATION_WEIGHTS, 8)
         model, optimizer, images = stage1_setup(cfg, 16, device)

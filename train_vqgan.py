@@ -121,12 +121,13 @@ def set_lr(optimizer, lr: float):
 
 def adamw(params, lr, betas, weight_decay, device):
     """AdamW with weight decay on weight matrices and kernels only (not on biases, norms, embeddings
-    of shape (n,)); fused on CUDA."""
+    of shape (n,)). Fused on CUDA and on the CPU: one pass over the weights instead of the ~10 of
+    the for-each version (`small`'s 207M weights on 2 cores: 0.18 s a step instead of 0.95 s)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 class EMA:
