@@ -366,6 +366,12 @@ class ALIT(nn.Module):
             raise ValueError(f"iters must be within 0..{cfg.rollout_iters - 1}, got {iters}")
         B, first_latent = len(images), 1 + cfg.num_image_tokens
 
+        # What is computed once and what every iteration must recompute (§2, T -> T+1): the VQGAN
+        # encoding and the 2D image tokens are made once, at T = 0. After that nothing stays the
+        # same: every pass of the encoder updates every token of the carried sequence, image and
+        # latent alike (residual updates, then the re-normalisation), so no keys or values can be
+        # cached from one pass to the next; the decoder's input holds all latents, the earlier ones
+        # updated, so it runs in full too. Only the decoder's masked 2D tokens are constant.
         # T = 0: [K_2D ; K_1D] -> encoder_ln_pre.
         x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, vqgan_latents),
                                            self.new_latent_tokens(0, B)], dim=1))  # (B, 1+N+K, D)
