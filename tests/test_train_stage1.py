@@ -20,24 +20,31 @@ def stage1(tmp_path, vqgan_ckpt, name, *extra):
                                            *extra])
 
 
-def test_overfitting_one_batch_drives_every_iteration_down():
-    torch.manual_seed(0)
-    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64, init_std=0.3))
+def overfit(model, image_size, num_images, steps):
+    """Train the ALIT part of `model` on the first `num_images` shapes images, the VQGAN frozen
+    (AdamW lr 1e-3, the official iteration weights); returns the per-step, per-iteration CE
+    (steps, iterations), the batch and its VQGAN encoding."""
     model.vqgan.requires_grad_(False)
-    images = torch.stack([build_dataset("shapes", "train", 32)[i][0] for i in range(4)])
+    images = torch.stack([build_dataset("shapes", "train", image_size)[i][0] for i in range(num_images)])
     with torch.no_grad():
         latents, gt = model.vqgan.encode(images)
     optimizer = torch.optim.AdamW(model.alit_parameters(), lr=1e-3)
-    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
+    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, model.config.rollout_iters)
     history = []
-    for _ in range(100):
-        records = model(images, latents, gt)
-        loss, stats = train_stage1.stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+    for _ in range(steps):
+        loss, stats = train_stage1.stage1_loss(model, model(images, latents, gt), gt, weights, 0.0, 1.0, 1.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(stats[:, 0].detach())
-    first, last = history[0], torch.stack(history[-5:]).mean(0)
+        history.append(stats[:, 0])
+    return torch.stack(history), images, latents, gt
+
+
+def test_overfitting_one_batch_drives_every_iteration_down():
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64, init_std=0.3))
+    history, images, latents, gt = overfit(model, 32, 4, 100)
+    first, last = history[0], history[-5:].mean(0)
     assert (last < 0.5 * first).all(), (first, last)
     # The decoder reads the latent tokens, not only a per-position prior over the batch: given
     # another image's tokens, its loss is higher. Measured only where the two images' codes differ.
@@ -71,20 +78,8 @@ def test_overfitting_one_batch_longer_codes_reach_lower_loss():
     model = ALIT(make_config("tiny", image_size=16, vqgan=VQGANConfig(**{**VQGAN_PRESETS["tiny"], "image_size": 16}),
                              encoder_width=48, encoder_heads=2, decoder_width=48, decoder_heads=2,
                              tokens_per_iter=1, quantize_latent=False, latent_dim=1))
-    model.vqgan.requires_grad_(False)
-    images = torch.stack([build_dataset("shapes", "train", 16)[i][0] for i in range(16)])
-    with torch.no_grad():
-        latents, gt = model.vqgan.encode(images)
-    optimizer = torch.optim.AdamW(model.alit_parameters(), lr=1e-3)
-    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
-    history = []
-    for _ in range(200):
-        loss, stats = train_stage1.stage1_loss(model, model(images, latents, gt), gt, weights, 0.0, 1.0, 1.0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(stats[:, 0])
-    ce = torch.stack(history[-10:]).mean(0)  # per iteration
+    history = overfit(model, 16, 16, 200)[0]
+    ce = history[-10:].mean(0)  # per iteration
     assert (ce[1:] < 0.5 * ce[0]).all() and ce[-1] < ce[1], ce
 
 
