@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
-from train_vqgan import adamw, autocast, native_bf16
+from train_vqgan import FUSED_ADAMW_DEVICES, adamw, autocast, native_bf16
 
 
 def mid_config() -> ALITConfig:
@@ -223,7 +223,7 @@ def bench_optimisations(device, reps, quick) -> dict:
     for p in params:
         p.grad = torch.randn_like(p)
     times = {}
-    for name, kind in [("before", dict(foreach=True)), ("after", dict(fused=device.type in ("cuda", "cpu")))]:
+    for name, kind in [("before", dict(foreach=True)), ("after", dict(fused=device.type in FUSED_ADAMW_DEVICES))]:
         optimizer = torch.optim.AdamW(params, lr=1e-4, **kind)
         times[name] = timed(optimizer.step, reps, 1, device)
     result["fused_adamw_small_update"] = {**times, "speedup": times["before"]["median"] / times["after"]["median"]}

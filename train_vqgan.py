@@ -119,6 +119,9 @@ def set_lr(optimizer, lr: float):
         group["lr"] = lr
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel
+
+
 def adamw(params, lr, betas, weight_decay, device):
     """AdamW with weight decay on weight matrices and kernels only (not on biases, norms, embeddings
     of shape (n,)). Fused on CUDA and on the CPU: one pass over the weights instead of the ~10 of
@@ -127,7 +130,7 @@ def adamw(params, lr, betas, weight_decay, device):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in FUSED_ADAMW_DEVICES)
 
 
 class EMA:
