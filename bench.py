@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 import weakref
 
 import torch
@@ -138,8 +139,9 @@ def stage1_setup(cfg: ALITConfig, batch: int, device, grad_checkpoint=False, see
     return model, optimizer, images
 
 
-def stage1_step(model, optimizer, images, bf16, weights, precomputed=None, generator=None):
-    """One training step; returns the loss tensor (no host sync)."""
+def stage1_step(model, optimizer, images, bf16, weights, precomputed=None, generator=None, before_update=None):
+    """One training step; returns the loss tensor (no host sync). before_update() runs between
+    the backward pass and AdamW's update (the memory section tells the two apart)."""
     device = images.device
     if precomputed is None:
         with torch.no_grad(), autocast(device, bf16):
@@ -149,7 +151,10 @@ def stage1_step(model, optimizer, images, bf16, weights, precomputed=None, gener
     with autocast(device, bf16):
         records = model(images, latents, gt, halting=True, generator=generator)
         loss, _ = stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+    del records  # what backward needs, autograd keeps
     loss.backward()
+    if before_update is not None:
+        before_update()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -336,7 +341,6 @@ def bench_fid(device, batch, fid_images) -> dict:
         stats = FeatureStats(), FeatureStats()
         for i, f in enumerate(outputs):
             stats[i >= len(real)].update(f)
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the small-sample warning is expected here
             fids[name] = fid_from_stats(*stats)
@@ -357,8 +361,9 @@ class LiveTensorBytes(TorchDispatchMode):
     tensors at `small`, batch 1, and over 2 GB with checkpointing).
 
     Every storage an op creates is tagged with the phase it was made in ("step": forward and
-    backward, "optimizer": AdamW's update) and freed through a finalizer. After the step,
-    `gradients` re-tags the storages that ended up as .grad (parameter-sized, not per image).
+    backward, "optimizer": AdamW's update) and freed through a finalizer. After the step, `peak`
+    re-tags the storages that ended up as gradients and optimizer state (parameter-sized, not
+    per image).
     """
 
     def __init__(self):
@@ -417,17 +422,15 @@ def bench_memory(presets, batch: int, device) -> dict:
         for ckpt in (False, True):
             model, optimizer, images = stage1_setup(make_config(preset), batch, device, grad_checkpoint=ckpt)
             weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, model.config.rollout_iters)
-            tracker = LiveTensorBytes()
-            with tracker:
-                with torch.no_grad(), autocast(device, False):
-                    latents, gt = model.vqgan.encode(images)
-                records = model(images, latents, gt, halting=True)
-                loss, _ = stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
-                del records
-                loss.backward()
+            tracker, grads = LiveTensorBytes(), []
+
+            def before_update():  # keep the gradients (the step frees them) and tag AdamW's work
+                grads.extend(p.grad for p in model.alit_parameters())
                 tracker.phase = "optimizer"
-                optimizer.step()
-            grads = [p.grad.untyped_storage().data_ptr() for p in model.alit_parameters()]
+
+            with tracker:
+                stage1_step(model, optimizer, images, False, weights, before_update=before_update)
+            grads = [g.untyped_storage().data_ptr() for g in grads]
             state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
             state_bytes = sum(t.untyped_storage().nbytes() for t in state)
             state = [t.untyped_storage().data_ptr() for t in state]
