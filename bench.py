@@ -5,14 +5,17 @@ whatever device is present (timed with CUDA events on a GPU):
 1. ceilings: FLOP/s of a large float32 and bf16 matrix product;
 2. the stage-1 training step (forward + backward + AdamW, all 8 iterations, halting on) of the
    paper's `small` model and a `mid` model: images/s, model FLOPs per step (counted analytically
-   from the config, `stage1_flops`), fraction of the float32 ceiling, float32 vs bf16 autocast,
-   and whether bf16 follows the float32 loss curve over 50 steps of the tiny preset;
+   from the config, `stage1_flops`), fraction of the float32 ceiling (the run's fastest product,
+   and the products timed right before and after each step), float32 vs bf16 autocast, and
+   whether bf16 follows the float32 loss curve over 50 steps of the tiny preset;
 3. the frozen VQGAN's share of a stage-1 step: encoder run live vs its output precomputed;
 4. adaptive encoding: early exit (pixel and token criteria) vs running every iteration and
    decoding every reconstruction for every image (the official encode);
 5. FID Inception features: images/s in float32 and bf16, and how much bf16 moves features and FID;
 6. memory: peak live tensor bytes of one stage-1 step with and without activation checkpointing,
-   and from it the GPU memory at batch 32.
+   and from it the GPU memory at batch 32;
+and each optimisation against its "before": channels-last VQGAN, fused AdamW, --compile, and
+keeping freed memory on the CPU (a VQGAN encode with the C library's default allocator first).
 
     python bench.py            # about 9.5 minutes on 2 CPU cores
     python bench.py --quick    # under a minute: tiny sizes
@@ -21,6 +24,7 @@ whatever device is present (timed with CUDA events on a GPU):
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import sys
 import time
@@ -32,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
-from train_vqgan import FUSED_ADAMW_DEVICES, adamw, autocast, native_bf16
+from train_vqgan import FUSED_ADAMW_DEVICES, adamw, autocast, keep_freed_memory, native_bf16
 
 
 def mid_config() -> ALITConfig:
@@ -44,12 +48,15 @@ def mid_config() -> ALITConfig:
 # -----------------------------------------------------------------------------
 # Timing
 
-def timed(fn, reps: int, warmup: int, device) -> dict:
-    """Median, min and max seconds of `fn()` over `reps` runs after `warmup` runs."""
+def timed(fn, reps: int, warmup: int, device, alongside=None) -> dict:
+    """Median, min and max seconds of `fn()` over `reps` runs after `warmup` runs. alongside():
+    a figure sampled right before and after each run (the ceiling); "alongside" lists the mean of
+    each run's two samples."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, samples = [], []
     for _ in range(reps):
+        before = alongside() if alongside else None
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -61,14 +68,20 @@ def timed(fn, reps: int, warmup: int, device) -> dict:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+        if alongside:
+            samples.append((before + alongside()) / 2)
+    result = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return {**result, "alongside": samples, "times": times} if alongside else result
 
 
-def matmul_flops(dtype, n: int, reps: int, device) -> float:
-    """A ceiling is the best the machine does, so the fastest of `reps` products: single 2048^3
-    products here range from 278 to 349 GFLOP/s, and a median of 5 once came out at 238."""
+def matmul_flops(dtype, n: int, reps: int, device, fastest=True) -> float:
+    """FLOP/s of single n^3 products. The ceiling of the run is the fastest of `reps` products;
+    the ceiling alongside a timed step is the median of a few, taken right before and after it:
+    this machine's speed drifts by up to a fifth within a minute (2048^3 products at 250-370
+    GFLOP/s; a median of 5 once came out at 238), so a step is compared with the speed the
+    machine had while it ran, not only with the best moment of the run."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, reps, 2, device)["min"]
+    seconds = timed(lambda: a @ b, reps, 2 if fastest else 1, device)["min" if fastest else "median"]
     return 2 * n ** 3 / seconds
 
 
@@ -160,15 +173,24 @@ def stage1_step(model, optimizer, images, bf16, weights, precomputed=None, gener
     return loss.detach()
 
 
-def bench_stage1(name, cfg, batch, device, reps, ceiling_fp32, bf16_available, precomputed_too=True) -> dict:
+def bench_stage1(name, cfg, batch, device, reps, ceiling_fp32, bf16_available, precomputed_too=True,
+                 matrix_size=2048) -> dict:
+    """Seconds per step; its FLOP/s as a fraction of the run's float32 ceiling and of the ceiling
+    measured alongside each timed step (the median of those per-step fractions)."""
     model, optimizer, images = stage1_setup(cfg, batch, device)
     weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
     flops = stage1_flops(cfg, batch, vqgan_encoder_flops(model))
     result = {"config": name, "batch": batch, "flops_per_step": flops}
+    ceiling_now = lambda: matmul_flops(torch.float32, matrix_size, 5, device, fastest=False)
     for precision in ["float32", "bf16"] if bf16_available else ["float32"]:
-        t = timed(lambda: stage1_step(model, optimizer, images, precision == "bf16", weights), reps, 1, device)
+        # Two warm-up steps: the CPU allocator's heap settles only after the second (the first
+        # timed step would otherwise fault hundreds of thousands of fresh pages in).
+        t = timed(lambda: stage1_step(model, optimizer, images, precision == "bf16", weights), reps, 2, device,
+                  alongside=ceiling_now)
+        alongside = [flops / seconds / ceiling for seconds, ceiling in zip(t.pop("times"), t["alongside"])]
         result[precision] = {"seconds": t, "images_per_s": batch / t["median"],
-                             "fraction_of_fp32_ceiling": flops / t["median"] / ceiling_fp32}
+                             "fraction_of_fp32_ceiling": flops / t["median"] / ceiling_fp32,
+                             "fraction_of_fp32_ceiling_alongside": statistics.median(alongside)}
     if "bf16" in result:
         result["bf16_speedup"] = result["float32"]["seconds"]["median"] / result["bf16"]["seconds"]["median"]
     if not precomputed_too:
@@ -180,6 +202,11 @@ def bench_stage1(name, cfg, batch, device, reps, ceiling_fp32, bf16_available, p
     result["precomputed_vqgan"] = {"seconds": t,
                                    "speedup": result["float32"]["seconds"]["median"] / t["median"]}
     return result
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far: memory the kernel had to map in (and zero)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def bf16_loss_curves(device, steps: int) -> dict:
@@ -205,6 +232,27 @@ def bf16_loss_curves(device, steps: int) -> dict:
 
 # -----------------------------------------------------------------------------
 # Optimisations, each against its own "before" in the same process
+
+def bench_keep_freed_memory(device, reps, quick) -> dict:
+    """A VQGAN encode (the part of a `mid` stage-1 step that faults its memory in every step)
+    with the C library's default allocator, then after train_vqgan.keep_freed_memory()."""
+    from vqgan import PRESETS, VQGAN, VQGANConfig
+    size, batch = (32, 32) if quick else (256, 4)
+    vqgan = VQGAN(VQGANConfig(**PRESETS["tiny" if quick else "imagenet"])).to(device).eval()
+    images = torch.rand(batch, 3, size, size, device=device)
+    result = {"image_size": size, "batch": batch}
+    for name in ("before", "after"):
+        if name == "after":
+            result["applied"] = keep_freed_memory()
+        with torch.no_grad():
+            for _ in range(1 if name == "before" else 2):  # warm-ups; after: the heap settles in the second
+                vqgan.encode(images)
+            faults = page_faults()
+            result[name] = timed(lambda: vqgan.encode(images), reps, 0, device)
+        result[name]["page_faults_per_run"] = (page_faults() - faults) / reps
+    result["speedup"] = result["before"]["median"] / result["after"]["median"]
+    return result
+
 
 def bench_optimisations(device, reps, quick) -> dict:
     """channels-last VQGAN weights (vqgan.py) vs the default layout, on a VQGAN encode; the fused
@@ -263,7 +311,6 @@ def bench_adaptive(cfg, batch, device, reps) -> dict:
             records[:] = model.rollout(images)
 
     with torch.no_grad():
-        model.rollout(images[:1])  # warm-up of every kernel, on one image
         _, gt = model.vqgan.encode(images)
     everything = timed(exhaustive, reps, 0, device)
     l1 = torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in records]).cpu()
@@ -312,7 +359,8 @@ def threshold_for(table, fraction):
 def bench_fid(device, batch, fid_images) -> dict:
     """Seeded weights with the real layout (the real file cannot be downloaded here): the speed is
     the same, and the bf16 feature error is of the same order as for the real weights. The timed
-    forwards are the FID's own: `fid_images` shapes val images and their mirror images, in batches."""
+    forwards are the FID's own: `fid_images` shapes val images and their mirror images, in batches
+    (the first one, the warm-up, untimed)."""
     from data import build_dataset
     from evaluate import FeatureStats, InceptionV3, fid_from_stats
     torch.manual_seed(0)
@@ -328,9 +376,10 @@ def bench_fid(device, batch, fid_images) -> dict:
     features = {}
     with torch.no_grad():
         for name, dtype in [("float32", None), ("bf16", torch.bfloat16)]:
-            net(batches[0], autocast_dtype=dtype)  # warm-up
-            outputs, pending = [], iter(batches)
-            t = timed(lambda: outputs.append(net(next(pending), autocast_dtype=dtype).float()), len(batches), 0, device)
+            outputs = [net(batches[0], autocast_dtype=dtype).float()]  # the warm-up's features count too
+            pending = iter(batches[1:])
+            t = timed(lambda: outputs.append(net(next(pending), autocast_dtype=dtype).float()), len(batches) - 1, 0,
+                      device)
             result[name] = {"seconds": t, "images_per_s": batch / t["median"]}
             features[name] = outputs
     a, b = torch.cat(features["float32"]), torch.cat(features["bf16"])
@@ -465,18 +514,25 @@ def main(argv=None):
                          "bf16_flops": matmul_flops(torch.bfloat16, n, 4, device), "matrix_size": n}
     ceiling = report["ceiling"]["float32_flops"]
     # (name, config, batch, timed repetitions, also time the step with the VQGAN precomputed):
-    # a `small` step takes ~33 s on 2 CPU cores, so the VQGAN's share (the issue's 40% case) is
-    # measured on `mid` only.
+    # a `small` step takes ~33 s on 2 CPU cores, so it times one step after its two warm-ups
+    # (unless --reps says otherwise), and the VQGAN's share (the issue's 40% case) is measured on
+    # `mid` only.
     configs = ([("tiny", make_config("tiny"), 16, reps, True)] if args.quick else
-               [("small", make_config("small"), 2, reps, False), ("mid", mid_config(), 4, reps, True)])
+               [("small", make_config("small"), 2, args.reps or 1, False), ("mid", mid_config(), 4, reps, True)])
     def section(name, fn):  # progress on stderr: the full run takes minutes
         start = time.perf_counter()
         report[name] = fn()
         print(f"bench: {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
-    section("stage1", lambda: [bench_stage1(name, cfg, batch, device, n_reps, ceiling, bf16, precomputed)
+    if device.type == "cpu":
+        # keep_freed_memory() (which the training scripts call on the CPU) cannot be undone in a
+        # process, so its before/after runs first; it joins the optimisations below.
+        section("keep_freed_memory", lambda: bench_keep_freed_memory(device, reps, args.quick))
+    section("stage1", lambda: [bench_stage1(name, cfg, batch, device, n_reps, ceiling, bf16, precomputed, n)
                                for name, cfg, batch, n_reps, precomputed in configs])
     section("optimisations", lambda: bench_optimisations(device, reps, args.quick))
+    if "keep_freed_memory" in report:
+        report["optimisations"]["keep_freed_memory"] = report.pop("keep_freed_memory")
     section("bf16_loss_curve", lambda: bf16_loss_curves(device, 10 if args.quick else 50))
     # Every exhaustive `mid` rollout decodes 8 reconstructions per image at 256x256 (~7 s an image
     # on 2 CPU cores), so each encode is timed once. Batch 8: with fewer images, the mean stop
@@ -498,19 +554,26 @@ def format_report(r: dict) -> str:
     lines = [f"device {r['device']}, {r['threads']} threads, torch {r['torch']}, native bf16: {r['native_bf16']}",
              f"ceiling: float32 matmul {c['float32_flops'] / 1e9:.0f} GFLOP/s, bf16 {c['bf16_flops'] / 1e9:.0f} "
              f"GFLOP/s ({c['matrix_size']}^3)", "",
-             "| stage-1 step | batch | GFLOP/step | fp32 s/step | img/s | of fp32 ceiling | bf16 s/step | bf16 x "
-             "| VQGAN precomputed x |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| stage-1 step | batch | GFLOP/step | fp32 s/step | img/s | of fp32 ceiling (run / alongside) "
+             "| bf16 s/step | bf16 x | VQGAN precomputed x |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in r["stage1"]:
         fp, bf = s["float32"], s.get("bf16")
         bf16_cells = f"{bf['seconds']['median']:.2f} | {s['bf16_speedup']:.2f}" if bf else "not native | -"
         lines.append(f"| {s['config']} | {s['batch']} | {s['flops_per_step'] / 1e9:.0f} | {fp['seconds']['median']:.2f} "
                      f"({fp['seconds']['min']:.2f}-{fp['seconds']['max']:.2f}) | {fp['images_per_s']:.2f} | "
-                     f"{100 * fp['fraction_of_fp32_ceiling']:.0f}% | {bf16_cells} | "
-                     + (f"{s['precomputed_vqgan']['speedup']:.2f} |" if "precomputed_vqgan" in s else "- |"))
+                     f"{100 * fp['fraction_of_fp32_ceiling']:.0f}% / {100 * fp['fraction_of_fp32_ceiling_alongside']:.0f}% | "
+                     f"{bf16_cells} | " + (f"{s['precomputed_vqgan']['speedup']:.2f} |" if "precomputed_vqgan" in s else "- |"))
+    lines.append("(run: the fastest product of the run; alongside: the median product right before and after each step)")
     b = r["bf16_loss_curve"]
     for name, o in r["optimisations"].items():
         lines.append(f"optimisation {name}: {o['before']['median']:.3f} s -> {o['after']['median']:.3f} s, "
                      f"{o['speedup']:.2f}x")
+    if "keep_freed_memory" in r["optimisations"]:
+        k = r["optimisations"]["keep_freed_memory"]
+        lines.append(f"  (keep_freed_memory: VQGAN encode, batch {k['batch']} at {k['image_size']}x{k['image_size']}; "
+                     f"page faults per encode {k['before']['page_faults_per_run']:.0f} -> "
+                     f"{k['after']['page_faults_per_run']:.0f})")
     lines += ["VQGAN precomputed: `train_stage1.py --token-cache DIR` stores each image's fixed crop and its mirror "
               "image with their VQGAN tokens (memory-mapped); it keeps flips and gives up random resized crops."]
     lines += ["", f"bf16 vs float32 loss curve over {b['steps']} tiny steps: mean relative gap "

@@ -52,3 +52,12 @@ def test_memory_of_a_tiny_step_checkpointing_saves_and_estimates_scale():
     # at least the gradients and AdamW's two moments, and far less than every allocation of the step
     assert 3 * params < ckpt["peak_bytes"] < plain["peak_bytes"] < 1e9
     assert plain["estimated_gb_at_batch_32"] * 1e9 > 8 * plain["peak_bytes"]
+
+
+def test_timed_pairs_each_run_with_the_figure_sampled_around_it():
+    samples = iter([1.0, 3.0, 5.0, 7.0, 9.0, 11.0])  # before/after the three timed runs
+    runs = []
+    t = bench.timed(lambda: runs.append(1), 3, 1, torch.device("cpu"), alongside=lambda: next(samples))
+    assert len(runs) == 4  # one warm-up
+    assert t["alongside"] == [2.0, 6.0, 10.0] and len(t["times"]) == 3
+    assert t["min"] <= t["median"] <= t["max"]
