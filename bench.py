@@ -17,7 +17,7 @@ whatever device is present (timed with CUDA events on a GPU):
 and each optimisation against its "before": channels-last VQGAN, fused AdamW, --compile, and
 keeping freed memory on the CPU (a VQGAN encode with the C library's default allocator first).
 
-    python bench.py            # about 9.5 minutes on 2 CPU cores
+    python bench.py            # 9-12 minutes on 2 CPU cores, with the host's speed
     python bench.py --quick    # under a minute: tiny sizes
     python bench.py --out bench.json
 """
