@@ -18,7 +18,7 @@ and each optimisation against its "before": channels-last VQGAN, fused AdamW, --
 keeping freed memory on the CPU (a VQGAN encode with the C library's default allocator first).
 
     python bench.py            # 9-12 minutes on 2 CPU cores, with the host's speed
-    python bench.py --quick    # under a minute: tiny sizes
+    python bench.py --quick    # about a minute: tiny sizes
     python bench.py --out bench.json
 """
 import argparse
@@ -77,9 +77,10 @@ def timed(fn, reps: int, warmup: int, device, alongside=None) -> dict:
 def matmul_flops(dtype, n: int, reps: int, device, fastest=True) -> float:
     """FLOP/s of single n^3 products. The ceiling of the run is the fastest of `reps` products;
     the ceiling alongside a timed step is the median of a few, taken right before and after it:
-    this machine's speed drifts by up to a fifth within a minute (2048^3 products at 250-370
-    GFLOP/s; a median of 5 once came out at 238), so a step is compared with the speed the
-    machine had while it ran, not only with the best moment of the run."""
+    this machine's speed drifts from one minute to the next (2048^3 products at 230-370
+    GFLOP/s; the fastest of 10 at the start of a run was 354 in one run, 230 in another), so a
+    step is compared with the speed the machine had while it ran, not only with the best
+    moment of the run."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, reps, 2 if fastest else 1, device)["min" if fastest else "median"]
     return 2 * n ** 3 / seconds
