@@ -234,14 +234,20 @@ def bf16_loss_curves(device, steps: int) -> dict:
 # -----------------------------------------------------------------------------
 # Optimisations, each against its own "before" in the same process
 
+def vqgan_and_images(device, quick, batch):
+    """The `imagenet` VQGAN and `batch` random 256x256 images; with --quick the tiny one and 32
+    images of 32x32."""
+    from vqgan import PRESETS, VQGAN, VQGANConfig
+    size, batch = (32, 32) if quick else (256, batch)
+    vqgan = VQGAN(VQGANConfig(**PRESETS["tiny" if quick else "imagenet"])).to(device).eval()
+    return vqgan, torch.rand(batch, 3, size, size, device=device)
+
+
 def bench_keep_freed_memory(device, reps, quick) -> dict:
     """A VQGAN encode (the part of a `mid` stage-1 step that faults its memory in every step)
     with the C library's default allocator, then after train_vqgan.keep_freed_memory()."""
-    from vqgan import PRESETS, VQGAN, VQGANConfig
-    size, batch = (32, 32) if quick else (256, 4)
-    vqgan = VQGAN(VQGANConfig(**PRESETS["tiny" if quick else "imagenet"])).to(device).eval()
-    images = torch.rand(batch, 3, size, size, device=device)
-    result = {"image_size": size, "batch": batch}
+    vqgan, images = vqgan_and_images(device, quick, batch=4)
+    result = {"image_size": images.shape[-1], "batch": len(images)}
     for name in ("before", "after"):
         if name == "after":
             result["applied"] = keep_freed_memory()
@@ -259,16 +265,13 @@ def bench_optimisations(device, reps, quick) -> dict:
     """channels-last VQGAN weights (vqgan.py) vs the default layout, on a VQGAN encode; the fused
     AdamW kernel vs the for-each one; torch.compile of the transformer blocks (--compile) vs
     eager, on a stage-1 step of the tiny preset."""
-    from vqgan import PRESETS, VQGAN, VQGANConfig
     result = {}
-    size, batch = (32, 32) if quick else (256, 2)
-    vqgan = VQGAN(VQGANConfig(**PRESETS["tiny" if quick else "imagenet"])).to(device).eval()
-    images = torch.rand(batch, 3, size, size, device=device)
+    vqgan, images = vqgan_and_images(device, quick, batch=2)
     with torch.no_grad():
         channels_last = timed(lambda: vqgan.encode(images), reps, 1, device)
         vqgan.to(memory_format=torch.contiguous_format)
         contiguous = timed(lambda: vqgan.encode(images), reps, 1, device)
-    result["channels_last_vqgan_encode"] = {"image_size": size, "batch": batch, "before": contiguous,
+    result["channels_last_vqgan_encode"] = {"image_size": images.shape[-1], "batch": len(images), "before": contiguous,
                                             "after": channels_last,
                                             "speedup": contiguous["median"] / channels_last["median"]}
     # AdamW's update over as many weights as `small` trains (207M): for-each vs the fused kernel
