@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
-from train_vqgan import FUSED_ADAMW_DEVICES, adamw, autocast, keep_freed_memory, native_bf16
+from training import FUSED_ADAMW_DEVICES, adamw, autocast, keep_freed_memory, native_bf16
 
 
 def mid_config() -> ALITConfig:
@@ -245,7 +245,7 @@ def vqgan_and_images(device, quick, batch):
 
 def bench_keep_freed_memory(device, reps, quick) -> dict:
     """A VQGAN encode (the part of a `mid` stage-1 step that faults its memory in every step)
-    with the C library's default allocator, then after train_vqgan.keep_freed_memory()."""
+    with the C library's default allocator, then after training.keep_freed_memory()."""
     vqgan, images = vqgan_and_images(device, quick, batch=4)
     result = {"image_size": images.shape[-1], "batch": len(images)}
     for name in ("before", "after"):
@@ -366,7 +366,7 @@ def bench_fid(device, batch, fid_images) -> dict:
     forwards are the FID's own: `fid_images` shapes val images and their mirror images, in batches
     (the first one, the warm-up, untimed)."""
     from data import build_dataset
-    from evaluate import FeatureStats, InceptionV3, fid_from_stats
+    from fid import FeatureStats, InceptionV3, fid_from_stats
     torch.manual_seed(0)
     net = InceptionV3().to(device).eval()
     for m in net.modules():

@@ -404,6 +404,18 @@ def save_image_grid(images: torch.Tensor | list, path, nrow: int, padding: int =
     os.replace(tmp, path)
 
 
+def first_images(dataset: Dataset, n: int) -> torch.Tensor:
+    """The first n images of `dataset` as one (n, 3, S, S) batch, e.g. the fixed images a training
+    run draws its grids of."""
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def save_image_columns(columns: list, path) -> None:
+    """Write one row per image and one column per entry of `columns` (each (N, 3, H, W)), e.g. the
+    reconstruction at every token count, then the original (Fig. 2's layout)."""
+    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
+
+
 # -----------------------------------------------------------------------------
 # Training batches that a resumed run can reproduce exactly
 

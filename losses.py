@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqgan import load_state_dict, source_name
+from training import all_reduce_mean, autocast
+from weights import read_weights, source_name
 
 # -----------------------------------------------------------------------------
 # LPIPS
@@ -124,7 +125,7 @@ class LPIPS(nn.Module):
                 (lpips_head_path_or_state_dict, {ours: two[0] for ours, two in table.items() if ours.startswith("heads.")}),
             ]
         for source, key_map in sources:
-            name, state = source_name(source), load_state_dict(source)
+            name, state = source_name(source), read_weights(source)
             state = {key: value for key, value in state.items() if not key.startswith(DROPPED_PREFIXES)}
             expected = set(key_map.values())
             missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -137,6 +138,22 @@ class LPIPS(nn.Module):
                 with torch.no_grad():
                     params[ours].copy_(state[theirs])
         return model
+
+
+def load_perceptual(vgg16_weights, lpips_weights, device, log):
+    """LPIPS from the given files, or None when none are given: training then runs without it."""
+    if not vgg16_weights:
+        log("no --vgg16-weights/--lpips-weights given: training without the perceptual (LPIPS) loss")
+        return None
+    return LPIPS.from_pretrained(vgg16_weights, lpips_weights).to(device)
+
+
+def reconstruction_loss(recon, images, perceptual, l1_weight, perceptual_weight):
+    """VQGAN's L_rec, the pixel-level reconstruction loss of §A.5: L1, plus LPIPS when loaded."""
+    loss = l1_weight * (recon - images).abs().mean()
+    if perceptual is not None:
+        loss = loss + perceptual_weight * perceptual(recon, images).mean()
+    return loss
 
 # -----------------------------------------------------------------------------
 # PatchGAN discriminator and the VQGAN adversarial losses
@@ -208,3 +225,28 @@ def adopt_weight(weight, global_step, threshold, value=0.0):
     """`value` before step `threshold`, then `weight` (taming): the discriminator joins
     after the reconstruction-only warm-up of §A.5."""
     return value if global_step < threshold else weight
+
+
+def generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight):
+    """The generator's adversarial term, weighted adaptively (VQGAN eq. 7): the ratio of the
+    reconstruction and GAN gradient norms at the decoder's last layer, times disc_weight."""
+    discriminator.requires_grad_(False)  # trained in its own step; no grads from the generator's loss
+    g_loss = generator_adversarial_loss(discriminator(recon))
+    discriminator.requires_grad_(True)
+    return disc_weight * adaptive_gan_weight(rec_loss, g_loss, last_layer) * g_loss
+
+
+def discriminator_step(discriminator, optimizer, images, recon, ctx, bf16):
+    """One hinge-loss update on real images vs the (detached) reconstructions.
+
+    The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
+    keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
+    one-backward-per-forward bookkeeping does not allow.
+    """
+    with autocast(ctx.device, bf16):
+        loss = hinge_d_loss(discriminator(images), discriminator(recon.detach()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_mean([p.grad for p in discriminator.parameters()], ctx)
+    optimizer.step()
+    return loss.detach()

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from quantize import Quantized, VectorQuantizer
+from training import load_checkpoint
 from vqgan import PRESETS as VQGAN_PRESETS
-from vqgan import VQGAN, VQGANConfig, copy_state_dict, load_state_dict, official_config, source_name
+from vqgan import VQGAN, VQGANConfig, official_config
+from weights import load_exact, read_weights, source_name
 
 
 @dataclass
@@ -119,13 +121,9 @@ PRESETS = {
     "semilarge": _paper(1024, 16, 16),
     # Two CPU cores: 32x32 images over the tiny VQGAN's 8x8 grid, 8 new tokens (1/8 of the grid)
     # per iteration, 8 iterations, so the longest code has as many 1D tokens as there are 2D tokens.
-    # At width 128, 0.02 is 0.23/sqrt(width): attention starts so uniform that the decoder ignores
-    # the latent tokens for hundreds of steps; 0.1 (about 1/sqrt(width)) starts using them at once.
-    # But with branches that large, 8 passes of the shared encoder start far from the identity;
-    # training is slow and longer codes decode worse than shorter ones (cross-entropy after 400
-    # steps at lr 1e-3: 4.29 at 8 tokens, 4.49 at 64). Zero output projections make every pass
-    # start as the identity (as in ReZero, or DiT's adaLN-Zero): the same 400 steps reach 3.93 and
-    # 4.04, and 4500 steps make more tokens better (README, Results).
+    # At width 128, init_std 0.02 leaves the decoder blind to the latent tokens for hundreds of steps;
+    # 0.1 (about 1/sqrt(width)) does not, and zero output projections then start each of the 8 passes
+    # of the shared encoder as the identity (as in ReZero), without which longer codes decode worse.
     "tiny": dict(image_size=32, patch_size=4, tokens_per_iter=8, latent_codebook_size=256,
                  decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]), init_std=0.1,
                  zero_init_encoder_residuals=True, **_paper(128, 2, 4)),
@@ -454,6 +452,18 @@ class ALIT(nn.Module):
         return choices
 
     @torch.no_grad()
+    def rollout_images(self, images, soft_codes=True):
+        """The image after every iteration, T tensors (B, 3, H, W) in [0, 1], run in eval mode: decoded
+        from the soft code (the pixels stage 2 trains on) or, with soft_codes=False, through the VQGAN
+        from the predicted indices (the targets of stage 1's cross-entropy, §A.5)."""
+        was_training = self.training
+        self.eval()
+        records = self(images, reconstruct=soft_codes)
+        self.train(was_training)
+        return [(r.recon if soft_codes else self.vqgan.decode_indices(r.logits.argmax(-1))).float().clamp(0, 1)
+                for r in records]
+
+    @torch.no_grad()
     def decode(self, indices):
         """Latent token indices (B, k*K) of any length k = 1..T -> (logits, VQGAN indices, images)."""
         L, K = indices.shape[1], self.config.tokens_per_iter
@@ -476,7 +486,7 @@ class ALIT(nn.Module):
         the same width and depth, or from `heads` (an int, or an (encoder, decoder) pair).
         """
         where = source_name(path_or_state_dict)
-        state = load_state_dict(path_or_state_dict)
+        state = read_weights(path_or_state_dict)
         for wrapper in ("ema", "model", "state_dict"):
             if isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
@@ -493,8 +503,21 @@ class ALIT(nn.Module):
                                           image_size=cfg.image_size)
         ours = {_rename_official(k): v for k, v in state.items() if not k.startswith(prefix)}
         ours.update({"vqgan." + k: v for k, v in model.vqgan.state_dict().items()})
-        copy_state_dict(model, ours, where)
+        load_exact(model, ours, where)
         return model
+
+    @classmethod
+    def from_checkpoint(cls, path, ema=True) -> "ALIT":
+        """A model trained by train_stage1.py / train_stage2.py, in eval mode: with the EMA weights
+        (what evaluation uses), or with the raw ones (ema=False: stage 2 trains on from them)."""
+        ckpt = load_checkpoint(path)
+        if "model_config" not in ckpt or "ema" not in ckpt:
+            raise ValueError(f"{path} is not a train_stage1.py checkpoint, nor a train_stage2.py one "
+                             "(official checkpoints load with ALIT.from_official)")
+        model = cls(ALITConfig(**ckpt["model_config"]))
+        # The EMA averages the trained parameters only; buffers and frozen weights are the model's.
+        model.load_state_dict({**ckpt["model"], **ckpt["ema"]} if ema else ckpt["model"])
+        return model.eval()
 
 
 @dataclass

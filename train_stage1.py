@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import TokenCache, build_dataset, build_token_cache, save_image_grid, train_batches
+from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
-from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                         check_loop_flags, checkpoint_state, dataclass_overrides, load_checkpoint, load_vqgan,
-                         lr_at, native_bf16, progress, resume, save_checkpoint, set_lr, setup_distributed, wrap_ddp)
+from training import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
+                      check_loop_flags, dataclass_overrides, due, finish, keep_freed_memory, lr_at, native_bf16,
+                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import VQGAN
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
@@ -44,13 +44,13 @@ class TrainConfig(LoopConfig):
     batch_size: int = 16
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
     vqgan_official: str | None = None  # ... or the VQGAN checkpoint of the official code (VQGAN.from_official)
-    warmup_steps: int = 30  # official: 20 of 200 epochs
-    grad_accum: int = 1
+    warmup_steps: int = 30  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
+    grad_accum: int = 1  # micro-batches per optimizer step (gradients synced on the last only)
     # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
     # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few hundred steps need large ones.
     base_lr: float | None = None
     weight_decay: float = 0.05  # on weight matrices only
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
     halting: bool = True  # dynamic halting during training (§A.5)
     loss_iters: int = 0  # 0: loss at every iteration; n: at n random iterations per step (saves compute)
     iteration_weights: str = OFFICIAL_ITERATION_WEIGHTS  # cross-entropy weight per iteration, padded with 1
@@ -64,8 +64,8 @@ class TrainConfig(LoopConfig):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, TrainConfig)
-    add_dataclass_flags(parser, ALITConfig)
+    add_dataclass_flags(parser, TrainConfig, choices={"preset": PRESETS})
+    add_dataclass_flags(parser, ALITConfig, presets=PRESETS)
     args = parser.parse_args(argv)
     train = TrainConfig(**dataclass_overrides(args, TrainConfig))
     check_flags(check_loop_flags(train, PRESETS) + [
@@ -97,7 +97,10 @@ def load_base_vqgan(train, model_cfg: ALITConfig) -> VQGAN:
         if not Path(train.vqgan_ckpt).is_file():
             sys.exit(f"error: --vqgan-ckpt {train.vqgan_ckpt} not found; train one with train_vqgan.py "
                      "or pass --vqgan-official")
-        vqgan, source = load_vqgan(train.vqgan_ckpt), train.vqgan_ckpt
+        try:
+            vqgan, source = VQGAN.from_checkpoint(train.vqgan_ckpt), train.vqgan_ckpt
+        except ValueError as error:
+            sys.exit(f"error: --vqgan-ckpt: {error}")
     ours, theirs = model_cfg.vqgan, vqgan.config
     if (theirs.image_size, theirs.grid_size, theirs.codebook_size, theirs.latent_channels) != (
             ours.image_size, ours.grid_size, ours.codebook_size, ours.latent_channels):
@@ -150,9 +153,9 @@ def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code
 def main(argv=None):
     train, model_cfg = parse_args(argv)
     ctx = setup_distributed(train.device)
+    if train.keep_freed_memory and ctx.device.type == "cpu":
+        keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
-    out = Path(train.out_dir)
-    log = print if ctx.is_main else (lambda *a, **k: None)
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
     vqgan = load_base_vqgan(train, model_cfg)
@@ -164,8 +167,7 @@ def main(argv=None):
         model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
     global_batch = train.batch_size * train.grad_accum * ctx.world_size
-    base_lr = train.base_lr or (1.5e-4 if model_cfg.image_size >= 256 else 3.2e-2)
-    lr = base_lr * global_batch / 256
+    lr = (train.base_lr or (1.5e-4 if model_cfg.image_size >= 256 else 3.2e-2)) * global_batch / 256
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
@@ -173,38 +175,36 @@ def main(argv=None):
     stateful = {"model": model, "ema": ema, "optimizer": optimizer}  # what a checkpoint saves and resume restores
     step = 0
     if train.resume:
-        step = resume(out / "ckpt.pt", model_cfg.to_dict(), stateful, ctx, log)["step"]
+        step = resume(Path(train.out_dir) / "ckpt.pt", model_cfg.to_dict(), stateful, ctx)["step"]
     else:
         torch.manual_seed(train.seed + ctx.rank)  # halting draws and loss-iteration choices differ per rank
-    n_params = sum(p.numel() for p in model.alit_parameters())
-    log(f"ALIT {model_cfg}\n{n_params / 1e6:.2f}M trainable parameters\ntraining {train}\n"
-        f"device {ctx.device}, {ctx.world_size} rank(s), global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
+    ctx.log(f"ALIT {model_cfg}\n{sum(p.numel() for p in model.alit_parameters()) / 1e6:.2f}M trainable "
+            f"parameters\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), global batch "
+            f"{global_batch}, lr {lr:.3g}, bf16 {bf16}")
 
-    # Frozen params never get gradients; when only a subset of iterations is decoded, halting
-    # (hence the halted token) may not run at all in a step.
     if train.compile:
         model.compile_transformers()
+    # Frozen params never get gradients; when only a subset of iterations is decoded, halting
+    # (hence the halted token) may not run at all in a step.
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=train.loss_iters not in (0, model_cfg.rollout_iters))
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     if train.token_cache:
         dataset = open_token_cache(train, model, ctx)
-    val = build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir)
-    val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)
+    val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
+    val_images = val_images.to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed,
                             step * train.grad_accum, train.num_workers)
 
     bar = progress(train.steps, step, ctx.is_main)
     stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)
     first_nonfinite = torch.full((), -1, device=ctx.device)  # checked at log/save steps only: no sync per step
-    stop = min(train.steps, step + train.stop_after) if train.stop_after else train.steps
+    stop = stop_step(train, step)
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         for micro in range(train.grad_accum):
             _, batch = next(batches)
             images = batch[0].to(ctx.device, non_blocking=True)
-            iters = None
-            if train.loss_iters:
-                iters = torch.randperm(model_cfg.rollout_iters)[:train.loss_iters].tolist()
+            iters = torch.randperm(model_cfg.rollout_iters)[:train.loss_iters].tolist() if train.loss_iters else None
             if train.token_cache:
                 vqgan_latents, gt_indices = batch[2].to(ctx.device), batch[3].to(ctx.device)
             else:
@@ -226,59 +226,31 @@ def main(argv=None):
         step += 1
         bar.update(1)
 
-        checkpoint_due = step % train.save_every == 0 or step == stop
-        if step % train.log_every == 0 or checkpoint_due:
-            all_reduce_mean([stats], ctx)
-            if ctx.enabled:
-                dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
-            if first_nonfinite.item() >= 0:
-                sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
-                         f"saving, so {out / 'ckpt.pt'} is the last good checkpoint")
-            ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
-            per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
-            bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration))
-            stats.zero_()
-        if ctx.is_main and (step % train.sample_every == 0 or step == stop):
-            save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png")
-        if checkpoint_due:
-            state = checkpoint_state(stateful, step, model_cfg.to_dict(), train, ctx)  # collective
-            if ctx.is_main:
-                save_checkpoint(out / "ckpt.pt", state)
-    bar.close()
-    if ctx.enabled:
-        dist.destroy_process_group()
-    log(f"done: {out / 'ckpt.pt'}")
+        if due(step, train.log_every, stop) or due(step, train.save_every, stop):
+            log_stats(bar, stats, first_nonfinite, train, ctx)
+        if ctx.is_main and due(step, train.sample_every, stop):
+            columns = model.rollout_images(val_images, soft_codes=False) + [val_images]
+            save_image_columns(columns, Path(train.out_dir) / f"rollout_{step:06d}.png")
+        if due(step, train.save_every, stop):
+            save_training_state(train, step, stateful, model_cfg.to_dict(), ctx)
+    finish(ctx, bar)
+    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
     return model
 
 
-@torch.no_grad()
-def save_rollout_grid(model: ALIT, images, path, soft_codes=False):
-    """Rows: images; columns: iterations 1..T, then the original. Each image is decoded through
-    the VQGAN from the argmax indices (stage 1, the VQGAN is frozen) or from the soft code
-    (stage 2, the pixels the loss sees)."""
-    was_training = model.training
-    model.eval()
-    records = model(images, reconstruct=soft_codes)
-    model.train(was_training)
-    columns = [r.recon if soft_codes else model.vqgan.decode_indices(r.logits.argmax(-1)) for r in records]
-    columns = [c.float().clamp(0, 1) for c in columns] + [images]
-    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
-
-
-def load_alit(path, use_ema=True, device="cpu") -> ALIT:
-    """An ALIT trained by train_stage1.py / train_stage2.py, with its EMA weights by default."""
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt or "ema" not in ckpt:
-        raise ValueError(f"{path} is not a train_stage1.py/train_stage2.py checkpoint "
-                         "(for official checkpoints use ALIT.from_official)")
-    model = ALIT(ALITConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    if use_ema:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in ckpt["ema"].items():
-                params[name].copy_(value)
-    return model.to(device).eval()
+def log_stats(bar, stats, first_nonfinite, train, ctx):
+    """Cross-entropy and per-iteration token accuracy since the last log, averaged over ranks, on the
+    progress bar; a non-finite loss ends the run before the checkpoint it would have spoiled."""
+    all_reduce_mean([stats], ctx)
+    if ctx.enabled:
+        dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
+    if first_nonfinite.item() >= 0:
+        sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
+                 f"saving, so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
+    ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
+    per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
+    bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration))
+    stats.zero_()
 
 
 if __name__ == "__main__":

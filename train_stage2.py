@@ -21,18 +21,17 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 
-from data import build_dataset, train_batches
-from losses import LPIPS, PatchDiscriminator
-from model import ALIT, ALITConfig, PRESETS, make_config
-from train_stage1 import save_rollout_grid
-from train_vqgan import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                         check_loop_flags, checkpoint_state, dataclass_overrides, discriminator_step,
-                         generator_gan_loss, load_checkpoint, lr_at, native_bf16, progress, resume,
-                         save_checkpoint, set_lr, setup_distributed, wrap_ddp)
+from data import build_dataset, first_images, save_image_columns, train_batches
+from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, load_perceptual,
+                    reconstruction_loss)
+from model import ALIT, PRESETS, make_config
+from training import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
+                      check_loop_flags, dataclass_overrides, due, finish, keep_freed_memory, lr_at, native_bf16,
+                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 
 
 @dataclass
@@ -42,31 +41,31 @@ class TrainConfig(LoopConfig):
     batch_size: int = 16
     warmup_steps: int = 20
     preset: str | None = None  # default: the stage-1 checkpoint's; if given, the checkpoint must match it
-    stage1_ckpt: str = "out/stage1/ckpt.pt"
+    stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from
     # lr = base_lr * global batch / 256. Default: the official 1e-4 at 256x256 (the paper); below that
     # (the CPU presets) 8e-3, lr 5e-4 at batch 16.
     base_lr: float | None = None
-    weight_decay: float = 0.05
-    ema_decay: float = 0.999
-    iteration_order: str = "cycle"  # which iteration carries the loss: "cycle" (t = step mod T) or "random"
-    l1_weight: float = 1.0
+    weight_decay: float = 0.05  # on weight matrices only
+    ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
+    iteration_order: Literal["cycle", "random"] = "cycle"  # which iteration carries the loss: t = step mod T, or drawn
+    l1_weight: float = 1.0  # weight of the L1 term of the reconstruction loss
     perceptual_weight: float = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
-    quantizer_loss_weight: float = 1.0
+    quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
     # Adversarial schedule: reconstruction only until the first fraction of the steps, then the GAN
     # weight rises in two steps (the official code raises it in two steps too; its values are not
     # in the paper).
     gan_schedule: str = "0.5:0.1,0.75:0.2"  # fraction_of_steps:disc_weight, ...
     disc_per_iteration: bool = False  # the official code: one discriminator per rollout iteration
-    disc_channels: int = 64
-    disc_layers: int = 2  # 3 for 256x256 images
-    disc_lr: float = 1e-4
-    vgg16_weights: str | None = None
-    lpips_weights: str | None = None
+    disc_channels: int = 64  # width of the PatchGAN's first layer
+    disc_layers: int = 2  # PatchGAN depth: 3 for 256x256 images (70x70 patches), 2 for 32x32
+    disc_lr: float = 1e-4  # the discriminator's AdamW learning rate
+    vgg16_weights: str | None = None  # torchvision's vgg16-397923af.pth
+    lpips_weights: str | None = None  # the lpips package's weights/v0.1/vgg.pth (or a combined LPIPS state dict)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, TrainConfig)
+    add_dataclass_flags(parser, TrainConfig, choices={"preset": PRESETS})
     args = parser.parse_args(argv)
     train = TrainConfig(**dataclass_overrides(args, TrainConfig))
     try:
@@ -75,7 +74,6 @@ def parse_args(argv=None):
         schedule = None
     check_flags(check_loop_flags(train, PRESETS) + [
         ((train.base_lr or 1) > 0 and train.disc_lr > 0, "--base-lr and --disc-lr must be positive"),
-        (train.iteration_order in ("cycle", "random"), "--iteration-order must be cycle or random"),
         (schedule is not None, "--gan-schedule must look like 0.5:0.1,0.75:0.2 (fractions in [0, 1])"),
         (train.lpips_weights is None or train.vgg16_weights is not None, "--lpips-weights needs --vgg16-weights"),
     ])
@@ -98,14 +96,16 @@ def gan_weight_at(step: int, steps: int, schedule) -> float:
     return weight
 
 
-def load_stage1(path, preset: str) -> ALIT:
-    """The stage-1 model (its raw weights: training continues from them, not from the EMA)."""
+def load_stage1(path, preset: str | None) -> ALIT:
+    """The stage-1 model with its raw weights (training continues from them, not from the EMA); with
+    --preset, the checkpoint must hold a model of that preset."""
     if not Path(path).is_file():
         sys.exit(f"error: --stage1-ckpt {path} not found; run train_stage1.py first")
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt or "ema" not in ckpt:
-        sys.exit(f"error: {path} is not a train_stage1.py checkpoint")
-    cfg = ALITConfig(**ckpt["model_config"])
+    try:
+        model = ALIT.from_checkpoint(path, ema=False).train()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    cfg = model.config
     if preset is not None:
         try:  # the VQGAN may be the official one or our own: compare everything else
             expected = make_config(preset, vqgan=cfg.vqgan).to_dict()
@@ -113,17 +113,15 @@ def load_stage1(path, preset: str) -> ALIT:
             expected = None
         if expected != cfg.to_dict():
             sys.exit(f"error: {path} holds a model of another preset than --preset {preset!r}: {cfg}")
-    model = ALIT(cfg)
-    model.load_state_dict(ckpt["model"])
     return model
 
 
 def main(argv=None):
     train = parse_args(argv)
     ctx = setup_distributed(train.device)
+    if train.keep_freed_memory and ctx.device.type == "cpu":
+        keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
-    out = Path(train.out_dir)
-    log = print if ctx.is_main else (lambda *a, **k: None)
     torch.manual_seed(train.seed)
 
     model = load_stage1(train.stage1_ckpt, train.preset)
@@ -137,14 +135,9 @@ def main(argv=None):
     discriminators = torch.nn.ModuleList(
         PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
         for _ in range(cfg.rollout_iters if train.disc_per_iteration else 1)).to(ctx.device)
-    perceptual = None
-    if train.vgg16_weights:
-        perceptual = LPIPS.from_pretrained(train.vgg16_weights, train.lpips_weights).to(ctx.device)
-    else:
-        log("no --vgg16-weights/--lpips-weights given: training without the perceptual (LPIPS) loss")
+    perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
     global_batch = train.batch_size * ctx.world_size
-    base_lr = train.base_lr or (1e-4 if cfg.image_size >= 256 else 8e-3)
-    lr = base_lr * global_batch / 256
+    lr = (train.base_lr or (1e-4 if cfg.image_size >= 256 else 8e-3)) * global_batch / 256
     # The discriminators' parameters live in their own optimizer only (the official code also
     # passes them to the generator's optimizer, where weight decay would shrink them).
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
@@ -156,44 +149,37 @@ def main(argv=None):
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
     step = 0
     if train.resume:
-        step = resume(out / "ckpt.pt", cfg.to_dict(), stateful, ctx, log)["step"]
+        step = resume(Path(train.out_dir) / "ckpt.pt", cfg.to_dict(), stateful, ctx)["step"]
     else:
         torch.manual_seed(train.seed + ctx.rank)
-    log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
-        f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
+    ctx.log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
+            f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
 
-    # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
     if train.compile:
         model.compile_transformers()
+    # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
     dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir, num_images=train.train_images)
-    val = build_dataset(train.dataset, "val", cfg.image_size, train.data_dir)
-    val_images = torch.stack([val[i][0] for i in range(min(8, len(val)))]).to(ctx.device)
+    val_images = first_images(build_dataset(train.dataset, "val", cfg.image_size, train.data_dir), 8).to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)
     last_layer = model.vqgan.decoder.last_layer
 
     bar = progress(train.steps, step, ctx.is_main)
-    stop = min(train.steps, step + train.stop_after) if train.stop_after else train.steps
+    stop = stop_step(train, step)
     logs = torch.zeros(5, device=ctx.device)
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         set_lr(disc_optimizer, lr_at(step, train.disc_lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         _, (images, _) = next(batches)
         images = images.to(ctx.device, non_blocking=True)
-        # One iteration carries the loss: the encoder runs up to it, decoder and VQGAN decoder once.
-        if train.iteration_order == "cycle":
-            t = step % cfg.rollout_iters
-        else:  # the same draw on every rank, so that all ranks run the same graph
-            t = int(torch.randint(cfg.rollout_iters, (), generator=torch.Generator().manual_seed(train.seed + step)))
+        t = loss_iteration(step, cfg.rollout_iters, train)
         disc_weight = gan_weight_at(step, train.steps, schedule)
         discriminator = discriminators[t if train.disc_per_iteration else 0]
 
         with autocast(ctx.device, bf16):
             (record,) = ddp_model(images, iters=[t], reconstruct=True)
             recon = record.recon.float()
-            rec_loss = train.l1_weight * (recon - images).abs().mean()
-            if perceptual is not None:
-                rec_loss = rec_loss + train.perceptual_weight * perceptual(recon, images).mean()
+            rec_loss = reconstruction_loss(recon, images, perceptual, train.l1_weight, train.perceptual_weight)
             loss = rec_loss + train.quantizer_loss_weight * record.quantized.loss if record.quantized else rec_loss
             if disc_weight > 0:
                 loss = loss + generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight)
@@ -211,27 +197,36 @@ def main(argv=None):
         step += 1
         bar.update(1)
 
-        checkpoint_due = step % train.save_every == 0 or step == stop
-        if step % train.log_every == 0 or checkpoint_due:
-            all_reduce_mean([logs], ctx)
-            rec, dl, usage, ppl = (logs[:4] / logs[4]).tolist()
-            if rec != rec:  # NaN
-                sys.exit(f"error: non-finite loss by step {step}; stopped without saving, "
-                         f"so {out / 'ckpt.pt'} is the last good checkpoint")
-            bar.set_postfix(rec=f"{rec:.4f}", d=f"{dl:.3f}", gan=f"{disc_weight:g}", used1d=f"{usage:.2f}",
-                            ppl1d=f"{ppl:.0f}")
-            logs.zero_()
-        if ctx.is_main and (step % train.sample_every == 0 or step == stop):
-            save_rollout_grid(model, val_images, out / f"rollout_{step:06d}.png", soft_codes=True)
-        if checkpoint_due:
-            state = checkpoint_state(stateful, step, cfg.to_dict(), train, ctx)  # collective
-            if ctx.is_main:
-                save_checkpoint(out / "ckpt.pt", state)
-    bar.close()
-    if ctx.enabled:
-        dist.destroy_process_group()
-    log(f"done: {out / 'ckpt.pt'}")
+        if due(step, train.log_every, stop) or due(step, train.save_every, stop):
+            log_losses(bar, logs, disc_weight, step, train, ctx)
+        if ctx.is_main and due(step, train.sample_every, stop):
+            columns = model.rollout_images(val_images) + [val_images]
+            save_image_columns(columns, Path(train.out_dir) / f"rollout_{step:06d}.png")
+        if due(step, train.save_every, stop):
+            save_training_state(train, step, stateful, cfg.to_dict(), ctx)
+    finish(ctx, bar)
+    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
     return model
+
+
+def loss_iteration(step: int, iters: int, train: TrainConfig) -> int:
+    """The one iteration that carries this step's loss (§A.5): the encoder runs up to it, the decoder
+    and the VQGAN decoder once. Drawn the same on every rank, so that all ranks run the same graph."""
+    if train.iteration_order == "cycle":
+        return step % iters
+    return int(torch.randint(iters, (), generator=torch.Generator().manual_seed(train.seed + step)))
+
+
+def log_losses(bar, logs, disc_weight, step, train, ctx):
+    """Losses since the last log, averaged over ranks, on the progress bar; a non-finite loss ends
+    the run before the checkpoint it would have spoiled."""
+    all_reduce_mean([logs], ctx)
+    rec, dl, usage, ppl = (logs[:4] / logs[4]).tolist()
+    if rec != rec:  # NaN
+        sys.exit(f"error: non-finite loss by step {step}; stopped without saving, "
+                 f"so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
+    bar.set_postfix(rec=f"{rec:.4f}", d=f"{dl:.3f}", gan=f"{disc_weight:g}", used1d=f"{usage:.2f}", ppl1d=f"{ppl:.0f}")
+    logs.zero_()
 
 
 if __name__ == "__main__":

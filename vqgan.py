@@ -15,7 +15,6 @@ variant of the taming VQGAN (Esser et al. 2021), which differs from taming:
 
 Its losses (L1, LPIPS, PatchGAN) live in losses.py and train_vqgan.py.
 """
-import argparse
 import math
 from dataclasses import dataclass
 
@@ -24,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantize import Quantized, VectorQuantizer
+from training import load_checkpoint
+from weights import load_exact, read_weights, source_name
 
 
 @dataclass
@@ -256,11 +257,22 @@ class VQGAN(nn.Module):
 
         Stored directly or under 'state_dict'; the architecture is read off its keys and shapes.
         """
-        state = load_state_dict(path_or_state_dict)
+        state = read_weights(path_or_state_dict)
         if isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         model = cls(official_config(state, image_size, source_name(path_or_state_dict)))
-        copy_state_dict(model, state, source_name(path_or_state_dict))
+        load_exact(model, state, source_name(path_or_state_dict))
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path) -> "VQGAN":
+        """A VQGAN trained by train_vqgan.py: its checkpoint's config and weights."""
+        ckpt = load_checkpoint(path)
+        if "model_config" not in ckpt or "discriminator" not in ckpt:
+            raise ValueError(f"{path} is not a train_vqgan.py checkpoint (the official VQGAN loads with "
+                             "VQGAN.from_official, --vqgan-official)")
+        model = cls(VQGANConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
         return model
 
 
@@ -278,44 +290,3 @@ def official_config(state: dict, image_size: int | None = None, where: str = "st
         raise KeyError(f"{where}: not an official VQGAN checkpoint, it lacks {missing}") from None
     return VQGANConfig(image_size=image_size or 16 * 2 ** (len(mult) - 1), channels=channels, channel_mult=mult,
                        num_res_blocks=len(blocks), latent_channels=latent_channels, codebook_size=codebook_size)
-
-
-# --- loading foreign checkpoints safely ------------------------------------------------------
-
-def load_state_dict(path_or_state_dict) -> dict:
-    """A dict from a checkpoint file without executing code from it.
-
-    `weights_only=True` refuses arbitrary pickled objects; the only non-tensor object official
-    training checkpoints carry is the argparse Namespace of their run arguments, allowed here.
-    """
-    if isinstance(path_or_state_dict, dict):
-        return path_or_state_dict
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}") from None
-        except Exception as error:
-            raise RuntimeError(f"{path_or_state_dict}: cannot be read as a checkpoint ({error})") from None
-
-
-def source_name(path_or_state_dict) -> str:
-    """How error messages name a checkpoint: its path, or 'state dict'."""
-    return "state dict" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
-
-
-def copy_state_dict(model: nn.Module, state: dict, where: str = "state dict") -> None:
-    """Copy `state` into `model`, after checking that keys and shapes match exactly."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    if missing or unexpected:
-        raise KeyError(f"{where}: keys do not match the model; missing keys {missing[:10]}"
-                       f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-                       f"{' ...' if len(unexpected) > 10 else ''}")
-    for key, value in ours.items():
-        if value.shape != state[key].shape:
-            raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}")
-    with torch.no_grad():
-        for key, value in ours.items():
-            value.copy_(state[key])
-

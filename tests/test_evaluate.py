@@ -7,8 +7,8 @@ import torch
 import evaluate
 from data import build_dataset
 from evaluate import first_passing, l1_below, token_accuracy_above
+from model import ALIT
 from seeded import load_vectors
-from train_stage1 import load_alit
 
 
 def batch(n=8):
@@ -23,7 +23,7 @@ def spread_threshold(table):
 
 
 def test_early_exit_chooses_what_exhaustive_search_chooses(stage1_ckpt):
-    model = load_alit(stage1_ckpt)
+    model = ALIT.from_checkpoint(stage1_ckpt)
     images = batch()
     with torch.no_grad():
         records = model.rollout(images)

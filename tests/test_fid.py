@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import evaluate
-from evaluate import FeatureStats, InceptionV3, fid_from_stats, frechet_distance
+import fid as fid_module
+from fid import FeatureStats, InceptionV3, fid_from_stats, frechet_distance
 from seeded import load_vectors, seeded_state_dict
 
 
@@ -94,15 +94,15 @@ def test_non_finite_sqrtm_retries_with_eps_on_the_diagonal(monkeypatch):
     eps = 1e-3  # large enough that the retry visibly differs from the plain result
     offset = eps * np.eye(8)
     expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-                - 2 * np.trace(evaluate._sqrtm((sigma1 + offset) @ (sigma2 + offset)).real))
+                - 2 * np.trace(fid_module._sqrtm((sigma1 + offset) @ (sigma2 + offset)).real))
     # older scipy returns inf/nan for some singular products; simulate that on the first call
-    real_sqrtm, calls = evaluate._sqrtm, []
+    real_sqrtm, calls = fid_module._sqrtm, []
 
     def sqrtm_failing_once(matrix):
         calls.append(matrix)
         return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
 
-    monkeypatch.setattr(evaluate, "_sqrtm", sqrtm_failing_once)
+    monkeypatch.setattr(fid_module, "_sqrtm", sqrtm_failing_once)
     with pytest.warns(UserWarning, match="adding"):
         fid = frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps)
     assert len(calls) == 2

@@ -115,7 +115,7 @@ def test_resume_continues_bit_exactly(tmp_path, vqgan_ckpt):
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
     assert (tmp_path / "whole" / "rollout_000004.png").is_file()
-    loaded = train_stage1.load_alit(tmp_path / "whole" / "ckpt.pt")
+    loaded = ALIT.from_checkpoint(tmp_path / "whole" / "ckpt.pt")
     for key, value in a["ema"].items():
         assert torch.equal(dict(loaded.named_parameters())[key], value)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import train_stage2
-from losses import PatchDiscriminator
-from train_stage1 import load_alit
-from train_vqgan import discriminator_step, generator_gan_loss, setup_distributed
+from losses import PatchDiscriminator, discriminator_step, generator_gan_loss
+from model import ALIT
+from training import setup_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--no-bf16", "--batch-size", "2", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "1",
@@ -21,7 +21,7 @@ def stage2(tmp_path, stage1_ckpt, name, *extra):
 
 
 def test_gradients_reach_vqgan_and_alit_and_discriminator_only_through_its_loss(stage1_ckpt):
-    model = load_alit(stage1_ckpt, use_ema=False).train()
+    model = ALIT.from_checkpoint(stage1_ckpt, ema=False).train()
     model.requires_grad_(True)
     model.vqgan.quantize.requires_grad_(False)
     model.halted_token.requires_grad_(False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_vqgan
+import training
 from data import build_dataset
 from vqgan import PRESETS, VQGAN, VQGANConfig
 
@@ -84,7 +85,7 @@ def test_resume_without_checkpoint_names_it(tmp_path):
 def test_ema_warms_up_then_uses_its_decay():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = train_vqgan.EMA(model, decay=0.999)
+    ema = training.EMA(model, decay=0.999)
     with torch.no_grad():
         model.weight.fill_(1.0)
     ema.update(model, step=0)  # decay (1 + 0) / (10 + 0) = 0.1: the average moves 90% of the way at once
@@ -95,8 +96,8 @@ def test_ema_warms_up_then_uses_its_decay():
 
 # A fresh process each: keep_freed_memory() changes the allocator for the rest of its process.
 TOY_STEPS = """
-import resource, sys, torch, train_vqgan
-kept = train_vqgan.keep_freed_memory() if sys.argv[1] == "keep" else None
+import resource, sys, torch, training
+kept = training.keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for step in range(12):  # a toy training step: activations of a few sizes, all freed at its end
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

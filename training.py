@@ -1,0 +1,411 @@
+"""What the three training scripts share: device and DDP, bf16, AdamW and its schedule, EMA,
+checkpoints that resume exactly, and command-line flags read off dataclasses.
+
+Paper: ALIT, arXiv:2411.02393, §A.5 "Training Details" trains in two stages (train_stage1.py,
+train_stage2.py) on a VQGAN (train_vqgan.py); the official code runs them with torchrun on 8 GPUs,
+AdamW, a linear warmup then cosine decay, and evaluates EMA weights. Nothing here knows a model.
+"""
+import argparse
+import ast
+import contextlib
+import ctypes
+import dataclasses
+import inspect
+import io
+import math
+import os
+import random
+import sys
+import textwrap
+import tokenize
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import DATASETS
+
+# -----------------------------------------------------------------------------
+# Device and DDP
+
+
+@dataclass
+class Distributed:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    def log(self, *args, **kwargs):
+        """print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
+
+def setup_distributed(device_flag: str = "auto") -> Distributed:
+    """The one place the device is chosen. `RANK` in the environment (torchrun) means DDP:
+    nccl with CUDA, gloo without; the device is cuda:LOCAL_RANK or cpu."""
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    if "RANK" in os.environ:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Distributed(rank, local_rank, world, device)
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed CPU tensor memory in the process instead of handing it back to the OS.
+
+    glibc serves blocks above 32 MB (a 256x256 VQGAN's activations) from mmap, unmaps them on free
+    and trims the heap's free top, so every step faults the same memory in again, zeroed page by
+    page. Measured on 2 CPU cores: a `mid` stage-1 step 1.2x faster, 30% more resident memory.
+    Returns False, changing nothing, where the C library is not glibc. It cannot be undone.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+    # Blocks up to 1 GB come from the heap; -1 (as size_t, the largest size) never trims it.
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
+def wrap_ddp(module, ctx: Distributed, find_unused_parameters=False):
+    if not ctx.enabled:
+        return module
+    return DDP(module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (and so about twice as fast as float32): CUDA with
+    bf16 support, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast where asked for (no GradScaler needed: bf16 has float32's range)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def all_reduce_mean(tensors, ctx: Distributed):
+    """Average tensors across ranks in place (used for log values and the discriminator's grads)."""
+    if ctx.enabled:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(ctx.world_size)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, schedule, EMA
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * base_lr."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel
+
+
+def adamw(params, lr, betas, weight_decay, device):
+    """AdamW with weight decay on weight matrices and kernels only (not on biases, norms, embeddings
+    of shape (n,)). Fused where torch has the kernel: one pass over the weights instead of ~10."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in FUSED_ADAMW_DEVICES)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, used for evaluation. A checkpoint
+    stores it under "ema"; ALIT.from_checkpoint puts it into a model."""
+
+    def __init__(self, module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    def decay_at(self, step: int) -> float:
+        """Warmed-up decay, min(decay, (1 + step) / (10 + step)): with a fixed 0.999 the average of a
+        300-step run would still be 0.999^300 = 74% the random initialisation."""
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, module, step: int):
+        params = dict(module.named_parameters())
+        names = list(self.shadow)
+        weight = 1 - self.decay_at(step)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach() for n in names], weight)
+
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that resume exactly
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(ctx: Distributed) -> list:
+    """Every rank's RNG state, in rank order (collective: all ranks must call it)."""
+    if not ctx.enabled:
+        return [rng_state()]
+    states = [None] * ctx.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(path: Path, state: dict):
+    """Atomic: write a temporary file, then rename it over the old one, so an interrupted
+    save never leaves a broken checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    """Our own checkpoints (they hold RNG states and configs: trusted, written by this code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, **extra) -> dict:
+    """What a checkpoint holds: the state dict of every object in `stateful` (checkpoint key ->
+    object), the step, both configs and every rank's RNG state. Collective under DDP (the RNG
+    states are gathered), so every rank calls it."""
+    return {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
+            "model_config": model_config, "train_config": dataclasses.asdict(train),
+            "rng": gather_rng_states(ctx), **extra}
+
+
+def save_training_state(train, step: int, stateful: dict, model_config: dict, ctx, **extra):
+    """<out_dir>/ckpt.pt, written by rank 0 (collective: every rank calls it)."""
+    state = checkpoint_state(stateful, step, model_config, train, ctx, **extra)
+    if ctx.is_main:
+        save_checkpoint(Path(train.out_dir) / "ckpt.pt", state)
+
+
+def resume(path, model_config: dict, stateful: dict, ctx) -> dict:
+    """--resume: load `path` into every object of `stateful` (checkpoint key -> object with
+    load_state_dict), restore this rank's RNG state, and return the checkpoint (step, extras)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_config"] != model_config:
+        sys.exit(f"error: {path} was trained with another model config: {ckpt['model_config']}")
+    for key, obj in stateful.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"][ctx.rank])
+    ctx.log(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Flags from dataclasses: names, defaults, allowed values and help from one source
+
+
+def parse_int_tuple(text: str) -> tuple:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def field_comments(cls) -> dict:
+    """Field name -> its comment in the class source: the comment on the field's line, else the
+    comment lines right above it. A subclass's comment replaces its base's; a bare override keeps it."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        lines = {}  # line number -> (comment text, whether code precedes it on that line)
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                lines[token.start[0]] = (token.string.lstrip("#").strip(), bool(token.line[:token.start[1]].strip()))
+        for node in ast.parse(source).body[0].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            text = [c for n, (c, after_code) in lines.items() if node.lineno <= n <= node.end_lineno and after_code]
+            if not text:
+                first = node.lineno
+                while first - 1 in lines and not lines[first - 1][1]:  # comment-only lines right above
+                    first -= 1
+                text = [lines[n][0] for n in range(first, node.lineno)]
+            if text:
+                comments[node.target.id] = " ".join(text)
+    return comments
+
+
+def allowed_values(f: dataclasses.Field, choices: dict) -> tuple | None:
+    """A field's allowed values: choices[name] (e.g. a PRESETS dict), else its Literal type's."""
+    if f.name in choices:
+        return tuple(sorted(choices[f.name]))
+    literal = [a for a in (f.type, *typing.get_args(f.type)) if typing.get_origin(a) is Literal]
+    return typing.get_args(literal[0]) if literal else None
+
+
+def add_dataclass_flags(parser, cls, presets: dict | None = None, choices: dict | None = None):
+    """One --flag per field of `cls` (underscores -> dashes); its help is the field's comment, its
+    allowed values a Literal type's (or `choices[name]`), and its default the field's, or "preset's
+    value" for the fields `presets` (name -> overrides) set. Every flag parses to None unless given,
+    so that dataclass_overrides hands on only what the user set."""
+    group = parser.add_argument_group(cls.__name__)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            continue  # a nested config (ALITConfig.vqgan) comes from its preset or checkpoint
+        allowed = allowed_values(f, choices or {})
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help = comments.get(f.name, "")  # allowed values show in the metavar: --dataset {shapes,...}
+        if presets and any(f.name in overrides for overrides in presets.values()):
+            help += " (default: preset's value)"
+        elif not (default is None and "default" in help.lower()):  # the comment says what unset means
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help += f" (default: {'none' if shown in (None, '') else shown})"
+        kwargs = dict(default=None, help=help.strip().replace("%", "%%"))
+        kind = type(allowed[0]) if allowed else ([a for a in typing.get_args(f.type) if a is not type(None)]
+                                                  or [f.type])[0]  # X | None -> X
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif kind is tuple:
+            group.add_argument(flag, type=parse_int_tuple, metavar="A,B,...", **kwargs)
+        elif kind in (int, float, str):
+            group.add_argument(flag, type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, **kwargs)
+
+
+def dataclass_overrides(args, cls) -> dict:
+    """The fields of `cls` the user set on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def choice_checks(config, choices: dict | None = None) -> list:
+    """A check per field with allowed values (see allowed_values); None stands for unset."""
+    checks = []
+    for f in dataclasses.fields(config):
+        allowed, value = allowed_values(f, choices or {}), getattr(config, f.name)
+        if allowed and value is not None:
+            checks.append((value in allowed, f"--{f.name.replace('_', '-')} must be one of {', '.join(allowed)}"))
+    return checks
+
+
+def check_flags(checks):
+    """Out-of-range flags stop before any work starts; each message names the flag."""
+    errors = [message for ok, message in checks if not ok]
+    if errors:
+        sys.exit("error: " + "; ".join(errors))
+
+
+# -----------------------------------------------------------------------------
+# The flags every training loop has
+
+
+@dataclass
+class LoopConfig:
+    """Flags every training script shares; each script's TrainConfig adds its own and may
+    override these defaults."""
+    dataset: Literal[DATASETS] = "shapes"  # shapes is drawn on the fly; the others read --data-dir
+    data_dir: str | None = None  # root of the image folder (imagenet: <root>/train/<wnid>/*.JPEG)
+    out_dir: str = "out/run"  # checkpoint, image grids
+    preset: str = "tiny"  # the model's size (tiny: 32x32 images on a CPU)
+    steps: int = 1000  # optimizer steps; the LR schedule spans them
+    stop_after: int = 0  # stop this run after so many steps (0: never); --resume continues on the same schedule
+    batch_size: int = 32  # per rank (and per micro-step)
+    train_images: int | None = None  # use only the first so many training images (shapes: the split's size)
+    warmup_steps: int = 100  # of linear LR warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio x the peak LR
+    grad_clip: float = 1.0  # maximum gradient norm
+    num_workers: int = 0  # DataLoader processes per rank
+    log_every: int = 25  # steps between the progress bar's loss figures (a sync point)
+    sample_every: int = 250  # write a reconstruction grid PNG every so many steps
+    save_every: int = 250  # steps between checkpoints (and at the end)
+    seed: int = 0  # of the weights, the data order and the augmentation
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
+    bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
+    compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
+    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
+
+
+def check_loop_flags(train: LoopConfig, presets) -> list:
+    return choice_checks(train, {"preset": presets}) + [
+        (train.steps > 0, "--steps must be positive"),
+        (train.stop_after >= 0, "--stop-after must be >= 0"),
+        (train.batch_size > 0, "--batch-size must be positive"),
+        (0 <= train.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+        (min(train.log_every, train.sample_every, train.save_every) > 0, "--log/sample/save-every must be positive"),
+    ]
+
+
+def stop_step(train: LoopConfig, step: int) -> int:
+    """Where this run ends: the schedule's last step, or --stop-after steps from here."""
+    return min(train.steps, step + train.stop_after) if train.stop_after else train.steps
+
+
+def due(step: int, every: int, stop: int) -> bool:
+    """Every `every` steps and at the run's last (logs, image grids, checkpoints)."""
+    return step % every == 0 or step == stop
+
+
+def progress(total, initial, enabled):
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def finish(ctx: Distributed, bar):
+    bar.close()
+    if ctx.enabled:
+        dist.destroy_process_group()
