@@ -40,21 +40,21 @@ from weights import load_exact, read_weights, source_name
 
 @dataclass
 class ALITConfig:
-    image_size: int = 256
+    image_size: int = 256  # images are image_size x image_size (the paper: 256)
     patch_size: int = 16  # must equal the VQGAN's downsampling factor: one 2D token per VQGAN grid cell
-    encoder_width: int = 1024
-    encoder_layers: int = 8
-    encoder_heads: int = 8
-    decoder_width: int = 1024
-    decoder_layers: int = 8
-    decoder_heads: int = 8
-    mlp_ratio: float = 4.0
+    encoder_width: int = 1024  # width D of the latent-distillation encoder Enc (§2)
+    encoder_layers: int = 8  # transformer blocks of Enc, all run again at every iteration
+    encoder_heads: int = 8  # attention heads of Enc
+    decoder_width: int = 1024  # width of the latent-distillation decoder Dec (§2)
+    decoder_layers: int = 8  # transformer blocks of Dec
+    decoder_heads: int = 8  # attention heads of Dec
+    mlp_ratio: float = 4.0  # hidden width of every block's MLP, in multiples of its width
     tokens_per_iter: int = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
-    rollout_iters: int = 8  # §A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256"
-    quantize_latent: bool = True  # False: continuous latent tokens (the official code ships such checkpoints too)
+    rollout_iters: int = 8  # iterations T of the rollout (§A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256")
+    quantize_latent: bool = True  # quantize the latent tokens; off: continuous ones (the official code ships such checkpoints too)
     factorize_latent: bool = True  # project latents to latent_dim before quantization (§2, Yu et al. 2021)
     latent_dim: int = 12  # factorized code size
-    latent_codebook_size: int = 4096  # one codebook shared by all iterations (§2)
+    latent_codebook_size: int = 4096  # codes of the latent codebook, one shared by all iterations (§2)
     beta: float = 0.25  # commitment weight of the latent quantizer
     halting_threshold: float = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
     decoder_latent_positions: int = 256  # rows of the decoder's latent position table (official code: fixed 256)

@@ -55,8 +55,8 @@ class TrainConfig(LoopConfig):
     loss_iters: int = 0  # 0: loss at every iteration; n: at n random iterations per step (saves compute)
     iteration_weights: str = OFFICIAL_ITERATION_WEIGHTS  # cross-entropy weight per iteration, padded with 1
     label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
-    code_loss_weight: float = 1.0  # MSE between the softmax-expected code and the true code
-    quantizer_loss_weight: float = 1.0
+    code_loss_weight: float = 1.0  # weight of the MSE between the softmax-expected code and the true code
+    quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
     # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
     # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
     token_cache: str | None = None

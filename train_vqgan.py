@@ -42,7 +42,7 @@ class TrainConfig(LoopConfig):
     disc_start: int = 10 ** 9
     disc_weight: float = 0.5  # scales the adaptive weight (taming: disc_weight)
     disc_channels: int = 64  # width of the PatchGAN's first layer
-    disc_layers: int = 2  # 3 for 256x256 (70x70 PatchGAN); 2 keeps a 32x32 image at a 2x2 patch grid
+    disc_layers: int = 2  # PatchGAN depth: 3 for 256x256 (70x70 patches); 2 keeps a 32x32 image at 2x2 patches
     disc_lr: float = 4e-4  # the discriminator's AdamW learning rate
     restart_every: int = 50  # move codes unused for so many steps onto recent encoder outputs (0: never)
     eval_only: bool = False  # only report val L1 and codebook usage of <out_dir>/ckpt.pt

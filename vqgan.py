@@ -29,12 +29,12 @@ from weights import load_exact, read_weights, source_name
 
 @dataclass
 class VQGANConfig:
-    image_size: int = 256
+    image_size: int = 256  # images are image_size x image_size
     channels: int = 128  # width of the first level; level i has channels * channel_mult[i]
     channel_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution level; each level after the first halves H, W
     num_res_blocks: int = 2  # residual blocks per level, in the encoder and in the decoder
     latent_channels: int = 256  # dimension of the latent grid = dimension of a code (z_channels = embed_dim)
-    codebook_size: int = 1024
+    codebook_size: int = 1024  # codes a 2D token can point to
     attn_resolutions: tuple = ()  # feature-map sizes that get a self-attention block (taming: (16,); MaskGIT: none)
     norm_groups: int = 32  # GroupNorm groups, every channel count must be a multiple of it
     beta: float = 0.25  # commitment weight of the quantizer
