@@ -8,7 +8,6 @@ early exit against every iteration; peak memory; the paper's runs on ImageNet-10
     python bench.py            # several minutes on 2 CPU cores: a `small` step alone takes ~30 s
     python bench.py --quick    # about a minute: tiny sizes
 """
-import argparse
 import json
 import resource
 import statistics
@@ -21,8 +20,7 @@ from evaluate import code_error_below, first_passing, l1_below
 from losses import LPIPS, PatchDiscriminator
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
-from training import (add_dataclass_flags, adamw, autocast, check_flags, dataclass_overrides, keep_freed_memory,
-                      native_bf16)
+from training import adamw, autocast, check_flags, keep_freed_memory, native_bf16, parse_flags
 from vqgan import VQGAN
 
 H100_BF16_FLOPS = 989e12  # NVIDIA's H100 SXM datasheet: dense bf16 tensor-core peak, without sparsity
@@ -139,9 +137,10 @@ def paper_cost(utilisation: float) -> dict:
         image = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
         latents = torch.zeros(1, cfg.vqgan.latent_channels, cfg.grid_size, cfg.grid_size)
     encoder, decoder = conv_flops(vqgan.encoder, image), conv_flops(vqgan.decoder, latents)
-    per_image = {"stage1": stage1_flops(cfg, 1, encoder),
-                 "stage2": stage2_flops(cfg, encoder + decoder, conv_flops(lpips, image, image), conv_flops(disc, image))}
-    seconds = {k: v * PAPER_EPOCHS * IMAGENET100_TRAIN_IMAGES / (utilisation * H100_BF16_FLOPS) for k, v in per_image.items()}
+    stage2 = stage2_flops(cfg, encoder + decoder, conv_flops(lpips, image, image), conv_flops(disc, image))
+    per_image = {"stage1": stage1_flops(cfg, 1, encoder), "stage2": stage2}
+    rate = utilisation * H100_BF16_FLOPS
+    seconds = {k: v * PAPER_EPOCHS * IMAGENET100_TRAIN_IMAGES / rate for k, v in per_image.items()}
     return {"utilisation": utilisation, "epochs": PAPER_EPOCHS, "images": IMAGENET100_TRAIN_IMAGES,
             **{f"{k}_tflop_per_image": v / 1e12 for k, v in per_image.items()},
             **{f"{k}_gpu_hours": v / 3600 for k, v in seconds.items()}}
@@ -200,9 +199,10 @@ def bench_adaptive(name, cfg, batch, reps, device) -> dict:
     with torch.no_grad():
         _, gt = model.vqgan.encode(images)
         every = timed(lambda: runs.append(model.rollout(images)), reps, 0, device)
-    tables = {"pixel": torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in runs[-1]]),
+    records = runs[-1]
+    tables = {"pixel": torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in records]),
               "token": torch.stack([(r.logits.float().softmax(-1) @ codebook - codebook[gt]).square().mean(dim=(1, 2))
-                                    for r in runs[-1]])}
+                                    for r in records])}
     result = {"config": name, "batch": batch, "every_iteration_seconds": every}
     for kind, table in tables.items():
         thr = threshold_for(table.cpu(), 0.5)
@@ -214,9 +214,7 @@ def bench_adaptive(name, cfg, batch, reps, device) -> dict:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, BenchConfig)
-    cfg = BenchConfig(**dataclass_overrides(parser.parse_args(argv), BenchConfig))
+    cfg, _ = parse_flags(argv, __doc__, BenchConfig)
     check_flags([(cfg.reps is None or cfg.reps > 0, "--reps must be positive"),
                  (0 < cfg.utilisation <= 1, "--utilisation must be in (0, 1]")])
     return cfg
@@ -235,7 +233,8 @@ def main(argv=None):
               "quick": cfg.quick, "matrix_size": n, "ceiling_flops": ceilings}
     # smallest first: the CPU's peak resident size only grows
     configs = ([("tiny", make_config("tiny"), 16, reps, True)] if cfg.quick else
-               [("mid", make_config("small", **MID), 4, reps, True), ("small", make_config("small"), 2, cfg.reps or 1, False)])
+               [("mid", make_config("small", **MID), 4, reps, True),
+                ("small", make_config("small"), 2, cfg.reps or 1, False)])
     report["stage1"] = [bench_stage1(*c[:4], ceilings, device, share=c[4]) for c in configs]
     # A `mid` rollout decodes 8 reconstructions an image at 256x256: each encode runs once there.
     report["adaptive"] = bench_adaptive(*(("tiny", make_config("tiny"), 32, reps) if cfg.quick else

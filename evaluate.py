@@ -13,7 +13,6 @@ file holds those criteria, the evaluation run and its report.
     python evaluate.py --official alit_small.pth --dataset imagenet100 --data-dir /data/imagenet \
         --inception-weights pt_inception-2015-12-05-6726825d.pth
 """
-import argparse
 import csv
 import json
 import sys
@@ -30,8 +29,7 @@ from tqdm import tqdm
 from data import DATASETS, build_dataset, save_image_columns
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
-from training import (add_dataclass_flags, check_flags, choice_checks, dataclass_overrides, keep_freed_memory,
-                      setup_distributed)
+from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
 
 # -----------------------------------------------------------------------------
 # Token-selection criteria (§A.2 "Representational capacity depends on downstream task").
@@ -110,10 +108,7 @@ class EvalConfig:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    parser = argparse.ArgumentParser(description="Evaluate ALIT: L1, PSNR and rFID at every token count, "
-                                                 "adaptive token allocation, complexity analysis.")
-    add_dataclass_flags(parser, EvalConfig)
-    cfg = EvalConfig(**dataclass_overrides(parser.parse_args(argv), EvalConfig))
+    cfg, _ = parse_flags(argv, __doc__, EvalConfig)
     check_flags(choice_checks(cfg) + [(cfg.batch_size > 0, "--batch-size must be positive"),
                                       (0 < cfg.default_threshold, "--default-threshold must be positive")])
     return cfg

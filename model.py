@@ -50,8 +50,9 @@ class ALITConfig:
     decoder_heads: int = 8  # attention heads of Dec
     mlp_ratio: float = 4.0  # hidden width of every block's MLP, in multiples of its width
     tokens_per_iter: int = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
-    rollout_iters: int = 8  # iterations T of the rollout (§A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256")
-    quantize_latent: bool = True  # quantize the latent tokens; off: continuous ones (the official code ships such checkpoints too)
+    # iterations T of the rollout (§A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256")
+    rollout_iters: int = 8
+    quantize_latent: bool = True  # quantize the latent tokens; off: continuous (the official code ships such too)
     factorize_latent: bool = True  # project latents to latent_dim before quantization (§2, Yu et al. 2021)
     latent_dim: int = 12  # factorized code size
     latent_codebook_size: int = 4096  # codes of the latent codebook, one shared by all iterations (§2)

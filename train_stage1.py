@@ -13,7 +13,6 @@ tokens in each iteration."
         --vqgan-official vqgan.ckpt --batch-size 32 --bf16
     torchrun --nproc_per_node=8 train_stage1.py ...   # DDP: gloo on CPU, nccl on CUDA
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -27,9 +26,9 @@ import torch.nn.functional as F
 
 from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
-from training import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                      check_loop_flags, dataclass_overrides, due, finish, keep_freed_memory, lr_at, native_bf16,
-                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (EMA, LoopConfig, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due, finish,
+                      keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume, save_training_state,
+                      set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import VQGAN
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
@@ -63,11 +62,7 @@ class TrainConfig(LoopConfig):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, TrainConfig, choices={"preset": PRESETS})
-    add_dataclass_flags(parser, ALITConfig, presets=PRESETS)
-    args = parser.parse_args(argv)
-    train = TrainConfig(**dataclass_overrides(args, TrainConfig))
+    train, model_flags = parse_flags(argv, __doc__, TrainConfig, ALITConfig, PRESETS)
     check_flags(check_loop_flags(train, PRESETS) + [
         (train.grad_accum > 0, "--grad-accum must be positive"),
         (train.base_lr is None or train.base_lr > 0, "--base-lr must be positive"),
@@ -76,7 +71,7 @@ def parse_args(argv=None):
         (train.loss_iters >= 0, "--loss-iters must be >= 0"),
     ])
     try:
-        model_cfg = make_config(train.preset, **dataclass_overrides(args, ALITConfig))
+        model_cfg = make_config(train.preset, **model_flags)
     except ValueError as error:
         sys.exit(f"error: {error}")
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
@@ -228,13 +223,12 @@ def main(argv=None):
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
             log_stats(bar, stats, first_nonfinite, train, ctx)
-        if ctx.is_main and due(step, train.sample_every, stop):
-            columns = model.rollout_images(val_images, soft_codes=False) + [val_images]
-            save_image_columns(columns, Path(train.out_dir) / f"rollout_{step:06d}.png")
+        if ctx.is_main and due(step, train.sample_every, stop):  # the VQGAN codes stage 1 predicts
+            grid = model.rollout_images(val_images, soft_codes=False) + [val_images]
+            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, model_cfg.to_dict(), ctx)
-    finish(ctx, bar)
-    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
+    finish(ctx, train, bar)
     return model
 
 

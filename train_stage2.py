@@ -17,7 +17,6 @@ code grid that the (now trainable) VQGAN decoder turns into pixels.
     torchrun --nproc_per_node=8 train_stage2.py --dataset imagenet100 --data-dir /data/imagenet \
         --stage1-ckpt out/stage1/ckpt.pt --vgg16-weights vgg16-397923af.pth --lpips-weights vgg.pth
 """
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +28,19 @@ from data import build_dataset, first_images, save_image_columns, train_batches
 from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
 from model import ALIT, PRESETS, make_config
-from training import (EMA, LoopConfig, adamw, add_dataclass_flags, all_reduce_mean, autocast, check_flags,
-                      check_loop_flags, dataclass_overrides, due, finish, keep_freed_memory, lr_at, native_bf16,
-                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (EMA, LoopConfig, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due, finish,
+                      keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume, save_training_state,
+                      set_lr, setup_distributed, stop_step, wrap_ddp)
 
 
 @dataclass
 class TrainConfig(LoopConfig):
+    stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from
+    preset: str | None = None  # default: the stage-1 checkpoint's; if given, the checkpoint must match it
     out_dir: str = "out/stage2"
     steps: int = 200
     batch_size: int = 16
     warmup_steps: int = 20
-    preset: str | None = None  # default: the stage-1 checkpoint's; if given, the checkpoint must match it
-    stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from
     # lr = base_lr * global batch / 256. Default: the official 1e-4 at 256x256 (the paper); below that
     # (the CPU presets) 8e-3, lr 5e-4 at batch 16.
     base_lr: float | None = None
@@ -64,10 +63,7 @@ class TrainConfig(LoopConfig):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, TrainConfig, choices={"preset": PRESETS})
-    args = parser.parse_args(argv)
-    train = TrainConfig(**dataclass_overrides(args, TrainConfig))
+    train, _ = parse_flags(argv, __doc__, TrainConfig, presets=PRESETS)
     try:
         schedule = gan_schedule(train.gan_schedule)
     except ValueError:
@@ -199,13 +195,12 @@ def main(argv=None):
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
             log_losses(bar, logs, disc_weight, step, train, ctx)
-        if ctx.is_main and due(step, train.sample_every, stop):
-            columns = model.rollout_images(val_images) + [val_images]
-            save_image_columns(columns, Path(train.out_dir) / f"rollout_{step:06d}.png")
+        if ctx.is_main and due(step, train.sample_every, stop):  # the pixels the loss sees
+            grid = model.rollout_images(val_images) + [val_images]
+            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, cfg.to_dict(), ctx)
-    finish(ctx, bar)
-    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
+    finish(ctx, train, bar)
     return model
 
 

@@ -11,7 +11,6 @@ discriminator start step.
         --vgg16-weights vgg16-397923af.pth --lpips-weights vgg.pth
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch.distributed as dist
 from data import build_dataset, first_images, save_image_grid, train_batches
 from losses import (PatchDiscriminator, adopt_weight, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
-from training import (LoopConfig, add_dataclass_flags, adamw, all_reduce_mean, autocast, check_flags,
-                      check_loop_flags, dataclass_overrides, due, finish, keep_freed_memory, lr_at, native_bf16,
-                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (LoopConfig, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due, finish,
+                      keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume, save_training_state,
+                      set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import PRESETS, VQGAN, VQGANConfig
 
 
@@ -52,16 +51,12 @@ class TrainConfig(LoopConfig):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, TrainConfig, choices={"preset": PRESETS})
-    add_dataclass_flags(parser, VQGANConfig, presets=PRESETS)
-    args = parser.parse_args(argv)
-    train = TrainConfig(**dataclass_overrides(args, TrainConfig))
+    train, model_flags = parse_flags(argv, __doc__, TrainConfig, VQGANConfig, PRESETS)
     check_flags(check_loop_flags(train, PRESETS) + [
         (train.lr > 0 and train.disc_lr > 0, "--lr and --disc-lr must be positive"),
         (train.lpips_weights is None or train.vgg16_weights is not None, "--lpips-weights needs --vgg16-weights"),
     ])
-    model_cfg = VQGANConfig(**{**PRESETS[train.preset], **dataclass_overrides(args, VQGANConfig)})
+    model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
     return train, model_cfg
 
 
@@ -144,10 +139,9 @@ def main(argv=None):
         if due(step, train.save_every, stop):  # code_counts: for the next dead-code restart
             save_training_state(train, step, stateful, dataclasses.asdict(model_cfg), ctx,
                                 code_counts=model.quantize.counts_since_restart)
-    finish(ctx, bar)
+    finish(ctx, train, bar)
     if ctx.is_main and step == train.steps:
         ctx.log(format_val_metrics(evaluate_vqgan(model, train)))
-    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
     return model
 
 

@@ -343,6 +343,19 @@ def choice_checks(config, choices: dict | None = None) -> list:
     return checks
 
 
+def parse_flags(argv, doc: str, config_cls, model_cls=None, presets=None):
+    """The command line of a script: a --flag per field of `config_cls` and, if given, of `model_cls`,
+    whose defaults come from `presets` (also --preset's choices); --help shows the first paragraph of
+    `doc`. Returns the config and the model fields the user set."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_dataclass_flags(parser, config_cls, choices={"preset": presets} if presets else None)
+    if model_cls is not None:
+        add_dataclass_flags(parser, model_cls, presets=presets)
+    args = parser.parse_args(argv)
+    model_flags = dataclass_overrides(args, model_cls) if model_cls is not None else {}
+    return config_cls(**dataclass_overrides(args, config_cls)), model_flags
+
+
 def check_flags(checks):
     """Out-of-range flags stop before any work starts; each message names the flag."""
     errors = [message for ok, message in checks if not ok]
@@ -405,7 +418,8 @@ def progress(total, initial, enabled):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
-def finish(ctx: Distributed, bar):
+def finish(ctx: Distributed, train: LoopConfig, bar):
     bar.close()
     if ctx.enabled:
         dist.destroy_process_group()
+    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
