@@ -33,7 +33,7 @@ GAN_FRACTION = 0.5  # stage 2's steps with the adversarial terms on (train_stage
 class BenchConfig:
     quick: bool = False  # tiny sizes and fewer repetitions: about a minute
     out: str | None = None  # also write the numbers as JSON here
-    reps: int | None = None  # timed steps per measurement; default: 2 (`small`: 1, as its step takes ~30 s on a CPU)
+    reps: int | None = None  # timed runs per measurement; default: 2, `small` 1 (~30 s a step on a CPU), --quick 5
     utilisation: float = 0.4  # share of the H100's dense bf16 peak the paper's runs are costed at
     keep_freed_memory: bool = True  # on the CPU, as the training scripts do (training.keep_freed_memory)
 
@@ -225,7 +225,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
-    reps, n = cfg.reps or 2, 1024 if cfg.quick else 2048
+    reps, n = cfg.reps or (5 if cfg.quick else 2), 1024 if cfg.quick else 2048
     ceilings = {"float32": matmul_flops(torch.float32, n, device)}
     if native_bf16(device):  # emulated bf16 runs several times slower than float32: not timed
         ceilings["bf16"] = matmul_flops(torch.bfloat16, n, device)
