@@ -121,7 +121,10 @@ def load_model(cfg: EvalConfig, device) -> ALIT:
         return ALIT.from_official(cfg.official, heads=heads).to(device).eval()
     if not Path(cfg.ckpt).is_file():
         sys.exit(f"error: --ckpt {cfg.ckpt} not found (train it, or pass --official PATH)")
-    return ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
+    try:
+        return ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
+    except ValueError as error:
+        sys.exit(f"error: --ckpt: {error}")
 
 
 def psnr(mse: torch.Tensor) -> torch.Tensor:
