@@ -49,38 +49,49 @@ assert len(IMAGENET100_CLASSES) == 100 and len(set(IMAGENET100_CLASSES)) == 100
 class Level(NamedTuple):
     objects: tuple[int, int]       # min, max number of shapes
     radius: tuple[float, float]    # shape radius as a fraction of the image side
-    gradient: float                # probability of a two-colour gradient background
     texture: float                 # probability that a shape is filled with stripes/checkers
 
 # §3 ties the tokens an image needs to its information content, so every step up
-# adds information: more, smaller objects (more edges and colours), then shading
-# in the background, then high-frequency textures inside the shapes.
+# adds information: more, smaller objects (more edges and colours), then two-colour
+# textures inside the shapes. Everything stays within what the tiny VQGAN's 8x8 grid
+# of 4x4-pixel codes can draw: colours from a palette and textures at least a code wide.
 LEVELS = (
-    Level(objects=(1, 1), radius=(0.30, 0.42), gradient=0.0, texture=0.0),
-    Level(objects=(2, 3), radius=(0.18, 0.30), gradient=0.0, texture=0.0),
-    Level(objects=(4, 6), radius=(0.12, 0.22), gradient=1.0, texture=0.25),
-    Level(objects=(7, 10), radius=(0.08, 0.16), gradient=1.0, texture=0.5),
-    Level(objects=(12, 18), radius=(0.05, 0.12), gradient=1.0, texture=0.8),
+    Level(objects=(1, 1), radius=(0.25, 0.40), texture=0.0),
+    Level(objects=(2, 3), radius=(0.18, 0.30), texture=0.0),
+    Level(objects=(4, 5), radius=(0.14, 0.24), texture=0.2),
+    Level(objects=(6, 8), radius=(0.11, 0.19), texture=0.4),
+    Level(objects=(9, 12), radius=(0.09, 0.15), texture=0.6),
 )
 COMPLEXITY_LEVELS = len(LEVELS)
 SUPERSAMPLE = 4  # draw at 4x and downsample with Lanczos: PIL's ImageDraw does no anti-aliasing
+# Twelve well-separated colours: with free RGB colours a 256-code tiny VQGAN blurs every scene.
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                    (70, 240, 240), (240, 50, 230), (250, 250, 250), (30, 30, 30), (128, 128, 128), (170, 110, 40)],
+                   dtype=np.uint8)
 
 
-def _colour(rng) -> tuple[int, int, int]:
-    return tuple(rng.integers(0, 256, 3).tolist())
+def _colour(rng, avoid: int | None = None) -> int:
+    """A palette index, different from `avoid` (a shape never vanishes into what lies under it)."""
+    while True:
+        index = int(rng.integers(len(PALETTE)))
+        if index != avoid:
+            return index
 
 
-def _texture(rng, width: int, height: int, side: int) -> Image.Image:
-    """Two-colour stripes at a random angle or a checkerboard, period ~2-5 px at 32x32."""
-    period = rng.uniform(1 / 16, 1 / 6) * side
+def _rgb(index: int) -> tuple[int, int, int]:
+    return tuple(PALETTE[index].tolist())
+
+
+def _texture(rng, width: int, height: int, side: int, colours) -> Image.Image:
+    """Two-colour stripes at a random angle or a checkerboard, bands 3-5 px wide at 32x32."""
+    period = rng.uniform(0.19, 0.31) * side
     y, x = np.arange(height)[:, None], np.arange(width)[None, :]  # broadcast, no full grids
     if rng.random() < 0.5:
         angle = rng.uniform(0, np.pi)
         pattern = ((x * np.cos(angle) + y * np.sin(angle)) / period) % 1.0 < 0.5
     else:
         pattern = ((x // (period / 2) + y // (period / 2)) % 2).astype(bool)
-    colours = rng.integers(0, 256, (2, 3), dtype=np.uint8)
-    return Image.fromarray(colours[pattern.astype(np.intp)])  # (height, width, 3)
+    return Image.fromarray(PALETTE[np.array(colours)][pattern.astype(np.intp)])  # (height, width, 3)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, rng, cx: float, cy: float, r: float, fill) -> None:
@@ -99,28 +110,22 @@ def _draw_shape(draw: ImageDraw.ImageDraw, rng, cx: float, cy: float, r: float, 
 def render_shapes(rng: np.random.Generator, level: int, image_size: int) -> Image.Image:
     """One scene of the given complexity level, drawn from rng alone."""
     spec, side = LEVELS[level], SUPERSAMPLE * image_size
-    if rng.random() < spec.gradient:
-        # A smooth ramp needs no supersampling: compute it at image_size, upscale bilinearly.
-        angle = rng.uniform(0, 2 * np.pi)
-        y, x = np.ogrid[-0.5:0.5:image_size * 1j, -0.5:0.5:image_size * 1j]
-        t = (x * np.cos(angle) + y * np.sin(angle)) / np.sqrt(2) + 0.5  # (S, S) in [0, 1]
-        start, end = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
-        ramp = Image.fromarray((start + t[..., None] * (end - start)).astype(np.uint8))
-        canvas = ramp.resize((side, side), Image.BILINEAR)
-    else:
-        canvas = Image.new("RGB", (side, side), _colour(rng))
+    background = _colour(rng)
+    canvas = Image.new("RGB", (side, side), _rgb(background))
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(spec.objects[0], spec.objects[1] + 1))):
         cx, cy = rng.uniform(0.1, 0.9, 2) * side
         r = rng.uniform(*spec.radius) * side
+        colour = _colour(rng, avoid=background)
         if rng.random() < spec.texture:
             # Texture and mask only cover the shape's bounding box, which keeps this cheap.
             box = int(math.ceil(2 * r)) + 1
             mask = Image.new("L", (box, box), 0)
             _draw_shape(ImageDraw.Draw(mask), rng, r, r, r, fill=255)
-            canvas.paste(_texture(rng, box, box, side), (int(cx - r), int(cy - r)), mask)
+            texture = _texture(rng, box, box, side, (colour, _colour(rng, avoid=colour)))
+            canvas.paste(texture, (int(cx - r), int(cy - r)), mask)
         else:
-            _draw_shape(draw, rng, cx, cy, r, fill=_colour(rng))
+            _draw_shape(draw, rng, cx, cy, r, fill=_rgb(colour))
     return canvas.resize((image_size, image_size), Image.LANCZOS)
 
 

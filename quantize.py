@@ -37,7 +37,15 @@ class VectorQuantizer(nn.Module):
         self.l2_normalize = l2_normalize
         # Named `embedding` so that official checkpoints (`quantize.embedding.weight`) load by name.
         self.embedding = nn.Embedding(codebook_size, code_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        if l2_normalize:
+            # Unit rows. Lookups only see directions, and Adam moves every weight by about lr a step
+            # whatever its scale: rows of norm ~0.01 (the uniform init below) would turn by ~lr/0.01
+            # radians a step, which scatters and collapses the codebook at the lrs a tiny model needs.
+            nn.init.normal_(self.embedding.weight)
+            with torch.no_grad():
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
+        else:
+            nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         # Usage since the last dead-code restart and the latest inputs (training only; plain attributes,
         # not buffers, so that DDP does not overwrite them with rank 0's).
         self.counts_since_restart, self.recent_inputs = None, None
