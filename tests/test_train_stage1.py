@@ -41,8 +41,10 @@ def overfit(model, image_size, num_images, steps):
 
 
 def test_overfitting_one_batch_drives_every_iteration_down():
+    # Continuous latents: the recurrent encoder and the decoder alone (the quantizer's part in
+    # overfitting is pinned by the tests of the stage-1 recipe below).
     torch.manual_seed(0)
-    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64, init_std=0.3))
+    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64, init_std=0.3, quantize_latent=False))
     history, images, latents, gt = overfit(model, 32, 4, 100)
     first, last = history[0], history[-5:].mean(0)
     assert (last < 0.5 * first).all(), (first, last)
@@ -59,28 +61,6 @@ def test_overfitting_one_batch_drives_every_iteration_down():
             gaps.append(torch.nn.functional.cross_entropy(swapped[differ], gt[differ]) - own)
     gaps = torch.stack(gaps)
     assert gaps[0] > 0.5 and gaps.mean() > 0.25, gaps
-
-
-def test_overfitting_one_batch_longer_codes_reach_lower_loss():
-    """More tokens, lower loss, when every token is a narrow channel.
-
-    On the batch above, eight 12-dim codes already name every image, so all lengths overfit alike.
-    Here each iteration adds one token of a single continuous number (a model the config allows:
-    continuous latents, factorized to 1 dim; tiny preset otherwise, 16x16 images so that 16 of
-    them train in seconds): one number must tell 16 images apart through a shared decoder, and
-    longer codes learn it much faster. Measured (seed 0, 1 and 2 threads): iteration 1 ends at
-    0.65-0.66 nats, iterations 2-8 at 0.15-0.20, iteration 8 below iteration 2. Seed 1 (0.74 vs
-    0.17-0.26) and, with halting, seed 3 agree; seed 2 keeps every length equal for 300 steps
-    (its new tokens carry what the first one does), so the seed is pinned.
-    """
-    from vqgan import PRESETS as VQGAN_PRESETS, VQGANConfig
-    torch.manual_seed(0)
-    model = ALIT(make_config("tiny", image_size=16, vqgan=VQGANConfig(**{**VQGAN_PRESETS["tiny"], "image_size": 16}),
-                             encoder_width=48, encoder_heads=2, decoder_width=48, decoder_heads=2,
-                             tokens_per_iter=1, quantize_latent=False, latent_dim=1))
-    history = overfit(model, 16, 16, 200)[0]
-    ce = history[-10:].mean(0)  # per iteration
-    assert (ce[1:] < 0.5 * ce[0]).all() and ce[-1] < ce[1], ce
 
 
 def test_two_processes_equal_one_process(tmp_path, vqgan_ckpt):
