@@ -15,6 +15,7 @@ file holds those criteria, the evaluation run and its report.
 """
 import csv
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Literal
 
 import scipy.stats
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import DATASETS, build_dataset, save_image_columns
@@ -85,6 +86,9 @@ PROTOCOLS = {
 @dataclass
 class EvalConfig:
     ckpt: str = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
+    # A second checkpoint reported beside --ckpt, per token count (default: stage 1, which stage 2 must
+    # not undo); skipped when it is missing or is --ckpt itself.
+    compare: str | None = "out/stage1/ckpt.pt"
     official: str | None = None  # ... or an official ALIT checkpoint (ALIT.from_official)
     heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
     use_ema: bool = True  # evaluate the EMA weights of our checkpoints
@@ -114,17 +118,17 @@ def parse_args(argv=None) -> EvalConfig:
     return cfg
 
 
-def load_model(cfg: EvalConfig, device) -> ALIT:
+def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
     if cfg.official:
         heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
         heads = heads[0] if heads and len(heads) == 1 else heads
         return ALIT.from_official(cfg.official, heads=heads).to(device).eval()
     if not Path(cfg.ckpt).is_file():
-        sys.exit(f"error: --ckpt {cfg.ckpt} not found (train it, or pass --official PATH)")
+        sys.exit(f"error: {flag} {cfg.ckpt} not found (train it, or pass --official PATH)")
     try:
         return ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
     except ValueError as error:
-        sys.exit(f"error: --ckpt: {error}")
+        sys.exit(f"error: {flag}: {error}")
 
 
 def psnr(mse: torch.Tensor) -> torch.Tensor:
@@ -140,6 +144,7 @@ def evaluate(model: ALIT, loader, cfg: EvalConfig, inception=None, device="cpu")
     T = model.config.rollout_iters
     thresholds = [float(t) for t in cfg.thresholds.split(",")]
     per_image = {"l1": [], "mse": [], "token_acc": [], "vqgan_l1": [], "vqgan_mse": [], "target": []}
+    code_counts = torch.zeros(model.config.latent_codebook_size if model.quantize else 0)  # at the longest code
     stats = {"real": FeatureStats(), "vqgan": FeatureStats(),
              **{f"tokens_{(t + 1) * model.config.tokens_per_iter}": FeatureStats() for t in range(T)},
              **{f"l1<{thr:g}": FeatureStats() for thr in thresholds}} if inception else None
@@ -160,6 +165,8 @@ def evaluate(model: ALIT, loader, cfg: EvalConfig, inception=None, device="cpu")
         per_image["vqgan_l1"].append((vqgan_recon - images).abs().mean(dim=(1, 2, 3)).cpu())
         per_image["vqgan_mse"].append((vqgan_recon - images).square().mean(dim=(1, 2, 3)).cpu())
         per_image["target"].append(targets)
+        if model.quantize is not None:
+            code_counts += torch.bincount(records[-1].indices.flatten().cpu(), minlength=len(code_counts))
         if keep is None:
             keep = (images.cpu(), recon.cpu(), targets)
         if inception is not None:
@@ -173,7 +180,26 @@ def evaluate(model: ALIT, loader, cfg: EvalConfig, inception=None, device="cpu")
                 chosen = first_passing(l1.cpu() < thr).to(features.device)
                 stats[f"l1<{thr:g}"].update(features[chosen, torch.arange(B)])
     per_image = {k: torch.cat(v, dim=-1) for k, v in per_image.items()}
+    per_image["codebook"] = codebook_usage(code_counts)
     return per_image, stats, keep
+
+
+def codebook_usage(counts: torch.Tensor) -> dict | None:
+    """How much of the latent codebook the longest codes of the evaluated images use: a collapsed
+    codebook (one code for every token) carries no information whatever the decoder does."""
+    if not len(counts):
+        return None
+    probs = counts / counts.sum()
+    return {"codes_used": int((counts > 0).sum()), "codebook_size": len(counts),
+            "fraction_used": (counts > 0).float().mean().item(),
+            "perplexity": torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum()).item()}
+
+
+def per_count_rows(per_image: dict, counts: list, fid=lambda name: None) -> list:
+    """L1, MSE, PSNR, token accuracy (and rFID) at every token count (Table 1, Fig. 2)."""
+    return [{"tokens": c, "l1": per_image["l1"][t].mean().item(), "mse": per_image["mse"][t].mean().item(),
+             "psnr": psnr(per_image["mse"][t]).mean().item(), "token_accuracy": per_image["token_acc"][t].mean().item(),
+             "rfid": fid(f"tokens_{c}")} for t, c in enumerate(counts)]
 
 
 def allocation_summary(chosen: torch.Tensor, per_image: dict, model: ALIT) -> dict:
@@ -219,9 +245,16 @@ def main(argv=None):
     fid = (lambda name: fid_from_stats(stats["real"], stats[name])) if inception else (lambda name: None)
 
     # 1. Every token count (Table 1, Fig. 2).
-    rows = [{"tokens": c, "l1": per_image["l1"][t].mean().item(), "mse": per_image["mse"][t].mean().item(),
-             "psnr": psnr(per_image["mse"][t]).mean().item(), "token_accuracy": per_image["token_acc"][t].mean().item(),
-             "rfid": fid(f"tokens_{c}")} for t, c in enumerate(counts)]
+    rows = per_count_rows(per_image, counts, fid)
+    compare = None
+    if cfg.compare and not cfg.official and Path(cfg.compare).is_file() and \
+            Path(cfg.compare).resolve() != Path(cfg.ckpt).resolve():
+        other = load_model(EvalConfig(ckpt=cfg.compare, use_ema=cfg.use_ema), device, flag="--compare")
+        if other.config.rollout_iters == T and other.config.tokens_per_iter == K:
+            other_images = evaluate(other, loader, cfg, None, device)[0]
+            compare = {"checkpoint": cfg.compare, "per_token_count": per_count_rows(other_images, counts),
+                       "codebook": other_images["codebook"]}
+        del other
     vqgan_row = {"tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
                  "mse": per_image["vqgan_mse"].mean().item(), "psnr": psnr(per_image["vqgan_mse"]).mean().item(),
                  "rfid": fid("vqgan")}
@@ -265,6 +298,7 @@ def main(argv=None):
 
     results = {"protocol": cfg.protocol, "images": n, "dataset": cfg.dataset, "checkpoint": cfg.official or cfg.ckpt,
                "halting": cfg.halting, "per_token_count": rows, "vqgan": vqgan_row,
+               "codebook": per_image["codebook"], "compare": compare,
                "adaptive_l1": sweep, "adaptive_token_accuracy": token_sweep,
                "pixel_vs_token_criterion": {"pixel": f"l1<{cfg.default_threshold:g}", **pixel_default,
                                             "token": matched["criterion"],
@@ -273,7 +307,8 @@ def main(argv=None):
                "early_exit": speed, "complexity": complexity}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_sweep_csv(out / "adaptive_sweep.csv", sweep + token_sweep)
-    plot_sweep(out / "adaptive_sweep.png", sweep, inception is not None)
+    fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(rows)]
+    plot_sweep(out / "adaptive_sweep.png", sweep, fixed, inception is not None)
     save_fig2_grid(keep, per_image, out / "reconstructions.png", cfg.grid_images, cfg.dataset == "shapes")
     print(markdown_report(results))
     print(f"wrote {out / 'metrics.json'}, {out / 'adaptive_sweep.csv'}, {out / 'adaptive_sweep.png'}, "
@@ -320,40 +355,58 @@ def write_sweep_csv(path, rows):
         writer.writerows(rows)
 
 
-def plot_sweep(path, sweep, with_fid: bool, size=(360, 280)):
-    """Fig. 7 with PIL: dataset representation (x) against L1 (and rFID) of the allocation."""
+def plot_sweep(path, sweep, fixed, with_fid: bool, size=(520, 380)):
+    """Fig. 7 with PIL: dataset representation (fraction of the maximum tokens, x) against L1 (and
+    rFID) of the adaptive allocation at each threshold, beside every image at the same count (fixed)."""
     panels = [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else [])
     width, height = size
     canvas = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(canvas)
-    left, right, top, bottom = 52, 16, 28, 40
+    font = ImageFont.load_default(size=13)
+    left, right, top, bottom = 70, 20, 40, 56
+    series = [("every image at one count", fixed, (31, 119, 180)), ("adaptive (label: L1 threshold)", sweep, (214, 39, 40))]
     for p, (key, label) in enumerate(panels):
         x0 = p * width
-        xs = [r["dataset_representation"] for r in sweep]
-        ys = [r[key] for r in sweep]
-        lo, hi = min(ys), max(ys)
-        hi = hi if hi > lo else lo + 1e-9
+        values = [r[key] for _, rows, _ in series for r in rows if r.get(key) is not None]
+        lo, hi = min(values), max(values)
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 1e-3
+        lo, hi = lo - pad, hi + pad
 
         def to_px(x, y):
-            return (x0 + left + x * (width - left - right),
-                    top + (1 - (y - lo) / (hi - lo)) * (height - top - bottom))
+            return (x0 + left + x * (width - left - right), top + (1 - (y - lo) / (hi - lo)) * (height - top - bottom))
 
         draw.rectangle([x0 + left, top, x0 + width - right, height - bottom], outline="black")
         for tick in (0, 0.25, 0.5, 0.75, 1.0):
-            px, _ = to_px(tick, lo)
-            draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-            draw.text((px - 10, height - bottom + 6), f"{tick:.2f}", fill="black")
-        for value in (lo, hi):
-            _, py = to_px(0, value)
-            draw.text((x0 + 4, py - 6), f"{value:.3g}", fill="black")
-        points = sorted(to_px(x, y) for x, y in zip(xs, ys))
-        if len(points) > 1:
-            draw.line(points, fill=(31, 119, 180), width=2)
-        for (px, py), r in zip([to_px(x, y) for x, y in zip(xs, ys)], sweep):
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(214, 39, 40))
-            draw.text((px + 4, py - 12), f"{r['threshold']:g}", fill="gray")
-        draw.text((x0 + left, 8), f"{label} vs dataset representation (L1 threshold labels)", fill="black")
-        draw.text((x0 + width // 2 - 60, height - 16), "fraction of max tokens", fill="black")
+            px, py = to_px(tick, lo)
+            draw.line([px, py, px, py + 4], fill="black")
+            draw.text((px, py + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
+        digits = max(2, 1 - math.floor(math.log10((hi - lo) / 4)))  # enough decimals to tell ticks apart
+        for i in range(5):
+            value = lo + (hi - lo) * i / 4
+            px, py = to_px(0, value)
+            draw.line([px - 4, py, px, py], fill="black")
+            draw.text((px - 6, py), f"{value:.{digits}f}", fill="black", font=font, anchor="rm")
+        for name, rows, colour in series:
+            points = sorted(to_px(r["dataset_representation"], r[key]) for r in rows if r.get(key) is not None)
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for r in rows:
+                if r.get(key) is None:
+                    continue
+                px, py = to_px(r["dataset_representation"], r[key])
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+                if "threshold" in r:  # label inside the frame, whichever side has room
+                    anchor = "rb" if px > x0 + width - right - 40 else "lb"
+                    draw.text((px + (-5 if anchor == "rb" else 5), py - 4), f"{r['threshold']:g}", fill=colour,
+                              font=font, anchor=anchor)
+        for i, (name, _, colour) in enumerate(series):
+            draw.line([x0 + left + 10, top + 14 + 16 * i, x0 + left + 30, top + 14 + 16 * i], fill=colour, width=2)
+            draw.text((x0 + left + 36, top + 14 + 16 * i), name, fill=colour, font=font, anchor="lm")
+        draw.text((x0 + width // 2, 12), f"{label} against dataset representation (Fig. 7)", fill="black",
+                  font=font, anchor="mt")
+        draw.text((x0 + left + (width - left - right) / 2, height - 8), "fraction of the maximum tokens",
+                  fill="black", font=font, anchor="mb")
+        draw.text((x0 + 14, top + (height - top - bottom) / 2), label, fill="black", font=font, anchor="mm")
     canvas.save(path)
 
 
@@ -379,6 +432,17 @@ def markdown_report(r: dict) -> str:
                      f"{num(row['rfid'], '.2f')} |")
     v = r["vqgan"]
     lines.append(f"| VQGAN ({v['tokens']} 2D) | {v['l1']:.4f} | {v['psnr']:.2f} | - | {num(v['rfid'], '.2f')} |")
+    if r["compare"]:
+        rows = {"this": r["per_token_count"], "compare": r["compare"]["per_token_count"]}
+        lines += ["", f"L1 per token count, {r['checkpoint']} against {r['compare']['checkpoint']}:", "",
+                  "| checkpoint | " + " | ".join(str(row["tokens"]) for row in rows["this"]) + " |",
+                  "| --- |" + " ---: |" * len(rows["this"])]
+        for name, path in (("this", r["checkpoint"]), ("compare", r["compare"]["checkpoint"])):
+            lines.append(f"| {path} | " + " | ".join(f"{row['l1']:.4f}" for row in rows[name]) + " |")
+    for name, usage in (("", r["codebook"]), (" (compare)", (r["compare"] or {}).get("codebook"))):
+        if usage:
+            lines.append(f"\nlatent codebook{name} at the longest code: {usage['codes_used']}/{usage['codebook_size']} "
+                         f"codes used ({100 * usage['fraction_used']:.0f}%), perplexity {usage['perplexity']:.1f}")
     lines += ["", "| adaptive criterion | mean tokens | dataset repr. | L1 | PSNR | rFID |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["adaptive_l1"] + r["adaptive_token_accuracy"]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -49,6 +50,10 @@ class VectorQuantizer(nn.Module):
         # Usage since the last dead-code restart and the latest inputs (training only; plain attributes,
         # not buffers, so that DDP does not overwrite them with rank 0's).
         self.counts_since_restart, self.recent_inputs = None, None
+        # 1: the decoder receives the code (the paper's quantizer). Below 1 it receives
+        # z + blend * (code - z): a training script can start from continuous latents and blend the
+        # codes in, so that the decoder learns to read the latents before they are discrete.
+        self.blend = 1.0
 
     def codebook(self) -> torch.Tensor:
         """(codebook_size, code_dim): the rows lookups return (unit rows when l2_normalize)."""
@@ -75,7 +80,7 @@ class VectorQuantizer(nn.Module):
             chosen = F.embedding(indices, codebook).view_as(z)
             # Commitment pulls the encoder to its code, the codebook term pulls the code to the encoder.
             loss = self.beta * F.mse_loss(z, chosen.detach()) + F.mse_loss(chosen, z.detach())
-            codes = z + (chosen - z).detach()  # straight-through estimator
+            codes = z + self.blend * (chosen - z).detach()  # straight-through estimator
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             if self.training:
                 self.counts_since_restart = counts if self.counts_since_restart is None else self.counts_since_restart + counts
@@ -99,5 +104,7 @@ class VectorQuantizer(nn.Module):
         if len(dead):
             picks = torch.randint(len(self.recent_inputs), (len(dead),), device=self.recent_inputs.device)
             self.embedding.weight[dead] = self.recent_inputs[picks].to(self.embedding.weight.dtype)
+        if dist.is_available() and dist.is_initialized():  # DDP: every rank takes rank 0's codebook
+            dist.broadcast(self.embedding.weight.data, src=0)
         self.counts_since_restart = None
         return len(dead)

@@ -56,6 +56,14 @@ class TrainConfig(LoopConfig):
     label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
     code_loss_weight: float = 1.0  # weight of the MSE between the softmax-expected code and the true code
     quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
+    # Continuous warm start of the latent codes (not in the paper; 0 and 0 are the paper's quantizer):
+    # the decoder reads the unquantized latents for the first continuous_steps ...
+    continuous_steps: int = 0
+    blend_steps: int = 0  # ... then the codes are blended in over so many steps (VectorQuantizer.blend)
+    # Move latent codes no token chose for so many steps onto recent encoder outputs (0: never; not in
+    # the official code) ...
+    latent_restart_every: int = 0
+    restart_until: float = 0.75  # ... until this fraction of the steps, so that the EMA weights settle
     # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
     # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
     token_cache: str | None = None
@@ -69,6 +77,11 @@ def parse_args(argv=None):
         (0 <= train.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (0 <= train.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (train.loss_iters >= 0, "--loss-iters must be >= 0"),
+        (min(train.continuous_steps, train.blend_steps, train.latent_restart_every) >= 0,
+         "--continuous-steps, --blend-steps and --latent-restart-every must be >= 0"),
+        (0 <= train.restart_until <= 1, "--restart-until must be in [0, 1]"),
+        (train.continuous_steps + train.blend_steps < train.steps,
+         "--continuous-steps + --blend-steps must end before --steps: the model is saved quantized"),
     ])
     try:
         model_cfg = make_config(train.preset, **model_flags)
@@ -192,10 +205,13 @@ def main(argv=None):
 
     bar = progress(train.steps, step, ctx.is_main)
     stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)
+    code_counts = torch.zeros(model_cfg.latent_codebook_size if model_cfg.quantize_latent else 0, device=ctx.device)
     first_nonfinite = torch.full((), -1, device=ctx.device)  # checked at log/save steps only: no sync per step
     stop = stop_step(train, step)
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+        if model.quantize is not None:
+            model.quantize.blend = min(1.0, max(0.0, (step - train.continuous_steps + 1) / max(1, train.blend_steps)))
         for micro in range(train.grad_accum):
             _, batch = next(batches)
             images = batch[0].to(ctx.device, non_blocking=True)
@@ -213,16 +229,21 @@ def main(argv=None):
                                                     train.code_loss_weight, train.quantizer_loss_weight)
                 (loss / train.grad_accum).backward()
             stats += micro_stats
+            if records[-1].indices is not None:  # codebook usage of the longest code, over the log window
+                code_counts += torch.bincount(records[-1].indices.flatten(), minlength=len(code_counts))
             first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss), step, first_nonfinite)
         torch.nn.utils.clip_grad_norm_(model.alit_parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if train.latent_restart_every and (step + 1) % train.latent_restart_every == 0 and \
+                step + 1 <= train.restart_until * train.steps:
+            model.quantize.restart_dead_codes()
         ema.update(model, step)
         step += 1
         bar.update(1)
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
-            log_stats(bar, stats, first_nonfinite, train, ctx)
+            log_stats(bar, stats, code_counts, first_nonfinite, train, ctx)
         if ctx.is_main and due(step, train.sample_every, stop):  # the VQGAN codes stage 1 predicts
             grid = model.rollout_images(val_images, soft_codes=False) + [val_images]
             save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
@@ -232,10 +253,11 @@ def main(argv=None):
     return model
 
 
-def log_stats(bar, stats, first_nonfinite, train, ctx):
-    """Cross-entropy and per-iteration token accuracy since the last log, averaged over ranks, on the
-    progress bar; a non-finite loss ends the run before the checkpoint it would have spoiled."""
-    all_reduce_mean([stats], ctx)
+def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx):
+    """Cross-entropy, per-iteration token accuracy and the fraction of latent codes the longest codes
+    used since the last log, over all ranks, on the progress bar; a non-finite loss ends the run
+    before the checkpoint it would have spoiled."""
+    all_reduce_mean([stats, code_counts], ctx)
     if ctx.enabled:
         dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
     if first_nonfinite.item() >= 0:
@@ -243,8 +265,10 @@ def log_stats(bar, stats, first_nonfinite, train, ctx):
                  f"saving, so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
     ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
     per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
-    bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration))
+    used = f"{(code_counts > 0).float().mean().item():.2f}" if len(code_counts) else "-"
+    bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration), codes_used=used)
     stats.zero_()
+    code_counts.zero_()
 
 
 if __name__ == "__main__":

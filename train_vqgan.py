@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data import build_dataset, first_images, save_image_grid, train_batches
 from losses import (PatchDiscriminator, adopt_weight, discriminator_step, generator_gan_loss, load_perceptual,
@@ -58,13 +57,6 @@ def parse_args(argv=None):
     ])
     model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
     return train, model_cfg
-
-
-def restart_dead_codes(quantizer, ctx) -> None:
-    """Restart unused codes (rank 0 decides and draws; every rank gets its codebook)."""
-    quantizer.restart_dead_codes()
-    if ctx.enabled:
-        dist.broadcast(quantizer.embedding.weight.data, src=0)
 
 
 def main(argv=None):
@@ -123,7 +115,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         if train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
-            restart_dead_codes(model.quantize, ctx)
+            model.quantize.restart_dead_codes()
         d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16) if gan_on else None
 
         step += 1

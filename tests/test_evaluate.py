@@ -40,9 +40,9 @@ def test_early_exit_chooses_what_exhaustive_search_chooses(stage1_ckpt):
         torch.testing.assert_close(c.recon, records[t].recon[i], atol=1e-5, rtol=0)
     # the token-space criterion, with no pixel decoding in the loop
     accuracy = torch.stack([(r.logits.argmax(-1) == gt).float().mean(1) for r in records])
-    thr = spread_threshold(-accuracy)
-    expected = first_passing(-accuracy < thr)
-    choices = model.encode_adaptive(images, token_accuracy_above(-thr), token_space=True)
+    thr = -spread_threshold(-accuracy)
+    expected = first_passing(accuracy >= thr)  # the criterion's own comparison, ties included
+    choices = model.encode_adaptive(images, token_accuracy_above(thr), token_space=True)
     assert [c.num_tokens for c in choices] == ((expected + 1) * K).tolist()
     # encode() returns the same indices as the choices
     assert all(torch.equal(a, c.indices) for a, c in zip(model.encode(images, l1_below(1.0)), model.encode_adaptive(images, l1_below(1.0))))
@@ -74,8 +74,11 @@ class TinyFeatures(torch.nn.Module):
 def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
     monkeypatch.setattr(evaluate.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures()))
     out = tmp_path / "eval"
+    copy = tmp_path / "copy.pt"  # compared with itself, row for row
+    copy.write_bytes(stage1_ckpt.read_bytes())
     results = evaluate.main(["--ckpt", str(stage1_ckpt), "--num-images", "24", "--batch-size", "12",
-                             "--inception-weights", "fake.pth", "--speed-images", "8", "--out-dir", str(out)])
+                             "--inception-weights", "fake.pth", "--speed-images", "8", "--out-dir", str(out),
+                             "--compare", str(copy)])
     printed = capsys.readouterr().out
     assert "protocol 'crop'" in printed and "| tokens | L1 |" in printed
     saved = json.loads((out / "metrics.json").read_text())
@@ -90,6 +93,11 @@ def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
     assert rho is None or -1 <= rho <= 1
     assert set(saved["complexity"]["l1_per_level_per_tokens"]) <= {"0", "1", "2", "3", "4"}
     assert saved["early_exit"]["same_counts_as_exhaustive"] == 1.0
+    assert [r["l1"] for r in saved["compare"]["per_token_count"]] == [r["l1"] for r in rows]
+    usage = saved["codebook"]
+    assert usage == saved["compare"]["codebook"] and 0 < usage["fraction_used"] <= 1
+    assert usage["codes_used"] == round(usage["fraction_used"] * usage["codebook_size"])
+    assert f"{usage['codes_used']}/{usage['codebook_size']} codes used" in printed
     for name in ("adaptive_sweep.csv", "adaptive_sweep.png", "reconstructions.png"):
         assert (out / name).is_file()
     assert results["protocol"] == "crop"
