@@ -107,12 +107,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, rng, cx: float, cy: float, r: float, 
     draw.polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=fill)
 
 
+def _split_background(draw: ImageDraw.ImageDraw, rng, side: int, colour: int) -> None:
+    """Paint the half-plane on one side of a random line through the middle half of the image."""
+    px, py = rng.uniform(0.25, 0.75, 2) * side
+    angle = rng.uniform(0, 2 * np.pi)
+    dx, dy, far = np.cos(angle), np.sin(angle), 4 * side  # the line's direction; far outside the image
+    draw.polygon([(px - far * dx, py - far * dy), (px + far * dx, py + far * dy),
+                  (px + far * (dx - dy), py + far * (dy + dx)), (px - far * (dx + dy), py + far * (dx - dy))],
+                 fill=_rgb(colour))
+
+
 def render_shapes(rng: np.random.Generator, level: int, image_size: int) -> Image.Image:
     """One scene of the given complexity level, drawn from rng alone."""
     spec, side = LEVELS[level], SUPERSAMPLE * image_size
     background = _colour(rng)
     canvas = Image.new("RGB", (side, side), _rgb(background))
     draw = ImageDraw.Draw(canvas)
+    # The background is split by a random straight line into two palette colours: a layout that
+    # spans the whole image, so that from the first steps stage 1 must tell where things are (on
+    # flat backgrounds it settles for hundreds of steps on one colour for the whole image).
+    _split_background(draw, rng, side, _colour(rng, avoid=background))
     for _ in range(int(rng.integers(spec.objects[0], spec.objects[1] + 1))):
         cx, cy = rng.uniform(0.1, 0.9, 2) * side
         r = rng.uniform(*spec.radius) * side
