@@ -39,14 +39,14 @@ OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
 @dataclass
 class TrainConfig(LoopConfig):
     out_dir: str = "out/stage1"
-    steps: int = 300
+    steps: int = 1500
     batch_size: int = 16
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
     vqgan_official: str | None = None  # ... or the VQGAN checkpoint of the official code (VQGAN.from_official)
-    warmup_steps: int = 30  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
+    warmup_steps: int = 50  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
     grad_accum: int = 1  # micro-batches per optimizer step (gradients synced on the last only)
     # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
-    # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few hundred steps need large ones.
+    # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few thousand steps need large ones.
     base_lr: float | None = None
     weight_decay: float = 0.05  # on weight matrices only
     ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
@@ -56,17 +56,33 @@ class TrainConfig(LoopConfig):
     label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
     code_loss_weight: float = 1.0  # weight of the MSE between the softmax-expected code and the true code
     quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
-    # Continuous warm start of the latent codes (not in the paper; 0 and 0 are the paper's quantizer):
-    # the decoder reads the unquantized latents for the first continuous_steps ...
-    continuous_steps: int = 0
-    blend_steps: int = 0  # ... then the codes are blended in over so many steps (VectorQuantizer.blend)
-    # Move latent codes no token chose for so many steps onto recent encoder outputs (0: never; not in
-    # the official code) ...
-    latent_restart_every: int = 0
+    # The CPU recipe, not in the paper: each default is CPU_RECIPE's below 256x256, OFFICIAL_RECIPE's at 256.
+
+    # Rollout warm-up: the loss covers iterations 1..t, t growing from 1 to all over this fraction of
+    # the steps (default 0.6 below 256x256; 0, every iteration from the first step, at 256).
+    rollout_warmup: float | None = None
+    # The decoder reads the latents unquantized until this fraction of the steps (default 0.3 below
+    # 256x256, 0 at 256) ...
+    continuous_until: float | None = None
+    # ... then the codes are blended in until this one (VectorQuantizer.blend; default 0.5 below
+    # 256x256, 0 at 256)
+    blend_until: float | None = None
+    # Move latent codes no token chose for so many steps onto recent encoder outputs (default 25 below
+    # 256x256, 0 = never at 256) ...
+    latent_restart_every: int | None = None
     restart_until: float = 0.75  # ... until this fraction of the steps, so that the EMA weights settle
     # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
     # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
     token_cache: str | None = None
+
+
+# What the recipe fields above default to. A few thousand CPU steps need all of these: the shared
+# encoder learns the first tokens several times faster with fewer iterations behind them (and
+# those steps are cheap), and quantized from the first step the latent codes carry nothing for
+# hundreds of steps. The official run needs none of them.
+CPU_RECIPE = dict(base_lr=3.2e-2, rollout_warmup=0.6, continuous_until=0.3, blend_until=0.5, latent_restart_every=25)
+OFFICIAL_RECIPE = dict(base_lr=1.5e-4, rollout_warmup=0.0, continuous_until=0.0, blend_until=0.0,
+                       latent_restart_every=0)
 
 
 def parse_args(argv=None):
@@ -77,16 +93,19 @@ def parse_args(argv=None):
         (0 <= train.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (0 <= train.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (train.loss_iters >= 0, "--loss-iters must be >= 0"),
-        (min(train.continuous_steps, train.blend_steps, train.latent_restart_every) >= 0,
-         "--continuous-steps, --blend-steps and --latent-restart-every must be >= 0"),
-        (0 <= train.restart_until <= 1, "--restart-until must be in [0, 1]"),
-        (train.continuous_steps + train.blend_steps < train.steps,
-         "--continuous-steps + --blend-steps must end before --steps: the model is saved quantized"),
+        (train.latent_restart_every is None or train.latent_restart_every >= 0, "--latent-restart-every must be >= 0"),
+        (all(0 <= v <= 1 for v in (train.rollout_warmup or 0, train.continuous_until or 0, train.blend_until or 0,
+                                   train.restart_until)),
+         "--rollout-warmup, --continuous-until, --blend-until and --restart-until are fractions in [0, 1]"),
     ])
     try:
         model_cfg = make_config(train.preset, **model_flags)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    recipe = OFFICIAL_RECIPE if model_cfg.image_size >= 256 else CPU_RECIPE
+    train = dataclasses.replace(train, **{k: v for k, v in recipe.items() if getattr(train, k) is None})
+    check_flags([(train.continuous_until <= train.blend_until < 1 or train.blend_until == train.continuous_until == 0,
+                  "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
     return train, model_cfg
 
@@ -175,7 +194,7 @@ def main(argv=None):
         model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
     global_batch = train.batch_size * train.grad_accum * ctx.world_size
-    lr = (train.base_lr or (1.5e-4 if model_cfg.image_size >= 256 else 3.2e-2)) * global_batch / 256
+    lr = train.base_lr * global_batch / 256
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
@@ -193,8 +212,8 @@ def main(argv=None):
     if train.compile:
         model.compile_transformers()
     # Frozen params never get gradients; when only a subset of iterations is decoded, halting
-    # (hence the halted token) may not run at all in a step.
-    ddp_model = wrap_ddp(model, ctx, find_unused_parameters=train.loss_iters not in (0, model_cfg.rollout_iters))
+    # (hence the halted token) and later iterations' embeddings may not run at all in a step.
+    ddp_model = wrap_ddp(model, ctx, find_unused_parameters=bool(train.loss_iters or train.rollout_warmup))
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     if train.token_cache:
         dataset = open_token_cache(train, model, ctx)
@@ -211,11 +230,12 @@ def main(argv=None):
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         if model.quantize is not None:
-            model.quantize.blend = min(1.0, max(0.0, (step - train.continuous_steps + 1) / max(1, train.blend_steps)))
+            model.quantize.blend = code_blend(step, train)
+        rollout = rollout_length(step, train, model_cfg.rollout_iters)
         for micro in range(train.grad_accum):
             _, batch = next(batches)
             images = batch[0].to(ctx.device, non_blocking=True)
-            iters = torch.randperm(model_cfg.rollout_iters)[:train.loss_iters].tolist() if train.loss_iters else None
+            iters = torch.randperm(rollout)[:train.loss_iters].tolist() if train.loss_iters else list(range(rollout))
             if train.token_cache:
                 vqgan_latents, gt_indices = batch[2].to(ctx.device), batch[3].to(ctx.device)
             else:
@@ -235,8 +255,8 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.alit_parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if train.latent_restart_every and (step + 1) % train.latent_restart_every == 0 and \
-                step + 1 <= train.restart_until * train.steps:
+        if model.quantize is not None and train.latent_restart_every and \
+                (step + 1) % train.latent_restart_every == 0 and step + 1 <= train.restart_until * train.steps:
             model.quantize.restart_dead_codes()
         ema.update(model, step)
         step += 1
@@ -251,6 +271,19 @@ def main(argv=None):
             save_training_state(train, step, stateful, model_cfg.to_dict(), ctx)
     finish(ctx, train, bar)
     return model
+
+
+def rollout_length(step: int, train: TrainConfig, iters: int) -> int:
+    """How many iterations this step rolls out: one at first, all after --rollout-warmup."""
+    if not train.rollout_warmup:
+        return iters
+    return min(iters, 1 + int(step / (train.rollout_warmup * train.steps) * (iters - 1)))
+
+
+def code_blend(step: int, train: TrainConfig) -> float:
+    """VectorQuantizer.blend at this step: 0 (continuous) until --continuous-until, 1 from --blend-until."""
+    start, end = train.continuous_until * train.steps, train.blend_until * train.steps
+    return 1.0 if end == 0 else min(1.0, max(0.0, (step + 1 - start) / max(1.0, end - start)))
 
 
 def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx):

@@ -38,7 +38,7 @@ class TrainConfig(LoopConfig):
     stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from
     preset: str | None = None  # default: the stage-1 checkpoint's; if given, the checkpoint must match it
     out_dir: str = "out/stage2"
-    steps: int = 200
+    steps: int = 600
     batch_size: int = 16
     warmup_steps: int = 20
     # lr = base_lr * global batch / 256. Default: the official 1e-4 at 256x256 (the paper); below that

@@ -41,5 +41,5 @@ def test_help_shows_allowed_values_and_preset_defaults(capsys):
     entries = flag_entries(capsys.readouterr().out)
     assert "--dataset {shapes,imagenet100,imagenet,folder}" in entries
     assert "--preset {base,semilarge,small,tiny}" in entries
-    assert "(default: 300)" in entries["--steps STEPS"]
+    assert "(default: 1500)" in entries["--steps STEPS"]
     assert "(default: preset's value)" in entries["--encoder-width ENCODER_WIDTH"]

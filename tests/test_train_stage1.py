@@ -125,8 +125,22 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, vqgan_ckpt, m
     assert kept["step"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
 
 
+def test_cpu_recipe_grows_the_rollout_and_blends_the_codes_in():
+    train, cfg = train_stage1.parse_args(["--steps", "100"])  # tiny: the CPU recipe
+    lengths = [train_stage1.rollout_length(step, train, cfg.rollout_iters) for step in range(100)]
+    assert lengths[0] == 1 and lengths == sorted(lengths) and lengths[59] == 7 and set(lengths[60:]) == {8}
+    blend = [train_stage1.code_blend(step, train) for step in range(100)]
+    assert blend[29] == 0 and 0 < blend[39] < 1 and blend[49] == 1 and blend == sorted(blend)
+    # the paper's size trains as the official code: every iteration, quantized from the first step
+    train, cfg = train_stage1.parse_args(["--preset", "small", "--steps", "100"])
+    assert train.base_lr == 1.5e-4 and train.latent_restart_every == 0
+    assert train_stage1.rollout_length(0, train, cfg.rollout_iters) == 8 and train_stage1.code_blend(0, train) == 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "huge"], "--preset"),
+    (["--rollout-warmup", "1.5"], "--rollout-warmup"),
+    (["--continuous-until", "0.6", "--blend-until", "0.5"], "--blend-until"),
     (["--loss-iters", "9"], "--loss-iters"),
     (["--ema-decay", "1.5"], "--ema-decay"),
     (["--patch-size", "2"], "patch_size"),
