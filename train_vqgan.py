@@ -12,6 +12,7 @@ discriminator start step.
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def parse_args(argv=None):
 def main(argv=None):
     train, model_cfg = parse_args(argv)
     if train.eval_only:
-        model = VQGAN.from_checkpoint(Path(train.out_dir) / "ckpt.pt")
+        try:
+            model = VQGAN.from_checkpoint(Path(train.out_dir) / "ckpt.pt")
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"error: --eval-only: {error}")
         print(format_val_metrics(evaluate_vqgan(model, train)))
         return model
     ctx = setup_distributed(train.device)

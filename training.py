@@ -10,11 +10,13 @@ import ast
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import inspect
 import io
 import math
 import os
 import random
+import re
 import sys
 import textwrap
 import tokenize
@@ -185,7 +187,10 @@ class EMA:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a step draws from, as tensors and plain values (what weights_only loading reads)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -193,7 +198,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -208,22 +214,59 @@ def gather_rng_states(ctx: Distributed) -> list:
     return states
 
 
+def previous_checkpoint(path: Path) -> Path:
+    """ckpt.pt -> ckpt.prev.pt: the checkpoint before, kept for --resume in case ckpt.pt is unreadable."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: write a temporary file, then rename it over the old one, so an interrupted
-    save never leaves a broken checkpoint behind."""
+    """Durable and atomic: written to a temporary file in the same folder and flushed to disk, then
+    renamed over the old checkpoint, which becomes <name>.prev.pt; the folder is flushed last. After a
+    kill or a power loss the folder holds a whole checkpoint, whenever it happened."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
+    if path.exists():
+        os.replace(path, previous_checkpoint(path))
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)  # the renames reach the disk
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+# Checkpoints written before RNG states were stored as tensors hold numpy's as an array: exactly the
+# globals that rebuild a plain array are allowed for them, nothing that could run code.
+NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
 
 
 def load_checkpoint(path) -> dict:
-    """Our own checkpoints (they hold RNG states and configs: trusted, written by this code)."""
+    """One of our checkpoints, read with weights_only=True: tensors and plain values only, so that a
+    checkpoint someone passes around cannot run code. An unreadable or refused file raises a one-line
+    ValueError naming it (a missing one FileNotFoundError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): a save or a copy that never finished")
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        unsafe = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(error))
+        if unsafe:
+            raise ValueError(f"{path} refused: it holds a pickled {unsafe[1] or unsafe[2]}, which could run code when "
+                             "loaded (our checkpoints hold only tensors and plain values)") from None
+        raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt") from None
 
 
 def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, **extra) -> dict:
@@ -236,16 +279,36 @@ def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, 
 
 
 def save_training_state(train, step: int, stateful: dict, model_config: dict, ctx, **extra):
-    """<out_dir>/ckpt.pt, written by rank 0 (collective: every rank calls it)."""
+    """<out_dir>/ckpt.pt, written by rank 0 (collective: every rank calls it). A failed write, a full
+    disk above all, ends the run with the last checkpoint untouched."""
     state = checkpoint_state(stateful, step, model_config, train, ctx, **extra)
+    path = Path(train.out_dir) / "ckpt.pt"
     if ctx.is_main:
-        save_checkpoint(Path(train.out_dir) / "ckpt.pt", state)
+        try:
+            save_checkpoint(path, state)
+        except OSError as error:
+            reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror or error
+            sys.exit(f"error: cannot write the step-{step} checkpoint to {path}: {reason}; the last checkpoint "
+                     "there is untouched: make room, then continue with --resume")
 
 
 def resume(path, model_config: dict, stateful: dict, ctx) -> dict:
     """--resume: load `path` into every object of `stateful` (checkpoint key -> object with
-    load_state_dict), restore this rank's RNG state, and return the checkpoint (step, extras)."""
-    ckpt = load_checkpoint(path)
+    load_state_dict), restore this rank's RNG state, and return the checkpoint (step, extras).
+    When `path` is missing or unreadable, the checkpoint before it (ckpt.prev.pt), saying so."""
+    path = Path(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as error:
+        previous = previous_checkpoint(path)
+        if not previous.is_file():
+            sys.exit(f"error: --resume: {error}, and there is no {previous.name} to fall back to; "
+                     "leave out --resume to start afresh")
+        ctx.log(f"warning: {error}; resuming from the checkpoint before it, {previous}")
+        try:
+            ckpt, path = load_checkpoint(previous), previous
+        except ValueError as previous_error:
+            sys.exit(f"error: --resume: {error}; and {previous_error}")
     if ckpt["model_config"] != model_config:
         sys.exit(f"error: {path} was trained with another model config: {ckpt['model_config']}")
     for key, obj in stateful.items():
@@ -390,7 +453,7 @@ class LoopConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
     bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
     compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
-    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    resume: bool = False  # continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable)
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
 
 

@@ -140,7 +140,8 @@ def _all_reduce_worker(rank, world_size, init_file, features, out_dir):
     for chunk in features[rank::world_size].split(7):
         stats.update(chunk)
     stats.all_reduce_()
-    torch.save({"count": stats.count, "mean_cov": stats.mean_cov()}, f"{out_dir}/rank{rank}.pt")
+    mean_cov = [torch.from_numpy(m) for m in stats.mean_cov()]  # tensors: read back with weights_only
+    torch.save({"count": stats.count, "mean_cov": mean_cov}, f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -153,10 +154,10 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process(tmp_path):
 
     mp.spawn(_all_reduce_worker, args=(2, tmp_path / "init", features, tmp_path), nprocs=2)
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["count"] == 61
-        np.testing.assert_allclose(result["mean_cov"][0], mu, atol=1e-12, rtol=0)
-        np.testing.assert_allclose(result["mean_cov"][1], sigma, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(result["mean_cov"][0].numpy(), mu, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(result["mean_cov"][1].numpy(), sigma, atol=1e-12, rtol=0)
 
 
 def test_loader_errors_name_the_file_and_the_missing_key(state_dict, tmp_path):

@@ -9,7 +9,7 @@ import torch
 import train_stage2
 from losses import PatchDiscriminator, discriminator_step, generator_gan_loss
 from model import ALIT
-from training import setup_distributed
+from training import load_checkpoint, setup_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--no-bf16", "--batch-size", "2", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "1",
@@ -51,8 +51,8 @@ def test_resume_continues_bit_exactly(tmp_path, stage1_ckpt):
     resumed = stage2(tmp_path, stage1_ckpt, "parts", "--steps", "4", "--save-every", "2", "--resume")
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
-    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / "parts" / "ckpt.pt")
     for key in a["discriminators"]:
         assert torch.equal(a["discriminators"][key], b["discriminators"][key]), key
     assert (tmp_path / "whole" / "rollout_000004.png").is_file()
@@ -60,7 +60,7 @@ def test_resume_continues_bit_exactly(tmp_path, stage1_ckpt):
 
 def test_discriminator_per_iteration_option(tmp_path, stage1_ckpt):
     stage2(tmp_path, stage1_ckpt, "per", "--steps", "3", "--disc-per-iteration", "--gan-schedule", "0:0.1")
-    ckpt = torch.load(tmp_path / "per" / "ckpt.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "per" / "ckpt.pt")
     rollout_iters = ckpt["model_config"]["rollout_iters"]
     assert len({k.split(".")[0] for k in ckpt["discriminators"]}) == rollout_iters
 
@@ -72,7 +72,7 @@ def test_two_process_torchrun(tmp_path, stage1_ckpt):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
 
 

@@ -48,8 +48,8 @@ def test_resume_continues_bit_exactly(tmp_path):
     resumed = run(tmp_path, "parts", "--steps", "6", "--save-every", "3", "--resume")
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
-    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=False)
+    a = training.load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    b = training.load_checkpoint(tmp_path / "parts" / "ckpt.pt")
     for (key, x), y in zip(a["discriminator"].items(), b["discriminator"].values()):
         assert torch.equal(x, y), key
     assert (tmp_path / "whole" / "recon_000006.png").is_file()
@@ -62,7 +62,7 @@ def test_two_process_torchrun(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    ckpt = training.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # every rank's RNG state is kept
 
 
@@ -78,7 +78,7 @@ def test_bad_flags_are_named(flags, message, capsys):
 
 
 def test_resume_without_checkpoint_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ckpt.pt"):
+    with pytest.raises(SystemExit, match="ckpt.pt"):
         run(tmp_path, "none", "--steps", "2", "--resume")
 
 
