@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
-from training import (EMA, LoopConfig, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due, finish,
-                      keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume, save_training_state,
-                      set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (EMA, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags,
+                      due, finish, keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume,
+                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import VQGAN
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
@@ -179,7 +179,7 @@ def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code
 
 def main(argv=None):
     train, model_cfg = parse_args(argv)
-    ctx = setup_distributed(train.device)
+    ctx = setup_distributed(train.device, train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
@@ -227,6 +227,7 @@ def main(argv=None):
     code_counts = torch.zeros(model_cfg.latent_codebook_size if model_cfg.quantize_latent else 0, device=ctx.device)
     first_nonfinite = torch.full((), -1, device=ctx.device)  # checked at log/save steps only: no sync per step
     stop = stop_step(train, step)
+    stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         if model.quantize is not None:
@@ -261,6 +262,8 @@ def main(argv=None):
         ema.update(model, step)
         step += 1
         bar.update(1)
+        if stop_signal.requested():
+            stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
             log_stats(bar, stats, code_counts, first_nonfinite, train, ctx)
@@ -269,7 +272,7 @@ def main(argv=None):
             save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, model_cfg.to_dict(), ctx)
-    finish(ctx, train, bar)
+    finish(ctx, train, bar, stop_signal, step)
     return model
 
 

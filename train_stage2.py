@@ -28,9 +28,9 @@ from data import build_dataset, first_images, save_image_columns, train_batches
 from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
 from model import ALIT, PRESETS, make_config
-from training import (EMA, LoopConfig, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due, finish,
-                      keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume, save_training_state,
-                      set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (EMA, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags,
+                      due, finish, keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume,
+                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 
 
 @dataclass
@@ -114,7 +114,7 @@ def load_stage1(path, preset: str | None) -> ALIT:
 
 def main(argv=None):
     train = parse_args(argv)
-    ctx = setup_distributed(train.device)
+    ctx = setup_distributed(train.device, train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
@@ -162,6 +162,7 @@ def main(argv=None):
 
     bar = progress(train.steps, step, ctx.is_main)
     stop = stop_step(train, step)
+    stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     logs = torch.zeros(5, device=ctx.device)
     while step < stop:
         set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
@@ -192,6 +193,8 @@ def main(argv=None):
                              torch.ones_like(d_loss)])
         step += 1
         bar.update(1)
+        if stop_signal.requested():
+            stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
             log_losses(bar, logs, disc_weight, step, train, ctx)
@@ -200,7 +203,7 @@ def main(argv=None):
             save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, cfg.to_dict(), ctx)
-    finish(ctx, train, bar)
+    finish(ctx, train, bar, stop_signal, step)
     return model
 
 

@@ -21,9 +21,9 @@ import torch
 from data import build_dataset, first_images, save_image_grid, train_batches
 from losses import (PatchDiscriminator, adopt_weight, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
-from training import (LoopConfig, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due, finish,
-                      keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume, save_training_state,
-                      set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due,
+                      finish, keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume,
+                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import PRESETS, VQGAN, VQGANConfig
 
 
@@ -69,7 +69,7 @@ def main(argv=None):
             sys.exit(f"error: --eval-only: {error}")
         print(format_val_metrics(evaluate_vqgan(model, train)))
         return model
-    ctx = setup_distributed(train.device)
+    ctx = setup_distributed(train.device, train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
@@ -99,6 +99,7 @@ def main(argv=None):
     bar = progress(train.steps, step, ctx.is_main)
     last_layer = model.decoder.last_layer
     stop = stop_step(train, step)
+    stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     while step < stop:
         _, (images, _) = next(batches)
         images = images.to(ctx.device, non_blocking=True)
@@ -124,6 +125,8 @@ def main(argv=None):
 
         step += 1
         bar.update(1)
+        if stop_signal.requested():
+            stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
         if due(step, train.log_every, stop):
             logs = torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage,
                                 d_loss if gan_on else torch.zeros((), device=ctx.device)])
@@ -135,7 +138,7 @@ def main(argv=None):
         if due(step, train.save_every, stop):  # code_counts: for the next dead-code restart
             save_training_state(train, step, stateful, dataclasses.asdict(model_cfg), ctx,
                                 code_counts=model.quantize.counts_since_restart)
-    finish(ctx, train, bar)
+    finish(ctx, train, bar, stop_signal, step)
     if ctx.is_main and step == train.steps:
         ctx.log(format_val_metrics(evaluate_vqgan(model, train)))
     return model

@@ -10,6 +10,7 @@ import ast
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import errno
 import inspect
 import io
@@ -17,8 +18,10 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import textwrap
+import time
 import tokenize
 import typing
 from dataclasses import dataclass
@@ -58,13 +61,14 @@ class Distributed:
             print(*args, **kwargs)
 
 
-def setup_distributed(device_flag: str = "auto") -> Distributed:
+def setup_distributed(device_flag: str = "auto", timeout: float = 300) -> Distributed:
     """The one place the device is chosen. `RANK` in the environment (torchrun) means DDP:
-    nccl with CUDA, gloo without; the device is cuda:LOCAL_RANK or cpu."""
+    nccl with CUDA, gloo without; the device is cuda:LOCAL_RANK or cpu. A collective that waits
+    longer than `timeout` seconds for a lost rank ends the run with an error instead of a hang."""
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
     if "RANK" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     else:
         rank, local_rank, world = 0, 0, 1
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -455,6 +459,7 @@ class LoopConfig:
     compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
     resume: bool = False  # continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable)
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
+    dist_timeout: float = 300  # seconds a collective waits for the other ranks: a lost rank ends the run with an error
 
 
 def check_loop_flags(train: LoopConfig, presets) -> list:
@@ -464,6 +469,7 @@ def check_loop_flags(train: LoopConfig, presets) -> list:
         (train.batch_size > 0, "--batch-size must be positive"),
         (0 <= train.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
         (min(train.log_every, train.sample_every, train.save_every) > 0, "--log/sample/save-every must be positive"),
+        (train.dist_timeout > 0, "--dist-timeout must be positive"),
     ]
 
 
@@ -481,8 +487,49 @@ def progress(total, initial, enabled):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
-def finish(ctx: Distributed, train: LoopConfig, bar):
+class StopSignal:
+    """SIGTERM (a cluster preempting the job, torchrun stopping its workers) and SIGINT (Ctrl-C) end
+    the run after the current step, with a checkpoint to --resume from; a second signal ends the
+    process at once. Under DDP the ranks agree every step, so that all stop after the same one."""
+
+    def __init__(self, ctx: Distributed, timeout: float):
+        self.received, self.first_at, self.stopped = None, 0.0, False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The flag travels on the CPU (gloo) even beside nccl: checking it never waits for the GPU.
+        timeout = datetime.timedelta(seconds=timeout)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if ctx.enabled else None
+
+    def handle(self, signum, frame):
+        if self.received is None:
+            self.received, self.first_at = signal.Signals(signum).name, time.monotonic()
+        # A cluster that signals every process of a job reaches a torchrun worker twice within moments
+        # (directly, and forwarded by torchrun): that is still the first request.
+        elif time.monotonic() - self.first_at > 1:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def requested(self) -> bool:
+        """Whether any rank got a signal (collective under DDP: every rank asks after every step)."""
+        flag = torch.tensor(self.received is not None, dtype=torch.int32)
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.stopped = bool(flag)
+        return self.stopped
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def finish(ctx: Distributed, train: LoopConfig, bar, stop_signal: StopSignal | None = None, step: int = 0):
     bar.close()
+    if stop_signal is not None:
+        stop_signal.restore()
     if ctx.enabled:
         dist.destroy_process_group()
-    ctx.log(f"done: {Path(train.out_dir) / 'ckpt.pt'}")
+    ckpt = Path(train.out_dir) / "ckpt.pt"
+    if stop_signal is not None and stop_signal.stopped and step < train.steps:
+        ctx.log(f"stopped by {stop_signal.received or 'a signal to another rank'} after step {step}: "
+                f"continue with the same command and --resume, from {ckpt}")
+    else:
+        ctx.log(f"done: {ckpt}")
