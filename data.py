@@ -14,6 +14,8 @@ Every item is (image, target) with image a float32 (3, S, S) tensor in [0, 1].
 """
 import math
 import os
+import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 DATASETS = ("shapes", "imagenet100", "imagenet", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -274,10 +276,11 @@ class ImageFiles(Dataset):
     scale is kept); "resize" is TiTok's (shorter side -> image_size, bicubic, then
     center crop).
 
-    A file that fails to decode is skipped with a warning and the next index is
-    served instead, so one corrupt JPEG cannot end a multi-hour run; more than
-    max(1, 1%) bad files means the data itself is broken and raises. With
-    DataLoader workers each worker holds its own copy of bad_files.
+    A file that fails to decode (also one replaced or truncated after the listing)
+    is skipped with a warning naming it and the next index is served instead, so
+    one corrupt JPEG cannot end a multi-hour run. Every failure is appended to
+    `skipped` (each DataLoader worker has its own), which train_batches counts per
+    batch (--max-bad-images); only a dataset without one readable file raises.
     """
 
     def __init__(self, files: list[Path], targets: list[int], image_size: int,
@@ -286,7 +289,7 @@ class ImageFiles(Dataset):
         assert eval_protocol in ("crop", "resize"), eval_protocol
         self.files, self.targets = files, targets
         self.image_size, self.train, self.eval_protocol = image_size, train, eval_protocol
-        self.bad_files: dict[str, str] = {}  # path -> reason
+        self.skipped: list[str] = []  # the path of every failed decode, in order
 
     def __len__(self) -> int:
         return len(self.files)
@@ -310,18 +313,12 @@ class ImageFiles(Dataset):
             try:
                 img = load_rgb(self.files[i])
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                self._skip(str(self.files[i]), f"{type(error).__name__}: {error}")
+                self.skipped.append(str(self.files[i]))
+                warnings.warn(f"skipping unreadable image {self.files[i]} ({type(error).__name__}: {error})",
+                              stacklevel=2)
                 continue
             return self.transform(img), self.targets[i]
-        raise RuntimeError("unreachable: _skip raises before every file is bad")
-
-    def _skip(self, path: str, reason: str) -> None:
-        self.bad_files[path] = reason
-        warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=3)
-        if len(self.bad_files) > max(1, 0.01 * len(self)):
-            listing = "\n".join(f"  {p}: {r}" for p, r in self.bad_files.items())
-            raise RuntimeError(f"{len(self.bad_files)} of {len(self)} images are unreadable "
-                               f"(more than max(1, 1%)):\n{listing}")
+        raise RuntimeError(f"none of the {len(self)} images can be decoded, e.g. {self.files[index]}")
 
 
 # -----------------------------------------------------------------------------
@@ -452,17 +449,33 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        """The item, and the files that failed to decode on the way to it (ImageFiles.skipped)."""
+        skipped = getattr(self.dataset, "skipped", [])
+        before = len(skipped)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
             torch.manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 63)
-            return self.dataset[index]
+            return self.dataset[index], skipped[before:]
+
+
+def collate_with_skipped(items):
+    """A batch of (item, skipped files) pairs -> (the batch, every file skipped to fill it)."""
+    return default_collate([item for item, _ in items]), [path for _, paths in items for path in paths]
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which ends the run after its
+    step with a checkpoint (training.StopSignal); they end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
-                  start_step: int = 0, num_workers: int = 0):
+                  start_step: int = 0, num_workers: int = 0, max_bad_images: float = 0.25):
     """Endless (epoch, batch) stream for one rank, starting at optimizer step `start_step`.
 
     Each epoch is a DistributedSampler permutation (its epoch set, so every epoch is
     reshuffled); a resumed run skips the batches already seen without loading them.
+    More than `max_bad_images` of a batch's images failing to decode stops the run.
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -478,8 +491,12 @@ def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int,
         dataset.epoch = epoch
         indices = list(sampler)[skip * batch_size:]
         loader = DataLoader(dataset, batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
+                            collate_fn=collate_with_skipped, worker_init_fn=ignore_stop_signals,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        for batch in loader:
+        for batch, skipped in loader:
+            if len(skipped) > max_bad_images * batch_size:
+                sys.exit(f"error: {len(skipped)} images failed to decode for a batch of {batch_size} (more than "
+                         f"--max-bad-images {max_bad_images}), e.g. {skipped[0]}: check the files under --data-dir")
             yield epoch, batch
         epoch, skip = epoch + 1, 0
 
@@ -502,6 +519,7 @@ class TokenCache(Dataset):
         self.dataset = dataset
         self.latents = np.load(path / "latents.npy", mmap_mode="r")  # (n, 2, C, g, g) float32
         self.indices = np.load(path / "indices.npy", mmap_mode="r")  # (n, 2, g*g) int64
+        self.skipped = getattr(dataset, "skipped", [])  # the same list: decode failures of the images
         if len(self.latents) != len(dataset):
             raise ValueError(f"token cache {path} holds {len(self.latents)} images, the dataset {len(dataset)}; "
                              "delete it to rebuild")

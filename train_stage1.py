@@ -220,7 +220,7 @@ def main(argv=None):
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed,
-                            step * train.grad_accum, train.num_workers)
+                            step * train.grad_accum, train.num_workers, train.max_bad_images)
 
     bar = progress(train.steps, step, ctx.is_main)
     stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)

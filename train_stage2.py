@@ -157,7 +157,8 @@ def main(argv=None):
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
     dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = first_images(build_dataset(train.dataset, "val", cfg.image_size, train.data_dir), 8).to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers,
+                            train.max_bad_images)
     last_layer = model.vqgan.decoder.last_layer
 
     bar = progress(train.steps, step, ctx.is_main)

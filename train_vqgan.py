@@ -94,7 +94,8 @@ def main(argv=None):
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers)
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers,
+                            train.max_bad_images)
 
     bar = progress(train.steps, step, ctx.is_main)
     last_layer = model.decoder.last_layer

@@ -460,6 +460,9 @@ class LoopConfig:
     resume: bool = False  # continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable)
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
     dist_timeout: float = 300  # seconds a collective waits for the other ranks: a lost rank ends the run with an error
+    # A training image that fails to decode is skipped with a warning (the next one stands in); more than
+    # this fraction of a batch's images failing stops the run: the data, not one file, is broken.
+    max_bad_images: float = 0.25
 
 
 def check_loop_flags(train: LoopConfig, presets) -> list:
@@ -470,6 +473,7 @@ def check_loop_flags(train: LoopConfig, presets) -> list:
         (0 <= train.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
         (min(train.log_every, train.sample_every, train.save_every) > 0, "--log/sample/save-every must be positive"),
         (train.dist_timeout > 0, "--dist-timeout must be positive"),
+        (0 <= train.max_bad_images <= 1, "--max-bad-images must be in [0, 1]"),
     ]
 
 
