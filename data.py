@@ -96,40 +96,65 @@ def _texture(rng, width: int, height: int, side: int, colours) -> Image.Image:
     return Image.fromarray(PALETTE[np.array(colours)][pattern.astype(np.intp)])  # (height, width, 3)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, rng, cx: float, cy: float, r: float, fill) -> None:
-    """An ellipse or a polygon with 3 to 8 jittered vertices (triangles, quads, ...)."""
+def _shape_outline(rng, cx: float, cy: float, r: float) -> tuple[str, list]:
+    """An ellipse or a polygon with 3 to 8 jittered vertices (triangles, quads, ...), as the
+    ImageDraw method that draws it and its coordinates."""
     sides = int(rng.integers(2, 9))
     if sides == 2:  # 2 stands for the ellipse
         ry = r * rng.uniform(0.5, 1.0)
-        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=fill)
-        return
+        return "ellipse", [cx - r, cy - ry, cx + r, cy + ry]
     angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(sides) / sides
     angles += rng.uniform(-0.3, 0.3, sides) * np.pi / sides
     radii = r * rng.uniform(0.7, 1.0, sides)
-    draw.polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=fill)
+    return "polygon", list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
 
 
-def _split_background(draw: ImageDraw.ImageDraw, rng, side: int, colour: int) -> None:
-    """Paint the half-plane on one side of a random line through the middle half of the image."""
+def _split_background(rng, side: int) -> tuple[str, list]:
+    """The half-plane on one side of a random line through the middle half of the image."""
     px, py = rng.uniform(0.25, 0.75, 2) * side
     angle = rng.uniform(0, 2 * np.pi)
     dx, dy, far = np.cos(angle), np.sin(angle), 4 * side  # the line's direction; far outside the image
-    draw.polygon([(px - far * dx, py - far * dy), (px + far * dx, py + far * dy),
-                  (px + far * (dx - dy), py + far * (dy + dx)), (px - far * (dx + dy), py + far * (dx - dy))],
-                 fill=_rgb(colour))
+    return "polygon", [(px - far * dx, py - far * dy), (px + far * dx, py + far * dy),
+                       (px + far * (dx - dy), py + far * (dy + dx)), (px - far * (dx + dy), py + far * (dx - dy))]
+
+
+class Scene(NamedTuple):
+    image: Image.Image  # RGB, image_size x image_size
+    # (image_size, image_size) uint8, what covers most of each pixel's supersampled block: 0 and 1 the
+    # two halves of the background, 2 + i the visible part of the i-th shape drawn (render_scene only)
+    labels: np.ndarray
+    num_shapes: int  # shapes drawn, hidden ones included
 
 
 def render_shapes(rng: np.random.Generator, level: int, image_size: int) -> Image.Image:
     """One scene of the given complexity level, drawn from rng alone."""
+    return _render(rng, level, image_size, with_labels=False).image
+
+
+def render_scene(rng: np.random.Generator, level: int, image_size: int) -> Scene:
+    """The scene render_shapes draws from the same rng (the same pixels), with its object masks:
+    what the analyses score the latent tokens' attention against (Fig. 3, object binding)."""
+    return _render(rng, level, image_size, with_labels=True)
+
+
+def _render(rng, level: int, image_size: int, with_labels: bool) -> Scene:
     spec, side = LEVELS[level], SUPERSAMPLE * image_size
     background = _colour(rng)
     canvas = Image.new("RGB", (side, side), _rgb(background))
     draw = ImageDraw.Draw(canvas)
+    # The label map gets every outline the canvas gets, with the same rasterisation.
+    labels = Image.new("L", (side, side), 0) if with_labels else None
+    label_draw = ImageDraw.Draw(labels) if with_labels else None
     # The background is split by a random straight line into two palette colours: a layout that
     # spans the whole image, so that from the first steps stage 1 must tell where things are (on
     # flat backgrounds it settles for hundreds of steps on one colour for the whole image).
-    _split_background(draw, rng, side, _colour(rng, avoid=background))
-    for _ in range(int(rng.integers(spec.objects[0], spec.objects[1] + 1))):
+    second_colour = _colour(rng, avoid=background)  # drawn before the line: the order of the draws is the scene
+    method, xy = _split_background(rng, side)
+    getattr(draw, method)(xy, fill=_rgb(second_colour))
+    if with_labels:
+        getattr(label_draw, method)(xy, fill=1)
+    num_shapes = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
+    for i in range(num_shapes):
         cx, cy = rng.uniform(0.1, 0.9, 2) * side
         r = rng.uniform(*spec.radius) * side
         colour = _colour(rng, avoid=background)
@@ -137,12 +162,28 @@ def render_shapes(rng: np.random.Generator, level: int, image_size: int) -> Imag
             # Texture and mask only cover the shape's bounding box, which keeps this cheap.
             box = int(math.ceil(2 * r)) + 1
             mask = Image.new("L", (box, box), 0)
-            _draw_shape(ImageDraw.Draw(mask), rng, r, r, r, fill=255)
+            method, xy = _shape_outline(rng, r, r, r)
+            getattr(ImageDraw.Draw(mask), method)(xy, fill=255)
             texture = _texture(rng, box, box, side, (colour, _colour(rng, avoid=colour)))
             canvas.paste(texture, (int(cx - r), int(cy - r)), mask)
+            if with_labels:
+                labels.paste(2 + i, (int(cx - r), int(cy - r)), mask)
         else:
-            _draw_shape(draw, rng, cx, cy, r, fill=_rgb(colour))
-    return canvas.resize((image_size, image_size), Image.LANCZOS)
+            method, xy = _shape_outline(rng, cx, cy, r)
+            getattr(draw, method)(xy, fill=_rgb(colour))
+            if with_labels:
+                getattr(label_draw, method)(xy, fill=2 + i)
+    image = canvas.resize((image_size, image_size), Image.LANCZOS)
+    return Scene(image, majority_pool(np.asarray(labels), SUPERSAMPLE) if with_labels else None, num_shapes)
+
+
+def majority_pool(labels: np.ndarray, factor: int) -> np.ndarray:
+    """(S*factor, S*factor) integer labels -> (S, S): the most frequent label of each factor x factor
+    block (ties: the smaller label)."""
+    S = labels.shape[0] // factor
+    blocks = labels.reshape(S, factor, S, factor).transpose(0, 2, 1, 3).reshape(S, S, factor * factor)
+    counts = (blocks[..., None] == np.arange(int(labels.max()) + 1)).sum(2)  # (S, S, labels)
+    return counts.argmax(-1).astype(labels.dtype)
 
 
 class ShapesDataset(Dataset):
@@ -176,6 +217,13 @@ class ShapesDataset(Dataset):
 
     def complexity_of(self, index: int) -> int:
         return self._rng_and_level(index)[1]
+
+    def with_masks(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+        """(image, level, labels, num_shapes) of scene `index`, never flipped: the image as __getitem__
+        gives it without augmentation and its object masks, labels (S, S) int64 (see Scene)."""
+        rng, level = self._rng_and_level(index)
+        scene = render_scene(rng, level, self.image_size)
+        return to_tensor(scene.image), level, torch.from_numpy(scene.labels.astype(np.int64)), scene.num_shapes
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rng, level = self._rng_and_level(index)
