@@ -147,12 +147,20 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)  # rows in q, k, v order, like nn.MultiheadAttention's in_proj
         self.proj = nn.Linear(width, width)
+        # A list to record this layer's attention weights in, (B, h, L, L) per call, for the attention
+        # maps of Fig. 3; they need the math path, so the default (None) keeps SDPA's fused kernels.
+        self.record = None
 
     def forward(self, x):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
         # No mask: every token sees every token, image and latent alike (§2: "joint self-attention").
-        y = F.scaled_dot_product_attention(q, k, v)
+        if self.record is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, h, L, L), rows: queries
+            self.record.append(weights)
+            y = weights @ v
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
