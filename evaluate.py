@@ -7,7 +7,7 @@ The paper judges a tokenizer by how well each token count reconstructs the
 image: reconstruction FID (rFID, Table 1, computed by fid.py) and L1 loss
 (Fig. 2) at 32 ... 256 tokens, and the token-selection-criterion plots (Fig. 7)
 that pick a token count per image by thresholding the reconstruction loss. This
-file holds those criteria, the evaluation run and its report.
+file holds the evaluation run and its report; the criteria are in selection.py.
 
     python evaluate.py                          # out/stage2/ckpt.pt on `shapes`
     python evaluate.py --official alit_small.pth --dataset imagenet100 --data-dir /data/imagenet \
@@ -15,7 +15,6 @@ file holds those criteria, the evaluation run and its report.
 """
 import csv
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -24,55 +23,15 @@ from typing import Literal
 
 import scipy.stats
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import DATASETS, build_dataset, save_image_columns
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
+from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
+# The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
+from selection import code_error_below, first_passing, l1_below, psnr, token_accuracy_above  # noqa: F401
 from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
-
-# -----------------------------------------------------------------------------
-# Token-selection criteria (§A.2 "Representational capacity depends on downstream task").
-# A criterion says, per image, whether a reconstruction is good enough; the adaptive encoding
-# gives each image the fewest tokens that pass. Users can plug in their own (the paper also
-# uses classification and depth error, which need models that cannot be downloaded here).
-
-def l1_below(threshold: float):
-    """Pixel criterion, the paper's self-supervised one: mean |x - x̂| < threshold (0.07 in the
-    official code's encode)."""
-    def criterion(images, reconstructions):  # (B, 3, H, W) each -> (B,) bool
-        return (reconstructions.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) < threshold
-    criterion.__name__ = f"l1<{threshold:g}"
-    return criterion
-
-
-def token_accuracy_above(threshold: float):
-    """Token-space criterion (needs no pixel decoding): the fraction of 2D tokens whose VQGAN
-    index the decoder predicts correctly is at least `threshold`."""
-    def criterion(gt_indices, logits):  # (B, N), (B, N, codes) -> (B,) bool
-        return (logits.argmax(-1) == gt_indices).float().mean(1) >= threshold
-    criterion.__name__ = f"token_acc>={threshold:g}"
-    return criterion
-
-
-def code_error_below(threshold: float, codebook: torch.Tensor):
-    """Token-space criterion on a continuous scale: the mean squared distance between the
-    decoder's expected code (softmax(logits) @ codebook, what the VQGAN decoder would receive) and
-    the true code is below `threshold`. codebook: (codes, C), e.g. model.vqgan.quantize.codebook()."""
-    def criterion(gt_indices, logits):
-        expected = logits.float().softmax(-1) @ codebook
-        return (expected - codebook[gt_indices]).square().mean(dim=(1, 2)) < threshold
-    criterion.__name__ = f"code_mse<{threshold:g}"
-    return criterion
-
-
-def first_passing(passes: torch.Tensor) -> torch.Tensor:
-    """(T, B) bool -> (B,) index of the first iteration that passes, T - 1 if none does."""
-    T = passes.shape[0]
-    order = torch.where(passes, torch.arange(T)[:, None], T - 1)
-    return order.min(0).values
-
 
 # -----------------------------------------------------------------------------
 # The evaluation run: every token count, adaptive allocation, complexity
@@ -129,10 +88,6 @@ def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
         return ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
     except ValueError as error:
         sys.exit(f"error: {flag}: {error}")
-
-
-def psnr(mse: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
 
 
 @torch.no_grad()
@@ -355,59 +310,17 @@ def write_sweep_csv(path, rows):
         writer.writerows(rows)
 
 
-def plot_sweep(path, sweep, fixed, with_fid: bool, size=(520, 380)):
-    """Fig. 7 with PIL: dataset representation (fraction of the maximum tokens, x) against L1 (and
-    rFID) of the adaptive allocation at each threshold, beside every image at the same count (fixed)."""
-    panels = [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else [])
-    width, height = size
-    canvas = Image.new("RGB", (width * len(panels), height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=13)
-    left, right, top, bottom = 70, 20, 40, 56
-    series = [("every image at one count", fixed, (31, 119, 180)), ("adaptive (label: L1 threshold)", sweep, (214, 39, 40))]
-    for p, (key, label) in enumerate(panels):
-        x0 = p * width
-        values = [r[key] for _, rows, _ in series for r in rows if r.get(key) is not None]
-        lo, hi = min(values), max(values)
-        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 1e-3
-        lo, hi = lo - pad, hi + pad
-
-        def to_px(x, y):
-            return (x0 + left + x * (width - left - right), top + (1 - (y - lo) / (hi - lo)) * (height - top - bottom))
-
-        draw.rectangle([x0 + left, top, x0 + width - right, height - bottom], outline="black")
-        for tick in (0, 0.25, 0.5, 0.75, 1.0):
-            px, py = to_px(tick, lo)
-            draw.line([px, py, px, py + 4], fill="black")
-            draw.text((px, py + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
-        digits = max(2, 1 - math.floor(math.log10((hi - lo) / 4)))  # enough decimals to tell ticks apart
-        for i in range(5):
-            value = lo + (hi - lo) * i / 4
-            px, py = to_px(0, value)
-            draw.line([px - 4, py, px, py], fill="black")
-            draw.text((px - 6, py), f"{value:.{digits}f}", fill="black", font=font, anchor="rm")
-        for name, rows, colour in series:
-            points = sorted(to_px(r["dataset_representation"], r[key]) for r in rows if r.get(key) is not None)
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for r in rows:
-                if r.get(key) is None:
-                    continue
-                px, py = to_px(r["dataset_representation"], r[key])
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-                if "threshold" in r:  # label inside the frame, whichever side has room
-                    anchor = "rb" if px > x0 + width - right - 40 else "lb"
-                    draw.text((px + (-5 if anchor == "rb" else 5), py - 4), f"{r['threshold']:g}", fill=colour,
-                              font=font, anchor=anchor)
-        for i, (name, _, colour) in enumerate(series):
-            draw.line([x0 + left + 10, top + 14 + 16 * i, x0 + left + 30, top + 14 + 16 * i], fill=colour, width=2)
-            draw.text((x0 + left + 36, top + 14 + 16 * i), name, fill=colour, font=font, anchor="lm")
-        draw.text((x0 + width // 2, 12), f"{label} against dataset representation (Fig. 7)", fill="black",
-                  font=font, anchor="mt")
-        draw.text((x0 + left + (width - left - right) / 2, height - 8), "fraction of the maximum tokens",
-                  fill="black", font=font, anchor="mb")
-        draw.text((x0 + 14, top + (height - top - bottom) / 2), label, fill="black", font=font, anchor="mm")
-    canvas.save(path)
+def plot_sweep(path, sweep, fixed, with_fid: bool):
+    """Fig. 7: dataset representation (fraction of the maximum tokens, x) against L1 (and rFID) of
+    the adaptive allocation at each threshold, beside every image at the same count (fixed)."""
+    panels = []
+    for key, label in [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else []):
+        series = [Series("every image at one count", [(r["dataset_representation"], r[key]) for r in fixed], COLOURS[0]),
+                  Series("adaptive (label: L1 threshold)", [(r["dataset_representation"], r[key]) for r in sweep],
+                         COLOURS[3], labels=[f"{r['threshold']:g}" for r in sweep])]
+        panels.append(Panel(f"{label} against dataset representation (Fig. 7)", "fraction of the maximum tokens",
+                            label, series, xticks=FRACTION_TICKS))
+    draw_panels(path, panels)
 
 
 def save_fig2_grid(keep, per_image, path, rows: int, by_complexity: bool):

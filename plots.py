@@ -1,0 +1,152 @@
+"""Charts drawn with PIL, so the figures need no plotting library: line charts (Fig. 4/5, 7/8)
+and grouped bar charts (histograms), one or more panels to a PNG, each with a title,
+labelled axes and a legend under the axes, where it cannot cover a curve.
+
+    draw_panels("sweep.png", [Panel("L1 against tokens", "tokens", "L1",
+                                    [Series("level 0", [(8, 0.09), (16, 0.08)], COLOURS[0])])])
+"""
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+# matplotlib's tab10, which stays apart for colour-blind readers
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+# x ticks of the dataset representation, the fraction of the maximum tokens (Fig. 7-9)
+FRACTION_TICKS = [(v, f"{v:g}") for v in (0, 0.25, 0.5, 0.75, 1.0)]
+
+
+@dataclass
+class Series:
+    name: str  # legend entry
+    points: list  # (x, y) pairs; points whose y is None are left out
+    colour: tuple
+    labels: list | None = None  # text beside each point, e.g. the threshold that chose it
+    dashed: bool = False
+
+
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    series: list
+    # (x, text) tick marks; default five evenly spaced over the data. With bars: the categories.
+    xticks: list = field(default_factory=list)
+    bars: bool = False  # grouped bars, one per series at each x tick, instead of lines
+    ylim: tuple | None = None  # default: the data's range, padded
+
+
+def draw_panels(path, panels: list, size=(560, 400), columns: int | None = None):
+    """Write `panels` side by side (`columns` per row, default all in one row) as one PNG."""
+    font = ImageFont.load_default(size=13)
+    columns = columns or len(panels)
+    rows = math.ceil(len(panels) / columns)
+    legend_rows = max(len(p.series) for p in panels)
+    width, height = size[0], size[1] + 17 * legend_rows  # the legend goes under the axes
+    canvas = Image.new("RGB", (width * columns, height * rows), "white")
+    for i, panel in enumerate(panels):
+        _draw_panel(canvas, panel, (i % columns) * width, (i // columns) * height, size, font)
+    canvas.save(path)
+
+
+def _draw_panel(canvas, panel: Panel, x0: int, y0: int, size, font):
+    draw = ImageDraw.Draw(canvas)
+    width, height = size
+    left, right, top, bottom = x0 + 78, x0 + width - 24, y0 + 36, y0 + height - 58  # the axes' box
+    points = [(x, y) for s in panel.series for x, y in s.points if y is not None]
+    ys = [y for _, y in points] + ([0] if panel.bars else [])
+    yticks = _nice_ticks(*(panel.ylim or (min(ys, default=0), max(ys, default=1))))
+    lo, hi = yticks[0], yticks[-1]
+    ticks = panel.xticks or _even_ticks([x for x, _ in points])
+    xlo, xhi = min(t for t, _ in ticks), max(t for t, _ in ticks)
+    if panel.bars:
+        xlo, xhi = xlo - 0.5, xhi + 0.5  # room for the outer groups
+    elif xhi == xlo:
+        xlo, xhi = xlo - 1, xhi + 1
+
+    def to_px(x, y):
+        return left + (x - xlo) / (xhi - xlo) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top)
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for x, text in ticks:
+        px, _ = to_px(x, lo)
+        draw.line([px, bottom, px, bottom + 4], fill="black")
+        draw.text((px, bottom + 6), text, fill="black", font=font, anchor="mt")
+    digits = max(0, -math.floor(math.log10(yticks[1] - yticks[0]) + 1e-9))  # decimals of the tick step
+    digits += f"{(yticks[1] - yticks[0]) / 10 ** -digits:g}" == "2.5"
+    for value in yticks:
+        _, py = to_px(xlo, value)
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((left - 6, py), f"{value:.{digits}f}", fill="black", font=font, anchor="rm")
+
+    for k, s in enumerate(panel.series):
+        shown = [(x, y, (s.labels or [None] * len(s.points))[j]) for j, (x, y) in enumerate(s.points) if y is not None]
+        if panel.bars:
+            slot = 0.8 / len(panel.series)  # each group spans 0.8 of the gap between ticks
+            for x, y, _ in shown:
+                bar_left, bar_top = to_px(x - 0.4 + k * slot, y)
+                bar_right, base = to_px(x - 0.4 + (k + 1) * slot, lo)
+                draw.rectangle([bar_left, bar_top, max(bar_left, bar_right - 1), base], fill=s.colour)
+            continue
+        line = [to_px(x, y) for x, y, _ in sorted(shown, key=lambda p: p[0])]
+        if len(line) > 1 and s.dashed:
+            _dashed(draw, line, s.colour)
+        elif len(line) > 1:
+            draw.line(line, fill=s.colour, width=2)
+        for x, y, label in shown:
+            px, py = to_px(x, y)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=s.colour)
+            if label:  # inside the box, on whichever side has room
+                anchor = "rb" if px > right - 40 else "lb"
+                draw.text((px + (-5 if anchor == "rb" else 5), py - 4), label, fill=s.colour, font=font, anchor=anchor)
+
+    draw.text(((left + right) / 2, y0 + 10), panel.title, fill="black", font=font, anchor="mt")
+    draw.text(((left + right) / 2, bottom + 24), panel.xlabel, fill="black", font=font, anchor="mt")
+    _vertical_text(canvas, (x0 + 14, (top + bottom) / 2), panel.ylabel, font)
+    for k, s in enumerate(panel.series):
+        ly = bottom + 48 + 17 * k
+        if panel.bars:
+            draw.rectangle([left + 10, ly - 5, left + 30, ly + 5], fill=s.colour)
+        elif s.dashed:
+            _dashed(draw, [(left + 10, ly), (left + 30, ly)], s.colour)
+        else:
+            draw.line([left + 10, ly, left + 30, ly], fill=s.colour, width=2)
+        draw.text((left + 36, ly), s.name, fill="black", font=font, anchor="lm")
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list:
+    """About `count` round values (steps of 1, 2, 2.5 or 5 x 10^k) from at or below lo to at or above hi."""
+    if hi <= lo:
+        lo, hi = lo - (abs(lo) or 1) * 0.05, hi + (abs(hi) or 1) * 0.05
+    raw = (hi - lo) / (count - 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [i * step for i in range(first, last + 1)]
+
+
+def _even_ticks(xs):
+    lo, hi = min(xs, default=0), max(xs, default=1)
+    return [(v, f"{v:g}") for v in (lo + (hi - lo) * i / 4 for i in range(5))] if hi > lo else [(lo, f"{lo:g}")]
+
+
+def _dashed(draw, line, colour, dash=6):
+    """A polyline drawn in dashes of `dash` pixels (PIL draws only solid lines)."""
+    for (ax, ay), (bx, by) in zip(line, line[1:]):
+        length = math.hypot(bx - ax, by - ay)
+        for start in range(0, int(length), 2 * dash):
+            a, b = start / length, min(start + dash, length) / length
+            draw.line([ax + a * (bx - ax), ay + a * (by - ay), ax + b * (bx - ax), ay + b * (by - ay)], fill=colour,
+                      width=2)
+
+
+def _vertical_text(canvas, centre, text, font):
+    """Text read bottom to top, centred on `centre` (the y-axis label)."""
+    box = ImageDraw.Draw(canvas).textbbox((0, 0), text, font=font)
+    label = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+    ImageDraw.Draw(label).text((1, 1), text, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    canvas.paste(label, (int(centre[0] - label.width / 2), int(centre[1] - label.height / 2)))

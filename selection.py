@@ -1,0 +1,53 @@
+"""Token selection: which token count each image gets, and what a selection gives.
+
+Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
+Duggal, Isola, Torralba, Freeman, arXiv:2411.02393, §A.2 "Representational capacity
+depends on downstream task" and Fig. 6-9.
+
+A token-selection criterion says, per image, whether a reconstruction is good enough; the
+adaptive encoding gives each image the fewest tokens that pass: model.encode_adaptive with
+early exit, or first_passing over a table of every token count. Users can plug in their own:
+the paper also selects by classification and depth error; analyze.py adds a classifier
+trained on `shapes`. evaluate.py and analyze.py both select with these.
+"""
+import torch
+
+
+def l1_below(threshold: float):
+    """Pixel criterion, the paper's self-supervised one: mean |x - x̂| < threshold (0.07 in the
+    official code's encode)."""
+    def criterion(images, reconstructions):  # (B, 3, H, W) each -> (B,) bool
+        return (reconstructions.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) < threshold
+    criterion.__name__ = f"l1<{threshold:g}"
+    return criterion
+
+
+def token_accuracy_above(threshold: float):
+    """Token-space criterion (needs no pixel decoding): the fraction of 2D tokens whose VQGAN
+    index the decoder predicts correctly is at least `threshold`."""
+    def criterion(gt_indices, logits):  # (B, N), (B, N, codes) -> (B,) bool
+        return (logits.argmax(-1) == gt_indices).float().mean(1) >= threshold
+    criterion.__name__ = f"token_acc>={threshold:g}"
+    return criterion
+
+
+def code_error_below(threshold: float, codebook: torch.Tensor):
+    """Token-space criterion on a continuous scale: the mean squared distance between the
+    decoder's expected code (softmax(logits) @ codebook, what the VQGAN decoder would receive) and
+    the true code is below `threshold`. codebook: (codes, C), e.g. model.vqgan.quantize.codebook()."""
+    def criterion(gt_indices, logits):
+        expected = logits.float().softmax(-1) @ codebook
+        return (expected - codebook[gt_indices]).square().mean(dim=(1, 2)) < threshold
+    criterion.__name__ = f"code_mse<{threshold:g}"
+    return criterion
+
+
+def first_passing(passes: torch.Tensor) -> torch.Tensor:
+    """(T, B) bool -> (B,) index of the first iteration that passes, T - 1 if none does."""
+    T = passes.shape[0]
+    order = torch.where(passes, torch.arange(T)[:, None], T - 1)
+    return order.min(0).values
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
