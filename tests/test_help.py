@@ -1,6 +1,7 @@
 """--help of every script: each flag has a description and a default, read off the config dataclasses."""
 import pytest
 
+import analyze
 import bench
 import evaluate
 import train_stage1
@@ -22,7 +23,7 @@ def flag_entries(text):
     return {k: " ".join(v).strip() for k, v in entries.items() if not k.startswith("-h")}
 
 
-@pytest.mark.parametrize("script", [train_vqgan, train_stage1, train_stage2, evaluate, bench])
+@pytest.mark.parametrize("script", [train_vqgan, train_stage1, train_stage2, evaluate, bench, analyze])
 def test_help_gives_every_flag_a_description_and_a_default(script, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit):

@@ -1,0 +1,667 @@
+"""Analyses: what the adaptive tokens attend to, bind and cost, as one command.
+
+Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
+Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1): §2 and Fig. 3 (recurrence
+sharpens the latent tokens' attention), §A.3 and Tab. 2 (object binding), §3 and
+Fig. 4/5 (complexity against tokens), §A.2 and Fig. 6-9 (token selection against the
+task of interest).
+
+1. Attention maps (Fig. 3, 13): per iteration, the attention of latent tokens to the 2D
+   image tokens, last encoder layer, averaged over heads.
+2. Object binding, measured: the paper shows the maps and scores them against ImageNet-S
+   segments; on `shapes` every object's mask is known, so each 2D token is assigned to
+   the latent token it attends most and the partition is scored against the objects
+   (ARI, foreground ARI, matched mIoU), per iteration and complexity level, against the
+   same assignment shuffled over the image and a fixed-length pass.
+3. Complexity curves (Fig. 4/5): L1 against tokens per level, and the token counts
+   chosen per level at two L1 thresholds.
+4. Task-aligned selection (Fig. 7/8): a small classifier trained here on original
+   `shapes` images is the task of interest beside L1, PSNR (and FID); tokens are
+   selected by L1 < threshold, classifier top-X correct, or token accuracy.
+
+    python analyze.py                           # out/stage2/ckpt.pt on `shapes` -> out/analyze/
+    python analyze.py --official alit_small.pth --dataset imagenet100 --data-dir /data/imagenet
+"""
+import colorsys
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import scipy.optimize
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from data import DATASETS, LEVELS, ShapesDataset, build_dataset, majority_pool
+from fid import FeatureStats, InceptionV3, fid_from_stats
+from model import ALIT
+from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
+from selection import first_passing, psnr
+from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
+
+LABELS = {  # what the classifier of the task of interest predicts, all known to the shapes generator
+    "level": "the complexity level (data.LEVELS: how many shapes, how large, how often textured)",
+    "shapes": "the number of shapes drawn",
+}
+
+
+@dataclass
+class AnalyzeConfig:
+    ckpt: str = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
+    official: str | None = None  # ... or an official ALIT checkpoint (ALIT.from_official)
+    heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
+    use_ema: bool = True  # analyze the EMA weights of our checkpoints
+    # Binding, complexity and the classifier need shapes (masks, levels, labels); other datasets get the rest.
+    dataset: Literal[DATASETS] = "shapes"
+    data_dir: str | None = None  # root of the image folder (imagenet: <root>/val/<wnid>/*)
+    split: Literal["train", "val"] = "val"  # the images analysed
+    num_images: int = 500  # the first so many images of the split
+    protocol: Literal["crop", "resize"] = "crop"  # photos: center crop (the paper's code) or resize, then crop
+    batch_size: int = 50  # images per forward pass (attention weights of every iteration are held per batch)
+    attention_images: int = 3  # images drawn in attention_<i>.png (Fig. 3), spread over the complexity levels
+    # Thresholds of the L1 criterion (Fig. 7); auto: the 5th, 15th, ..., 95th percentiles of every
+    # image's L1 at every token count, which spreads the selections from few tokens to all.
+    l1_thresholds: str = "auto"
+    token_thresholds: str = "auto"  # of the token-space criterion (token accuracy >= threshold); auto as above
+    # The two L1 thresholds of histograms.png (Fig. 4/5); auto: the median image's L1 at the fewest and at the
+    # most tokens (half the images pass at once; half never do).
+    histogram_thresholds: str = "auto"
+    top_x: str = "1,2,3"  # the classifier criterion: the true label among the X highest scores (Fig. 8's Top-X)
+    # What the classifier predicts: the complexity level (5 classes) or how many shapes were drawn (12).
+    label: Literal[tuple(LABELS)] = "level"
+    classifier_images: int = 4000  # training images of the classifier (shapes train split), cached in --out-dir
+    classifier_steps: int = 800  # its optimizer steps, batch 64
+    inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: FID as a task too
+    out_dir: str = "out/analyze"  # PNGs, analysis.json, the cached classifier
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
+    seed: int = 0  # of the classifier, and of the shuffled baseline
+    keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
+
+
+def parse_args(argv=None) -> AnalyzeConfig:
+    cfg, _ = parse_flags(argv, __doc__, AnalyzeConfig)
+    checks = [(cfg.num_images > 1, "--num-images must be at least 2"),
+              (cfg.batch_size > 0, "--batch-size must be positive"),
+              (cfg.classifier_images > 0 and cfg.classifier_steps > 0,
+               "--classifier-images and --classifier-steps must be positive")]
+    for flag in ("l1_thresholds", "token_thresholds", "histogram_thresholds", "top_x"):
+        value = getattr(cfg, flag)
+        ok = value == "auto" and flag != "top_x"
+        try:
+            ok = ok or bool([float(v) for v in value.split(",")])
+        except ValueError:
+            pass
+        checks.append((ok, f"--{flag.replace('_', '-')} must be comma-separated numbers"
+                           + ("" if flag == "top_x" else " or auto")))
+    check_flags(choice_checks(cfg) + checks)
+    return cfg
+
+
+def load_model(cfg: AnalyzeConfig, device) -> ALIT:
+    if cfg.official:
+        if not Path(cfg.official).is_file():
+            sys.exit(f"error: --official {cfg.official} not found")
+        heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
+        return ALIT.from_official(cfg.official, heads=heads[0] if heads and len(heads) == 1 else heads).to(device).eval()
+    if not Path(cfg.ckpt).is_file():
+        sys.exit(f"error: --ckpt {cfg.ckpt} not found (train it, or pass --official PATH)")
+    try:
+        return ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
+    except ValueError as error:
+        sys.exit(f"error: --ckpt: {error}")
+
+
+# -----------------------------------------------------------------------------
+# 1-2. Attention and object binding (Fig. 3, §A.3)
+
+def one_pass(model: ALIT, images):
+    """The fixed-length baseline: the encoder run once over [2D image tokens; all T*K latent tokens],
+    the sequence the rollout reaches at its last iteration but without the recurrence. The weights
+    were never trained on it: it asks what the same tokens bind to when they are not added in turn."""
+    T = model.config.rollout_iters
+    tokens = [model.image_tokens(images, model.vqgan.encoder(images))]
+    tokens += [model.new_latent_tokens(t, len(images)) for t in range(T)]
+    return model.encoder(model.encoder_ln_pre(torch.cat(tokens, dim=1)))
+
+
+def image_to_latent(weights, num_image_tokens: int):
+    """(B, L, L) attention (rows: queries) -> (B, N, L1D): how much each 2D token attends to each
+    latent token."""
+    return weights[:, 1:1 + num_image_tokens, 1 + num_image_tokens:]
+
+
+def latent_to_image(weights, num_image_tokens: int):
+    """(B, L, L) -> (B, L1D, N): each latent token's attention over the 2D image tokens, rescaled
+    to sum to 1 over them (the maps of Fig. 3)."""
+    maps = weights[:, 1 + num_image_tokens:, 1:1 + num_image_tokens]
+    return maps / maps.sum(-1, keepdim=True)
+
+
+def adjusted_rand_index(truth: np.ndarray, pred: np.ndarray) -> float:
+    """ARI of two labelings of the same items (Hubert & Arabie 1985): 1 for the same partition,
+    0 in expectation for partitions drawn at random with these segment sizes. NaN for < 2 items."""
+    if len(truth) < 2:
+        return float("nan")
+    table = contingency(truth, pred)
+    pairs = lambda counts: (counts * (counts - 1) / 2).sum()  # noqa: E731
+    both, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), len(truth) * (len(truth) - 1) / 2
+    expected, maximum = rows * cols / total, (rows + cols) / 2
+    if maximum == expected:  # both partitions trivial (one segment, or every item alone): equal or not
+        return float(both == maximum)
+    return float((both - expected) / (maximum - expected))
+
+
+def matched_miou(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean over the true segments of the IoU with the predicted segment matched to each one to
+    one (Hungarian); a true segment left without a match counts 0."""
+    table = contingency(truth, pred)
+    iou = table / (table.sum(1, keepdims=True) + table.sum(0, keepdims=True) - table)
+    rows, cols = scipy.optimize.linear_sum_assignment(iou, maximize=True)
+    return float(iou[rows, cols].sum() / len(table))
+
+
+def contingency(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(true segments, predicted segments) counts of items in both."""
+    _, t = np.unique(truth, return_inverse=True)
+    _, p = np.unique(pred, return_inverse=True)
+    table = np.zeros((t.max() + 1, p.max() + 1))
+    np.add.at(table, (t, p), 1)
+    return table
+
+
+def binding_scores(truth: np.ndarray, assignment: np.ndarray) -> dict:
+    """A partition of the 2D tokens (assignment: a latent token per 2D token) against the scene's
+    segments (truth: data.Scene labels per 2D token; 0 and 1 the background halves, 2+ shapes)."""
+    shapes = truth >= 2
+    return {"ari": adjusted_rand_index(truth, assignment),
+            # the object-discovery usual; with one shape in sight there are no objects to tell apart
+            "fg_ari": adjusted_rand_index(truth[shapes], assignment[shapes]) if len(np.unique(truth[shapes])) > 1
+            else float("nan"),
+            "miou": matched_miou(truth, assignment),
+            "segments": len(np.unique(assignment)),  # how many latent tokens the partition uses
+            "true_segments": len(np.unique(truth))}
+
+
+def token_labels(masks, patch_size: int) -> np.ndarray:
+    """(B, S, S) pixel labels -> (B, N): each 2D token's segment, the one covering most of its patch."""
+    return np.stack([majority_pool(m.numpy(), patch_size).reshape(-1) for m in masks])
+
+
+# -----------------------------------------------------------------------------
+# 4. The task of interest: a classifier of shapes scenes (Fig. 6-9 use ResNet-18 on ImageNet)
+
+class Classifier(nn.Module):
+    """A small CNN that sees 32x32 images (larger ones are resized): three stride-2 convolutions,
+    cheap enough to train in a minute on a CPU."""
+
+    def __init__(self, classes: int, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),  # (B, w, 16, 16)
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),  # (B, 2w, 8, 8)
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU(),  # (B, 4w, 4, 4)
+            nn.Flatten(), nn.Linear(16 * 4 * width, classes))
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, classes) logits
+        if images.shape[-1] != 32:
+            images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        return self.net(images - 0.5)
+
+
+def num_classes(label: str) -> int:
+    return len(LEVELS) if label == "level" else LEVELS[-1].objects[1]
+
+
+def class_of(label: str, level: int, num_shapes: int) -> int:
+    return level if label == "level" else num_shapes - 1
+
+
+def classifier(cfg: AnalyzeConfig, image_size: int, device) -> Classifier:
+    """The classifier of `cfg.label`, trained on original shapes images, or read from its cache in
+    --out-dir when it was trained with the same settings."""
+    settings = {"label": cfg.label, "image_size": image_size, "images": cfg.classifier_images,
+                "steps": cfg.classifier_steps, "seed": cfg.seed}
+    path = Path(cfg.out_dir) / "classifier.pt"
+    net = Classifier(num_classes(cfg.label))
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("settings") == settings:
+            net.load_state_dict(cached["model"])
+            print(f"classifier of {cfg.label} read from {path}")
+            return net.to(device).eval()
+    start = time.perf_counter()
+    data = ShapesDataset("train", image_size, cfg.classifier_images, seed=cfg.seed)
+    images, labels = [], []
+    for i in range(len(data)):
+        image, level, _, num_shapes = data.with_masks(i)
+        images.append(image)
+        labels.append(class_of(cfg.label, level, num_shapes))
+    images, labels = torch.stack(images).to(device), torch.tensor(labels, device=device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = Classifier(num_classes(cfg.label)).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
+    for _ in tqdm(range(cfg.classifier_steps), desc=f"classifier of {cfg.label}", dynamic_ncols=True):
+        batch = torch.randint(len(images), (64,), generator=generator).to(device)
+        x = images[batch]
+        flip = torch.rand(len(x), 1, 1, 1, generator=generator).to(device) < 0.5  # a mirror image is the same scene
+        loss = F.cross_entropy(net(torch.where(flip, x.flip(-1), x)), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    torch.save({"settings": settings, "model": net.state_dict()}, path)
+    print(f"classifier of {cfg.label}: trained in {time.perf_counter() - start:.0f} s, saved to {path}")
+    return net.eval()
+
+
+def true_label_rank(logits, labels):
+    """(..., B, classes), (B,) -> (..., B): how many classes score above the true one (0: top-1 correct)."""
+    true = logits.gather(-1, labels.expand(logits.shape[:-1])[..., None])
+    return (logits > true).sum(-1)
+
+
+def classifier_selection(ranks, x: int):
+    """The classifier criterion (Fig. 8's Top-X): per image, the first iteration whose reconstruction
+    the classifier ranks the true label among its x best; the last iteration if none does."""
+    return first_passing(ranks < x)
+
+
+# -----------------------------------------------------------------------------
+# The pass over the images
+
+@torch.no_grad()
+def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list, device):
+    """Per image and token count: L1, MSE, token accuracy, the classifier's rank of the true label,
+    binding scores (and Inception features); the attention maps of the images in `keep`."""
+    mc = model.config
+    N, T = mc.num_image_tokens, mc.rollout_iters
+    shapes = isinstance(dataset, ShapesDataset)
+    attention = model.encoder[-1].attn  # the last layer, as in the paper's maps
+    rng = np.random.default_rng(cfg.seed)
+    out = {key: [] for key in ("l1", "mse", "token_acc", "level", "rank", "rank_original", "features")}
+    binding = {name: [] for name in ("recurrent", "shuffled", "one_pass", "recurrent_latent_to_image")}
+    kept, real_features = {}, []
+    n = min(cfg.num_images, len(dataset))
+    for start in tqdm(range(0, n, cfg.batch_size), desc="analyze", dynamic_ncols=True):
+        index = list(range(start, min(n, start + cfg.batch_size)))
+        items = [dataset.with_masks(i) if shapes else dataset[i] for i in index]
+        images = torch.stack([item[0] for item in items]).to(device)
+        _, gt_indices = model.vqgan.encode(images)
+        attention.record = []
+        try:
+            records = model(images, reconstruct=True)
+            weights = [w.float().mean(1) for w in attention.record]  # T x (B, 1+N+tK, 1+N+tK), heads averaged
+            attention.record = []
+            one_pass(model, images)
+            fixed = attention.record[0].float().mean(1)
+        finally:
+            attention.record = None
+        recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
+        out["l1"].append((recon - images).abs().mean(dim=(2, 3, 4)).cpu())
+        out["mse"].append((recon - images).square().mean(dim=(2, 3, 4)).cpu())
+        out["token_acc"].append(torch.stack([(r.logits.argmax(-1) == gt_indices).float().mean(1) for r in records]).cpu())
+        if inception is not None:
+            real_features.append(inception(images).cpu())
+            out["features"].append(inception(recon.flatten(0, 1)).view(T, len(images), -1).cpu())
+        for j, i in enumerate(index):
+            if i in keep:
+                kept[i] = (images[j].cpu(), [latent_to_image(w[j:j + 1], N)[0].cpu() for w in weights],
+                           [image_to_latent(w[j:j + 1], N)[0].argmax(-1).cpu() for w in weights],
+                           items[j][2] if shapes else None)
+        if not shapes:
+            continue
+        labels = torch.tensor([class_of(cfg.label, item[1], item[3]) for item in items], device=device)
+        out["level"].append(torch.tensor([item[1] for item in items]))
+        out["rank"].append(true_label_rank(net(recon.flatten(0, 1)).view(T, len(images), -1), labels).cpu())
+        out["rank_original"].append(true_label_rank(net(images), labels).cpu())
+        truth = token_labels([item[2] for item in items], mc.patch_size)  # (B, N)
+        assign = torch.stack([image_to_latent(w, N).argmax(-1) for w in weights]).cpu().numpy()  # (T, B, N)
+        from_maps = torch.stack([latent_to_image(w, N).argmax(1) for w in weights]).cpu().numpy()
+        fixed_assign = image_to_latent(fixed, N).argmax(-1).cpu().numpy()
+        for j in range(len(images)):
+            binding["recurrent"].append([binding_scores(truth[j], assign[t, j]) for t in range(T)])
+            binding["shuffled"].append([binding_scores(truth[j], rng.permutation(assign[t, j])) for t in range(T)])
+            binding["recurrent_latent_to_image"].append([binding_scores(truth[j], from_maps[t, j]) for t in range(T)])
+            binding["one_pass"].append(binding_scores(truth[j], fixed_assign[j]))
+    per_image = {k: torch.cat(v, dim=-1 if k not in ("features",) else 1) for k, v in out.items() if v}
+    if real_features:
+        per_image["real_features"] = torch.cat(real_features)
+    return per_image, binding, kept
+
+
+def mean_scores(rows: list) -> dict:
+    """[{metric: score}] -> {metric: mean over the rows, NaN (undefined) scores left out}."""
+    return {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else None
+            for k in rows[0]}
+
+
+def binding_summary(binding: dict, levels: torch.Tensor, T: int, K: int) -> dict:
+    """Mean scores per iteration (tokens t*K), over all images and per complexity level."""
+    groups = {"all": np.arange(len(levels))} | {str(int(c)): np.flatnonzero(levels.numpy() == int(c))
+                                                 for c in levels.unique()}
+    summary = {}
+    for name, group in groups.items():
+        summary[name] = {
+            "recurrent": {(t + 1) * K: mean_scores([binding["recurrent"][i][t] for i in group]) for t in range(T)},
+            "shuffled": {(t + 1) * K: mean_scores([binding["shuffled"][i][t] for i in group]) for t in range(T)},
+            "recurrent_latent_to_image": {(t + 1) * K: mean_scores([binding["recurrent_latent_to_image"][i][t]
+                                                                     for i in group]) for t in range(T)},
+            "one_pass": {T * K: mean_scores([binding["one_pass"][i] for i in group])},
+        }
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# 3-4. Complexity and token selection from the per-image tables
+
+def thresholds(flag: str, values: torch.Tensor) -> list:
+    if flag != "auto":
+        return [float(v) for v in flag.split(",")]
+    return sorted(set(np.quantile(values.numpy(), np.linspace(0.05, 0.95, 10)).round(4).tolist()))
+
+
+def selection_row(name: str, chosen, per_image: dict, T: int, fid=None, **extra) -> dict:
+    """What a selection (an iteration per image) costs, as the fraction of the maximum tokens
+    (§A.2's dataset representation), and what it gives on every task of interest."""
+    pick = (chosen, torch.arange(len(chosen)))
+    return {"criterion": name, **extra, "dataset_representation": ((chosen + 1).float().mean() / T).item(),
+            "l1": per_image["l1"][pick].mean().item(), "psnr": psnr(per_image["mse"][pick]).mean().item(),
+            "accuracy": (per_image["rank"][pick] == 0).float().mean().item() if "rank" in per_image else None,
+            "fid": fid(chosen) if fid else None}
+
+
+TASKS = {"l1": ("L1", False), "psnr": ("PSNR", True), "accuracy": ("classifier accuracy", True), "fid": ("FID", False)}
+
+
+def fraction_reaching(rows: list, task: str, best: float, higher_is_better: bool, share: float = 0.95):
+    """The smallest dataset representation among `rows` whose `task` reaches `share` of `best` (the
+    max-token performance: at least share x best, or for losses at most best / share)."""
+    good = [r["dataset_representation"] for r in rows if r[task] is not None and
+            (r[task] >= share * best if higher_is_better else r[task] <= best / share)]
+    return min(good, default=None)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = setup_distributed(cfg.device).device
+    if cfg.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
+    start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg, device)
+    mc = model.config
+    N, K, T = mc.num_image_tokens, mc.tokens_per_iter, mc.rollout_iters
+    counts = [(t + 1) * K for t in range(T)]
+    try:
+        dataset = build_dataset(cfg.dataset, cfg.split, mc.image_size, cfg.data_dir, train=False,
+                                eval_protocol=cfg.protocol, num_images=cfg.num_images)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: --dataset {cfg.dataset} / --data-dir: {error}")
+    shapes = isinstance(dataset, ShapesDataset)
+    if not shapes:
+        print(f"--dataset {cfg.dataset}: no object masks, levels or labels: attention maps and the L1/PSNR/FID "
+              "selection only (binding, complexity and the classifier need --dataset shapes)")
+    n = min(cfg.num_images, len(dataset))
+    keep = spread_images(dataset, n, cfg.attention_images)
+    net = classifier(cfg, mc.image_size, device) if shapes else None
+    inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device) if cfg.inception_weights else None
+
+    per_image, binding, kept = measure(model, dataset, cfg, net, inception, keep, device)
+    results = {"checkpoint": cfg.official or cfg.ckpt, "dataset": cfg.dataset, "images": n, "tokens": counts,
+               "config": asdict(cfg)}
+
+    # 1. Attention maps (Fig. 3).
+    for i, (image, maps, assign, masks) in kept.items():
+        level = dataset.complexity_of(i) if shapes else None
+        draw_attention(out / f"attention_{i}.png", image, maps, assign, masks, mc, level)
+    results["attention_maps"] = [str(out / f"attention_{i}.png") for i in kept]
+
+    # 2. Object binding.
+    if shapes:
+        results["binding"] = binding_summary(binding, per_image["level"], T, K)
+        plot_binding(out / "binding.png", results["binding"], counts)
+
+    # 3. Complexity (Fig. 4/5).
+    l1 = per_image["l1"]
+    if shapes:
+        levels = per_image["level"]
+        hist_thresholds = ([float(v) for v in cfg.histogram_thresholds.split(",")] if cfg.histogram_thresholds != "auto"
+                           else [round(l1[t].median().item(), 4) for t in (0, T - 1)])
+        results["complexity"] = {
+            "l1_per_level": {int(c): {k: l1[t][levels == c].mean().item() for t, k in enumerate(counts)}
+                             for c in levels.unique()},
+            "chosen_tokens_per_level": {f"l1<{thr:g}": {int(c): {k: int((first_passing(l1 < thr)[levels == c] == t).sum())
+                                                                    for t, k in enumerate(counts)}
+                                                         for c in levels.unique()} for thr in hist_thresholds}}
+        plot_complexity(out / "complexity.png", out / "histograms.png", results["complexity"], counts)
+
+    # 4. Task-aligned selection (Fig. 7/8).
+    fid = None
+    if inception is not None:
+        real = FeatureStats()
+        real.update(per_image["real_features"])
+
+        def fid(chosen):
+            stats = FeatureStats()
+            stats.update(per_image["features"][chosen, torch.arange(len(chosen))])
+            return fid_from_stats(real, stats)
+    rows = {"every image at one count": [selection_row(f"{k} tokens", torch.full((n,), t), per_image, T, fid, tokens=k)
+                                         for t, k in enumerate(counts)],
+            "L1 < threshold": [selection_row(f"l1<{thr:g}", first_passing(l1 < thr), per_image, T, fid, threshold=thr)
+                               for thr in thresholds(cfg.l1_thresholds, l1)],
+            "token accuracy >= threshold": [
+                selection_row(f"token_acc>={thr:g}", first_passing(per_image["token_acc"] >= thr), per_image, T, fid,
+                              threshold=thr) for thr in thresholds(cfg.token_thresholds, per_image["token_acc"])]}
+    if shapes:
+        rows["classifier top-X correct"] = [
+            selection_row(f"top-{x:g} correct", classifier_selection(per_image["rank"], int(x)), per_image, T, fid,
+                          top_x=int(x)) for x in (float(v) for v in cfg.top_x.split(","))]
+        results["classifier"] = {"label": cfg.label, "classes": num_classes(cfg.label), "what": LABELS[cfg.label],
+                                 "accuracy_on_originals": (per_image["rank_original"] == 0).float().mean().item()}
+    best = rows["every image at one count"][-1]
+    tasks = [task for task in TASKS if best[task] is not None]
+    results["selection"] = rows
+    results["fraction_for_95_percent"] = {
+        criterion: {task: fraction_reaching(r, task, best[task], TASKS[task][1]) for task in tasks}
+        for criterion, r in rows.items()}
+    plot_selection(out / "selection.png", rows, tasks)
+
+    results["seconds"] = time.perf_counter() - start
+    (out / "analysis.json").write_text(json.dumps(results, indent=2))
+    print(report(results, tasks))
+    print(f"wrote {out / 'analysis.json'} and the PNGs in {out} in {results['seconds']:.0f} s")
+    return results
+
+
+def spread_images(dataset, n: int, count: int) -> list:
+    """`count` image indices among the first n: on shapes the first image of evenly spaced levels."""
+    if not isinstance(dataset, ShapesDataset):
+        return list(range(min(count, n)))
+    wanted = np.linspace(0, len(LEVELS) - 1, count).round().astype(int).tolist() if count else []
+    chosen = []
+    for level in wanted:
+        found = next((i for i in range(n) if dataset.complexity_of(i) == level and i not in chosen), None)
+        if found is not None:
+            chosen.append(found)
+    return chosen
+
+
+# -----------------------------------------------------------------------------
+# Figures and the report
+
+INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB along an inferno-like ramp (dark: low attention, light: high)."""
+    position = np.clip(values, 0, 1) * (len(INFERNO) - 1)
+    low = np.floor(position).astype(int).clip(max=len(INFERNO) - 2)
+    frac = (position - low)[..., None]
+    return INFERNO[low] * (1 - frac) + INFERNO[low + 1] * frac
+
+
+def distinct_colours(count: int) -> np.ndarray:
+    """`count` colours around the hue circle in golden-ratio steps, so neighbours in index differ."""
+    return np.array([colorsys.hsv_to_rgb((j * 0.618034) % 1, 0.75, 0.95) for j in range(count)]) * 255
+
+
+def draw_attention(path, image, maps, assign, masks, mc, level, cell: int = 64):
+    """Fig. 3/13 for one image: a row per iteration; the image, its segments (shapes), each 2D token
+    coloured by the latent token it attends most, then the attention maps over the image of the
+    first K latent tokens as the rollout updates them, and of the K tokens added at that iteration."""
+    K, T, g = mc.tokens_per_iter, mc.rollout_iters, mc.grid_size
+    font = ImageFont.load_default(size=13)
+    photo = np.asarray(Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                       .resize((cell, cell), Image.BICUBIC), dtype=np.float32)
+
+    def grid_image(rgb):  # (g, g, 3) -> a cell, token cells kept square and sharp
+        return Image.fromarray(rgb.astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+
+    def overlay(values):  # a map over the 2D tokens, scaled to its maximum, laid over the image
+        tile = np.asarray(grid_image(heat(values.reshape(g, g).numpy() / values.max().item())), dtype=np.float32)
+        return Image.fromarray((0.3 * photo + 0.7 * tile).round().astype(np.uint8))
+
+    lead = [("image", None), ("segments", None), ("binding", None)] if masks is not None else \
+        [("image", None), ("binding", None)]
+    gap, left, top = 12, 96, 62
+    width = left + len(lead) * (cell + 4) + 2 * (gap + K * (cell + 4))
+    canvas = Image.new("RGB", (width, top + T * (cell + 4) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    title = (f"level {level}: " if level is not None else "") + "attention of latent tokens to the 2D image tokens " \
+        "(last encoder layer, mean over heads; each map scaled to its maximum)"
+    draw.text((8, 8), title, fill="black", font=font)
+    x_first = left + len(lead) * (cell + 4) + gap
+    x_new = x_first + K * (cell + 4) + gap
+    for x, text in [(left, "image, segments, binding" if masks is not None else "image, binding"),
+                    (x_first, f"tokens 1-{K} (added at iteration 1), as the rollout updates them"),
+                    (x_new, f"the {K} tokens added at this iteration")]:
+        draw.text((x, 34), text, fill="black", font=font)
+    segments = None
+    if masks is not None:
+        labels = majority_pool(masks.numpy(), mc.patch_size)
+        segments = grid_image(distinct_colours(int(labels.max()) + 1)[labels])
+    colours = distinct_colours(T * K)
+    for t in range(T):
+        y = top + t * (cell + 4)
+        draw.text((8, y + cell / 2), f"iteration {t + 1}\n{(t + 1) * K} tokens", fill="black", font=font, anchor="lm")
+        tiles = [Image.fromarray(photo.round().astype(np.uint8))] + ([segments] if segments is not None else [])
+        binding = np.asarray(grid_image(colours[assign[t].view(g, g).numpy()]), dtype=np.float32)
+        tiles.append(Image.fromarray((0.35 * photo + 0.65 * binding).round().astype(np.uint8)))
+        for c, tile in enumerate(tiles):
+            canvas.paste(tile, (left + c * (cell + 4), y))
+        for k in range(K):
+            canvas.paste(overlay(maps[t][k]), (x_first + k * (cell + 4), y))
+            canvas.paste(overlay(maps[t][t * K + k]), (x_new + k * (cell + 4), y))
+    canvas.save(path)
+
+
+def plot_binding(path, summary: dict, counts: list):
+    """Binding score against tokens, one curve per complexity level, beside the shuffled baseline
+    and the fixed-length pass (§A.3, Tab. 2: does recurrence sharpen binding?)."""
+    panels = []
+    for metric, name in (("ari", "ARI"), ("fg_ari", "foreground ARI"), ("miou", "matched mIoU")):
+        series = [Series(f"level {level}" if level != "all" else "all levels",
+                         [(k, s[metric]) for k, s in groups["recurrent"].items()], COLOURS[i])
+                  for i, (level, groups) in enumerate(summary.items()) if level != "all"]
+        everything = summary["all"]
+        series += [Series("all levels", [(k, s[metric]) for k, s in everything["recurrent"].items()], (0, 0, 0)),
+                   Series("all, shuffled over the image", [(k, s[metric]) for k, s in everything["shuffled"].items()],
+                          (0, 0, 0), dashed=True),
+                   Series(f"all, one pass of {counts[-1]} tokens",
+                          [(k, s[metric]) for k, s in everything["one_pass"].items()], COLOURS[7])]
+        panels.append(Panel(f"{name}: 2D tokens by most-attended latent", "latent tokens", name, series,
+                            xticks=[(k, str(k)) for k in counts]))
+    draw_panels(path, panels)
+
+
+def plot_complexity(curves_path, histograms_path, complexity: dict, counts: list):
+    """Fig. 4/5: L1 against tokens per complexity level; the token counts each level gets."""
+    series = [Series(f"level {level}", list(row.items()), COLOURS[i])
+              for i, (level, row) in enumerate(complexity["l1_per_level"].items())]
+    draw_panels(curves_path, [Panel("L1 against tokens, per complexity level (Fig. 4/5)", "tokens", "L1", series,
+                                    xticks=[(k, str(k)) for k in counts])])
+    panels = []
+    for criterion, per_level in complexity["chosen_tokens_per_level"].items():
+        series = [Series(f"level {level}", [(t, hist[k] / max(1, sum(hist.values()))) for t, k in enumerate(counts)],
+                         COLOURS[i]) for i, (level, hist) in enumerate(per_level.items())]
+        panels.append(Panel(f"tokens chosen by {criterion}", "tokens", "fraction of the level's images", series,
+                            xticks=[(t, str(k)) for t, k in enumerate(counts)], bars=True))
+    draw_panels(histograms_path, panels)
+
+
+def plot_selection(path, rows: dict, tasks: list):
+    """Fig. 7/8: each task of interest against the dataset representation its selection costs, one
+    curve per token-selection criterion."""
+    panels = []
+    for task in tasks:
+        name = TASKS[task][0]
+        series = [Series(criterion, [(r["dataset_representation"], r[task]) for r in criterion_rows], COLOURS[i],
+                         labels=[f"top-{r['top_x']}" for r in criterion_rows] if "top_x" in criterion_rows[0] else None)
+                  for i, (criterion, criterion_rows) in enumerate(rows.items())]
+        panels.append(Panel(f"{name} against dataset representation", "fraction of the maximum tokens", name, series,
+                            xticks=FRACTION_TICKS))
+    draw_panels(path, panels, size=(460, 360), columns=2)
+
+
+def report(r: dict, tasks: list) -> str:
+    def num(v, fmt=".3f"):
+        return "-" if v is None else format(v, fmt)
+
+    counts = r["tokens"]
+    lines = [f"## {r['dataset']}, {r['images']} images, {r['checkpoint']}"]
+    if "binding" in r:
+        b = r["binding"]
+        lines += ["", "Object binding: each 2D token assigned to the latent token it attends most (last encoder layer), "
+                  "scored against the scene's segments (ARI; 1 = the objects exactly, 0 = chance):", "",
+                  "| ARI | " + " | ".join(str(k) for k in counts) + f" | one pass of {counts[-1]} |",
+                  "| --- |" + " ---: |" * (len(counts) + 1)]
+        for level, groups in b.items():
+            name = "all levels" if level == "all" else f"level {level}"
+            lines.append(f"| {name} | " + " | ".join(num(s["ari"]) for s in groups["recurrent"].values())
+                         + f" | {num(groups['one_pass'][counts[-1]]['ari'])} |")
+        lines.append("| all, shuffled | " + " | ".join(num(s["ari"]) for s in b["all"]["shuffled"].values()) + " | - |")
+        for metric, name in (("fg_ari", "foreground ARI"), ("miou", "matched mIoU")):
+            lines.append(f"\n{name}, all levels, per token count: "
+                         + ", ".join(f"{k}: {num(s[metric])}" for k, s in b["all"]["recurrent"].items())
+                         + f"; shuffled at {counts[-1]}: {num(b['all']['shuffled'][counts[-1]][metric])}"
+                         + f"; one pass of {counts[-1]}: {num(b['all']['one_pass'][counts[-1]][metric])}")
+        lines.append("latent tokens the partition uses (mean), all levels: " + ", ".join(
+            f"{k}: {s['segments']:.1f}" for k, s in b["all"]["recurrent"].items())
+            + f"; one pass: {b['all']['one_pass'][counts[-1]]['segments']:.1f}"
+            + f"; true segments (background halves and visible shapes): {b['all']['one_pass'][counts[-1]]['true_segments']:.1f}")
+        lines.append("ARI, all levels, partition from the latent tokens' maps instead (each 2D token to the latent "
+                     "whose map is highest there): " + ", ".join(
+                         f"{k}: {num(s['ari'])}" for k, s in b["all"]["recurrent_latent_to_image"].items()))
+    if "complexity" in r:
+        c = r["complexity"]
+        lines += ["", "| L1 per level | " + " | ".join(str(k) for k in counts) + " |",
+                  "| ---: |" + " ---: |" * len(counts)]
+        for level, row in c["l1_per_level"].items():
+            lines.append(f"| {level} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+        for criterion, per_level in c["chosen_tokens_per_level"].items():
+            means = {level: sum(k * v for k, v in hist.items()) / max(1, sum(hist.values()))
+                     for level, hist in per_level.items()}
+            lines.append(f"\n{criterion}: mean tokens per level " + ", ".join(f"{lv}: {m:.1f}" for lv, m in means.items()))
+    if "classifier" in r:
+        c = r["classifier"]
+        lines.append(f"\nclassifier of {c['what']} ({c['classes']} classes): top-1 accuracy "
+                     f"{c['accuracy_on_originals']:.3f} on the original images")
+    lines += ["", "Fraction of the maximum tokens at which each task reaches 95% of its performance at the maximum "
+              "(losses within 1/0.95 of it; - : not within the criterion's range):", "",
+              "| criterion | " + " | ".join(TASKS[t][0] for t in tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for criterion, fractions in r["fraction_for_95_percent"].items():
+        lines.append(f"| {criterion} | " + " | ".join(num(fractions[t], ".2f") for t in tasks) + " |")
+    best = r["selection"]["every image at one count"][-1]
+    lines.append(f"\nat {counts[-1]} tokens: " + ", ".join(f"{TASKS[t][0]} {num(best[t], '.4f')}" for t in tasks))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

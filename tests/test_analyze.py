@@ -1,0 +1,152 @@
+"""analyze.py: attention weights from the math path, shapes masks, binding scores, the classifier
+criterion, and the whole run on a tiny untrained model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import analyze
+from analyze import adjusted_rand_index, binding_scores, classifier_selection, matched_miou, token_labels, true_label_rank
+from data import LEVELS, PALETTE, ShapesDataset
+from model import ALIT, make_config
+from vqgan import PRESETS as VQGAN_PRESETS
+from vqgan import VQGANConfig
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    vqgan = VQGANConfig(**{**VQGAN_PRESETS["tiny"], "channels": 16, "norm_groups": 8})
+    return ALIT(make_config("tiny", encoder_width=64, encoder_heads=2, decoder_width=64, decoder_heads=2,
+                            vqgan=vqgan, **overrides)).eval()
+
+
+def images(n=4, size=32):
+    data = ShapesDataset("val", size, n)
+    return torch.stack([data[i][0] for i in range(n)])
+
+
+def test_math_path_weights_give_what_sdpa_computes():
+    # Without zero-initialised residuals every encoder pass really uses its attention output.
+    model = tiny_model(zero_init_encoder_residuals=False, encoder_layers=2)
+    x = images()
+    with torch.no_grad():
+        fused = model(x, reconstruct=True)
+        attention = [block.attn for block in (*model.encoder, *model.decoder)]
+        for attn in attention:
+            attn.record = []
+        math = model(x, reconstruct=True)
+    T, K, N = model.config.rollout_iters, model.config.tokens_per_iter, model.config.num_image_tokens
+    last = model.encoder[-1].attn.record
+    assert len(last) == T  # one call per encoder pass
+    for t, weights in enumerate(last):
+        assert weights.shape == (len(x), 2, 1 + N + (t + 1) * K, 1 + N + (t + 1) * K)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    for a, b in zip(fused, math):
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.recon, a.recon, rtol=0, atol=1e-5)
+    for attn in attention:
+        attn.record = None
+
+
+def test_shapes_masks_match_the_rendered_pixels():
+    data = ShapesDataset("val", 32, 60)
+    seen_levels, nearest_own = set(), []
+    for i in range(len(data)):
+        image, level, labels, num_shapes = data.with_masks(i)
+        assert torch.equal(image, data[i][0])  # the same scene, bit for bit
+        assert labels.shape == (32, 32) and 0 <= labels.min() and labels.max() <= 1 + num_shapes
+        assert LEVELS[level].objects[0] <= num_shapes <= LEVELS[level].objects[1]
+        seen_levels.add(level)
+        pixels = (image * 255).round().permute(1, 2, 0).reshape(-1, 3)  # (H*W, 3)
+        # Inside a segment (no other label within 3 pixels, the reach of the 4x Lanczos downsampling)
+        # the pixels are its palette colour, give or take Lanczos' ringing: for the background halves,
+        # and for the shapes of the levels without textures (stripes and checkers blend at their edges).
+        padded = torch.nn.functional.pad(labels[None, None].float(), (3, 3, 3, 3), mode="replicate")
+        windows = padded.unfold(2, 7, 1).unfold(3, 7, 1).reshape(32, 32, 49)
+        inside = (windows == labels[..., None]).all(-1).reshape(-1)
+        flat = labels.reshape(-1)
+        for segment in flat[inside].unique():
+            if segment < 2 or LEVELS[level].texture == 0:
+                colours = pixels[inside & (flat == segment)]
+                colour = colours.median(0).values
+                assert (colours - colour).abs().max() <= 2, (i, int(segment))
+                assert (torch.from_numpy(PALETTE).float() == colour).all(1).any(), (i, int(segment))
+        if LEVELS[level].texture == 0:
+            # Edges too: a pixel is nearer its own segment's colour than any other segment's (a mask
+            # one pixel off gets 92% of the pixels right; the masks 99%, edge blends costing the rest).
+            segments = flat.unique()
+            colours = torch.stack([pixels[flat == segment].median(0).values for segment in segments])
+            distance = torch.cdist(pixels, colours)  # (H*W, segments)
+            own = distance[torch.arange(len(pixels)), torch.searchsorted(segments, flat)]
+            nearest_own.append((own <= distance.min(1).values).float().mean().item())
+    assert seen_levels == set(range(len(LEVELS)))
+    assert min(nearest_own) > 0.9 and np.mean(nearest_own) > 0.97
+
+
+def test_binding_score_is_one_for_the_objects_and_zero_for_chance():
+    data = ShapesDataset("val", 32, 40)
+    truth = token_labels([data.with_masks(i)[2] for i in range(len(data))], patch_size=4)  # (40, 64)
+    rng = np.random.default_rng(0)
+    random_ari, random_fg = [], []
+    for labels in truth:
+        renamed = rng.permutation(64)[labels]  # the same partition under other names
+        scores = binding_scores(labels, renamed)
+        assert scores["ari"] == pytest.approx(1) and scores["miou"] == pytest.approx(1)
+        assert np.isnan(scores["fg_ari"]) or scores["fg_ari"] == pytest.approx(1)
+        chance = binding_scores(labels, rng.integers(0, 16, size=labels.shape))
+        random_ari.append(chance["ari"])
+        random_fg.append(chance["fg_ari"])
+    assert abs(np.mean(random_ari)) < 0.03 and abs(np.nanmean(random_fg)) < 0.05
+    # the edge cases: one segment each, and a split of one segment
+    assert adjusted_rand_index(np.zeros(5), np.ones(5)) == 1
+    assert adjusted_rand_index(np.zeros(4), np.array([0, 0, 1, 1])) == 0
+    assert matched_miou(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
+    T, classes = 4, 3
+    labels = torch.tensor([0, 1, 2, 0])
+    predicted = torch.tensor([[1, 1, 2, 2],   # iteration 1: right for images 1 and 2
+                              [0, 2, 2, 2],   # iteration 2: image 0 right, image 1 wrong again
+                              [0, 1, 2, 1],
+                              [0, 1, 0, 1]])  # image 3 is never right
+    logits = torch.nn.functional.one_hot(predicted, classes).float()  # (T, B, classes)
+    logits[..., 0] += 0.5  # class 0 second best everywhere it is not the best
+    ranks = true_label_rank(logits, labels)
+    assert classifier_selection(ranks, 1).tolist() == [1, 0, 0, T - 1]
+    # top-2: image 3's label 0 is second best from the first iteration on
+    assert classifier_selection(ranks, 2).tolist() == [0, 0, 0, 0]
+
+
+def test_whole_run_on_a_tiny_model(tmp_path, capsys):
+    model = tiny_model()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
+    out = tmp_path / "analyze"
+    flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
+             "--classifier-images", "32", "--classifier-steps", "2", "--out-dir", str(out)]
+    results = analyze.main(flags)
+    printed = capsys.readouterr().out
+    assert "| all levels |" in printed and "| L1 < threshold |" in printed
+    for name in ("binding.png", "complexity.png", "histograms.png", "selection.png", "classifier.pt"):
+        assert (out / name).is_file(), name
+    assert len(results["attention_maps"]) == 2 and all((out / p).is_file() for p in results["attention_maps"])
+    saved = json.loads((out / "analysis.json").read_text())
+    T, K = model.config.rollout_iters, model.config.tokens_per_iter
+    assert list(saved["binding"]["all"]["recurrent"]) == [str((t + 1) * K) for t in range(T)]
+    fixed = saved["selection"]["every image at one count"]
+    assert [r["dataset_representation"] for r in fixed] == pytest.approx([(t + 1) / T for t in range(T)])
+    assert set(saved["fraction_for_95_percent"]) == set(saved["selection"])
+    analyze.main(flags)  # the classifier comes from its cache
+    assert "classifier of level read from" in capsys.readouterr().out
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="--ckpt"):
+        analyze.main(["--ckpt", str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit, match="--top-x"):
+        analyze.main(["--top-x", "best"])
+    with pytest.raises(SystemExit, match="--l1-thresholds"):
+        analyze.main(["--l1-thresholds", "low,high"])
