@@ -96,12 +96,14 @@ def _draw_panel(canvas, panel: Panel, x0: int, y0: int, size, font):
             _dashed(draw, line, s.colour)
         elif len(line) > 1:
             draw.line(line, fill=s.colour, width=2)
+        radius = 3 if len(shown) > 1 else 5  # a lone point stands out
         for x, y, label in shown:
             px, py = to_px(x, y)
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=s.colour)
-            if label:  # inside the box, on whichever side has room
-                anchor = "rb" if px > right - 40 else "lb"
-                draw.text((px + (-5 if anchor == "rb" else 5), py - 4), label, fill=s.colour, font=font, anchor=anchor)
+            draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=s.colour)
+            if label:  # inside the box, on whichever sides have room
+                side, below = ("r", -5) if px > right - 50 else ("l", 5), py < top + 20
+                draw.text((px + side[1], py + (4 if below else -4)), label, fill=s.colour, font=font,
+                          anchor=side[0] + ("t" if below else "b"))
 
     draw.text(((left + right) / 2, y0 + 10), panel.title, fill="black", font=font, anchor="mt")
     draw.text(((left + right) / 2, bottom + 24), panel.xlabel, fill="black", font=font, anchor="mt")
@@ -110,6 +112,8 @@ def _draw_panel(canvas, panel: Panel, x0: int, y0: int, size, font):
         ly = bottom + 48 + 17 * k
         if panel.bars:
             draw.rectangle([left + 10, ly - 5, left + 30, ly + 5], fill=s.colour)
+        elif len([y for _, y in s.points if y is not None]) == 1:
+            draw.ellipse([left + 15, ly - 5, left + 25, ly + 5], fill=s.colour)
         elif s.dashed:
             _dashed(draw, [(left + 10, ly), (left + 30, ly)], s.colour)
         else:
