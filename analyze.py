@@ -24,6 +24,7 @@ task of interest).
 """
 import colorsys
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -77,7 +78,9 @@ class AnalyzeConfig:
     label: Literal[tuple(LABELS)] = "level"
     classifier_images: int = 4000  # training images of the classifier (shapes train split), cached in --out-dir
     classifier_steps: int = 800  # its optimizer steps, batch 64
-    inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: FID as a task too
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: FID as a task of interest too (a Frechet
+    # distance per selection, some 50 of them, seconds each on a CPU)
+    inception_weights: str | None = None
     out_dir: str = "out/analyze"  # PNGs, analysis.json, the cached classifier
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
     seed: int = 0  # of the classifier, and of the shuffled baseline
@@ -285,11 +288,12 @@ def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list
     """Per image and token count: L1, MSE, token accuracy, the classifier's rank of the true label,
     binding scores (and Inception features); the attention maps of the images in `keep`."""
     mc = model.config
-    N, T = mc.num_image_tokens, mc.rollout_iters
+    N, K, T = mc.num_image_tokens, mc.tokens_per_iter, mc.rollout_iters
     shapes = isinstance(dataset, ShapesDataset)
     attention = model.encoder[-1].attn  # the last layer, as in the paper's maps
     rng = np.random.default_rng(cfg.seed)
-    out = {key: [] for key in ("l1", "mse", "token_acc", "level", "rank", "rank_original", "features")}
+    out = {key: [] for key in ("l1", "mse", "token_acc", "entropy_first", "entropy_all", "level", "rank",
+                               "rank_original", "features")}
     binding = {name: [] for name in ("recurrent", "shuffled", "one_pass", "recurrent_latent_to_image")}
     kept, real_features = {}, []
     n = min(cfg.num_images, len(dataset))
@@ -307,6 +311,11 @@ def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list
             fixed = attention.record[0].float().mean(1)
         finally:
             attention.record = None
+        maps = [latent_to_image(w, N) for w in weights]  # T x (B, tK, N)
+        # Fig. 3's "sharper & sparser attention": each map's entropy over the 2D tokens, 1 = uniform.
+        entropy = [-(m * m.clamp(min=1e-12).log()).sum(-1) / math.log(N) for m in maps]  # T x (B, tK)
+        out["entropy_first"].append(torch.stack([e[:, :K].mean(1) for e in entropy]).cpu())  # tokens 1..K, tracked
+        out["entropy_all"].append(torch.stack([e.mean(1) for e in entropy]).cpu())
         recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
         out["l1"].append((recon - images).abs().mean(dim=(2, 3, 4)).cpu())
         out["mse"].append((recon - images).square().mean(dim=(2, 3, 4)).cpu())
@@ -316,7 +325,7 @@ def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list
             out["features"].append(inception(recon.flatten(0, 1)).view(T, len(images), -1).cpu())
         for j, i in enumerate(index):
             if i in keep:
-                kept[i] = (images[j].cpu(), [latent_to_image(w[j:j + 1], N)[0].cpu() for w in weights],
+                kept[i] = (images[j].cpu(), [m[j].cpu() for m in maps],
                            [image_to_latent(w[j:j + 1], N)[0].argmax(-1).cpu() for w in weights],
                            items[j][2] if shapes else None)
         if not shapes:
@@ -427,6 +436,8 @@ def main(argv=None):
         level = dataset.complexity_of(i) if shapes else None
         draw_attention(out / f"attention_{i}.png", image, maps, assign, masks, mc, level)
     results["attention_maps"] = [str(out / f"attention_{i}.png") for i in kept]
+    results["attention_entropy"] = {f"tokens 1-{K}": dict(zip(counts, per_image["entropy_first"].mean(1).tolist())),
+                                    "all latent tokens": dict(zip(counts, per_image["entropy_all"].mean(1).tolist()))}
 
     # 2. Object binding.
     if shapes:
@@ -621,6 +632,10 @@ def report(r: dict, tasks: list) -> str:
 
     counts = r["tokens"]
     lines = [f"## {r['dataset']}, {r['images']} images, {r['checkpoint']}"]
+    lines += ["", "Entropy of the latent tokens' attention over the 2D tokens (last encoder layer; 1 = uniform over "
+              "the image, lower = more localized), per token count:"]
+    lines += [f"- {name}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row.items())
+              for name, row in r["attention_entropy"].items()]
     if "binding" in r:
         b = r["binding"]
         lines += ["", "Object binding: each 2D token assigned to the latent token it attends most (last encoder layer), "

@@ -120,16 +120,32 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
     assert classifier_selection(ranks, 2).tolist() == [0, 0, 0, 0]
 
 
-def test_whole_run_on_a_tiny_model(tmp_path, capsys):
+class TinyFeatures(torch.nn.Module):
+    """Stands in for the FID Inception (whose weights cannot be downloaded here)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, images):
+        return self.conv(images).mean(dim=(2, 3))
+
+
+def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures()))
     model = tiny_model()
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     out = tmp_path / "analyze"
     flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
-             "--classifier-images", "32", "--classifier-steps", "2", "--out-dir", str(out)]
+             "--classifier-images", "32", "--classifier-steps", "2", "--out-dir", str(out),
+             "--inception-weights", "fake.pth", "--l1-thresholds", "0.1,0.2"]
     results = analyze.main(flags)
     printed = capsys.readouterr().out
-    assert "| all levels |" in printed and "| L1 < threshold |" in printed
+    assert "| all levels |" in printed and "| L1 < threshold |" in printed and "| FID |" in printed
+    assert [r["threshold"] for r in results["selection"]["L1 < threshold"]] == [0.1, 0.2]
+    assert all(r["fid"] is not None for rows in results["selection"].values() for r in rows)
     for name in ("binding.png", "complexity.png", "histograms.png", "selection.png", "classifier.pt"):
         assert (out / name).is_file(), name
     assert len(results["attention_maps"]) == 2 and all((out / p).is_file() for p in results["attention_maps"])
