@@ -544,21 +544,23 @@ def draw_attention(path, image, maps, assign, masks, mc, level, cell: int = 64):
         tile = np.asarray(grid_image(heat(values.reshape(g, g).numpy() / values.max().item())), dtype=np.float32)
         return Image.fromarray((0.3 * photo + 0.7 * tile).round().astype(np.uint8))
 
-    lead = [("image", None), ("segments", None), ("binding", None)] if masks is not None else \
-        [("image", None), ("binding", None)]
-    gap, left, top = 12, 96, 62
+    lead = ["image", "segments", "binding"] if masks is not None else ["image", "binding"]
+    gap, left, top = 12, 96, 76
     width = left + len(lead) * (cell + 4) + 2 * (gap + K * (cell + 4))
     canvas = Image.new("RGB", (width, top + T * (cell + 4) + 8), "white")
     draw = ImageDraw.Draw(canvas)
     title = (f"level {level}: " if level is not None else "") + "attention of latent tokens to the 2D image tokens " \
         "(last encoder layer, mean over heads; each map scaled to its maximum)"
     draw.text((8, 8), title, fill="black", font=font)
+    draw.text((8, 26), "binding: each 2D token in the colour of the latent token it attends most (one colour per "
+              "latent token)", fill="black", font=font)
     x_first = left + len(lead) * (cell + 4) + gap
     x_new = x_first + K * (cell + 4) + gap
-    for x, text in [(left, "image, segments, binding" if masks is not None else "image, binding"),
-                    (x_first, f"tokens 1-{K} (added at iteration 1), as the rollout updates them"),
+    for c, name in enumerate(lead):
+        draw.text((left + c * (cell + 4) + cell / 2, top - 8), name, fill="black", font=font, anchor="mb")
+    for x, text in [(x_first, f"tokens 1-{K} (added at iteration 1), as the rollout updates them"),
                     (x_new, f"the {K} tokens added at this iteration")]:
-        draw.text((x, 34), text, fill="black", font=font)
+        draw.text((x, top - 8), text, fill="black", font=font, anchor="lb")
     segments = None
     if masks is not None:
         labels = majority_pool(masks.numpy(), mc.patch_size)
@@ -568,8 +570,7 @@ def draw_attention(path, image, maps, assign, masks, mc, level, cell: int = 64):
         y = top + t * (cell + 4)
         draw.text((8, y + cell / 2), f"iteration {t + 1}\n{(t + 1) * K} tokens", fill="black", font=font, anchor="lm")
         tiles = [Image.fromarray(photo.round().astype(np.uint8))] + ([segments] if segments is not None else [])
-        binding = np.asarray(grid_image(colours[assign[t].view(g, g).numpy()]), dtype=np.float32)
-        tiles.append(Image.fromarray((0.35 * photo + 0.65 * binding).round().astype(np.uint8)))
+        tiles.append(grid_image(colours[assign[t].view(g, g).numpy()]))
         for c, tile in enumerate(tiles):
             canvas.paste(tile, (left + c * (cell + 4), y))
         for k in range(K):
