@@ -14,6 +14,7 @@ file holds the evaluation run and its report; the criteria are in selection.py.
         --inception-weights pt_inception-2015-12-05-6726825d.pth
 """
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -30,7 +31,7 @@ from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
 # The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
-from selection import code_error_below, first_passing, l1_below, psnr, token_accuracy_above  # noqa: F401
+from selection import code_error_below, first_passing, l1_below, l1_passes, psnr, token_accuracy_above  # noqa: F401
 from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
 
 # -----------------------------------------------------------------------------
@@ -58,9 +59,17 @@ class EvalConfig:
     protocol: Literal[tuple(PROTOCOLS)] = "crop"  # how images are cut to the model size (PROTOCOLS)
     batch_size: int = 50  # images per forward pass
     inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
-    thresholds: str = "0.03,0.05,0.07,0.1,0.15"  # L1 thresholds of the adaptive allocation sweep (Fig. 7)
+    # L1 thresholds of the adaptive allocation sweep (Fig. 7). Default: 0.03,0.05,0.07,0.1,0.15 at
+    # 256x256; 0.035,0.045,0.055,0.07 below
+    thresholds: str | None = None
     token_thresholds: str = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
-    default_threshold: float = 0.07  # the official encode's L1 threshold
+    # The default criterion (allocation summary, complexity vs tokens): L1 below --default-threshold,
+    # or within --saturation of the image's L1 at the longest code. Default: the official encode's
+    # 0.07 and no saturation at 256x256; below that 0.045 and 0.02: the simple shapes scenes get
+    # below 0.045, the complex ones never do, and they stop where more tokens stop helping instead of
+    # all taking the longest code (early exit times the threshold alone: saturation needs the longest).
+    default_threshold: float | None = None
+    saturation: float | None = None  # a fraction: 0.02 stops an image once it is within 2% of its longest code's L1
     halting: bool = False  # the official code halts in eval too, which makes reconstructions random
     grid_images: int = 8  # rows of reconstructions.png, from simple to complex images
     speed_images: int = 64  # images timed for early exit vs running every iteration
@@ -73,8 +82,13 @@ class EvalConfig:
 def parse_args(argv=None) -> EvalConfig:
     cfg, _ = parse_flags(argv, __doc__, EvalConfig)
     check_flags(choice_checks(cfg) + [(cfg.batch_size > 0, "--batch-size must be positive"),
-                                      (0 < cfg.default_threshold, "--default-threshold must be positive")])
+                                      ((cfg.default_threshold or 1) > 0, "--default-threshold must be positive"),
+                                      ((cfg.saturation or 0) >= 0, "--saturation must be >= 0")])
     return cfg
+
+
+DEFAULT_CRITERION_OFFICIAL = dict(thresholds="0.03,0.05,0.07,0.1,0.15", default_threshold=0.07, saturation=0.0)
+DEFAULT_CRITERION_CPU = dict(thresholds="0.035,0.045,0.055,0.07", default_threshold=0.045, saturation=0.02)
 
 
 def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
@@ -183,6 +197,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg, device)
     mc = model.config
+    defaults = DEFAULT_CRITERION_OFFICIAL if mc.image_size >= 256 else DEFAULT_CRITERION_CPU
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     K, T = mc.tokens_per_iter, mc.rollout_iters
     counts = [(t + 1) * K for t in range(T)]
     print(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
@@ -216,14 +232,18 @@ def main(argv=None):
 
     # 2. Adaptive allocation, pixel criterion (Fig. 7): per image, the fewest tokens with L1 < threshold.
     thresholds = [float(v) for v in cfg.thresholds.split(",")]
-    sweep = []
+    sweep, saturated_sweep = [], []
     for thr in thresholds:
         chosen = first_passing(per_image["l1"] < thr)
         sweep.append({"criterion": f"l1<{thr:g}", "threshold": thr, **allocation_summary(chosen, per_image, model),
                       "rfid": fid(f"l1<{thr:g}")})
-    # The cheaper token-space criterion, side by side: its choices vs the pixel criterion's at the
-    # default threshold, matched by the token threshold whose mean token count is closest.
-    pixel_choice = first_passing(per_image["l1"] < cfg.default_threshold)
+        if cfg.saturation:  # the same thresholds, saturated images stopping early (no FID: not cached)
+            chosen = first_passing(l1_passes(per_image["l1"], thr, cfg.saturation))
+            saturated_sweep.append({"criterion": criterion_name(thr, cfg.saturation), "threshold": thr,
+                                    **allocation_summary(chosen, per_image, model)})
+    # The cheaper token-space criterion, side by side: its choices vs the default pixel criterion's,
+    # matched by the token threshold whose mean token count is closest.
+    pixel_choice = first_passing(l1_passes(per_image["l1"], cfg.default_threshold, cfg.saturation))
     token_sweep = []
     for thr in [float(v) for v in cfg.token_thresholds.split(",")]:
         chosen = first_passing(per_image["token_acc"] >= thr)
@@ -244,7 +264,8 @@ def main(argv=None):
         complexity = {
             "spearman_complexity_vs_tokens":
                 float(scipy.stats.spearmanr(level.numpy(), pixel_choice.numpy())[0]) if varies else None,
-            "threshold": cfg.default_threshold,
+            "criterion": criterion_name(cfg.default_threshold, cfg.saturation),
+            "lengths_chosen_for_5pct": int(sum(v >= 0.05 * n for v in pixel_default["histogram"].values())),
             "mean_tokens_per_level": {int(c): ((pixel_choice[level == c] + 1) * K).float().mean().item()
                                       for c in level.unique()},
             "l1_per_level_per_tokens": {int(c): {counts[t]: per_image["l1"][t][level == c].mean().item()
@@ -254,21 +275,26 @@ def main(argv=None):
     results = {"protocol": cfg.protocol, "images": n, "dataset": cfg.dataset, "checkpoint": cfg.official or cfg.ckpt,
                "halting": cfg.halting, "per_token_count": rows, "vqgan": vqgan_row,
                "codebook": per_image["codebook"], "compare": compare,
-               "adaptive_l1": sweep, "adaptive_token_accuracy": token_sweep,
-               "pixel_vs_token_criterion": {"pixel": f"l1<{cfg.default_threshold:g}", **pixel_default,
+               "adaptive_l1": sweep, "adaptive_l1_saturated": saturated_sweep, "adaptive_token_accuracy": token_sweep,
+               "pixel_vs_token_criterion": {"pixel": criterion_name(cfg.default_threshold, cfg.saturation),
+                                            **pixel_default,
                                             "token": matched["criterion"],
                                             "token_mean_tokens": matched["mean_tokens"],
                                             "same_count": matched["same_count_as_pixel_default"]},
                "early_exit": speed, "complexity": complexity}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    write_sweep_csv(out / "adaptive_sweep.csv", sweep + token_sweep)
+    write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + token_sweep)
     fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(rows)]
-    plot_sweep(out / "adaptive_sweep.png", sweep, fixed, inception is not None)
+    plot_sweep(out / "adaptive_sweep.png", sweep, saturated_sweep, fixed, inception is not None)
     save_fig2_grid(keep, per_image, out / "reconstructions.png", cfg.grid_images, cfg.dataset == "shapes")
     print(markdown_report(results))
     print(f"wrote {out / 'metrics.json'}, {out / 'adaptive_sweep.csv'}, {out / 'adaptive_sweep.png'}, "
           f"{out / 'reconstructions.png'}")
     return results
+
+
+def criterion_name(threshold: float, saturation: float) -> str:
+    return f"l1<{threshold:g}" + (f" or <={1 + saturation:g}x longest" if saturation else "")
 
 
 def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: float, device) -> dict:
@@ -310,14 +336,19 @@ def write_sweep_csv(path, rows):
         writer.writerows(rows)
 
 
-def plot_sweep(path, sweep, fixed, with_fid: bool):
+def plot_sweep(path, sweep, saturated_sweep, fixed, with_fid: bool):
     """Fig. 7: dataset representation (fraction of the maximum tokens, x) against L1 (and rFID) of
-    the adaptive allocation at each threshold, beside every image at the same count (fixed)."""
+    the adaptive allocation at each threshold (with and without saturation), beside every image at
+    the same count (fixed)."""
     panels = []
     for key, label in [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else []):
         series = [Series("every image at one count", [(r["dataset_representation"], r[key]) for r in fixed], COLOURS[0]),
-                  Series("adaptive (label: L1 threshold)", [(r["dataset_representation"], r[key]) for r in sweep],
+                  Series("adaptive, L1 < threshold (label)", [(r["dataset_representation"], r[key]) for r in sweep],
                          COLOURS[3], labels=[f"{r['threshold']:g}" for r in sweep])]
+        if saturated_sweep and key == "l1":
+            series.append(Series("adaptive, below threshold or saturated",
+                                 [(r["dataset_representation"], r[key]) for r in saturated_sweep], COLOURS[2],
+                                 labels=[f"{r['threshold']:g}" for r in saturated_sweep]))
         panels.append(Panel(f"{label} against dataset representation (Fig. 7)", "fraction of the maximum tokens",
                             label, series, xticks=FRACTION_TICKS))
     draw_panels(path, panels)
@@ -358,7 +389,7 @@ def markdown_report(r: dict) -> str:
                          f"codes used ({100 * usage['fraction_used']:.0f}%), perplexity {usage['perplexity']:.1f}")
     lines += ["", "| adaptive criterion | mean tokens | dataset repr. | L1 | PSNR | rFID |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in r["adaptive_l1"] + r["adaptive_token_accuracy"]:
+    for row in r["adaptive_l1"] + r["adaptive_l1_saturated"] + r["adaptive_token_accuracy"]:
         lines.append(f"| {row['criterion']} | {row['mean_tokens']:.1f} | {row['dataset_representation']:.3f} | "
                      f"{row['l1']:.4f} | {row['psnr']:.2f} | {num(row.get('rfid'), '.2f')} |")
     c, s = r["pixel_vs_token_criterion"], r["early_exit"]
@@ -376,9 +407,10 @@ def markdown_report(r: dict) -> str:
             lines.append(f"| {level} | " + " | ".join(f"{row[c]:.4f}" for c in counts) + " |")
         lines.append("")
         rho = cx["spearman_complexity_vs_tokens"]
-        lines.append(f"complexity vs chosen tokens (l1<{cx['threshold']:g}): Spearman "
+        lines.append(f"complexity vs chosen tokens ({cx['criterion']}): Spearman "
                      f"{'undefined (one count for all)' if rho is None else format(rho, '.3f')}; mean tokens per level "
-                     + ", ".join(f"{k}: {v:.1f}" for k, v in cx["mean_tokens_per_level"].items()))
+                     + ", ".join(f"{k}: {v:.1f}" for k, v in cx["mean_tokens_per_level"].items())
+                     + f"; {cx['lengths_chosen_for_5pct']} lengths chosen for >= 5% of images")
     return "\n".join(lines)
 
 

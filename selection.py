@@ -51,3 +51,11 @@ def first_passing(passes: torch.Tensor) -> torch.Tensor:
 
 def psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+def l1_passes(l1: torch.Tensor, threshold: float, saturation: float = 0.0) -> torch.Tensor:
+    """(T, B) L1 of every token count -> (T, B) pass table of the pixel criterion: L1 < threshold
+    (the paper), or, with saturation > 0, L1 within that fraction of the image's L1 at the longest
+    code: more tokens would not help this image, so it stops even short of the threshold."""
+    passes = l1 < threshold
+    return passes | (l1 <= (1 + saturation) * l1[-1:]) if saturation > 0 else passes

@@ -6,7 +6,7 @@ import torch
 
 import evaluate
 from data import build_dataset
-from evaluate import first_passing, l1_below, token_accuracy_above
+from evaluate import first_passing, l1_below, l1_passes, token_accuracy_above
 from model import ALIT
 from seeded import load_vectors
 
@@ -59,6 +59,13 @@ def test_criteria_are_plain_functions():
     assert token_accuracy_above(0.5)(gt, logits).tolist() == [True, False]
 
 
+def test_saturated_images_stop_where_more_tokens_stop_helping():
+    l1 = torch.tensor([[0.09, 0.20], [0.05, 0.12], [0.04, 0.101], [0.03, 0.100]])  # (T=4 counts, 2 images)
+    assert first_passing(l1_passes(l1, 0.045)).tolist() == [2, 3]  # the paper's threshold alone
+    # the first image reaches the threshold; the second never does, but gains < 2% after its third count
+    assert first_passing(l1_passes(l1, 0.045, saturation=0.02)).tolist() == [2, 2]
+
+
 class TinyFeatures(torch.nn.Module):
     """Stands in for the FID Inception (whose weights cannot be downloaded here)."""
 
@@ -86,9 +93,11 @@ def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
     K = rows[0]["tokens"]
     assert [r["tokens"] for r in rows] == [K * (t + 1) for t in range(len(rows))]
     assert all(r["rfid"] is not None and r["l1"] > 0 for r in rows)
-    for row in saved["adaptive_l1"]:
+    assert len(saved["adaptive_l1_saturated"]) == len(saved["adaptive_l1"])  # tiny: the CPU criterion
+    assert saved["complexity"]["criterion"] == "l1<0.045 or <=1.02x longest"
+    for row in saved["adaptive_l1"] + saved["adaptive_l1_saturated"]:
         assert sum(row["histogram"].values()) == 24
-        assert 0 < row["dataset_representation"] <= 1 and row["rfid"] is not None
+        assert 0 < row["dataset_representation"] <= 1 and row.get("rfid", 0) is not None
     rho = saved["complexity"]["spearman_complexity_vs_tokens"]
     assert rho is None or -1 <= rho <= 1
     assert set(saved["complexity"]["l1_per_level_per_tokens"]) <= {"0", "1", "2", "3", "4"}
