@@ -43,7 +43,7 @@ from data import DATASETS, LEVELS, ShapesDataset, build_dataset, majority_pool
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
-from selection import first_passing, psnr
+from selection import first_passing, l1_passes, psnr
 from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
 
 LABELS = {  # what the classifier of the task of interest predicts, all known to the shapes generator
@@ -69,6 +69,9 @@ class AnalyzeConfig:
     # Thresholds of the L1 criterion (Fig. 7); auto: the 5th, 10th, ..., 95th percentiles of every
     # image's L1 at every token count, which spreads the selections from few tokens to all.
     l1_thresholds: str = "auto"
+    # A third pixel criterion beside L1 < threshold (0: none): L1 < threshold, or within this fraction of
+    # the image's L1 at the most tokens, where more tokens stop helping (evaluate.py's default below 256x256).
+    saturation: float = 0.02
     token_thresholds: str = "auto"  # of the token-space criterion (token accuracy >= threshold); auto as above
     # The two L1 thresholds of histograms.png (Fig. 4/5); auto: the median image's L1 at the fewest and at the
     # most tokens (half the images pass at once; half never do).
@@ -91,6 +94,7 @@ def parse_args(argv=None) -> AnalyzeConfig:
     cfg, _ = parse_flags(argv, __doc__, AnalyzeConfig)
     checks = [(cfg.num_images > 1, "--num-images must be at least 2"),
               (cfg.batch_size > 0, "--batch-size must be positive"),
+              (cfg.saturation >= 0, "--saturation must be >= 0"),
               (cfg.classifier_images > 0 and cfg.classifier_steps > 0,
                "--classifier-images and --classifier-steps must be positive")]
     for flag in ("l1_thresholds", "token_thresholds", "histogram_thresholds", "top_x"):
@@ -475,6 +479,10 @@ def main(argv=None):
             "token accuracy >= threshold": [
                 selection_row(f"token_acc>={thr:g}", first_passing(per_image["token_acc"] >= thr), per_image, T, fid,
                               threshold=thr) for thr in thresholds(cfg.token_thresholds, per_image["token_acc"])]}
+    if cfg.saturation > 0:
+        rows[f"L1 < threshold or saturated ({cfg.saturation:g})"] = [
+            selection_row(f"l1<{thr:g} or saturated", first_passing(l1_passes(l1, thr, cfg.saturation)), per_image, T,
+                          fid, threshold=thr) for thr in thresholds(cfg.l1_thresholds, l1)]
     if shapes:
         rows["classifier top-X correct"] = [
             selection_row(f"top-{x:g} correct", classifier_selection(per_image["rank"], int(x)), per_image, T, fid,
