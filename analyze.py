@@ -340,14 +340,14 @@ def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list
         out["rank_original"].append(true_label_rank(net(images), labels).cpu())
         truth = token_labels([item[2] for item in items], mc.patch_size)  # (B, N)
         assign = torch.stack([image_to_latent(w, N).argmax(-1) for w in weights]).cpu().numpy()  # (T, B, N)
-        from_maps = torch.stack([latent_to_image(w, N).argmax(1) for w in weights]).cpu().numpy()
+        from_maps = torch.stack([m.argmax(1) for m in maps]).cpu().numpy()  # each 2D token's highest map
         fixed_assign = image_to_latent(fixed, N).argmax(-1).cpu().numpy()
         for j in range(len(images)):
             binding["recurrent"].append([binding_scores(truth[j], assign[t, j]) for t in range(T)])
             binding["shuffled"].append([binding_scores(truth[j], rng.permutation(assign[t, j])) for t in range(T)])
             binding["recurrent_latent_to_image"].append([binding_scores(truth[j], from_maps[t, j]) for t in range(T)])
             binding["one_pass"].append(binding_scores(truth[j], fixed_assign[j]))
-    per_image = {k: torch.cat(v, dim=-1 if k not in ("features",) else 1) for k, v in out.items() if v}
+    per_image = {k: torch.cat(v, dim=1 if k == "features" else -1) for k, v in out.items() if v}
     if real_features:
         per_image["real_features"] = torch.cat(real_features)
     return per_image, binding, kept
