@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import all_reduce_mean, autocast
-from weights import read_weights, source_name
+from weights import perceptual_missing, read_weights, source_name
 
 # -----------------------------------------------------------------------------
 # LPIPS
@@ -143,7 +143,8 @@ class LPIPS(nn.Module):
 def load_perceptual(vgg16_weights, lpips_weights, device, log):
     """LPIPS from the given files, or None when none are given: training then runs without it."""
     if not vgg16_weights:
-        log("no --vgg16-weights/--lpips-weights given: training without the perceptual (LPIPS) loss")
+        log(f"no --vgg16-weights/--lpips-weights given: training without the perceptual (LPIPS) loss; "
+            f"{perceptual_missing()}")
         return None
     return LPIPS.from_pretrained(vgg16_weights, lpips_weights).to(device)
 

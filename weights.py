@@ -6,8 +6,17 @@ written by other people's code. `torch.load(weights_only=True)` unpickles tensor
 containers only, so opening one cannot run code. Each loader (`ALIT.from_official`,
 `VQGAN.from_official`, `LPIPS.from_pretrained`, `InceptionV3.from_pytorch_fid`) reads its file
 here, renames keys with its own written table, and loads them with `load_exact`.
+
+Where the files are: a flag names one (a path, or a bare file name looked up as below); without
+the flag, each file is looked up by its canonical name in $ALIT_WEIGHTS, then in the torch hub
+cache ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints), where torchvision
+and pytorch-fid keep their downloads. Nothing is downloaded.
 """
 import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,8 +34,10 @@ def read_weights(path_or_state_dict) -> dict:
             return torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}") from None
-        except Exception as error:
-            raise RuntimeError(f"{path_or_state_dict}: cannot be read as a checkpoint ({error})") from None
+        except Exception as error:  # torch's message spans many lines: its gist
+            unsafe = re.search(r"GLOBAL (\S+)", str(error))
+            reason = f"it holds a pickled {unsafe[1]}, which could run code" if unsafe else "truncated or corrupt"
+            raise RuntimeError(f"{path_or_state_dict}: cannot be read as a checkpoint ({reason})") from None
 
 
 def source_name(path_or_state_dict) -> str:
@@ -51,3 +62,90 @@ def load_exact(model: torch.nn.Module, state: dict, where: str = "state dict") -
         raise KeyError(f"{where}: keys do not match the model; missing keys {missing[:10]}"
                        f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
                        f"{' ...' if len(unexpected) > 10 else ''}")
+
+
+# -----------------------------------------------------------------------------
+# Finding the files
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    names: tuple  # canonical file names, searched for in that order (the publisher's first)
+    what: str  # what the file is, for messages
+    source: str  # where it comes from
+
+
+PRETRAINED = {
+    "inception": Pretrained(("pt_inception-2015-12-05-6726825d.pth",), "pytorch-fid's FID Inception",
+                            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                            "pt_inception-2015-12-05-6726825d.pth"),
+    "vgg16": Pretrained(("vgg16-397923af.pth",), "torchvision's VGG16 (the LPIPS trunk)",
+                        "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    "lpips": Pretrained(("vgg.pth",), "the LPIPS v0.1 VGG head",
+                        "github.com/richzhang/PerceptualSimilarity, lpips/weights/v0.1/vgg.pth "
+                        "(also inside `pip install lpips`)"),
+    # The official ALIT code saves it as base_tokenizers/pretrained_models/vqgan.ckpt; MAGE names it
+    # vqgan_jax_strongaug.ckpt.
+    "vqgan": Pretrained(("vqgan.ckpt", "vqgan_jax_strongaug.ckpt"), "MAGE's ImageNet VQGAN (the official ALIT code's)",
+                        "MAGE (github.com/LTH14/mage): Google Drive file 13S_unB87n6KKuuMdyMnyExW0G1kplTbP"),
+    "alit": Pretrained((), "an official ALIT checkpoint",
+                       "the official README's table (github.com/ShivamDuggal4/adaptive-length-tokenizer), "
+                       "e.g. alit_small_vqgan_quantized_latents.pth"),
+}
+
+
+def weight_dirs() -> list:
+    """Where files are looked for by name: $ALIT_WEIGHTS, then the torch hub cache."""
+    dirs = [Path(os.environ["ALIT_WEIGHTS"]).expanduser()] if os.environ.get("ALIT_WEIGHTS") else []
+    return dirs + [Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def find_weights(kind: str, flag: str, given: str | None = None) -> Path | None:
+    """The file behind `flag`: `given` if it is a file, else a bare name `given` found in weight_dirs();
+    without `given`, the first canonical name of PRETRAINED[kind] found there, or None. A given file
+    that is nowhere raises FileNotFoundError with a one-line message: where it was looked for and
+    where it comes from."""
+    info, dirs = PRETRAINED[kind], weight_dirs()
+    if given:
+        path = Path(given).expanduser()
+        if path.is_file():
+            return path
+        bare = path.name == given
+        for folder in dirs if bare else []:
+            if (folder / given).is_file():
+                return folder / given
+        where = f" here nor in {', '.join(map(str, dirs))}" if bare else ""
+        raise FileNotFoundError(f"{flag} {given}: not found{where}; {info.what} comes from {info.source}")
+    for folder in dirs:
+        for name in info.names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def not_found(kind: str, flag: str) -> str:
+    """What to say when a file looked up by name is in none of the folders."""
+    info, dirs = PRETRAINED[kind], ", ".join(map(str, weight_dirs()))
+    folders = dirs if os.environ.get("ALIT_WEIGHTS") else f"{dirs} (or a folder named by $ALIT_WEIGHTS)"
+    return (f"{' / '.join(info.names)}, {info.what}, is not in {dirs}: pass {flag} PATH or put it in "
+            f"{folders}; it comes from {info.source}")
+
+
+def find_perceptual(vgg16: str | None, lpips: str | None) -> tuple:
+    """The two files of the LPIPS loss, (VGG16, LPIPS head): each flag's, else found by name. When a
+    file is not there the pair is (None, None) and training runs without the loss (a --vgg16-weights
+    given alone is read as one combined LPIPS state dict, LPIPS.from_pretrained)."""
+    trunk = find_weights("vgg16", "--vgg16-weights", vgg16)
+    if lpips and trunk is None:
+        raise FileNotFoundError(f"--lpips-weights needs --vgg16-weights: {not_found('vgg16', '--vgg16-weights')}")
+    head = find_weights("lpips", "--lpips-weights", lpips)
+    if trunk is None or (head is None and not vgg16):
+        return None, None
+    return trunk, head
+
+
+def perceptual_missing() -> str:
+    """Which files of the LPIPS loss are in none of the weight folders, and where they come from."""
+    return "; ".join(not_found(kind, flag) for kind, flag in (("vgg16", "--vgg16-weights"),
+                                                              ("lpips", "--lpips-weights"))
+                     if find_weights(kind, flag) is None)

@@ -15,6 +15,16 @@ SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads
               "--warmup-steps", "2", "--no-bf16"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_weight_folders(tmp_path_factory):
+    """Pretrained files are looked up by name in $ALIT_WEIGHTS and the torch hub cache
+    (weights.find_weights): the tests see empty ones, whatever this machine holds."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        patch.delenv("ALIT_WEIGHTS", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def vqgan_ckpt(tmp_path_factory):
     import train_vqgan
