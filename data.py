@@ -390,19 +390,51 @@ def _no_images(folder: Path) -> FileNotFoundError:
     return FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
 
 
-def _imagenet_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    missing = [str(split_dir / c) for c in classes if not (split_dir / c).is_dir()]
+def _has_image(folder: Path) -> bool:
+    """Whether folder holds an image file, anywhere below it (stops at the first)."""
+    return any(n.lower().endswith(IMAGE_EXTENSIONS) for _, _, names in os.walk(folder, followlinks=True)
+               for n in names)
+
+
+# What each --dataset reads from --data-dir, for messages.
+LAYOUTS = {"imagenet100": "<data-dir>/{split}/<wnid>/ for the 100 classes of data.IMAGENET100_CLASSES",
+           "imagenet": "<data-dir>/{split}/<class>/, any set of class folders",
+           "folder": "any tree of images under <data-dir>"}
+
+
+def _image_folders(name: str, split: str, data_dir: str | None) -> list[Path]:
+    """The folders --dataset `name` reads for `split`, one per class ("folder": the root). A mistake
+    raises a one-line error that names --data-dir and what to do."""
+    layout = LAYOUTS[name].format(split=split)
+    if data_dir is None:
+        raise ValueError(f"--dataset {name} reads images from disk: pass --data-dir ({layout})")
+    root = _require_dir(Path(data_dir), "--data-dir")
+    if name == "folder":
+        return [root]
+    split_dir = _require_dir(root / split, "split folder", f" (--dataset {name} expects {layout}; images "
+                                                           "without split and class folders are --dataset folder)")
+    if name == "imagenet":
+        classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"no class folders <class>/ in {split_dir}; a folder of images without classes "
+                                    "is --dataset folder")
+        return [split_dir / c for c in classes]
+    missing = [str(split_dir / c) for c in sorted(IMAGENET100_CLASSES) if not (split_dir / c).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} class folder(s) missing: {', '.join(missing[:10])}"
-                                + (" ..." if len(missing) > 10 else ""))
-    files, targets = [], []
-    for index, wnid in enumerate(classes):
-        class_files = list_images(split_dir / wnid)
-        if not class_files:
-            raise _no_images(split_dir / wnid)
-        files += class_files
-        targets += [index] * len(class_files)
-    return files, targets
+        raise FileNotFoundError(f"{len(missing)} of the 100 ImageNet-100 class folder(s) missing: "
+                                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; --dataset imagenet "
+                                f"takes any set of class folders (<data-dir>/{split}/<class>/)")
+    return [split_dir / c for c in sorted(IMAGENET100_CLASSES)]
+
+
+def check_layout(name: str, split: str, data_dir: str | None) -> None:
+    """What build_dataset checks, without listing every image: the scripts call it before they build
+    a model, so that a wrong --data-dir ends the run at once."""
+    if name == "shapes":
+        return
+    for folder in _image_folders(name, split, data_dir):
+        if not _has_image(folder):
+            raise _no_images(folder)
 
 
 def build_dataset(name: str, split: str, image_size: int, data_dir: str | None = None,
@@ -427,24 +459,13 @@ def build_dataset(name: str, split: str, image_size: int, data_dir: str | None =
         length = num_images or (20000 if split == "train" else 1000)
         return ShapesDataset(split, image_size, length, seed=seed, train_transform=train)
 
-    if data_dir is None:
-        raise ValueError(f"--dataset {name} reads images from disk: pass --data-dir")
-    root = _require_dir(Path(data_dir), "--data-dir")
-    if name == "folder":
-        files = list_images(root)
-        if not files:
-            raise _no_images(root)
-        targets = [0] * len(files)
-    else:
-        split_dir = _require_dir(root / split, "split folder",
-                                 f" (--dataset {name} expects <data-dir>/{split}/<wnid>/)")
-        if name == "imagenet100":
-            classes = sorted(IMAGENET100_CLASSES)
-        else:
-            classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-            if not classes:
-                raise FileNotFoundError(f"no class folders <wnid>/ in {split_dir}")
-        files, targets = _imagenet_files(split_dir, classes)
+    files, targets = [], []
+    for index, folder in enumerate(_image_folders(name, split, data_dir)):
+        found = list_images(folder)
+        if not found:
+            raise _no_images(folder)
+        files += found
+        targets += [index] * len(found)  # "folder": one folder, every target 0
     if num_images is not None:
         files, targets = files[:num_images], targets[:num_images]
     return ImageFiles(files, targets, image_size, train, eval_protocol)
