@@ -10,8 +10,9 @@ that pick a token count per image by thresholding the reconstruction loss. This
 file holds the evaluation run and its report; the criteria are in selection.py.
 
     python evaluate.py                          # out/stage2/ckpt.pt on `shapes`
-    python evaluate.py --official alit_small.pth --dataset imagenet100 --data-dir /data/imagenet \
-        --inception-weights pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py --official alit_small_vqgan_quantized_latents.pth --dataset imagenet100 \
+        --data-dir /data/imagenet              # FID with pt_inception-2015-12-05-6726825d.pth found by name
+    python evaluate.py --official alit_small_vqgan_quantized_latents.pth --dataset folder --data-dir my_images/
 """
 import csv
 import dataclasses
@@ -32,7 +33,9 @@ from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
 # The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
 from selection import code_error_below, first_passing, l1_below, l1_passes, psnr, token_accuracy_above  # noqa: F401
-from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
+from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, keep_freed_memory, parse_flags,
+                      setup_distributed)
+from weights import find_weights, not_found
 
 # -----------------------------------------------------------------------------
 # The evaluation run: every token count, adaptive allocation, complexity
@@ -49,7 +52,9 @@ class EvalConfig:
     # A second checkpoint reported beside --ckpt, per token count (default: stage 1, which stage 2 must
     # not undo); skipped when it is missing or is --ckpt itself.
     compare: str | None = "out/stage1/ckpt.pt"
-    official: str | None = None  # ... or an official ALIT checkpoint (ALIT.from_official)
+    # ... or an official ALIT checkpoint (ALIT.from_official): a path, or a name looked up in
+    # $ALIT_WEIGHTS and the torch hub cache
+    official: str | None = None
     heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
     use_ema: bool = True  # evaluate the EMA weights of our checkpoints
     dataset: Literal[DATASETS] = "shapes"  # shapes is drawn on the fly; the others read --data-dir
@@ -58,7 +63,9 @@ class EvalConfig:
     num_images: int | None = None  # default: the whole split (shapes: 1000)
     protocol: Literal[tuple(PROTOCOLS)] = "crop"  # how images are cut to the model size (PROTOCOLS)
     batch_size: int = 50  # images per forward pass
-    inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    # pytorch-fid's Inception; default: pt_inception-2015-12-05-6726825d.pth if it is in $ALIT_WEIGHTS or
+    # the torch hub cache (where pytorch-fid downloads it), else no FID
+    inception_weights: str | None = None
     # L1 thresholds of the adaptive allocation sweep (Fig. 7). Default: 0.03,0.05,0.07,0.1,0.15 at
     # 256x256; 0.035,0.045,0.055,0.07 below
     thresholds: str | None = None
@@ -84,7 +91,13 @@ def parse_args(argv=None) -> EvalConfig:
     check_flags(choice_checks(cfg) + [(cfg.batch_size > 0, "--batch-size must be positive"),
                                       ((cfg.default_threshold or 1) > 0, "--default-threshold must be positive"),
                                       ((cfg.saturation or 0) >= 0, "--saturation must be >= 0")])
-    return cfg
+    check_data(cfg.dataset, cfg.data_dir, (cfg.split,))
+    try:
+        official = find_weights("alit", "--official", cfg.official) if cfg.official else None
+        inception = find_weights("inception", "--inception-weights", cfg.inception_weights)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    return dataclasses.replace(cfg, official=official and str(official), inception_weights=inception and str(inception))
 
 
 DEFAULT_CRITERION_OFFICIAL = dict(thresholds="0.03,0.05,0.07,0.1,0.15", default_threshold=0.07, saturation=0.0)
@@ -92,16 +105,29 @@ DEFAULT_CRITERION_CPU = dict(thresholds="0.035,0.045,0.055,0.07", default_thresh
 
 
 def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
-    if cfg.official:
-        heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
-        heads = heads[0] if heads and len(heads) == 1 else heads
-        return ALIT.from_official(cfg.official, heads=heads).to(device).eval()
-    if not Path(cfg.ckpt).is_file():
-        sys.exit(f"error: {flag} {cfg.ckpt} not found (train it, or pass --official PATH)")
+    """--official or --ckpt, in eval mode. With --dataset imagenet100/imagenet, the default --ckpt must
+    hold a 256x256 model (the paper's): the shapes pipeline's 32x32 one is not evaluated on ImageNet unasked."""
     try:
-        return ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
-    except ValueError as error:
-        sys.exit(f"error: {flag}: {error}")
+        if cfg.official:
+            flag = "--official"
+            heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
+            heads = heads[0] if heads and len(heads) == 1 else heads
+            return ALIT.from_official(cfg.official, heads=heads).to(device).eval()
+        if not Path(cfg.ckpt).is_file():
+            sys.exit(f"error: {flag} {cfg.ckpt} not found (train it, or pass --official PATH)")
+        model = ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
+    except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: one line naming it
+        sys.exit(f"error: {flag}: {error.args[0]}")
+    size = model.config.image_size
+    if cfg.dataset in PAPER_DATASETS and cfg.ckpt == EvalConfig.ckpt and size < 256:
+        sys.exit(f"error: {flag} {cfg.ckpt} holds a {size}x{size} model, not one of the paper's 256x256 models "
+                 f"--dataset {cfg.dataset} is evaluated with: pass --ckpt of an ImageNet run, or --official CKPT "
+                 f"(a --ckpt given explicitly is evaluated whatever its size)")
+    return model
+
+
+# What a run writes into --out-dir.
+OUTPUTS = ("metrics.json", "adaptive_sweep.csv", "adaptive_sweep.png", "reconstructions.png")
 
 
 @torch.no_grad()
@@ -194,8 +220,11 @@ def main(argv=None):
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg, device)
+    replaced = [name for name in OUTPUTS if (out / name).exists()]
+    if replaced:
+        print(f"replacing {', '.join(replaced)} in {out} (another --out-dir keeps them)")
+    out.mkdir(parents=True, exist_ok=True)
     mc = model.config
     defaults = DEFAULT_CRITERION_OFFICIAL if mc.image_size >= 256 else DEFAULT_CRITERION_CPU
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
@@ -207,9 +236,13 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=False)
     inception = None
     if cfg.inception_weights:
-        inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device)
+        try:
+            inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device)
+        except (KeyError, ValueError, RuntimeError) as error:
+            sys.exit(f"error: --inception-weights: {error.args[0]}")
     else:
-        print("no --inception-weights given: reporting everything but FID")
+        print("no --inception-weights given: reporting everything but FID; "
+              + not_found("inception", "--inception-weights"))
 
     per_image, stats, keep = evaluate(model, loader, cfg, inception, device)
     n = per_image["l1"].shape[1]

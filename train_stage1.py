@@ -9,8 +9,7 @@ rollouts are trained end-to-end ... we perform dynamic halting of the image
 tokens in each iteration."
 
     python train_stage1.py                      # tiny preset on `shapes`, from out/vqgan/ckpt.pt
-    python train_stage1.py --dataset imagenet100 --data-dir /data/imagenet --preset small \
-        --vqgan-official vqgan.ckpt --batch-size 32 --bf16
+    python train_stage1.py --dataset imagenet100 --data-dir /data/imagenet   # the paper's run (PAPER_RUN)
     torchrun --nproc_per_node=8 train_stage1.py ...   # DDP: gloo on CPU, nccl on CUDA
 """
 import contextlib
@@ -26,10 +25,13 @@ import torch.nn.functional as F
 
 from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
-from training import (EMA, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags,
-                      due, finish, keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume,
+from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, StopSignal, adamw, all_reduce_mean,
+                      autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish,
+                      keep_freed_memory, launched_ranks, lr_at, native_bf16, parse_flags, progress, resume,
                       save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
-from vqgan import VQGAN
+from vqgan import PRESETS as VQGAN_PRESETS
+from vqgan import VQGAN, VQGANConfig
+from weights import find_weights, not_found
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
 # shortest codes carry the most information per token, so they are weighted up.
@@ -42,7 +44,9 @@ class TrainConfig(LoopConfig):
     steps: int = 1500
     batch_size: int = 16
     vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
-    vqgan_official: str | None = None  # ... or the VQGAN checkpoint of the official code (VQGAN.from_official)
+    # ... or the VQGAN of the official code (VQGAN.from_official): a path, or a name looked up in
+    # $ALIT_WEIGHTS and the torch hub cache; default for the 256x256 presets: vqgan.ckpt found there
+    vqgan_official: str | None = None
     warmup_steps: int = 50  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
     grad_accum: int = 1  # micro-batches per optimizer step (gradients synced on the last only)
     # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
@@ -85,8 +89,22 @@ OFFICIAL_RECIPE = dict(base_lr=1.5e-4, rollout_warmup=0.0, continuous_until=0.0,
                        latent_restart_every=0)
 
 
+# The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
+# epochs of ImageNet-100 (126,689 images at global batch 256), 20 of them warmup, 32 images per GPU;
+# without --batch-size, --grad-accum makes the global batch 256 on however many ranks.
+PAPER_RUN = dict(preset="small", batch_size=32, steps=100_000, warmup_steps=10_000)
+
+
+def implied_defaults(given: dict) -> dict:
+    if given.get("dataset") not in PAPER_DATASETS:
+        return {"preset": "tiny"}
+    if "batch_size" in given:
+        return PAPER_RUN
+    return {**PAPER_RUN, "grad_accum": max(1, PAPER_GLOBAL_BATCH // (PAPER_RUN["batch_size"] * launched_ranks()))}
+
+
 def parse_args(argv=None):
-    train, model_flags = parse_flags(argv, __doc__, TrainConfig, ALITConfig, PRESETS)
+    train, model_flags = parse_flags(argv, __doc__, TrainConfig, ALITConfig, PRESETS, implied_defaults)
     check_flags(check_loop_flags(train, PRESETS) + [
         (train.grad_accum > 0, "--grad-accum must be positive"),
         (train.base_lr is None or train.base_lr > 0, "--base-lr must be positive"),
@@ -107,7 +125,42 @@ def parse_args(argv=None):
     check_flags([(train.continuous_until <= train.blend_until < 1 or train.blend_until == train.continuous_until == 0,
                   "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
-    return train, model_cfg
+    check_data(train.dataset, train.data_dir)
+    return resolve_vqgan(train, model_cfg), model_cfg
+
+
+def vqgan_fits(theirs: VQGANConfig, ours: VQGANConfig) -> bool:
+    """Whether a VQGAN's grid and codebook are those the model's config expects."""
+    return (theirs.image_size, theirs.grid_size, theirs.codebook_size, theirs.latent_channels) == (
+        ours.image_size, ours.grid_size, ours.codebook_size, ours.latent_channels)
+
+
+def official_sized(model_cfg: ALITConfig) -> bool:
+    """Whether the preset is built for the official VQGAN (the 256x256 ones)."""
+    return vqgan_fits(model_cfg.vqgan, VQGANConfig(**{**VQGAN_PRESETS["imagenet"], "image_size": model_cfg.image_size}))
+
+
+def resolve_vqgan(train: TrainConfig, model_cfg: ALITConfig) -> TrainConfig:
+    """Which VQGAN the run distils, found by name (load_base_vqgan loads it): --vqgan-official, else a
+    --vqgan-ckpt given, else for the 256x256 presets the official one if it is in the weight folders
+    (weights.find_weights), else out/vqgan/ckpt.pt."""
+    if train.vqgan_official:
+        try:
+            return dataclasses.replace(train, vqgan_official=str(find_weights("vqgan", "--vqgan-official",
+                                                                              train.vqgan_official)))
+        except FileNotFoundError as error:
+            sys.exit(f"error: {error}")
+    found = find_weights("vqgan", "--vqgan-official") if official_sized(model_cfg) else None
+    if found and train.vqgan_ckpt == TrainConfig.vqgan_ckpt:
+        return dataclasses.replace(train, vqgan_official=str(found))
+    return train
+
+
+def vqgan_ways_out(train: TrainConfig, model_cfg: ALITConfig) -> str:
+    if not official_sized(model_cfg):
+        return "train one with python train_vqgan.py (its tiny preset fits) and pass it as --vqgan-ckpt"
+    return (f"{not_found('vqgan', '--vqgan-official')}; or train one with python train_vqgan.py --preset imagenet "
+            f"--dataset {train.dataset} --data-dir {train.data_dir or 'DIR'} and pass it as --vqgan-ckpt")
 
 
 def iteration_weights(text: str, iters: int) -> list:
@@ -115,26 +168,28 @@ def iteration_weights(text: str, iters: int) -> list:
     return (weights + [1.0] * iters)[:iters]
 
 
-def load_base_vqgan(train, model_cfg: ALITConfig) -> VQGAN:
-    """The frozen base tokenizer; its grid and codebook must match the preset."""
+def load_base_vqgan(train, model_cfg: ALITConfig, log=print) -> VQGAN:
+    """The frozen base tokenizer; its grid and codebook must fit the preset."""
     if train.vqgan_official:
-        vqgan = VQGAN.from_official(train.vqgan_official, image_size=model_cfg.image_size)
-        source = train.vqgan_official
+        flag, path = "--vqgan-official", train.vqgan_official
     else:
-        if not Path(train.vqgan_ckpt).is_file():
-            sys.exit(f"error: --vqgan-ckpt {train.vqgan_ckpt} not found; train one with train_vqgan.py "
-                     "or pass --vqgan-official")
-        try:
-            vqgan, source = VQGAN.from_checkpoint(train.vqgan_ckpt), train.vqgan_ckpt
-        except ValueError as error:
-            sys.exit(f"error: --vqgan-ckpt: {error}")
+        flag, path = "--vqgan-ckpt", train.vqgan_ckpt
+        if not Path(path).is_file():
+            sys.exit(f"error: {flag} {path} not found; {vqgan_ways_out(train, model_cfg)}")
+    try:
+        if train.vqgan_official:
+            vqgan = VQGAN.from_official(path, image_size=model_cfg.image_size)
+        else:
+            vqgan = VQGAN.from_checkpoint(path)
+    except (KeyError, ValueError, RuntimeError) as error:  # not a VQGAN of that kind: one line naming the file
+        sys.exit(f"error: {flag}: {error.args[0]}")
     ours, theirs = model_cfg.vqgan, vqgan.config
-    if (theirs.image_size, theirs.grid_size, theirs.codebook_size, theirs.latent_channels) != (
-            ours.image_size, ours.grid_size, ours.codebook_size, ours.latent_channels):
-        sys.exit(f"error: the VQGAN in {source} ({theirs.image_size}px -> {theirs.grid_size}x{theirs.grid_size}, "
-                 f"{theirs.codebook_size} codes x {theirs.latent_channels}) does not match preset "
+    if not vqgan_fits(theirs, ours):
+        sys.exit(f"error: the VQGAN in {path} ({theirs.image_size}px -> {theirs.grid_size}x{theirs.grid_size}, "
+                 f"{theirs.codebook_size} codes x {theirs.latent_channels}) does not fit preset "
                  f"{train.preset!r} ({ours.image_size}px -> {ours.grid_size}x{ours.grid_size}, "
-                 f"{ours.codebook_size} codes x {ours.latent_channels})")
+                 f"{ours.codebook_size} codes x {ours.latent_channels}): {vqgan_ways_out(train, model_cfg)}")
+    log(f"base VQGAN: {flag} {path}")
     return vqgan
 
 
@@ -179,13 +234,14 @@ def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code
 
 def main(argv=None):
     train, model_cfg = parse_args(argv)
+    check_out_dir(train, "rollout_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
-    vqgan = load_base_vqgan(train, model_cfg)
+    vqgan = load_base_vqgan(train, model_cfg, ctx.log)
     model_cfg = dataclasses.replace(model_cfg, vqgan=vqgan.config)  # the checkpoint's exact VQGAN
     model = ALIT(model_cfg)
     model.vqgan = vqgan
@@ -204,6 +260,7 @@ def main(argv=None):
     if train.resume:
         step = resume(Path(train.out_dir) / "ckpt.pt", model_cfg.to_dict(), stateful, ctx)["step"]
     else:
+        clear_out_dir(train, "rollout_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)  # halting draws and loss-iteration choices differ per rank
     ctx.log(f"ALIT {model_cfg}\n{sum(p.numel() for p in model.alit_parameters()) / 1e6:.2f}M trainable "
             f"parameters\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), global batch "

@@ -14,9 +14,11 @@ Images are decoded differentiably: softmax(logits) @ VQGAN codebook gives a soft
 code grid that the (now trainable) VQGAN decoder turns into pixels.
 
     python train_stage2.py                      # tiny preset, from out/stage1/ckpt.pt
-    torchrun --nproc_per_node=8 train_stage2.py --dataset imagenet100 --data-dir /data/imagenet \
-        --stage1-ckpt out/stage1/ckpt.pt --vgg16-weights vgg16-397923af.pth --lpips-weights vgg.pth
+    torchrun --nproc_per_node=8 train_stage2.py --dataset imagenet100 --data-dir /data/imagenet  # PAPER_RUN
+    python train_stage2.py --dataset imagenet100 --data-dir /data/imagenet \
+        --official alit_small_vqgan_quantized_latents.pth   # fine-tune an official checkpoint
 """
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +30,23 @@ from data import build_dataset, first_images, save_image_columns, train_batches
 from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
 from model import ALIT, PRESETS, make_config
-from training import (EMA, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags,
-                      due, finish, keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume,
-                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_data,
+                      check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish, keep_freed_memory,
+                      lr_at, native_bf16, parse_flags, progress, resume, save_training_state, set_lr,
+                      setup_distributed, stop_step, wrap_ddp)
+from weights import find_perceptual, find_weights
 
 
 @dataclass
 class TrainConfig(LoopConfig):
-    stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from
-    preset: str | None = None  # default: the stage-1 checkpoint's; if given, the checkpoint must match it
+    stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from ...
+    # ... or an official ALIT checkpoint (ALIT.from_official): a path, or a name looked up in
+    # $ALIT_WEIGHTS and the torch hub cache
+    official: str | None = None
+    heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
+    # Default: the checkpoint's (with --dataset imagenet100/imagenet a 256x256 one); if given, the
+    # checkpoint must hold a model of this preset
+    preset: str | None = None
     out_dir: str = "out/stage2"
     steps: int = 600
     batch_size: int = 16
@@ -58,12 +68,22 @@ class TrainConfig(LoopConfig):
     disc_channels: int = 64  # width of the PatchGAN's first layer
     disc_layers: int = 2  # PatchGAN depth: 3 for 256x256 images (70x70 patches), 2 for 32x32
     disc_lr: float = 1e-4  # the discriminator's AdamW learning rate
-    vgg16_weights: str | None = None  # torchvision's vgg16-397923af.pth
-    lpips_weights: str | None = None  # the lpips package's weights/v0.1/vgg.pth (or a combined LPIPS state dict)
+    # torchvision's VGG16; default: vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache
+    vgg16_weights: str | None = None
+    # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
+    # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
+    lpips_weights: str | None = None
+
+
+# The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
+# epochs of ImageNet-100 (126,689 images) at 12 images per GPU on 8 GPUs, 20 of them warmup, and a
+# 70x70 PatchGAN for 256x256 images.
+PAPER_RUN = dict(batch_size=12, steps=264_000, warmup_steps=26_400, disc_layers=3)
 
 
 def parse_args(argv=None):
-    train, _ = parse_flags(argv, __doc__, TrainConfig, presets=PRESETS)
+    train, _ = parse_flags(argv, __doc__, TrainConfig, presets=PRESETS,
+                           implied=lambda given: PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {})
     try:
         schedule = gan_schedule(train.gan_schedule)
     except ValueError:
@@ -71,9 +91,15 @@ def parse_args(argv=None):
     check_flags(check_loop_flags(train, PRESETS) + [
         ((train.base_lr or 1) > 0 and train.disc_lr > 0, "--base-lr and --disc-lr must be positive"),
         (schedule is not None, "--gan-schedule must look like 0.5:0.1,0.75:0.2 (fractions in [0, 1])"),
-        (train.lpips_weights is None or train.vgg16_weights is not None, "--lpips-weights needs --vgg16-weights"),
     ])
-    return train
+    check_data(train.dataset, train.data_dir)
+    try:
+        vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)
+        official = find_weights("alit", "--official", train.official) if train.official else None
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    return dataclasses.replace(train, vgg16_weights=vgg16 and str(vgg16), lpips_weights=lpips and str(lpips),
+                               official=official and str(official))
 
 
 def gan_schedule(text: str) -> list:
@@ -92,35 +118,46 @@ def gan_weight_at(step: int, steps: int, schedule) -> float:
     return weight
 
 
-def load_stage1(path, preset: str | None) -> ALIT:
-    """The stage-1 model with its raw weights (training continues from them, not from the EMA); with
-    --preset, the checkpoint must hold a model of that preset."""
+def load_start(train: TrainConfig) -> ALIT:
+    """The model fine-tuning starts from, with its raw weights (training continues from them, not from
+    the EMA): the stage-1 checkpoint or an official one. With --preset, it must hold a model of that
+    preset; with --dataset imagenet100/imagenet and no --preset, a 256x256 one (the paper's)."""
+    flag, path = ("--official", train.official) if train.official else ("--stage1-ckpt", train.stage1_ckpt)
     if not Path(path).is_file():
-        sys.exit(f"error: --stage1-ckpt {path} not found; run train_stage1.py first")
+        sys.exit(f"error: --stage1-ckpt {path} not found; run train_stage1.py first, or pass --official CKPT")
     try:
-        model = ALIT.from_checkpoint(path, ema=False).train()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+        if train.official:
+            heads = None if train.heads is None else tuple(int(h) for h in train.heads.split(","))
+            model = ALIT.from_official(path, heads=heads[0] if heads and len(heads) == 1 else heads).train()
+        else:
+            model = ALIT.from_checkpoint(path, ema=False).train()
+    except (KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: {flag}: {error.args[0]}")
     cfg = model.config
-    if preset is not None:
+    if train.preset is not None:
         try:  # the VQGAN may be the official one or our own: compare everything else
-            expected = make_config(preset, vqgan=cfg.vqgan).to_dict()
+            expected = make_config(train.preset, vqgan=cfg.vqgan).to_dict()
         except ValueError:
             expected = None
         if expected != cfg.to_dict():
-            sys.exit(f"error: {path} holds a model of another preset than --preset {preset!r}: {cfg}")
+            sys.exit(f"error: {path} holds a model of another preset than --preset {train.preset!r}: {cfg}")
+    elif train.dataset in PAPER_DATASETS and cfg.image_size != make_config("small").image_size:
+        sys.exit(f"error: {flag} {path} holds a {cfg.image_size}x{cfg.image_size} model, not the paper's "
+                 f"256x256 one that --dataset {train.dataset} trains: pass {flag} of a --dataset {train.dataset} "
+                 "stage-1 run or --official CKPT (or --preset tiny to fine-tune a tiny model on these images)")
     return model
 
 
 def main(argv=None):
     train = parse_args(argv)
+    check_out_dir(train, "rollout_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
     torch.manual_seed(train.seed)
 
-    model = load_stage1(train.stage1_ckpt, train.preset)
+    model = load_start(train)
     cfg = model.config
     # Everything trains except what no loss reaches here: the VQGAN codebook (the soft code reads it
     # detached, as the official code does, and halting, which uses the halted token, is off).
@@ -131,7 +168,10 @@ def main(argv=None):
     discriminators = torch.nn.ModuleList(
         PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
         for _ in range(cfg.rollout_iters if train.disc_per_iteration else 1)).to(ctx.device)
-    perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
+    try:
+        perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
+    except (KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
     global_batch = train.batch_size * ctx.world_size
     lr = (train.base_lr or (1e-4 if cfg.image_size >= 256 else 8e-3)) * global_batch / 256
     # The discriminators' parameters live in their own optimizer only (the official code also
@@ -147,6 +187,7 @@ def main(argv=None):
     if train.resume:
         step = resume(Path(train.out_dir) / "ckpt.pt", cfg.to_dict(), stateful, ctx)["step"]
     else:
+        clear_out_dir(train, "rollout_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)
     ctx.log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
             f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")

@@ -7,8 +7,7 @@ hinge loss whose weight is set adaptively (VQGAN eq. 7) and switched on at a
 discriminator start step.
 
     python train_vqgan.py                                  # tiny VQGAN on `shapes`, CPU ok
-    python train_vqgan.py --dataset imagenet100 --data-dir /data/imagenet --preset imagenet \
-        --vgg16-weights vgg16-397923af.pth --lpips-weights vgg.pth
+    python train_vqgan.py --dataset imagenet100 --data-dir /data/imagenet   # the imagenet preset (PAPER_RUN)
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
 import dataclasses
@@ -21,15 +20,20 @@ import torch
 from data import build_dataset, first_images, save_image_grid, train_batches
 from losses import (PatchDiscriminator, adopt_weight, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
-from training import (LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_flags, check_loop_flags, due,
-                      finish, keep_freed_memory, lr_at, native_bf16, parse_flags, progress, resume,
-                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_data,
+                      check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish, keep_freed_memory,
+                      lr_at, native_bf16, parse_flags, progress, resume, save_training_state, set_lr,
+                      setup_distributed, stop_step, wrap_ddp)
 from vqgan import PRESETS, VQGAN, VQGANConfig
+from weights import find_perceptual
 
 
 @dataclass
 class TrainConfig(LoopConfig):
     out_dir: str = "out/vqgan"
+    # The VQGAN's size; default: imagenet (the official VQGAN's: 256x256 -> 16x16, 1024 codes) with
+    # --dataset imagenet100/imagenet, else tiny (32x32 -> 8x8, 256 codes)
+    preset: str | None = None
     steps: int = 800
     lr: float = 4e-4  # AdamW's peak learning rate (betas 0.5, 0.9, as taming)
     weight_decay: float = 0.0  # VQGAN training uses none
@@ -46,18 +50,33 @@ class TrainConfig(LoopConfig):
     restart_every: int = 50  # move codes unused for so many steps onto recent encoder outputs (0: never)
     eval_only: bool = False  # only report val L1 and codebook usage of <out_dir>/ckpt.pt
     val_images: int = 1000  # images of the val split measured at the end of training
-    vgg16_weights: str | None = None  # torchvision's vgg16-397923af.pth
-    lpips_weights: str | None = None  # the lpips package's weights/v0.1/vgg.pth (or a combined LPIPS state dict)
+    # torchvision's VGG16; default: vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache
+    vgg16_weights: str | None = None
+    # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
+    # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
+    lpips_weights: str | None = None
+
+
+# Set by --dataset imagenet100/imagenet unless given: the official VQGAN's size, a 70x70 PatchGAN.
+PAPER_RUN = dict(preset="imagenet", disc_layers=3)
+
+
+def implied_defaults(given: dict) -> dict:
+    return PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}
 
 
 def parse_args(argv=None):
-    train, model_flags = parse_flags(argv, __doc__, TrainConfig, VQGANConfig, PRESETS)
+    train, model_flags = parse_flags(argv, __doc__, TrainConfig, VQGANConfig, PRESETS, implied_defaults)
     check_flags(check_loop_flags(train, PRESETS) + [
         (train.lr > 0 and train.disc_lr > 0, "--lr and --disc-lr must be positive"),
-        (train.lpips_weights is None or train.vgg16_weights is not None, "--lpips-weights needs --vgg16-weights"),
     ])
     model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
-    return train, model_cfg
+    check_data(train.dataset, train.data_dir)
+    try:
+        vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    return dataclasses.replace(train, vgg16_weights=vgg16 and str(vgg16), lpips_weights=lpips and str(lpips)), model_cfg
 
 
 def main(argv=None):
@@ -69,6 +88,7 @@ def main(argv=None):
             sys.exit(f"error: --eval-only: {error}")
         print(format_val_metrics(evaluate_vqgan(model, train)))
         return model
+    check_out_dir(train, "recon_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
@@ -77,7 +97,10 @@ def main(argv=None):
 
     model = VQGAN(model_cfg).to(ctx.device)
     discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(ctx.device)
-    perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
+    try:
+        perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
+    except (KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
     optimizer = adamw(model.parameters(), train.lr, (0.5, 0.9), train.weight_decay, ctx.device)
     disc_optimizer = adamw(discriminator.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
 
@@ -88,6 +111,8 @@ def main(argv=None):
         ckpt = resume(Path(train.out_dir) / "ckpt.pt", dataclasses.asdict(model_cfg), stateful, ctx)
         step = ckpt["step"]
         model.quantize.counts_since_restart = ckpt["code_counts"]
+    else:
+        clear_out_dir(train, "recon_*.png", ctx)
     ctx.log(f"VQGAN {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}")
 
     ddp_model = wrap_ddp(model, ctx)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DATASETS
+from data import DATASETS, check_layout
 
 # -----------------------------------------------------------------------------
 # Device and DDP
@@ -410,17 +410,20 @@ def choice_checks(config, choices: dict | None = None) -> list:
     return checks
 
 
-def parse_flags(argv, doc: str, config_cls, model_cls=None, presets=None):
+def parse_flags(argv, doc: str, config_cls, model_cls=None, presets=None, implied=None):
     """The command line of a script: a --flag per field of `config_cls` and, if given, of `model_cls`,
     whose defaults come from `presets` (also --preset's choices); --help shows the first paragraph of
-    `doc`. Returns the config and the model fields the user set."""
+    `doc`. `implied(given)` returns defaults that depend on the flags given (name -> value), such as
+    the paper's run for --dataset imagenet100; a flag given wins. Returns the config and the model
+    fields the user set."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_dataclass_flags(parser, config_cls, choices={"preset": presets} if presets else None)
     if model_cls is not None:
         add_dataclass_flags(parser, model_cls, presets=presets)
     args = parser.parse_args(argv)
     model_flags = dataclass_overrides(args, model_cls) if model_cls is not None else {}
-    return config_cls(**dataclass_overrides(args, config_cls)), model_flags
+    given = dataclass_overrides(args, config_cls)
+    return config_cls(**{**(implied(given) if implied else {}), **given}), model_flags
 
 
 def check_flags(checks):
@@ -428,6 +431,25 @@ def check_flags(checks):
     errors = [message for ok, message in checks if not ok]
     if errors:
         sys.exit("error: " + "; ".join(errors))
+
+
+def check_data(dataset: str, data_dir: str | None, splits=("train", "val")):
+    """A wrong --data-dir stops before any work starts, with a one-line error (data.check_layout)."""
+    for split in splits:
+        try:
+            check_layout(dataset, split, data_dir)
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"error: {error}")
+
+
+# The paper's data: with these and no --preset, the scripts set up the paper's model and run.
+PAPER_DATASETS = ("imagenet100", "imagenet")
+PAPER_GLOBAL_BATCH = 256  # the official runs: 32 images per GPU x 8 GPUs, base lr at batch 256
+
+
+def launched_ranks() -> int:
+    """The processes torchrun started (1 without it), known before DDP is set up."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 # -----------------------------------------------------------------------------
@@ -438,10 +460,14 @@ def check_flags(checks):
 class LoopConfig:
     """Flags every training script shares; each script's TrainConfig adds its own and may
     override these defaults."""
-    dataset: Literal[DATASETS] = "shapes"  # shapes is drawn on the fly; the others read --data-dir
+    # shapes is drawn on the fly; the others read --data-dir. imagenet100 and imagenet also mean the
+    # paper's model and run (each script's PAPER_RUN) unless --preset and the others are given
+    dataset: Literal[DATASETS] = "shapes"
     data_dir: str | None = None  # root of the image folder (imagenet: <root>/train/<wnid>/*.JPEG)
     out_dir: str = "out/run"  # checkpoint, image grids
-    preset: str = "tiny"  # the model's size (tiny: 32x32 images on a CPU)
+    # The model's size; default: the paper's with --dataset imagenet100/imagenet, else tiny (32x32 images
+    # on a CPU)
+    preset: str | None = None
     steps: int = 1000  # optimizer steps; the LR schedule spans them
     stop_after: int = 0  # stop this run after so many steps (0: never); --resume continues on the same schedule
     batch_size: int = 32  # per rank (and per micro-step)
@@ -458,6 +484,7 @@ class LoopConfig:
     bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
     compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
     resume: bool = False  # continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable)
+    overwrite: bool = False  # start over in an --out-dir that holds a checkpoint: it and the run's images are deleted
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
     dist_timeout: float = 300  # seconds a collective waits for the other ranks: a lost rank ends the run with an error
     # A training image that fails to decode is skipped with a warning (the next one stands in); more than
@@ -475,6 +502,28 @@ def check_loop_flags(train: LoopConfig, presets) -> list:
         (train.dist_timeout > 0, "--dist-timeout must be positive"),
         (0 <= train.max_bad_images <= 1, "--max-bad-images must be in [0, 1]"),
     ]
+
+
+def check_out_dir(train: LoopConfig, images: str):
+    """A run never replaces another's checkpoint unasked: in an --out-dir that holds one, --resume
+    continues it and --overwrite starts over (clear_out_dir); without either the script stops here."""
+    ckpt = Path(train.out_dir) / "ckpt.pt"
+    check_flags([(not (train.resume and train.overwrite), "--resume continues a run, --overwrite starts over: "
+                                                          "pass one of them")])
+    if not train.resume and not train.overwrite and (ckpt.exists() or previous_checkpoint(ckpt).exists()):
+        sys.exit(f"error: --out-dir {train.out_dir} already holds a run ({ckpt.name}): pass --resume to continue "
+                 f"it, --overwrite to start over (deleting its checkpoints and {images}), or another --out-dir")
+
+
+def clear_out_dir(train: LoopConfig, images: str, ctx: Distributed):
+    """--overwrite: the old run's checkpoints and images go before the new run writes its own (rank 0)."""
+    out = Path(train.out_dir)
+    if train.overwrite and ctx.is_main and out.is_dir():
+        old = [*out.glob("ckpt*.pt*"), *out.glob(images)]
+        for path in old:
+            path.unlink()
+        if old:
+            ctx.log(f"--overwrite: deleted {len(old)} file(s) of the previous run in {out}")
 
 
 def stop_step(train: LoopConfig, step: int) -> int:

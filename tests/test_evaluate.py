@@ -83,8 +83,10 @@ def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
     out = tmp_path / "eval"
     copy = tmp_path / "copy.pt"  # compared with itself, row for row
     copy.write_bytes(stage1_ckpt.read_bytes())
+    fake = tmp_path / "fake.pth"
+    fake.touch()  # the stand-in above reads nothing from it
     results = evaluate.main(["--ckpt", str(stage1_ckpt), "--num-images", "24", "--batch-size", "12",
-                             "--inception-weights", "fake.pth", "--speed-images", "8", "--out-dir", str(out),
+                             "--inception-weights", str(fake), "--speed-images", "8", "--out-dir", str(out),
                              "--compare", str(copy)])
     printed = capsys.readouterr().out
     assert "protocol 'crop'" in printed and "| tokens | L1 |" in printed
