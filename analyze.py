@@ -43,7 +43,7 @@ from data import DATASETS, LEVELS, ShapesDataset, build_dataset, majority_pool
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
-from selection import first_passing, l1_passes, psnr
+from selection import DEFAULT_CRITERION_CPU, first_passing, l1_passes, psnr
 from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
 
 LABELS = {  # what the classifier of the task of interest predicts, all known to the shapes generator
@@ -71,7 +71,7 @@ class AnalyzeConfig:
     l1_thresholds: str = "auto"
     # A third pixel criterion beside L1 < threshold (0: none): L1 < threshold, or within this fraction of
     # the image's L1 at the most tokens, where more tokens stop helping (evaluate.py's default below 256x256).
-    saturation: float = 0.02
+    saturation: float = DEFAULT_CRITERION_CPU["saturation"]
     token_thresholds: str = "auto"  # of the token-space criterion (token accuracy >= threshold); auto as above
     # The two L1 thresholds of histograms.png (Fig. 4/5); auto: the median image's L1 at the fewest and at the
     # most tokens (half the images pass at once; half never do).

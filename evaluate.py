@@ -32,7 +32,8 @@ from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
 # The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
-from selection import code_error_below, first_passing, l1_below, l1_passes, psnr, token_accuracy_above  # noqa: F401
+from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
+                       first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
 from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, keep_freed_memory, parse_flags,
                       setup_distributed)
 from weights import find_weights, not_found
@@ -98,10 +99,6 @@ def parse_args(argv=None) -> EvalConfig:
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
     return dataclasses.replace(cfg, official=official and str(official), inception_weights=inception and str(inception))
-
-
-DEFAULT_CRITERION_OFFICIAL = dict(thresholds="0.03,0.05,0.07,0.1,0.15", default_threshold=0.07, saturation=0.0)
-DEFAULT_CRITERION_CPU = dict(thresholds="0.035,0.045,0.055,0.07", default_threshold=0.045, saturation=0.02)
 
 
 def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:

@@ -53,6 +53,12 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp(min=1e-10))
 
 
+# The default pixel criterion per model size (evaluate.py, analyze.py): the official encode's L1 threshold
+# at 256x256; below that, on `shapes`, 0.045 or within 2% of the longest code's L1 (README, "choices").
+DEFAULT_CRITERION_OFFICIAL = dict(thresholds="0.03,0.05,0.07,0.1,0.15", default_threshold=0.07, saturation=0.0)
+DEFAULT_CRITERION_CPU = dict(thresholds="0.035,0.045,0.055,0.07", default_threshold=0.045, saturation=0.02)
+
+
 def l1_passes(l1: torch.Tensor, threshold: float, saturation: float = 0.0) -> torch.Tensor:
     """(T, B) L1 of every token count -> (T, B) pass table of the pixel criterion: L1 < threshold
     (the paper), or, with saturation > 0, L1 within that fraction of the image's L1 at the longest

@@ -6,6 +6,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 import pytest
+import torch
 
 # Smallest settings the training scripts accept: every loop runs in seconds on 2 CPU cores.
 # float32 everywhere: exact comparisons (resume, 1 vs 2 processes) need it, whatever the CPU.
@@ -13,6 +14,19 @@ SMALL_VQGAN = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "-
 SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads", "2", "--decoder-width", "64",
               "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
               "--warmup-steps", "2", "--no-bf16"]
+
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for the FID Inception (whose weights cannot be downloaded here)."""
+
+    def __init__(self, features: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, features, 4, stride=4)
+
+    def forward(self, images):
+        return self.conv(images).mean(dim=(2, 3))
 
 
 @pytest.fixture(scope="session", autouse=True)

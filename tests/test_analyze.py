@@ -8,6 +8,7 @@ import torch
 
 import analyze
 from analyze import adjusted_rand_index, binding_scores, classifier_selection, matched_miou, token_labels, true_label_rank
+from conftest import TinyFeatures
 from data import LEVELS, PALETTE, ShapesDataset
 from model import ALIT, make_config
 from vqgan import PRESETS as VQGAN_PRESETS
@@ -120,20 +121,8 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
     assert classifier_selection(ranks, 2).tolist() == [0, 0, 0, 0]
 
 
-class TinyFeatures(torch.nn.Module):
-    """Stands in for the FID Inception (whose weights cannot be downloaded here)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
-
-    def forward(self, images):
-        return self.conv(images).mean(dim=(2, 3))
-
-
 def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures()))
+    monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures(8)))
     model = tiny_model()
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import evaluate
+from conftest import TinyFeatures
 from data import build_dataset
 from evaluate import first_passing, l1_below, l1_passes, token_accuracy_above
 from model import ALIT
@@ -64,18 +65,6 @@ def test_saturated_images_stop_where_more_tokens_stop_helping():
     assert first_passing(l1_passes(l1, 0.045)).tolist() == [2, 3]  # the paper's threshold alone
     # the first image reaches the threshold; the second never does, but gains < 2% after its third count
     assert first_passing(l1_passes(l1, 0.045, saturation=0.02)).tolist() == [2, 2]
-
-
-class TinyFeatures(torch.nn.Module):
-    """Stands in for the FID Inception (whose weights cannot be downloaded here)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 16, 4, stride=4)
-
-    def forward(self, images):
-        return self.conv(images).mean(dim=(2, 3))
 
 
 def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
