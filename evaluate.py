@@ -68,13 +68,13 @@ class EvalConfig:
     # the torch hub cache (where pytorch-fid downloads it), else no FID
     inception_weights: str | None = None
     # L1 thresholds of the adaptive allocation sweep (Fig. 7). Default: 0.03,0.05,0.07,0.1,0.15 at
-    # 256x256; 0.035,0.045,0.055,0.07 below
+    # 256x256; 0.03,0.04,0.05,0.07 below
     thresholds: str | None = None
     token_thresholds: str = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
     # The default criterion (allocation summary, complexity vs tokens): L1 below --default-threshold,
     # or within --saturation of the image's L1 at the longest code. Default: the official encode's
-    # 0.07 and no saturation at 256x256; below that 0.045 and 0.02: the simple shapes scenes get
-    # below 0.045, the complex ones never do, and they stop where more tokens stop helping instead of
+    # 0.07 and no saturation at 256x256; below that 0.04 and 0.02: the simple shapes scenes get
+    # below 0.04, the complex ones never do, and they stop where more tokens stop helping instead of
     # all taking the longest code (early exit times the threshold alone: saturation needs the longest).
     default_threshold: float | None = None
     saturation: float | None = None  # a fraction: 0.02 stops an image once it is within 2% of its longest code's L1
