@@ -100,8 +100,9 @@ def _draw_panel(canvas, panel: Panel, x0: int, y0: int, size, font):
         for x, y, label in shown:
             px, py = to_px(x, y)
             draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=s.colour)
-            if label:  # inside the box, on whichever sides have room
-                side, below = ("r", -5) if px > right - 50 else ("l", 5), py < top + 20
+            if label:  # inside the box, on whichever sides have room; alternate series below their points
+                side = ("r", -5) if px > right - 50 else ("l", 5)
+                below = py < top + 20 or (k % 2 == 0 and py < bottom - 20)
                 draw.text((px + side[1], py + (4 if below else -4)), label, fill=s.colour, font=font,
                           anchor=side[0] + ("t" if below else "b"))
 
