@@ -73,7 +73,7 @@ class EvalConfig:
     token_thresholds: str = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
     # The default criterion (allocation summary, complexity vs tokens): L1 below --default-threshold,
     # or within --saturation of the image's L1 at the longest code. Default: the official encode's
-    # 0.07 and no saturation at 256x256; below that 0.04 and 0.02: the simple shapes scenes get
+    # 0.07 and no saturation at 256x256; below that 0.04 and 0.03: the simple shapes scenes get
     # below 0.04, the complex ones never do, and they stop where more tokens stop helping instead of
     # all taking the longest code (early exit times the threshold alone: saturation needs the longest).
     default_threshold: float | None = None

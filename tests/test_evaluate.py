@@ -85,7 +85,7 @@ def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
     assert [r["tokens"] for r in rows] == [K * (t + 1) for t in range(len(rows))]
     assert all(r["rfid"] is not None and r["l1"] > 0 for r in rows)
     assert len(saved["adaptive_l1_saturated"]) == len(saved["adaptive_l1"])  # tiny: the CPU criterion
-    assert saved["complexity"]["criterion"] == "l1<0.04 or <=1.02x longest"
+    assert saved["complexity"]["criterion"] == "l1<0.04 or <=1.03x longest"
     for row in saved["adaptive_l1"] + saved["adaptive_l1_saturated"]:
         assert sum(row["histogram"].values()) == 24
         assert 0 < row["dataset_representation"] <= 1 and row.get("rfid", 0) is not None
