@@ -69,7 +69,7 @@ class TrainConfig(LoopConfig):
     # 256x256; the official 2.5,2,1.5,1.25,1,1,1,1 at 256)
     iteration_weights: str | None = None
     # Rollout warm-up: the loss covers iterations 1..t, t growing from 1 to all over this fraction of
-    # the steps (default 0.3 below 256x256; 0, every iteration from the first step, at 256).
+    # the steps (default 0.15 below 256x256; 0, every iteration from the first step, at 256).
     rollout_warmup: float | None = None
     # The decoder reads the latents unquantized until this fraction of the steps (default 0.3 below
     # 256x256, 0 at 256) ...
@@ -90,7 +90,7 @@ class TrainConfig(LoopConfig):
 # encoder learns the first tokens several times faster with fewer iterations behind them (and
 # those steps are cheap), and quantized from the first step the latent codes carry nothing for
 # hundreds of steps. The official run needs none of them.
-CPU_RECIPE = dict(base_lr=3.2e-2, iteration_weights=CPU_ITERATION_WEIGHTS, rollout_warmup=0.3, continuous_until=0.3,
+CPU_RECIPE = dict(base_lr=3.2e-2, iteration_weights=CPU_ITERATION_WEIGHTS, rollout_warmup=0.15, continuous_until=0.3,
                   blend_until=0.5, latent_restart_every=25)
 OFFICIAL_RECIPE = dict(base_lr=1.5e-4, iteration_weights=OFFICIAL_ITERATION_WEIGHTS, rollout_warmup=0.0,
                        continuous_until=0.0, blend_until=0.0, latent_restart_every=0)
