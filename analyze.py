@@ -44,7 +44,7 @@ from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
 from selection import DEFAULT_CRITERION_CPU, first_passing, l1_passes, psnr
-from training import check_flags, choice_checks, keep_freed_memory, parse_flags, setup_distributed
+from training import check_flags, choice_checks, keep_freed_memory, official_heads, parse_flags, setup_distributed
 
 LABELS = {  # what the classifier of the task of interest predicts, all known to the shapes generator
     "level": "the complexity level (data.LEVELS: how many shapes, how large, how often textured)",
@@ -114,8 +114,7 @@ def load_model(cfg: AnalyzeConfig, device) -> ALIT:
     if cfg.official:
         if not Path(cfg.official).is_file():
             sys.exit(f"error: --official {cfg.official} not found")
-        heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
-        return ALIT.from_official(cfg.official, heads=heads[0] if heads and len(heads) == 1 else heads).to(device).eval()
+        return ALIT.from_official(cfg.official, heads=official_heads(cfg.heads)).to(device).eval()
     if not Path(cfg.ckpt).is_file():
         sys.exit(f"error: --ckpt {cfg.ckpt} not found (train it, or pass --official PATH)")
     try:

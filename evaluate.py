@@ -34,7 +34,8 @@ from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
 # The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
                        first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
-from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, keep_freed_memory, parse_flags,
+from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, keep_freed_memory, official_heads,
+                      paper_scale, parse_flags,
                       setup_distributed)
 from weights import find_weights, not_found
 
@@ -107,16 +108,14 @@ def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
     try:
         if cfg.official:
             flag = "--official"
-            heads = None if cfg.heads is None else tuple(int(h) for h in cfg.heads.split(","))
-            heads = heads[0] if heads and len(heads) == 1 else heads
-            return ALIT.from_official(cfg.official, heads=heads).to(device).eval()
+            return ALIT.from_official(cfg.official, heads=official_heads(cfg.heads)).to(device).eval()
         if not Path(cfg.ckpt).is_file():
             sys.exit(f"error: {flag} {cfg.ckpt} not found (train it, or pass --official PATH)")
         model = ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
     except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: one line naming it
         sys.exit(f"error: {flag}: {error.args[0]}")
     size = model.config.image_size
-    if cfg.dataset in PAPER_DATASETS and cfg.ckpt == EvalConfig.ckpt and size < 256:
+    if cfg.dataset in PAPER_DATASETS and cfg.ckpt == EvalConfig.ckpt and not paper_scale(size):
         sys.exit(f"error: {flag} {cfg.ckpt} holds a {size}x{size} model, not one of the paper's 256x256 models "
                  f"--dataset {cfg.dataset} is evaluated with: pass --ckpt of an ImageNet run, or --official CKPT "
                  f"(a --ckpt given explicitly is evaluated whatever its size)")
@@ -223,7 +222,7 @@ def main(argv=None):
         print(f"replacing {', '.join(replaced)} in {out} (another --out-dir keeps them)")
     out.mkdir(parents=True, exist_ok=True)
     mc = model.config
-    defaults = DEFAULT_CRITERION_OFFICIAL if mc.image_size >= 256 else DEFAULT_CRITERION_CPU
+    defaults = DEFAULT_CRITERION_OFFICIAL if paper_scale(mc.image_size) else DEFAULT_CRITERION_CPU
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     K, T = mc.tokens_per_iter, mc.rollout_iters
     counts = [(t + 1) * K for t in range(T)]

@@ -27,7 +27,7 @@ from data import TokenCache, build_dataset, build_token_cache, first_images, sav
 from model import ALIT, ALITConfig, PRESETS, make_config
 from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, StopSignal, adamw, all_reduce_mean,
                       autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish,
-                      keep_freed_memory, launched_ranks, lr_at, native_bf16, parse_flags, progress, resume,
+                      keep_freed_memory, launched_ranks, lr_at, native_bf16, paper_scale, parse_flags, progress, resume,
                       save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGAN, VQGANConfig
@@ -127,7 +127,7 @@ def parse_args(argv=None):
         model_cfg = make_config(train.preset, **model_flags)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    recipe = OFFICIAL_RECIPE if model_cfg.image_size >= 256 else CPU_RECIPE
+    recipe = OFFICIAL_RECIPE if paper_scale(model_cfg.image_size) else CPU_RECIPE
     train = dataclasses.replace(train, **{k: v for k, v in recipe.items() if getattr(train, k) is None})
     check_flags([(train.continuous_until <= train.blend_until < 1 or train.blend_until == train.continuous_until == 0,
                   "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])

@@ -32,8 +32,8 @@ from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, 
 from model import ALIT, PRESETS, make_config
 from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_data,
                       check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish, keep_freed_memory,
-                      lr_at, native_bf16, parse_flags, progress, resume, save_training_state, set_lr,
-                      setup_distributed, stop_step, wrap_ddp)
+                      lr_at, native_bf16, official_heads, paper_scale, parse_flags, progress, resume,
+                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 from weights import find_perceptual, find_weights
 
 
@@ -127,8 +127,7 @@ def load_start(train: TrainConfig) -> ALIT:
         sys.exit(f"error: --stage1-ckpt {path} not found; run train_stage1.py first, or pass --official CKPT")
     try:
         if train.official:
-            heads = None if train.heads is None else tuple(int(h) for h in train.heads.split(","))
-            model = ALIT.from_official(path, heads=heads[0] if heads and len(heads) == 1 else heads).train()
+            model = ALIT.from_official(path, heads=official_heads(train.heads)).train()
         else:
             model = ALIT.from_checkpoint(path, ema=False).train()
     except (KeyError, ValueError, RuntimeError) as error:
@@ -173,7 +172,7 @@ def main(argv=None):
     except (KeyError, ValueError, RuntimeError) as error:
         sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
     global_batch = train.batch_size * ctx.world_size
-    lr = (train.base_lr or (1e-4 if cfg.image_size >= 256 else 8e-3)) * global_batch / 256
+    lr = (train.base_lr or (1e-4 if paper_scale(cfg.image_size) else 8e-3)) * global_batch / 256
     # The discriminators' parameters live in their own optimizer only (the official code also
     # passes them to the generator's optimizer, where weight decay would shrink them).
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)

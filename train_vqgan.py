@@ -22,7 +22,7 @@ from losses import (PatchDiscriminator, adopt_weight, discriminator_step, genera
                     reconstruction_loss)
 from training import (PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_data,
                       check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish, keep_freed_memory,
-                      lr_at, native_bf16, parse_flags, progress, resume, save_training_state, set_lr,
+                      lr_at, native_bf16, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
                       setup_distributed, stop_step, wrap_ddp)
 from vqgan import PRESETS, VQGAN, VQGANConfig
 from weights import find_perceptual
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     ])
     model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
     if train.lr is None:
-        train = dataclasses.replace(train, lr=4e-4 if model_cfg.image_size >= 256 else 1e-3)
+        train = dataclasses.replace(train, lr=4e-4 if paper_scale(model_cfg.image_size) else 1e-3)
     check_data(train.dataset, train.data_dir)
     try:
         vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)

@@ -444,6 +444,20 @@ def check_data(dataset: str, data_dir: str | None, splits=("train", "val")):
 
 # The paper's data: with these and no --preset, the scripts set up the paper's model and run.
 PAPER_DATASETS = ("imagenet100", "imagenet")
+
+
+def paper_scale(image_size: int) -> bool:
+    """Whether a model has the paper's image size (256x256, §A.5): it trains and is evaluated with the
+    official recipe and criterion; the CPU presets below it need their own (README, "choices")."""
+    return image_size >= 256
+
+
+def official_heads(text: str | None):
+    """--heads "8" or "8,8" (encoder, decoder) -> ALIT.from_official's heads: None, 8 or (8, 8)."""
+    if text is None:
+        return None
+    heads = tuple(int(h) for h in text.split(","))
+    return heads[0] if len(heads) == 1 else heads
 PAPER_GLOBAL_BATCH = 256  # the official runs: 32 images per GPU x 8 GPUs, base lr at batch 256
 
 
