@@ -76,7 +76,7 @@ COMPARE_SWAPS = {ast.Lt: [ast.LtE, ast.GtE], ast.LtE: [ast.Lt, ast.Gt], ast.Gt: 
                  ast.GtE: [ast.Gt, ast.Lt], ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq], ast.Is: [ast.IsNot],
                  ast.IsNot: [ast.Is], ast.In: [ast.NotIn], ast.NotIn: [ast.In]}
 NAME_SWAPS = {"min": "max", "max": "min", "argmin": "argmax", "argmax": "argmin", "mean": "sum", "sum": "mean",
-              "amin": "amax", "amax": "amin"}
+              "amin": "amax", "amax": "amin", "any": "all", "all": "any"}
 REMOVABLE_CALLS = ("detach", "float", "clone")  # x.detach() -> x
 
 

@@ -57,6 +57,30 @@ def test_halt_masks_tokens_at_or_above_the_threshold_with_probability_p():
     assert torch.equal(new_x.detach(), expected_x)
 
 
+def test_halting_decides_in_float32_from_bf16_logits():
+    """Under bf16 autocast the logits are bf16; p is computed from them in float32. Two logits 2^-9
+    apart give p = 0.49951 < 0.5, which bf16 would round to 0.5 and let halt."""
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", halting_threshold=0.5))
+    B, N, V = 2, model.config.num_image_tokens, model.config.vqgan.codebook_size
+    gt = torch.zeros(B, N, dtype=torch.long)
+    logits = torch.full((B, N, V), -1e4, dtype=torch.bfloat16)
+    logits[..., 0], logits[..., 1] = 0.0, 2.0 ** -9
+    assert true_index_probability(logits.float(), gt).max() < 0.5
+    x = torch.randn(B, 1 + N + 8, model.config.encoder_width)
+    _, halted = model.halt(x, logits, gt, torch.Generator().manual_seed(0))
+    assert not halted.any()
+
+
+def test_rollout_refuses_iterations_outside_the_rollout():
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny"))
+    images = torch.rand(1, 3, 32, 32)
+    for iters in ([], [-1, 2], [3, 8]):
+        with pytest.raises(ValueError, match="iters"):
+            model(images, iters=iters)
+
+
 @pytest.fixture(scope="module")
 def confident_model():
     """An untrained tiny model made confident (its last layer scaled up), with the grid it predicts
@@ -134,6 +158,7 @@ def test_ema_update_averages_the_trainable_parameters():
         module.weight.copy_(torch.tensor([[1.0, 2], [3, 4]]))
     ema = EMA(module, decay=0.99)
     assert list(ema.state_dict()) == ["weight"]  # frozen parameters are not averaged
+    assert not ema.shadow["weight"].requires_grad  # an average, not a trainable tensor with a graph
     with torch.no_grad():
         module.weight.copy_(torch.tensor([[11.0, 12], [13, 14]]))  # the shadow is a copy, not the parameter
     w0, w1 = torch.tensor([[1.0, 2], [3, 4]]), torch.tensor([[11.0, 12], [13, 14]])
@@ -159,6 +184,8 @@ def test_lr_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
     assert lr_at(0, base, 0, total, r) == base  # no warm-up
     assert math.isclose(lr_at(5, base, 0, 5, 0.0), 0.0, abs_tol=1e-12)  # total = warm-up: at the floor at once
     assert lr_at(7, base, 8, 8, 0.5) == base
+    assert lr_at(3, base, 2, 2, 0.5) == 1.0  # no decay steps: at the floor once warmed up
+    assert lr_at(1, base, 0, 1, 0.0) == 0.0  # one decay step: from base to the floor
 
 
 # -----------------------------------------------------------------------------
@@ -257,6 +284,8 @@ def test_code_error_criterion_is_the_mse_of_the_expected_code():
     assert selection.code_error_below(5 / 36 - 1e-6, codebook)(gt, logits).tolist() == [False, False]
     assert (errors < 0.2).tolist() == selection.code_error_below(0.2, codebook)(gt, logits).tolist()
     assert selection.code_error_below(0.01, codebook).__name__ == "code_mse<0.01"
+    # from bf16 logits (autocast) the same decisions, computed in float32
+    assert selection.code_error_below(0.3125001, codebook)(gt, logits.bfloat16()).tolist() == [True, True]
 
 
 def test_first_passing_iteration_or_the_last():

@@ -223,8 +223,8 @@ def test_adaptive_gan_weight_is_vqgan_eq7():
     torch.testing.assert_close(weight, expected)
     # the direction of the ratio: a larger reconstruction gradient raises λ, a larger GAN gradient lowers it
     torch.testing.assert_close(adaptive_gan_weight(10 * rec_loss, g_loss, last.weight), 10 * expected, rtol=1e-4, atol=0)
-    torch.testing.assert_close(adaptive_gan_weight(rec_loss, 10 * g_loss, last.weight),
-                               rec_grad.norm() / (10 * g_grad.norm() + 1e-4))
+    torch.testing.assert_close(adaptive_gan_weight(rec_loss, 100 * g_loss, last.weight),
+                               rec_grad.norm() / (100 * g_grad.norm() + 1e-4))  # about 0.17
     # δ: with no GAN gradient at all λ = ||∇ L_rec|| / 1e-4, below the clamp here ...
     torch.testing.assert_close(adaptive_gan_weight(rec_loss, 0 * g_loss, last.weight), rec_grad.norm() / 1e-4)
     # ... and the clamp
@@ -246,7 +246,16 @@ def test_generator_gan_loss_is_disc_weight_times_lambda_times_gan_loss():
     assert all(p.grad is None and p.requires_grad for p in disc.parameters())
 
 
-def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake():
+def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeypatch):
+    """The step's gradients are averaged over ranks before the update: here as with a second rank
+    whose gradients are zero, so the update is half the local one."""
+    import losses
+
+    def average_with_a_zero_rank(tensors, ctx):
+        for t in tensors:
+            t.div_(2)
+
+    monkeypatch.setattr(losses, "all_reduce_mean", average_with_a_zero_rank)
     torch.manual_seed(0)
     disc = torch.nn.Conv2d(3, 1, 1)
     w0, b0 = disc.weight.detach()[0, :, 0, 0].clone(), disc.bias.detach().clone()
@@ -269,8 +278,8 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake():
     grad_w = 0.5 * (-torch.einsum("nhw,nchw->c", active_real, images) / real.numel()
                     + torch.einsum("nhw,nchw->c", active_fake, recon.detach()) / fake.numel())
     grad_b = 0.5 * (-active_real.mean() + active_fake.mean())
-    torch.testing.assert_close(disc.weight.detach()[0, :, 0, 0], w0 - 0.5 * grad_w)
-    torch.testing.assert_close(disc.bias.detach(), b0 - 0.5 * grad_b)
+    torch.testing.assert_close(disc.weight.detach()[0, :, 0, 0], w0 - 0.5 * grad_w / 2)
+    torch.testing.assert_close(disc.bias.detach(), b0 - 0.5 * grad_b / 2)
 
 
 # -----------------------------------------------------------------------------
@@ -278,23 +287,27 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake():
 
 
 def hand_quantizer(beta=0.4):
-    """Codes (1, 0), (0, 1), (-1, 0), (3, 0), (9, 9) and inputs whose nearest codes are 0, 1, 2, 3.
-    The last input, (2.1, 0), is nearer to (3, 0) than to (1, 0) only counting ||e||²: a search
-    that weighs the dot product wrongly picks code 0."""
+    """Codes (1, 0), (0, 1), (-1, 0), (3, 0), (9, 9) and inputs whose nearest codes are 0, 1, 2, 3, 0.
+    The last two, (2.1, 0) and (1.9, 0), lie either side of the midpoint of (1, 0) and (3, 0): a
+    search that weighs ||e||² against the dot product wrongly gets one of them wrong."""
     vq = VectorQuantizer(5, 2, beta=beta)
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [3, 0], [9, 9]]))
-    z = torch.tensor([[0.8, 0.1], [0.2, 0.9], [-1.5, 0.2], [2.1, 0.0]], requires_grad=True)
+    z = torch.tensor([[0.8, 0.1], [0.2, 0.9], [-1.5, 0.2], [2.1, 0.0], [1.9, 0.0]], requires_grad=True)
     return vq, z
+
+
+NEAREST = [0, 1, 2, 3, 0]
 
 
 def test_quantizer_picks_the_nearest_code():
     vq, z = hand_quantizer()
     q = vq(z)
-    assert q.indices.tolist() == [0, 1, 2, 3]
-    assert torch.equal(q.codes.detach(), vq.embedding.weight[[0, 1, 2, 3]].detach())
+    assert q.indices.tolist() == NEAREST
+    assert torch.equal(q.codes.detach(), vq.embedding.weight[NEAREST].detach())
     assert q.usage == 4 / 5
-    torch.testing.assert_close(q.perplexity, torch.tensor(4.0))  # 4 codes used equally often
+    probs = torch.tensor([2, 1, 1, 1]) / 5
+    torch.testing.assert_close(q.perplexity, torch.exp(-(probs * probs.log()).sum()))
 
 
 def test_codebook_and_commitment_terms_with_beta():
@@ -307,8 +320,7 @@ def test_codebook_and_commitment_terms_with_beta():
     torch.testing.assert_close(q.loss, (1 + 0.4) * mse)
     q.loss.backward()
     torch.testing.assert_close(z.grad, 0.4 * 2 * (z.detach() - e) / z.numel())
-    expected = torch.zeros(5, 2)
-    expected[q.indices] = 2 * (e - z.detach()) / z.numel()
+    expected = torch.zeros(5, 2).index_add_(0, q.indices, 2 * (e - z.detach()) / z.numel())
     torch.testing.assert_close(vq.embedding.weight.grad, expected)
 
 
@@ -319,9 +331,9 @@ def test_straight_through_gradient_reaches_the_encoder_output_unchanged(blend):
     vq, z = hand_quantizer()
     vq.blend = blend
     q = vq(z)
-    e = vq.embedding.weight.detach()[[0, 1, 2, 3]]
+    e = vq.embedding.weight.detach()[NEAREST]
     torch.testing.assert_close(q.codes, z.detach() + blend * (e - z.detach()))
-    upstream = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.25], [2.0, 2.0]])  # d(reconstruction loss)/d codes
+    upstream = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.25], [2.0, 2.0], [-3.0, 1.0]])  # d(rec. loss)/d codes
     (q.codes * upstream).sum().backward()
     assert torch.equal(z.grad, upstream)
     assert vq.embedding.weight.grad is None
@@ -343,6 +355,18 @@ def test_straight_through_gradient_with_l2_normalised_codes():
     # the loss is computed on the unit vectors too
     e = vq.codebook().detach()[q.indices]
     torch.testing.assert_close(q.loss, (1 + vq.beta) * ((n - e) ** 2).mean())
+
+
+def test_codebook_initialisation():
+    """Euclidean: uniform in ±1/K (taming's init). l2-normalised: unit rows in random directions."""
+    torch.manual_seed(0)
+    K = 1024
+    weight = VectorQuantizer(K, 8).embedding.weight.detach()
+    assert weight.abs().max() <= 1 / K and weight.min() < -0.99 / K and weight.max() > 0.99 / K
+    assert abs(weight.std() * K - 1 / math.sqrt(3)) < 0.02  # the std of U(-1, 1)
+    weight = VectorQuantizer(K, 8, l2_normalize=True).embedding.weight.detach()
+    torch.testing.assert_close(weight.norm(dim=1), torch.ones(K))
+    assert weight.mean(0).abs().max() < 0.05 and abs(weight.std() - 8 ** -0.5) < 0.02
 
 
 def test_dead_code_restart_moves_codes_unused_since_the_last_restart_onto_recent_inputs():
@@ -377,3 +401,30 @@ def test_dead_code_restart_uses_the_normalised_inputs_of_an_l2_codebook():
     for k in set(range(8)) - {used}:
         torch.testing.assert_close(vq.embedding.weight[k].detach(), torch.tensor([0.6, 0.8]))
     assert math.isclose(vq(z).usage.item(), 1 / 8)  # ties go to the lowest index
+
+
+def test_dead_code_restart_under_ddp_takes_rank_0s_codebook(monkeypatch):
+    """Each rank restarts on its own inputs; then every rank takes rank 0's codebook (a broadcast of
+    the weights from rank 0, at every restart, whether or not this rank moved a code)."""
+    import quantize
+    broadcasts = []
+
+    class FakeDistributed:  # torch.distributed as seen by rank 1 of 2
+        is_available = staticmethod(lambda: True)
+        is_initialized = staticmethod(lambda: True)
+
+        @staticmethod
+        def broadcast(tensor, src):
+            broadcasts.append(src)
+            tensor.copy_(torch.full_like(tensor, 5.0))  # rank 0's weights
+
+    monkeypatch.setattr(quantize, "dist", FakeDistributed)
+    vq = VectorQuantizer(4, 2).train()
+    vq(torch.randn(3, 2))
+    vq.restart_dead_codes()
+    assert broadcasts == [0] and (vq.embedding.weight == 5.0).all()
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]))
+    vq(torch.tensor([[2.0, 0], [0, 2], [-2, 0], [0, -2]]))  # every code used: nothing moves here
+    assert vq.restart_dead_codes() == 0
+    assert broadcasts == [0, 0] and (vq.embedding.weight == 5.0).all()
