@@ -14,6 +14,7 @@ equivalent (it changes nothing observable), which the closing note of issue 22 a
     python dev/mutate.py --tests tests/test_method_losses.py
     python dev/mutate.py --list                         # print the mutants, run nothing
     python dev/mutate.py --only quantize.py:14 model.py:3    # re-run chosen mutants (ids from a run)
+    python dev/mutate.py --json run.json; python dev/mutate.py --survivors-of run.json   # after adding tests
 
 Time: about 4 s per caught mutant (mostly importing torch) and 20 s per surviving one (the whole
 default test set); all targets, about 1000 mutants, take roughly 1.5 hours on 2 CPU cores with
@@ -130,8 +131,9 @@ def expression_mutants(node, gradients):
             out.append(("drop term", paren(node.right)))
         for side in ("left", "right") if gradients else ():  # a gradient path cut: (x).detach()
             operand = getattr(node, side)
+            detached_already = isinstance(operand, ast.Call) and getattr(operand.func, "attr", "") == "detach"
             if isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.MatMult)) and not isinstance(
-                    operand, ast.Constant):
+                    operand, ast.Constant) and not detached_already:
                 detached = ast.Call(ast.Attribute(operand, "detach", ast.Load()), [], [])
                 parts = {"left": node.left, "right": node.right, side: detached}
                 out.append(("add detach", paren(ast.BinOp(parts["left"], node.op, parts["right"]))))
@@ -349,6 +351,8 @@ def main(argv=None):
     parser.add_argument("--rev", help="mutate and test the code as committed at this git revision "
                                       "(default: the working tree as it is)")
     parser.add_argument("--only", nargs="+", help="mutant ids to run (file:number)")
+    parser.add_argument("--survivors-of", metavar="JSON", help="run only the mutants that survived in this --json "
+                                                               "output of an earlier run (matched by their text)")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested in parallel (one scratch copy each)")
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 5x the clean run, at least 60)")
@@ -365,6 +369,10 @@ def main(argv=None):
             if unknown:
                 sys.exit(f"error: unknown mutant ids {sorted(unknown)} (see --list)")
             mutants = [m for m in mutants if m.id in args.only]
+        if args.survivors_of:
+            earlier = {(m["file"], m["what"], m["before"], m["after"]) for m in json.loads(Path(args.survivors_of).read_text())
+                       if m["status"] in ("survived", "error")}
+            mutants = [m for m in mutants if (m.file, m.what, m.before, m.after) in earlier]
         if args.list:
             for m in mutants:
                 print(f"{m.id:<20} line {m.line:<4} {m.what}: {m.before}  ->  {m.after}")

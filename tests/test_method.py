@@ -57,6 +57,37 @@ def test_halt_masks_tokens_at_or_above_the_threshold_with_probability_p():
     assert torch.equal(new_x.detach(), expected_x)
 
 
+def test_halted_tokens_train_the_halted_token_and_their_positions():
+    """The gradient of a halted token goes to halted_token and to its position's embedding; the
+    gradient of every other token goes to the token it was."""
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", halting_threshold=0.3))
+    B, N, V, D = 2, model.config.num_image_tokens, model.config.vqgan.codebook_size, model.config.encoder_width
+    gt = torch.randint(V, (B, N))
+    logits = torch.randn(B, N, V).scatter(-1, gt[..., None], 8.0)  # p ~ 0.9: most tokens halt, not all
+    x = torch.randn(B, 1 + N + 8, D, requires_grad=True)
+    new_x, halted = model.halt(x, logits, gt, torch.Generator().manual_seed(0))
+    assert 0 < halted.sum() < B * N
+    weights = torch.randn(new_x.shape)
+    (new_x * weights).sum().backward()
+    image_weights = weights[:, 1:1 + N]
+    torch.testing.assert_close(model.halted_token.grad[0, 0], image_weights[halted].sum(0))
+    torch.testing.assert_close(model.image_positions.grad[1:], (image_weights * halted[..., None]).sum(0))
+    expected = weights.clone()
+    expected[:, 1:1 + N][halted] = 0
+    assert torch.equal(x.grad, expected)
+
+
+def test_halting_draws_on_the_device_of_its_inputs():
+    """Meta tensors stand in for a GPU: the uniform draws must be made where p is."""
+    with torch.device("meta"):
+        model = ALIT(make_config("tiny"))
+        x, logits = torch.randn(2, 1 + 64 + 8, 128), torch.randn(2, 64, 256)
+        gt = torch.zeros(2, 64, dtype=torch.long)
+    new_x, halted = model.halt(x, logits, gt)
+    assert new_x.device.type == halted.device.type == "meta" and halted.shape == (2, 64)
+
+
 def test_halting_decides_in_float32_from_bf16_logits():
     """Under bf16 autocast the logits are bf16; p is computed from them in float32. Two logits 2^-9
     apart give p = 0.49951 < 0.5, which bf16 would round to 0.5 and let halt."""
@@ -70,6 +101,22 @@ def test_halting_decides_in_float32_from_bf16_logits():
     x = torch.randn(B, 1 + N + 8, model.config.encoder_width)
     _, halted = model.halt(x, logits, gt, torch.Generator().manual_seed(0))
     assert not halted.any()
+
+
+def test_rollout_runs_the_encoder_up_to_the_last_decoded_iteration_and_the_decoder_once_each():
+    """§A.5, stage 2: the loss at one iteration t needs t + 1 encoder passes and one decoder pass;
+    the VQGAN's indices are looked up only when halting needs them."""
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny"))
+    calls = {"encoder": 0, "decoder": 0, "vqgan_quantize": 0}
+    for name, module in [("encoder", model.encoder), ("decoder", model.decoder), ("vqgan_quantize", model.vqgan.quantize)]:
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        model(images, iters=[2])
+        assert calls == {"encoder": 3, "decoder": 1, "vqgan_quantize": 0}
+        model(images, iters=[1, 4], halting=True)
+    assert calls == {"encoder": 3 + 5, "decoder": 1 + 2, "vqgan_quantize": 1}
 
 
 def test_rollout_refuses_iterations_outside_the_rollout():
