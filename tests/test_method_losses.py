@@ -357,6 +357,16 @@ def test_straight_through_gradient_with_l2_normalised_codes():
     torch.testing.assert_close(q.loss, (1 + vq.beta) * ((n - e) ** 2).mean())
 
 
+def test_quantizer_runs_on_the_device_of_its_inputs():
+    """Meta tensors stand in for a GPU: the search, the loss and the usage counts stay where z is."""
+    with torch.device("meta"):
+        vq = VectorQuantizer(8, 3, l2_normalize=True).train()
+        z = torch.randn(2, 5, 3)
+    q = vq(z)
+    assert {t.device.type for t in (q.codes, q.indices, q.loss, q.perplexity, q.usage)} == {"meta"}
+    assert q.codes.shape == (2, 5, 3) and q.indices.shape == (2, 5)
+
+
 def test_codebook_initialisation():
     """Euclidean: uniform in ±1/K (taming's init). l2-normalised: unit rows in random directions."""
     torch.manual_seed(0)
@@ -376,8 +386,8 @@ def test_dead_code_restart_moves_codes_unused_since_the_last_restart_onto_recent
     with torch.no_grad():
         vq.embedding.weight.copy_(codes)
     assert vq(torch.tensor([[9.0, 1], [1, 9]])).indices.tolist() == [0, 1]
-    latest = torch.tensor([[-9.0, 1], [-9, -1], [-11, 0]])
-    assert vq(latest).indices.tolist() == [2, 2, 2]
+    latest = torch.tensor([[9.0, -1], [-9, -1], [-11, 0]])
+    assert vq(latest).indices.tolist() == [0, 2, 2]
     # codes 3, 4, 5 were chosen by neither batch: each moves onto one of the latest inputs
     assert vq.restart_dead_codes() == 3
     weight = vq.embedding.weight.detach()
