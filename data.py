@@ -12,10 +12,15 @@ Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1).
 
 Every item is (image, target) with image a float32 (3, S, S) tensor in [0, 1].
 """
+import bisect
+import hashlib
+import itertools
+import json
 import math
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -505,30 +510,36 @@ def save_image_columns(columns: list, path) -> None:
 # Training batches that a resumed run can reproduce exactly
 
 class SeededAugmentation(Dataset):
-    """Draws each item's augmentation from its own seed (seed, epoch, index).
+    """Draws each item's augmentation from its own seed (seed, epoch, index), given the item as an
+    (epoch, index) pair.
 
     Random crops and flips then depend on neither the DataLoader's worker count nor
     where a run was interrupted, so `--resume` continues bit-exactly.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, epoch_and_index):
         """The item, and the files that failed to decode on the way to it (ImageFiles.skipped)."""
+        epoch, index = epoch_and_index
         skipped = getattr(self.dataset, "skipped", [])
         before = len(skipped)
+        # The CPU generator alone, which the transforms draw from: torch.manual_seed would reseed the
+        # GPUs' generators too (and fork_rng restores only the CPU's), tying the halting draws of a
+        # run on CUDA to its data order.
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
-            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 63)
-            return self.dataset[index], skipped[before:]
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2 ** 63)
+            return self.dataset[index], skipped[before:], epoch
 
 
 def collate_with_skipped(items):
-    """A batch of (item, skipped files) pairs -> (the batch, every file skipped to fill it)."""
-    return default_collate([item for item, _ in items]), [path for _, paths in items for path in paths]
+    """A batch of (item, skipped files, epoch) -> (the batch, every file skipped to fill it, the epoch)."""
+    return (default_collate([item for item, _, _ in items]), [path for _, paths, _ in items for path in paths],
+            items[0][2])
 
 
 def ignore_stop_signals(worker_id):
@@ -539,35 +550,39 @@ def ignore_stop_signals(worker_id):
 
 
 def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
-                  start_step: int = 0, num_workers: int = 0, max_bad_images: float = 0.25):
+                  start_step: int = 0, num_workers: int = 0, max_bad_images: float = 0.25, pin_memory: bool = False):
     """Endless (epoch, batch) stream for one rank, starting at optimizer step `start_step`.
 
     Each epoch is a DistributedSampler permutation (its epoch set, so every epoch is
-    reshuffled); a resumed run skips the batches already seen without loading them.
-    More than `max_bad_images` of a batch's images failing to decode stops the run.
+    reshuffled); a resumed run skips the batches already seen without loading them. One
+    DataLoader iterator serves every epoch: its workers start once and stay. More than `max_bad_images`
+    of a batch's images failing to decode stops the run.
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
-    dataset = SeededAugmentation(dataset, seed)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     steps_per_epoch = len(sampler) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch "
                          f"({batch_size} x {world_size} ranks); lower --batch-size")
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        dataset.epoch = epoch
-        indices = list(sampler)[skip * batch_size:]
-        loader = DataLoader(dataset, batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
-                            collate_fn=collate_with_skipped, worker_init_fn=ignore_stop_signals,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        for batch, skipped in loader:
-            if len(skipped) > max_bad_images * batch_size:
-                sys.exit(f"error: {len(skipped)} images failed to decode for a batch of {batch_size} (more than "
-                         f"--max-bad-images {max_bad_images}), e.g. {skipped[0]}: check the files under --data-dir")
-            yield epoch, batch
-        epoch, skip = epoch + 1, 0
+    first_epoch, skip = divmod(start_step, steps_per_epoch)
+
+    def epochs_of_indices():  # (epoch, index) pairs of whole batches, from start_step on
+        for epoch in itertools.count(first_epoch):
+            sampler.set_epoch(epoch)
+            indices = list(sampler)[(skip if epoch == first_epoch else 0) * batch_size:steps_per_epoch * batch_size]
+            yield from ((epoch, index) for index in indices)
+
+    # Its own generator: the base seed a DataLoader draws for its workers would otherwise come from the
+    # global RNG, which the training step draws from (halting) and a checkpoint restores.
+    loader = DataLoader(SeededAugmentation(dataset, seed), batch_size, sampler=epochs_of_indices(),
+                        num_workers=num_workers, collate_fn=collate_with_skipped, worker_init_fn=ignore_stop_signals,
+                        pin_memory=pin_memory, generator=torch.Generator())
+    for batch, skipped, epoch in loader:
+        if len(skipped) > max_bad_images * batch_size:
+            sys.exit(f"error: {len(skipped)} images failed to decode for a batch of {batch_size} (more than "
+                     f"--max-bad-images {max_bad_images}), e.g. {skipped[0]}: check the files under --data-dir")
+        yield epoch, batch
 
 
 # -----------------------------------------------------------------------------
@@ -578,19 +593,25 @@ class TokenCache(Dataset):
 
     In stage 1 the VQGAN is frozen, so its encoding of an image never changes; only the
     augmentation does. The cache keeps two views per image, the evaluation crop and its mirror
-    image, with their VQGAN latents and indices, memory-mapped. A random flip picks the view, so
-    flips survive; random resized crops do not (their variety would need a view per crop).
+    image, with their VQGAN latents and indices, memory-mapped, in one shard per rank that built
+    it (build_token_cache). A random flip picks the view, so flips survive; random resized crops
+    do not (their variety would need a view per crop).
     Items are (image, target, vqgan_latents (C, g, g), gt_indices (g*g,)).
     """
 
     def __init__(self, dataset: Dataset, path):
         path = Path(path)
         self.dataset = dataset
-        self.latents = np.load(path / "latents.npy", mmap_mode="r")  # (n, 2, C, g, g) float32
-        self.indices = np.load(path / "indices.npy", mmap_mode="r")  # (n, 2, g*g) int64
+        meta = json.loads((path / "meta.json").read_text())
+        self.bounds = meta["bounds"]  # shard s holds images bounds[s]:bounds[s + 1]
+        shards = len(self.bounds) - 1
+        # shard s: latents (n_s, 2, C, g, g) float32 and indices (n_s, 2, g*g) int64; empty shards stay unread
+        self.latents, self.indices = ([np.load(shard_file(path, meta["build"], s, shards, kind), mmap_mode="r")
+                                       if self.bounds[s + 1] > self.bounds[s] else None for s in range(shards)]
+                                      for kind in ("latents", "indices"))
         self.skipped = getattr(dataset, "skipped", [])  # the same list: decode failures of the images
-        if len(self.latents) != len(dataset):
-            raise ValueError(f"token cache {path} holds {len(self.latents)} images, the dataset {len(dataset)}; "
+        if self.bounds[-1] != len(dataset):
+            raise ValueError(f"token cache {path} holds {self.bounds[-1]} images, the dataset {len(dataset)}; "
                              "delete it to rebuild")
 
     def __len__(self):
@@ -601,34 +622,98 @@ class TokenCache(Dataset):
         view = int(torch.rand(()) < 0.5)
         if view:
             image = image.flip(-1)
-        return (image, target, torch.from_numpy(np.array(self.latents[index, view])),
-                torch.from_numpy(np.array(self.indices[index, view])))
+        shard = bisect.bisect_right(self.bounds, index) - 1
+        row = index - self.bounds[shard]
+        return (image, target, torch.from_numpy(np.array(self.latents[shard][row, view])),
+                torch.from_numpy(np.array(self.indices[shard][row, view])))
+
+
+def shard_file(path: Path, build: str, shard: int, shards: int, kind: str) -> Path:
+    """A token cache's files: <build>.<shard>of<shards>.{latents,indices}.npy, and .progress while it is built."""
+    return Path(path) / f"{build}.{shard}of{shards}.{kind}{'' if kind == 'progress' else '.npy'}"
+
+
+def temporary(path: Path) -> Path:
+    """x.npy -> x.tmp.npy, the name a file is written under until it is whole."""
+    return path.with_name(path.name[:-len(".npy")] + ".tmp.npy")
+
+
+def shard_bounds(n: int, shards: int, batch_size: int) -> list:
+    """Where each shard of a cache of n images starts, and where the last ends: on batch boundaries,
+    so that every image is encoded in the same batch whatever the number of shards."""
+    batches = math.ceil(n / batch_size)
+    return [min(n, batch_size * (batches * s // shards)) for s in range(shards + 1)]
 
 
 @torch.no_grad()
-def build_token_cache(dataset: Dataset, vqgan, path, batch_size: int = 64, device="cpu") -> None:
-    """Encode every image of `dataset` (evaluation transform: a fixed view) and its mirror image
-    with `vqgan`, into <path>/latents.npy and indices.npy (written under temporary names, then
-    renamed, so an interrupted build leaves no half cache behind)."""
-    from torch.utils.data import DataLoader
+def build_token_cache(dataset: Dataset, encode, path, description: dict, shard: int = 0, shards: int = 1,
+                      timeout: float = 300, batch_size: int = 64, device="cpu", num_workers: int = 0) -> None:
+    """Encode every image of `dataset` (evaluation transform: a fixed view) and its mirror image with
+    `encode` (images -> (latents (B, C, g, g), indices (B, g*g))) into the cache at `path`, which then
+    holds meta.json: `description` (what the cache was built from) and where its shards are.
+
+    Under DDP each of the `shards` ranks calls it with its own `shard`: it encodes its share, then
+    waits for the others' without a collective, which would time out on a build that takes longer
+    than --dist-timeout. A rank that shows no progress for `timeout` seconds (lost) ends the wait
+    with an error. Shards are written under temporary names and renamed when whole, so an
+    interrupted build resumes with the shards that were finished; meta.json comes last.
+    """
+    from torch.utils.data import DataLoader, Subset
     from numpy.lib.format import open_memmap
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = vqgan.config
-    n, g = len(dataset), cfg.grid_size
-    latents = open_memmap(path / "latents.tmp.npy", "w+", np.float32, (n, 2, cfg.latent_channels, g, g))
-    indices = open_memmap(path / "indices.tmp.npy", "w+", np.int64, (n, 2, g * g))
-    start = 0
-    for images, _ in DataLoader(dataset, batch_size):
-        images = images.to(device)
-        for view, batch in enumerate((images, images.flip(-1))):
-            z, idx = vqgan.encode(batch)
-            latents[start:start + len(images), view] = z.float().cpu().numpy()
-            indices[start:start + len(images), view] = idx.cpu().numpy()
-        start += len(images)
-    latents.flush()
-    indices.flush()
-    del latents, indices
-    os.replace(path / "latents.tmp.npy", path / "latents.npy")
-    os.replace(path / "indices.tmp.npy", path / "indices.npy")
+    build = hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
+    bounds = shard_bounds(len(dataset), shards, batch_size)
+    done = lambda s: shard_file(path, build, s, shards, "indices").is_file()  # renamed last
+    if not done(shard):
+        start, stop = bounds[shard], bounds[shard + 1]
+        progress = shard_file(path, build, shard, shards, "progress")
+        progress.write_text(f"0 of {stop - start} images")  # what the other ranks watch
+        arrays, row = {}, 0
+        for batch, _ in DataLoader(Subset(dataset, range(start, stop)), batch_size, num_workers=num_workers):
+            batch = batch.to(device)
+            for view, views in enumerate((batch, batch.flip(-1))):
+                for kind, codes in zip(("latents", "indices"), encode(views)):
+                    if kind not in arrays:  # (images, 2 views, *shape of one image's codes)
+                        arrays[kind] = open_memmap(temporary(shard_file(path, build, shard, shards, kind)), "w+",
+                                                   np.float32 if kind == "latents" else np.int64,
+                                                   (stop - start, 2, *codes.shape[1:]))
+                    arrays[kind][row:row + len(batch), view] = codes.float().cpu().numpy() if kind == "latents" \
+                        else codes.cpu().numpy()
+            row += len(batch)
+            progress.write_text(f"{row} of {stop - start} images")
+        for kind in ("latents", "indices"):  # indices last: its name says the shard is whole
+            if kind in arrays:
+                arrays[kind].flush()
+                del arrays[kind]
+            else:  # an empty shard (more ranks than batches)
+                np.save(temporary(shard_file(path, build, shard, shards, kind)), np.zeros(0))
+            os.replace(temporary(shard_file(path, build, shard, shards, kind)), shard_file(path, build, shard, shards, kind))
+        progress.unlink(missing_ok=True)
+    wait_for(lambda: all(done(s) for s in range(shards)), [shard_file(path, build, s, shards, "progress")
+                                                          for s in range(shards)], timeout, f"the token cache {path}")
+    if shard == 0:  # the shards are whole: describe them, and remove what earlier builds left
+        meta = path / "meta.json"
+        tmp_meta = path / "meta.tmp.json"
+        tmp_meta.write_text(json.dumps({"description": description, "build": build, "bounds": bounds}, indent=1))
+        os.replace(tmp_meta, meta)
+        keep = {shard_file(path, build, s, shards, kind).name for s in range(shards) for kind in ("latents", "indices")}
+        for old in [*path.glob("*.npy"), *path.glob("*.progress")]:
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+    wait_for(lambda: (path / "meta.json").is_file(), [], timeout, f"{path / 'meta.json'} from rank 0")
+
+
+def wait_for(ready, progress_files, timeout: float, what: str, poll: float = 0.1) -> None:
+    """Until ready() is true. While a file in `progress_files` keeps changing, its writer is alive;
+    when none has changed for `timeout` seconds, stop with an error."""
+    seen, changed = None, time.monotonic()
+    while not ready():
+        now = [p.read_text() if p.is_file() else None for p in progress_files]
+        if now != seen:
+            seen, changed = now, time.monotonic()
+        elif time.monotonic() - changed > timeout:
+            sys.exit(f"error: no progress on {what} for {timeout:g} s (--dist-timeout): a rank building it was lost; "
+                     "run again to finish it")
+        time.sleep(poll)

@@ -17,6 +17,7 @@ file holds the evaluation run and its report; the criteria are in selection.py.
 import csv
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -25,18 +26,20 @@ from typing import Literal
 
 import scipy.stats
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import DATASETS, build_dataset, save_image_columns
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
+from vqgan import conv_memory_format
+from quantize import count_codes
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
 # The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
                        first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
-from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, keep_freed_memory, official_heads,
-                      paper_scale, parse_flags,
-                      setup_distributed)
+from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, data_workers, keep_freed_memory,
+                      official_heads, paper_scale, parse_flags, setup_distributed)
 from weights import find_weights, not_found
 
 # -----------------------------------------------------------------------------
@@ -84,6 +87,9 @@ class EvalConfig:
     speed_images: int = 64  # images timed for early exit vs running every iteration
     out_dir: str = "out/eval"  # metrics.json, the sweep's CSV and plot, reconstructions.png
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
+    # DataLoader processes per rank; default: on CUDA the CPUs this process may use shared by the ranks, less
+    # one each; 0 on the CPU
+    num_workers: int | None = None
     seed: int = 0  # of the halting draws (with --halting)
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
 
@@ -108,12 +114,16 @@ def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
     try:
         if cfg.official:
             flag = "--official"
-            return ALIT.from_official(cfg.official, heads=official_heads(cfg.heads)).to(device).eval()
-        if not Path(cfg.ckpt).is_file():
+            model = ALIT.from_official(cfg.official, heads=official_heads(cfg.heads)).eval()
+        elif not Path(cfg.ckpt).is_file():
             sys.exit(f"error: {flag} {cfg.ckpt} not found (train it, or pass --official PATH)")
-        model = ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema).to(device)
+        else:
+            model = ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema)
     except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: one line naming it
         sys.exit(f"error: {flag}: {error.args[0]}")
+    model.to(device).vqgan.to(memory_format=conv_memory_format(device))
+    if cfg.official:
+        return model
     size = model.config.image_size
     if cfg.dataset in PAPER_DATASETS and cfg.ckpt == EvalConfig.ckpt and not paper_scale(size):
         sys.exit(f"error: {flag} {cfg.ckpt} holds a {size}x{size} model, not one of the paper's 256x256 models "
@@ -127,52 +137,70 @@ OUTPUTS = ("metrics.json", "adaptive_sweep.csv", "adaptive_sweep.png", "reconstr
 
 
 @torch.no_grad()
-def evaluate(model: ALIT, loader, cfg: EvalConfig, inception=None, device="cpu"):
+def evaluate(model: ALIT, dataset, cfg: EvalConfig, ctx, inception=None, workers: int = 0):
     """One pass over the data: every token count, the base VQGAN, and the inputs of every criterion.
 
-    Returns per-image arrays (all (T, n) over token counts) and the FID statistics.
+    Under torchrun each rank evaluates every world_size-th batch; the per-image arrays come back
+    on every rank in the dataset's order and the FID statistics are summed over ranks, so the
+    numbers are those of one process. Returns per-image arrays (all (T, n) over token counts),
+    the FID statistics and, on rank 0, the first batch (for the Fig. 2 grid).
     """
-    T = model.config.rollout_iters
+    T, K = model.config.rollout_iters, model.config.tokens_per_iter
     thresholds = [float(t) for t in cfg.thresholds.split(",")]
-    per_image = {"l1": [], "mse": [], "token_acc": [], "vqgan_l1": [], "vqgan_mse": [], "target": []}
-    code_counts = torch.zeros(model.config.latent_codebook_size if model.quantize else 0)  # at the longest code
-    stats = {"real": FeatureStats(), "vqgan": FeatureStats(),
-             **{f"tokens_{(t + 1) * model.config.tokens_per_iter}": FeatureStats() for t in range(T)},
+    code_counts = torch.zeros(model.config.latent_codebook_size if model.quantize else 0, device=ctx.device)
+    stats = {"real": FeatureStats(), "vqgan": FeatureStats(), **{f"tokens_{(t + 1) * K}": FeatureStats() for t in range(T)},
              **{f"l1<{thr:g}": FeatureStats() for thr in thresholds}} if inception else None
-    keep = None  # the first batch, for the Fig. 2 grid
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    for images, targets in tqdm(loader, desc="evaluate", dynamic_ncols=True):
-        images = images.to(device)
-        _, gt_indices = model.vqgan.encode(images)
-        records = model.rollout(images, halting=cfg.halting, generator=generator)
-        recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
-        vqgan_recon = model.vqgan(images)[0].float().clamp(0, 1)
-        l1 = (recon - images).abs().mean(dim=(2, 3, 4))  # (T, B)
-        mse = (recon - images).square().mean(dim=(2, 3, 4))
-        per_image["l1"].append(l1.cpu())
-        per_image["mse"].append(mse.cpu())
-        per_image["token_acc"].append(torch.stack([(r.logits.argmax(-1) == gt_indices).float().mean(1)
-                                                   for r in records]).cpu())
-        per_image["vqgan_l1"].append((vqgan_recon - images).abs().mean(dim=(1, 2, 3)).cpu())
-        per_image["vqgan_mse"].append((vqgan_recon - images).square().mean(dim=(1, 2, 3)).cpu())
-        per_image["target"].append(targets)
-        if model.quantize is not None:
-            code_counts += torch.bincount(records[-1].indices.flatten().cpu(), minlength=len(code_counts))
-        if keep is None:
+    mine = range(ctx.rank, math.ceil(len(dataset) / cfg.batch_size), ctx.world_size)  # this rank's batches
+    rows = [i for b in mine for i in range(b * cfg.batch_size, min(len(dataset), (b + 1) * cfg.batch_size))]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), cfg.batch_size, num_workers=workers)
+    batches, keep = [], None
+    for b, (images, targets) in zip(mine, tqdm(loader, desc="evaluate", dynamic_ncols=True, disable=not ctx.is_main)):
+        images = images.to(ctx.device)
+        # The halting draws (--halting) depend on the batch alone, not on which rank runs it.
+        generator = torch.Generator(ctx.device).manual_seed(cfg.seed + b)
+        arrays, recon, codes = evaluate_batch(model, images, cfg.halting, thresholds, inception, stats, generator)
+        batches.append((b, {**{k: v.cpu() for k, v in arrays.items()}, "target": targets}))
+        if codes is not None:
+            code_counts += count_codes(codes, len(code_counts))
+        if b == 0:
             keep = (images.cpu(), recon.cpu(), targets)
-        if inception is not None:
-            B = len(images)
-            stats["real"].update(inception(images))
-            stats["vqgan"].update(inception(vqgan_recon))
-            features = inception(recon.flatten(0, 1)).view(T, B, -1)
-            for t in range(T):
-                stats[f"tokens_{(t + 1) * model.config.tokens_per_iter}"].update(features[t])
-            for thr in thresholds:  # the allocation's reconstructions reuse the features above
-                chosen = first_passing(l1.cpu() < thr).to(features.device)
-                stats[f"l1<{thr:g}"].update(features[chosen, torch.arange(B)])
-    per_image = {k: torch.cat(v, dim=-1) for k, v in per_image.items()}
-    per_image["codebook"] = codebook_usage(code_counts)
+    if ctx.enabled:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, batches)
+        batches = sorted((batch for rank in everyone for batch in rank), key=lambda batch: batch[0])
+        dist.all_reduce(code_counts)
+        for stat in (stats or {}).values():
+            stat.all_reduce_(ctx.device)
+    per_image = {k: torch.cat([arrays[k] for _, arrays in batches], dim=-1) for k in batches[0][1]}
+    per_image["codebook"] = codebook_usage(code_counts.cpu())
     return per_image, stats, keep
+
+
+def evaluate_batch(model: ALIT, images, halting: bool, thresholds, inception=None, stats=None, generator=None):
+    """Every token count of one batch, on its device: ({"l1", "mse", "token_acc"} (T, B) and
+    {"vqgan_l1", "vqgan_mse"} (B,)), the reconstructions (T, B, 3, H, W), and the latent indices of
+    the longest code (None without quantization); Inception features go into `stats`."""
+    T, K, B = model.config.rollout_iters, model.config.tokens_per_iter, len(images)
+    latents = model.vqgan.encoder(images)  # once, for the rollout, its token accuracy and the VQGAN alone
+    vqgan = model.vqgan.quantize_latents(latents)
+    records = model(images, latents, vqgan.indices, halting=halting, reconstruct=True, generator=generator)
+    recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
+    vqgan_recon = model.vqgan.decode(vqgan.codes).float().clamp(0, 1)
+    l1 = (recon - images).abs().mean(dim=(2, 3, 4))  # (T, B)
+    arrays = {"l1": l1, "mse": (recon - images).square().mean(dim=(2, 3, 4)),
+              "token_acc": torch.stack([(r.logits.argmax(-1) == vqgan.indices).float().mean(1) for r in records]),
+              "vqgan_l1": (vqgan_recon - images).abs().mean(dim=(1, 2, 3)),
+              "vqgan_mse": (vqgan_recon - images).square().mean(dim=(1, 2, 3))}
+    if inception is not None:
+        stats["real"].update(inception(images))
+        stats["vqgan"].update(inception(vqgan_recon))
+        features = inception(recon.flatten(0, 1)).view(T, B, -1)
+        for t in range(T):
+            stats[f"tokens_{(t + 1) * K}"].update(features[t])
+        for thr in thresholds:  # the allocation's reconstructions reuse the features above
+            chosen = first_passing(l1 < thr)
+            stats[f"l1<{thr:g}"].update(features[chosen, torch.arange(B, device=chosen.device)])
+    return arrays, recon, records[-1].indices
 
 
 def codebook_usage(counts: torch.Tensor) -> dict | None:
@@ -211,36 +239,37 @@ def allocation_summary(chosen: torch.Tensor, per_image: dict, model: ALIT) -> di
 
 def main(argv=None):
     cfg = parse_args(argv)
-    device = setup_distributed(cfg.device).device
-    if cfg.keep_freed_memory and device.type == "cpu":
+    ctx = setup_distributed(cfg.device)
+    if cfg.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    model = load_model(cfg, device)
+    model = load_model(cfg, ctx.device)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced:
-        print(f"replacing {', '.join(replaced)} in {out} (another --out-dir keeps them)")
-    out.mkdir(parents=True, exist_ok=True)
+        ctx.log(f"replacing {', '.join(replaced)} in {out} (another --out-dir keeps them)")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     mc = model.config
     defaults = DEFAULT_CRITERION_OFFICIAL if paper_scale(mc.image_size) else DEFAULT_CRITERION_CPU
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     K, T = mc.tokens_per_iter, mc.rollout_iters
     counts = [(t + 1) * K for t in range(T)]
-    print(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
+    ctx.log(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
     dataset = build_dataset(cfg.dataset, cfg.split, mc.image_size, cfg.data_dir, train=False,
                             eval_protocol="resize" if cfg.protocol == "resize" else "crop", num_images=cfg.num_images)
-    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=False)
+    workers = data_workers(cfg.num_workers, ctx.device)
     inception = None
     if cfg.inception_weights:
         try:
-            inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device)
+            inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(ctx.device)
         except (KeyError, ValueError, RuntimeError) as error:
             sys.exit(f"error: --inception-weights: {error.args[0]}")
     else:
-        print("no --inception-weights given: reporting everything but FID; "
-              + not_found("inception", "--inception-weights"))
+        ctx.log("no --inception-weights given: reporting everything but FID; "
+                + not_found("inception", "--inception-weights"))
 
-    per_image, stats, keep = evaluate(model, loader, cfg, inception, device)
+    per_image, stats, keep = evaluate(model, dataset, cfg, ctx, inception, workers)
     n = per_image["l1"].shape[1]
     fid = (lambda name: fid_from_stats(stats["real"], stats[name])) if inception else (lambda name: None)
 
@@ -249,9 +278,9 @@ def main(argv=None):
     compare = None
     if cfg.compare and not cfg.official and Path(cfg.compare).is_file() and \
             Path(cfg.compare).resolve() != Path(cfg.ckpt).resolve():
-        other = load_model(EvalConfig(ckpt=cfg.compare, use_ema=cfg.use_ema), device, flag="--compare")
+        other = load_model(EvalConfig(ckpt=cfg.compare, use_ema=cfg.use_ema), ctx.device, flag="--compare")
         if other.config.rollout_iters == T and other.config.tokens_per_iter == K:
-            other_images = evaluate(other, loader, cfg, None, device)[0]
+            other_images = evaluate(other, dataset, cfg, ctx, None, workers)[0]
             compare = {"checkpoint": cfg.compare, "per_token_count": per_count_rows(other_images, counts),
                        "codebook": other_images["codebook"]}
         del other
@@ -283,7 +312,7 @@ def main(argv=None):
     matched = min(token_sweep, key=lambda r: abs(r["mean_tokens"] - pixel_default["mean_tokens"]))
 
     # 3. Early exit: the batched adaptive encode against running every iteration for every image.
-    speed = time_early_exit(model, dataset, cfg, matched["threshold"], device)
+    speed = time_early_exit(model, dataset, cfg, matched["threshold"], ctx)
 
     # 4. Complexity (§3): does a more complex image get more tokens?
     complexity = None
@@ -311,6 +340,10 @@ def main(argv=None):
                                             "token_mean_tokens": matched["mean_tokens"],
                                             "same_count": matched["same_count_as_pixel_default"]},
                "early_exit": speed, "complexity": complexity}
+    if ctx.enabled:
+        dist.destroy_process_group()
+    if not ctx.is_main:  # every rank holds the results; rank 0 alone writes them
+        return results
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + token_sweep)
     fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(rows)]
@@ -326,35 +359,47 @@ def criterion_name(threshold: float, saturation: float) -> str:
     return f"l1<{threshold:g}" + (f" or <={1 + saturation:g}x longest" if saturation else "")
 
 
-def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: float, device) -> dict:
+def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: float, ctx) -> dict:
     """Seconds to encode `speed_images` images adaptively (pixel and token criterion, early exit)
     against running every iteration and decoding every reconstruction for every image (what the
-    official encode does), and whether early exit picks the same counts as the exhaustive search."""
+    official encode does), and whether early exit picks the same counts as the exhaustive search.
+    Under torchrun each rank times its share of the images; the seconds are the slowest rank's."""
     n = min(cfg.speed_images, len(dataset))
-    images = torch.stack([dataset[i][0] for i in range(n)]).to(device)
+    share = range(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
+    images = torch.stack([dataset[i][0] for i in share]).to(ctx.device)
     pixel, token = l1_below(cfg.default_threshold), token_accuracy_above(token_threshold)
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else lambda: None  # the GPU's work, not its queueing
 
     def exhaustive():
         records = model.rollout(images)
-        return first_passing(torch.stack([pixel(images, r.recon) for r in records]).cpu())
+        return first_passing(torch.stack([pixel(images, r.recon) for r in records])).cpu()
 
     with torch.no_grad():
         exhaustive()  # warm-up
-        timings, results = {}, {}
+        seconds, results = [], {}
         for name, run in [("every_iteration", exhaustive),
                           ("early_exit_pixel", lambda: model.encode_adaptive(images, pixel)),
                           ("early_exit_token", lambda: model.encode_adaptive(images, token, token_space=True))]:
+            sync()
             start = time.perf_counter()
             results[name] = run()
-            timings[name] = time.perf_counter() - start
-    exhaustive_tokens = (results["every_iteration"] + 1) * model.config.tokens_per_iter
-    early_tokens = torch.tensor([c.num_tokens for c in results["early_exit_pixel"]])
+            sync()
+            seconds.append(time.perf_counter() - start)
+    tokens = torch.stack([(results["every_iteration"] + 1) * model.config.tokens_per_iter,
+                          torch.tensor([c.num_tokens for c in results["early_exit_pixel"]]),
+                          torch.tensor([c.num_tokens for c in results["early_exit_token"]])])  # (3, this rank's images)
+    if ctx.enabled:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, (tokens, seconds))
+        tokens = torch.cat([rank_tokens for rank_tokens, _ in everyone], dim=1)
+        seconds = [max(rank_seconds[i] for _, rank_seconds in everyone) for i in range(len(seconds))]
+    timings = dict(zip(["every_iteration", "early_exit_pixel", "early_exit_token"], seconds))
     return {"images": n, "seconds": timings,
             "speedup_pixel": timings["every_iteration"] / timings["early_exit_pixel"],
             "speedup_token": timings["every_iteration"] / timings["early_exit_token"],
-            "same_counts_as_exhaustive": (early_tokens == exhaustive_tokens).float().mean().item(),
-            "mean_tokens_pixel": early_tokens.float().mean().item(),
-            "mean_tokens_token": sum(c.num_tokens for c in results["early_exit_token"]) / n}
+            "same_counts_as_exhaustive": (tokens[1] == tokens[0]).float().mean().item(),
+            "mean_tokens_pixel": tokens[1].float().mean().item(),
+            "mean_tokens_token": tokens[2].float().mean().item()}
 
 
 def write_sweep_csv(path, rows):

@@ -263,15 +263,21 @@ class FeatureStats:
         self.sum += features.sum(dim=0)
         self.sum_outer += features.T @ features
 
-    def all_reduce_(self):
-        """Sum the statistics of all DDP ranks in place (no-op without torch.distributed)."""
+    def all_reduce_(self, device=None):
+        """Sum the statistics of all DDP ranks in place (no-op without torch.distributed). A rank that
+        saw no images takes part with zeros (on `device`, where the backend needs its tensors)."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        assert self.sum is not None, "every rank must update() before all_reduce_()"
+        on = self.sum.device if self.sum is not None else device
+        d = torch.tensor([0 if self.sum is None else self.sum.numel()], device=on)
+        dist.all_reduce(d, op=dist.ReduceOp.MAX)
+        d = int(d.item())
+        if self.sum is None:
+            self.sum, self.sum_outer = torch.zeros(d, dtype=torch.float64, device=on), torch.zeros(
+                d, d, dtype=torch.float64, device=on)
         # one float64 buffer, one collective; counts stay exact in float64 up to 2^53
         packed = torch.cat([self.sum.new_tensor([self.count]), self.sum, self.sum_outer.flatten()])
         dist.all_reduce(packed)
-        d = self.sum.numel()
         self.count = int(packed[0].item())
         self.sum = packed[1:1 + d]
         self.sum_outer = packed[1 + d:].view(d, d)

@@ -13,6 +13,7 @@ Duggal, Isola, Torralba, Freeman, arXiv:2411.02393.
 The quantizer returns the straight-through codes, the indices, the VQ loss and
 usage statistics for logging.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,32 @@ class Quantized:
     loss: torch.Tensor        # scalar: commitment + codebook loss
     perplexity: torch.Tensor  # scalar, detached: exp(entropy of code usage in this batch)
     usage: torch.Tensor       # scalar, detached: fraction of the codebook used in this batch
+
+
+def count_codes(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each code occurs in `indices`, (codebook_size,) float32 on their device. Unlike
+    torch.bincount, which must read the largest index first, it never waits for the GPU."""
+    counts = torch.zeros(codebook_size, device=indices.device)
+    return counts.index_add_(0, indices.flatten(), torch.ones(indices.numel(), device=indices.device))
+
+
+def unused_codes(counts: torch.Tensor) -> torch.Tensor:
+    """Indices of the codes counted zero times (a data-dependent size: the one sync of a restart)."""
+    return (counts == 0).nonzero()[:, 0]
+
+
+@contextlib.contextmanager
+def exact_float32(device_type: str):
+    """Autocast off and TF32 off: float32 products at full precision. training.setup_distributed lets
+    float32 matmuls run as TF32 on Ampere+ GPUs (10 mantissa bits), enough to flip an argmin."""
+    autocast = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else contextlib.nullcontext()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with autocast:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 class VectorQuantizer(nn.Module):
@@ -65,9 +92,9 @@ class VectorQuantizer(nn.Module):
         return F.embedding(indices, self.codebook())
 
     def forward(self, z: torch.Tensor) -> Quantized:
-        # The search runs in float32 even under bf16 autocast: bf16 has 8 mantissa bits, enough
-        # to flip the argmin between codes closer than ~1% of their norm.
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        # The search runs in exact float32 even under bf16 autocast or TF32: bf16 has 8 mantissa bits,
+        # enough to flip the argmin between codes closer than ~1% of their norm.
+        with exact_float32(z.device.type):
             z = z.float()
             if self.l2_normalize:
                 z = F.normalize(z, dim=-1)
@@ -81,7 +108,7 @@ class VectorQuantizer(nn.Module):
             # Commitment pulls the encoder to its code, the codebook term pulls the code to the encoder.
             loss = self.beta * F.mse_loss(z, chosen.detach()) + F.mse_loss(chosen, z.detach())
             codes = z + self.blend * (chosen - z).detach()  # straight-through estimator
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            counts = count_codes(indices, self.codebook_size)
             if self.training:
                 self.counts_since_restart = counts if self.counts_since_restart is None else self.counts_since_restart + counts
                 self.recent_inputs = flat.detach()
@@ -100,7 +127,7 @@ class VectorQuantizer(nn.Module):
         """
         if self.counts_since_restart is None:
             return 0
-        dead = (self.counts_since_restart == 0).nonzero()[:, 0]
+        dead = unused_codes(self.counts_since_restart)
         if len(dead):
             picks = torch.randint(len(self.recent_inputs), (len(dead),), device=self.recent_inputs.device)
             self.embedding.weight[dead] = self.recent_inputs[picks].to(self.embedding.weight.dtype)
@@ -108,3 +135,14 @@ class VectorQuantizer(nn.Module):
             dist.broadcast(self.embedding.weight.data, src=0)
         self.counts_since_restart = None
         return len(dead)
+
+    def restart_state(self) -> dict:
+        """What the next restart needs besides the weights: the usage counted since the last one. It
+        is this rank's own (each rank counts its batches; rank 0's decide), so checkpoints keep one per
+        rank. The inputs a restart draws from come from the step that restarts, so they need no saving."""
+        counts = self.counts_since_restart
+        return {"counts": None if counts is None else counts.cpu()}
+
+    def load_restart_state(self, state: dict):
+        counts = state["counts"]  # checkpoints load on the CPU: the counts go where the codebook is
+        self.counts_since_restart = None if counts is None else counts.to(self.embedding.weight.device)

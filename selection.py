@@ -45,7 +45,7 @@ def code_error_below(threshold: float, codebook: torch.Tensor):
 def first_passing(passes: torch.Tensor) -> torch.Tensor:
     """(T, B) bool -> (B,) index of the first iteration that passes, T - 1 if none does."""
     T = passes.shape[0]
-    order = torch.where(passes, torch.arange(T)[:, None], T - 1)
+    order = torch.where(passes, torch.arange(T, device=passes.device)[:, None], T - 1)
     return order.min(0).values
 
 

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 
 from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
 from model import ALIT, ALITConfig, PRESETS, make_config
-from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, StopSignal, adamw, all_reduce_mean,
-                      autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish,
-                      keep_freed_memory, launched_ranks, lr_at, native_bf16, paper_scale, parse_flags, progress, resume,
-                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from quantize import count_codes, exact_float32
+from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, StopSignal, adamw,
+                      all_reduce_mean, autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
+                      data_workers, due, finish, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
+                      native_bf16, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
+                      setup_distributed, step_memory, stop_step, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
-from vqgan import VQGAN, VQGANConfig
+from vqgan import VQGAN, VQGANConfig, conv_memory_format
 from weights import find_weights, not_found
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
@@ -59,7 +61,8 @@ class TrainConfig(LoopConfig):
     weight_decay: float = 0.05  # on weight matrices only
     ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
     halting: bool = True  # dynamic halting during training (§A.5)
-    loss_iters: int = 0  # 0: loss at every iteration; n: at n random iterations per step (saves compute)
+    # 0: loss at every iteration; n: at n random iterations per step (saves compute), the same on every rank
+    loss_iters: int = 0
     label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
     code_loss_weight: float = 1.0  # weight of the MSE between the softmax-expected code and the true code
     quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
@@ -81,6 +84,9 @@ class TrainConfig(LoopConfig):
     # 256x256, 0 = never at 256) ...
     latent_restart_every: int | None = None
     restart_until: float = 0.75  # ... until this fraction of the steps, so that the EMA weights settle
+    # Recompute the transformer blocks in the backward pass instead of keeping their activations (~30%
+    # more time). Default: on where a step would not fit the GPU (training.grad_checkpointing says so)
+    grad_checkpoint: bool | None = None
     # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
     # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
     token_cache: str | None = None
@@ -200,23 +206,33 @@ def load_base_vqgan(train, model_cfg: ALITConfig, log=print) -> VQGAN:
     return vqgan
 
 
-def open_token_cache(train, model: ALIT, ctx) -> TokenCache:
-    """The training set with precomputed VQGAN tokens; rank 0 builds the cache if it is missing."""
+def vqgan_targets(vqgan: VQGAN, images):
+    """The frozen VQGAN's encoding of images, which stage 1 distils: latents (B, C, g, g) and the
+    nearest code of every grid cell (B, g*g). In float32 whatever the autocast, the nearest code in
+    exact float32 (quantize.exact_float32), so that the token cache and the loop give the same
+    targets. (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs them by default: exact float32
+    would make the encoder, 3% of a step's FLOPs, a fifth of its time on an H100.)"""
+    with torch.no_grad(), exact_float32(images.device.type):
+        return vqgan.encode(images.float())
+
+
+def open_token_cache(train, model: ALIT, ctx, workers: int) -> TokenCache:
+    """The training set with precomputed VQGAN tokens; built on first use, each rank its share
+    (data.build_token_cache: the ranks wait for each other without a collective, so a build longer
+    than --dist-timeout is fine)."""
     path = Path(train.token_cache)
     views = build_dataset(train.dataset, "train", model.config.image_size, train.data_dir, train=False,
                           num_images=train.train_images)
-    meta = {"dataset": train.dataset, "data_dir": train.data_dir, "images": len(views),
-            "image_size": model.config.image_size, "vqgan": train.vqgan_official or train.vqgan_ckpt,
-            "vqgan_config": dataclasses.asdict(model.vqgan.config)}
-    if ctx.is_main and not (path / "latents.npy").is_file():
-        print(f"building the token cache {path} ({len(views)} images x 2 views)")
-        build_token_cache(views, model.vqgan, path, device=ctx.device)
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
-    if ctx.enabled:
-        dist.barrier()
-    stored = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else None
-    if stored != json.loads(json.dumps(meta)):
-        sys.exit(f"error: --token-cache {path} was built for {stored}, not {meta}; delete it to rebuild")
+    description = json.loads(json.dumps({  # as it reads back from meta.json
+        "dataset": train.dataset, "data_dir": train.data_dir, "images": len(views), "image_size": model.config.image_size,
+        "vqgan": train.vqgan_official or train.vqgan_ckpt, "vqgan_config": dataclasses.asdict(model.vqgan.config)}))
+    if not (path / "meta.json").is_file():
+        ctx.log(f"building the token cache {path} ({len(views)} images x 2 views, over {ctx.world_size} rank(s))")
+        build_token_cache(views, lambda images: vqgan_targets(model.vqgan, images), path, description, ctx.rank,
+                          ctx.world_size, train.dist_timeout, device=ctx.device, num_workers=workers)
+    stored = json.loads((path / "meta.json").read_text()).get("description")
+    if stored != description:
+        sys.exit(f"error: --token-cache {path} was built for {stored}, not {description}; delete it to rebuild")
     return TokenCache(views, path)
 
 
@@ -246,6 +262,7 @@ def main(argv=None):
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
+    workers = data_workers(train.num_workers, ctx.device)
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
     vqgan = load_base_vqgan(train, model_cfg, ctx.log)
@@ -256,22 +273,28 @@ def main(argv=None):
     if not train.halting:
         model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
+    model.vqgan.to(memory_format=conv_memory_format(ctx.device))
     global_batch = train.batch_size * train.grad_accum * ctx.world_size
     lr = train.base_lr * global_batch / 256
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
+    model.set_grad_checkpointing(grad_checkpointing(
+        train.grad_checkpoint, ctx.device, lambda on: step_memory_of(model, train, ctx.device, bf16, on), ctx.log))
 
     stateful = {"model": model, "ema": ema, "optimizer": optimizer}  # what a checkpoint saves and resume restores
+    # Each rank counts the latent codes its own batches use: dead-code restarts go on from every rank's count.
+    per_rank = {"latent_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)} \
+        if model.quantize is not None else {}
     step = 0
     if train.resume:
-        step = resume(Path(train.out_dir) / "ckpt.pt", model_cfg.to_dict(), stateful, ctx)["step"]
+        step = resume(Path(train.out_dir) / "ckpt.pt", model_cfg.to_dict(), stateful, ctx, per_rank)["step"]
     else:
         clear_out_dir(train, "rollout_*.png", ctx)
-        torch.manual_seed(train.seed + ctx.rank)  # halting draws and loss-iteration choices differ per rank
+        torch.manual_seed(train.seed + ctx.rank)  # the halting draws differ per rank
     ctx.log(f"ALIT {model_cfg}\n{sum(p.numel() for p in model.alit_parameters()) / 1e6:.2f}M trainable "
             f"parameters\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), global batch "
-            f"{global_batch}, lr {lr:.3g}, bf16 {bf16}")
+            f"{global_batch}, lr {lr:.3g}, bf16 {bf16}, {workers} data worker(s) a rank")
 
     if train.compile:
         model.compile_transformers()
@@ -280,50 +303,24 @@ def main(argv=None):
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=bool(train.loss_iters or train.rollout_warmup))
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     if train.token_cache:
-        dataset = open_token_cache(train, model, ctx)
+        dataset = open_token_cache(train, model, ctx, workers)
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed,
-                            step * train.grad_accum, train.num_workers, train.max_bad_images)
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step * train.grad_accum,
+                            workers, train.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
     bar = progress(train.steps, step, ctx.is_main)
-    stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)
+    stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)  # summed since the last log
     code_counts = torch.zeros(model_cfg.latent_codebook_size if model_cfg.quantize_latent else 0, device=ctx.device)
     first_nonfinite = torch.full((), -1, device=ctx.device)  # checked at log/save steps only: no sync per step
     stop = stop_step(train, step)
     stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     while step < stop:
-        set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
-        if model.quantize is not None:
-            model.quantize.blend = code_blend(step, train)
-        rollout = rollout_length(step, train, model_cfg.rollout_iters)
-        for micro in range(train.grad_accum):
-            _, batch = next(batches)
-            images = batch[0].to(ctx.device, non_blocking=True)
-            iters = torch.randperm(rollout)[:train.loss_iters].tolist() if train.loss_iters else list(range(rollout))
-            if train.token_cache:
-                vqgan_latents, gt_indices = batch[2].to(ctx.device), batch[3].to(ctx.device)
-            else:
-                with torch.no_grad(), autocast(ctx.device, bf16):
-                    vqgan_latents, gt_indices = model.vqgan.encode(images)
-            last_micro = micro == train.grad_accum - 1
-            with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
-                with autocast(ctx.device, bf16):
-                    records = ddp_model(images, vqgan_latents, gt_indices, halting=train.halting, iters=iters)
-                    loss, micro_stats = stage1_loss(model, records, gt_indices, weights, train.label_smoothing,
-                                                    train.code_loss_weight, train.quantizer_loss_weight)
-                (loss / train.grad_accum).backward()
-            stats += micro_stats
-            if records[-1].indices is not None:  # codebook usage of the longest code, over the log window
-                code_counts += torch.bincount(records[-1].indices.flatten(), minlength=len(code_counts))
-            first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss), step, first_nonfinite)
-        torch.nn.utils.clip_grad_norm_(model.alit_parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if model.quantize is not None and train.latent_restart_every and \
-                (step + 1) % train.latent_restart_every == 0 and step + 1 <= train.restart_until * train.steps:
-            model.quantize.restart_dead_codes()
-        ema.update(model, step)
+        step_stats, step_counts, finite = train_step(model, ddp_model, optimizer, ema, batches, step, lr, train,
+                                                     weights, ctx, bf16)
+        stats += step_stats
+        code_counts += step_counts
+        first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, step, first_nonfinite)
         step += 1
         bar.update(1)
         if stop_signal.requested():
@@ -335,9 +332,81 @@ def main(argv=None):
             grid = model.rollout_images(val_images, soft_codes=False) + [val_images]
             save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
         if due(step, train.save_every, stop):
-            save_training_state(train, step, stateful, model_cfg.to_dict(), ctx)
+            save_training_state(train, step, stateful, model_cfg.to_dict(), ctx, per_rank)
     finish(ctx, train, bar, stop_signal, step)
     return model
+
+
+def train_step(model: ALIT, ddp_model, optimizer, ema: EMA, batches, step: int, lr: float, train: TrainConfig,
+               weights, ctx, bf16: bool):
+    """One optimizer step over --grad-accum micro-batches: the rollout up to this step's length with
+    halting, the loss at its iterations, AdamW, the dead-code restarts and the EMA. Returns, on the
+    device and without waiting for it: the per-iteration [CE, accuracy, 1] sums (stage1_loss), the
+    latent codes the longest codes used, and whether every micro-batch's loss was finite."""
+    set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+    if model.quantize is not None:
+        model.quantize.blend = code_blend(step, train)
+    iters = loss_iterations(step, train, model.config.rollout_iters)
+    stats = torch.zeros(model.config.rollout_iters, 3, device=ctx.device)
+    code_counts = torch.zeros(model.config.latent_codebook_size if model.quantize else 0, device=ctx.device)
+    finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+    for micro in range(train.grad_accum):
+        _, batch = next(batches)
+        images = batch[0].to(ctx.device, non_blocking=True)
+        if train.token_cache:
+            vqgan_latents, gt_indices = (t.to(ctx.device, non_blocking=True) for t in batch[2:4])
+        else:
+            vqgan_latents, gt_indices = vqgan_targets(model.vqgan, images)
+        last_micro = micro == train.grad_accum - 1
+        with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
+            with autocast(ctx.device, bf16):
+                records = ddp_model(images, vqgan_latents, gt_indices, halting=train.halting, iters=iters)
+                loss, micro_stats = stage1_loss(model, records, gt_indices, weights, train.label_smoothing,
+                                                train.code_loss_weight, train.quantizer_loss_weight)
+            (loss / train.grad_accum).backward()
+        stats += micro_stats
+        if records[-1].indices is not None:  # codebook usage of the longest code, over the log window
+            code_counts += count_codes(records[-1].indices, len(code_counts))
+        finite &= torch.isfinite(loss)
+    torch.nn.utils.clip_grad_norm_(model.alit_parameters(), train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if model.quantize is not None and train.latent_restart_every and \
+            (step + 1) % train.latent_restart_every == 0 and step + 1 <= train.restart_until * train.steps:
+        model.quantize.restart_dead_codes()
+    ema.update(model, step)
+    return stats, code_counts, finite
+
+
+def loss_iterations(step: int, train: TrainConfig, iters: int) -> list:
+    """The iterations (0-based) this step decodes and puts in the loss: all of the rollout's length,
+    or --loss-iters of them drawn from (seed, step), alike on every rank: a rank drawing a deeper
+    rollout than the others would keep them waiting every step."""
+    rollout = rollout_length(step, train, iters)
+    if not train.loss_iters:
+        return list(range(rollout))
+    return torch.randperm(rollout, generator=torch.Generator().manual_seed(train.seed + step))[:train.loss_iters].tolist()
+
+
+def step_memory_of(model: ALIT, train: TrainConfig, device, bf16: bool, checkpointing: bool) -> int:
+    """Bytes a step holds at --batch-size (training.step_memory): the rollout with halting and the
+    loss at every iteration, on random images, with or without gradient checkpointing."""
+    saved = model.quantize.restart_state() if model.quantize is not None else None  # the probes count codes too
+    was = model.encoder.grad_checkpoint
+    model.set_grad_checkpointing(checkpointing)
+    weights = [1.0] * model.config.rollout_iters
+
+    def forward_on(n):
+        images = torch.rand(n, 3, model.config.image_size, model.config.image_size, device=device)
+        latents, gt = vqgan_targets(model.vqgan, images)
+        with autocast(device, bf16):
+            stage1_loss(model, model(images, latents, gt, halting=True), gt, weights, 0.0, 1.0, 1.0)
+
+    need = step_memory(model, forward_on, train.batch_size, device)
+    model.set_grad_checkpointing(was)
+    if saved is not None:
+        model.quantize.load_restart_state(saved)
+    return need
 
 
 def rollout_length(step: int, train: TrainConfig, iters: int) -> int:

@@ -30,10 +30,12 @@ from data import build_dataset, first_images, save_image_columns, train_batches
 from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
 from model import ALIT, PRESETS, make_config
-from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_data,
-                      check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish, keep_freed_memory,
-                      lr_at, native_bf16, official_heads, paper_scale, parse_flags, progress, resume,
-                      save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast,
+                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
+                      data_workers, due, finish, grad_checkpointing, keep_freed_memory, lr_at, native_bf16,
+                      official_heads, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
+                      setup_distributed, step_memory, stop_step, wrap_ddp)
+from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
 
@@ -68,6 +70,9 @@ class TrainConfig(LoopConfig):
     disc_channels: int = 64  # width of the PatchGAN's first layer
     disc_layers: int = 2  # PatchGAN depth: 3 for 256x256 images (70x70 patches), 2 for 32x32
     disc_lr: float = 1e-4  # the discriminator's AdamW learning rate
+    # Recompute the transformer blocks in the backward pass instead of keeping their activations (~30%
+    # more time). Default: on where a step would not fit the GPU (training.grad_checkpointing says so)
+    grad_checkpoint: bool | None = None
     # torchvision's VGG16; default: vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache
     vgg16_weights: str | None = None
     # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
@@ -154,6 +159,7 @@ def main(argv=None):
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
+    workers = data_workers(train.num_workers, ctx.device)
     torch.manual_seed(train.seed)
 
     model = load_start(train)
@@ -164,9 +170,11 @@ def main(argv=None):
     model.vqgan.quantize.requires_grad_(False)
     model.halted_token.requires_grad_(False)
     model.to(ctx.device)
+    model.vqgan.to(memory_format=conv_memory_format(ctx.device))
     discriminators = torch.nn.ModuleList(
         PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
         for _ in range(cfg.rollout_iters if train.disc_per_iteration else 1)).to(ctx.device)
+    broadcast_parameters(discriminators, ctx)  # outside DDP (losses.discriminator_step): rank 0's on every rank
     try:
         perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
     except (KeyError, ValueError, RuntimeError) as error:
@@ -179,6 +187,9 @@ def main(argv=None):
     disc_optimizer = adamw(discriminators.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
     ema = EMA(model, train.ema_decay)
     schedule = gan_schedule(train.gan_schedule)
+    model.set_grad_checkpointing(grad_checkpointing(
+        train.grad_checkpoint, ctx.device, lambda on: step_memory_of(model, train, perceptual, ctx.device, bf16, on),
+        ctx.log))
 
     stateful = {"model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
@@ -189,7 +200,7 @@ def main(argv=None):
         clear_out_dir(train, "rollout_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)
     ctx.log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
-            f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}")
+            f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}, {workers} data worker(s) a rank")
 
     if train.compile:
         model.compile_transformers()
@@ -197,41 +208,18 @@ def main(argv=None):
     ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
     dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = first_images(build_dataset(train.dataset, "val", cfg.image_size, train.data_dir), 8).to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers,
-                            train.max_bad_images)
-    last_layer = model.vqgan.decoder.last_layer
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, workers,
+                            train.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
     bar = progress(train.steps, step, ctx.is_main)
     stop = stop_step(train, step)
     stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
-    logs = torch.zeros(5, device=ctx.device)
+    logs = torch.zeros(5, device=ctx.device)  # summed since the last log
     while step < stop:
-        set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
-        set_lr(disc_optimizer, lr_at(step, train.disc_lr, train.warmup_steps, train.steps, train.min_lr_ratio))
         _, (images, _) = next(batches)
-        images = images.to(ctx.device, non_blocking=True)
-        t = loss_iteration(step, cfg.rollout_iters, train)
         disc_weight = gan_weight_at(step, train.steps, schedule)
-        discriminator = discriminators[t if train.disc_per_iteration else 0]
-
-        with autocast(ctx.device, bf16):
-            (record,) = ddp_model(images, iters=[t], reconstruct=True)
-            recon = record.recon.float()
-            rec_loss = reconstruction_loss(recon, images, perceptual, train.l1_weight, train.perceptual_weight)
-            loss = rec_loss + train.quantizer_loss_weight * record.quantized.loss if record.quantized else rec_loss
-            if disc_weight > 0:
-                loss = loss + generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        ema.update(model, step)
-        d_loss = torch.zeros((), device=ctx.device)
-        if disc_weight > 0:
-            d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16)
-        q = record.quantized
-        logs += torch.stack([rec_loss.detach(), d_loss, q.usage if q else d_loss, q.perplexity if q else d_loss,
-                             torch.ones_like(d_loss)])
+        logs += train_step(model, ddp_model, discriminators, optimizer, disc_optimizer, ema, images, step, lr,
+                           disc_weight, train, perceptual, ctx, bf16)
         step += 1
         bar.update(1)
         if stop_signal.requested():
@@ -246,6 +234,55 @@ def main(argv=None):
             save_training_state(train, step, stateful, cfg.to_dict(), ctx)
     finish(ctx, train, bar, stop_signal, step)
     return model
+
+
+def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer, ema: EMA, images, step: int,
+               lr: float, disc_weight: float, train: TrainConfig, perceptual, ctx, bf16: bool) -> torch.Tensor:
+    """One step (§A.5): the encoder up to this step's iteration, the decoders once, the loss in pixel
+    space (L1 + LPIPS, and with disc_weight > 0 the adaptively weighted GAN term), AdamW, the EMA,
+    then the discriminator. Returns [reconstruction loss, discriminator loss, latent codebook usage,
+    perplexity, 1] on the device, without waiting for it."""
+    set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+    set_lr(disc_optimizer, lr_at(step, train.disc_lr, train.warmup_steps, train.steps, train.min_lr_ratio))
+    images = images.to(ctx.device, non_blocking=True)
+    t = loss_iteration(step, model.config.rollout_iters, train)
+    discriminator = discriminators[t if train.disc_per_iteration else 0]
+    with autocast(ctx.device, bf16):
+        (record,) = ddp_model(images, iters=[t], reconstruct=True)
+        recon = record.recon.float()
+        rec_loss = reconstruction_loss(recon, images, perceptual, train.l1_weight, train.perceptual_weight)
+        loss = rec_loss + train.quantizer_loss_weight * record.quantized.loss if record.quantized else rec_loss
+        if disc_weight > 0:
+            loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.vqgan.decoder.last_layer, disc_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+    optimizer.step()
+    ema.update(model, step)
+    d_loss = torch.zeros((), device=ctx.device)
+    if disc_weight > 0:
+        d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16)
+    q = record.quantized
+    return torch.stack([rec_loss.detach(), d_loss, q.usage if q else d_loss, q.perplexity if q else d_loss,
+                        torch.ones_like(d_loss)])
+
+
+def step_memory_of(model: ALIT, train: TrainConfig, perceptual, device, bf16: bool, checkpointing: bool) -> int:
+    """Bytes a step holds at --batch-size (training.step_memory), at its largest: the loss at the last
+    iteration (the whole encoder rollout), through LPIPS when it is loaded, without the discriminator
+    (a few percent), with or without gradient checkpointing."""
+    was = model.encoder.grad_checkpoint
+    model.set_grad_checkpointing(checkpointing)
+
+    def forward_on(n):
+        images = torch.rand(n, 3, model.config.image_size, model.config.image_size, device=device)
+        with autocast(device, bf16):
+            (record,) = model(images, iters=[model.config.rollout_iters - 1], reconstruct=True)
+            reconstruction_loss(record.recon.float(), images, perceptual, train.l1_weight, train.perceptual_weight)
+
+    need = step_memory(model, forward_on, train.batch_size, device)
+    model.set_grad_checkpointing(was)
+    return need
 
 
 def loss_iteration(step: int, iters: int, train: TrainConfig) -> int:

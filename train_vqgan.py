@@ -20,11 +20,12 @@ import torch
 from data import build_dataset, first_images, save_image_grid, train_batches
 from losses import (PatchDiscriminator, adopt_weight, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
-from training import (PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast, check_data,
-                      check_flags, check_loop_flags, check_out_dir, clear_out_dir, due, finish, keep_freed_memory,
-                      lr_at, native_bf16, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
-                      setup_distributed, stop_step, wrap_ddp)
-from vqgan import PRESETS, VQGAN, VQGANConfig
+from quantize import count_codes
+from training import (PAPER_DATASETS, LoopConfig, PerRank, StopSignal, adamw, all_reduce_mean, autocast,
+                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
+                      data_workers, due, finish, keep_freed_memory, lr_at, native_bf16, paper_scale, parse_flags,
+                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
 from weights import find_perceptual
 
 
@@ -97,10 +98,13 @@ def main(argv=None):
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
-    torch.manual_seed(train.seed + ctx.rank)
+    workers = data_workers(train.num_workers, ctx.device)
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
 
-    model = VQGAN(model_cfg).to(ctx.device)
+    model = VQGAN(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
+    # Outside DDP (losses.discriminator_step averages its gradients by hand): rank 0's start on every rank.
     discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(ctx.device)
+    broadcast_parameters(discriminator, ctx)
     try:
         perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
     except (KeyError, ValueError, RuntimeError) as error:
@@ -110,68 +114,74 @@ def main(argv=None):
 
     stateful = {"model": model, "discriminator": discriminator, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
+    # Each rank counts the codes its own batches use: dead-code restarts go on from every rank's count.
+    per_rank = {"code_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)}
     step = 0
     if train.resume:
-        ckpt = resume(Path(train.out_dir) / "ckpt.pt", dataclasses.asdict(model_cfg), stateful, ctx)
-        step = ckpt["step"]
-        model.quantize.counts_since_restart = ckpt["code_counts"]
+        step = resume(Path(train.out_dir) / "ckpt.pt", dataclasses.asdict(model_cfg), stateful, ctx, per_rank)["step"]
     else:
         clear_out_dir(train, "recon_*.png", ctx)
-    ctx.log(f"VQGAN {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}")
+        torch.manual_seed(train.seed + ctx.rank)  # the dead-code restarts' draws differ per rank
+    ctx.log(f"VQGAN {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}, "
+            f"{workers} data worker(s) a rank")
 
     ddp_model = wrap_ddp(model, ctx)
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, train.num_workers,
-                            train.max_bad_images)
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, workers,
+                            train.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
     bar = progress(train.steps, step, ctx.is_main)
-    last_layer = model.decoder.last_layer
     stop = stop_step(train, step)
     stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     while step < stop:
         _, (images, _) = next(batches)
-        images = images.to(ctx.device, non_blocking=True)
-        lr_scale = lr_at(step, 1.0, train.warmup_steps, train.steps, train.min_lr_ratio)
-        set_lr(optimizer, train.lr * lr_scale)
-        set_lr(disc_optimizer, train.disc_lr * lr_scale)
-        gan_on = adopt_weight(1.0, step, train.disc_start) > 0
-
-        # Generator (autoencoder) step.
-        with autocast(ctx.device, bf16):
-            recon, q = ddp_model(images)
-            rec_loss = reconstruction_loss(recon.float(), images, perceptual, train.l1_weight, train.perceptual_weight)
-            loss = rec_loss + train.codebook_weight * q.loss
-            if gan_on:
-                loss = loss + generator_gan_loss(discriminator, recon, rec_loss, last_layer, train.disc_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        if train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
-            model.quantize.restart_dead_codes()
-        d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16) if gan_on else None
-
+        logs = train_step(model, ddp_model, discriminator, optimizer, disc_optimizer, images, step, train, perceptual,
+                          ctx, bf16)
         step += 1
         bar.update(1)
         if stop_signal.requested():
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
         if due(step, train.log_every, stop):
-            logs = torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage,
-                                d_loss if gan_on else torch.zeros((), device=ctx.device)])
             all_reduce_mean([logs], ctx)
             rec, vq, ppl, usage, dl = logs.tolist()
             bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
         if ctx.is_main and due(step, train.sample_every, stop):
             save_reconstructions(model, val_images, Path(train.out_dir) / f"recon_{step:06d}.png")
-        if due(step, train.save_every, stop):  # code_counts: for the next dead-code restart
-            save_training_state(train, step, stateful, dataclasses.asdict(model_cfg), ctx,
-                                code_counts=model.quantize.counts_since_restart)
+        if due(step, train.save_every, stop):
+            save_training_state(train, step, stateful, dataclasses.asdict(model_cfg), ctx, per_rank)
     finish(ctx, train, bar, stop_signal, step)
     if ctx.is_main and step == train.steps:
         ctx.log(format_val_metrics(evaluate_vqgan(model, train)))
     return model
+
+
+def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer, images, step: int,
+               train: TrainConfig, perceptual, ctx, bf16: bool) -> torch.Tensor:
+    """One step: the autoencoder (L1 + LPIPS, the codebook loss, and from --disc-start the adaptively
+    weighted GAN term), the dead-code restarts, then the discriminator. Returns [reconstruction loss,
+    VQ loss, perplexity, codebook usage, discriminator loss] on the device, without waiting for it."""
+    images = images.to(ctx.device, non_blocking=True)
+    lr_scale = lr_at(step, 1.0, train.warmup_steps, train.steps, train.min_lr_ratio)
+    set_lr(optimizer, train.lr * lr_scale)
+    set_lr(disc_optimizer, train.disc_lr * lr_scale)
+    gan_on = adopt_weight(1.0, step, train.disc_start) > 0
+    with autocast(ctx.device, bf16):
+        recon, q = ddp_model(images)
+        rec_loss = reconstruction_loss(recon.float(), images, perceptual, train.l1_weight, train.perceptual_weight)
+        loss = rec_loss + train.codebook_weight * q.loss
+        if gan_on:
+            loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.decoder.last_layer, train.disc_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+    optimizer.step()
+    if train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
+        model.quantize.restart_dead_codes()
+    d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16) if gan_on else \
+        torch.zeros((), device=ctx.device)
+    return torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage, d_loss])
 
 
 @torch.no_grad()
@@ -188,7 +198,7 @@ def evaluate_vqgan(model: VQGAN, train: TrainConfig) -> dict:
         images = images.to(device)
         recon, q = model(images)
         l1 += (recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)).sum().item()
-        counts += torch.bincount(q.indices.flatten(), minlength=len(counts))
+        counts += count_codes(q.indices, len(counts))
     model.train(was_training)
     probs = counts / counts.sum()
     return {"images": len(subset), "l1": l1 / len(subset), "codes_used": int((counts > 0).sum()),

@@ -66,16 +66,19 @@ def setup_distributed(device_flag: str = "auto", timeout: float = 300) -> Distri
     nccl with CUDA, gloo without; the device is cuda:LOCAL_RANK or cpu. A collective that waits
     longer than `timeout` seconds for a lost rank ends the run with an error instead of a hang."""
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
-    if "RANK" in os.environ:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
-    else:
-        rank, local_rank, world = 0, 0, 1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) \
+        if "RANK" in os.environ else (0, 0, 1)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before nccl starts, so that each rank's communicator is on its own GPU
+        # Float32 products run as TF32 on Ampere+ GPUs (those bf16 autocast leaves in float32, and all of
+        # them with --no-bf16); where rounding would flip a discrete choice, the nearest-code search,
+        # quantize.exact_float32 turns it off. Training shapes are fixed: cuDNN picks its fastest kernels once.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return Distributed(rank, local_rank, world, device)
 
 
@@ -103,11 +106,84 @@ def wrap_ddp(module, ctx: Distributed, find_unused_parameters=False):
                find_unused_parameters=find_unused_parameters)
 
 
+def broadcast_parameters(module, ctx: Distributed):
+    """Rank 0's parameters and buffers on every rank: what DDP does for the modules it wraps, for one
+    trained outside it (the discriminators, whose gradients are averaged by hand)."""
+    if ctx.enabled:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def data_workers(num_workers: int | None, device: torch.device) -> int:
+    """--num-workers, by default: on CUDA the CPUs this process may use, shared by the ranks on this
+    machine, less one each for the training loop, so that decoding and cropping JPEGs never starves
+    the GPU (bench.py measures how many a GPU needs); on the CPU none, as workers would take the
+    cores the model computes on."""
+    if num_workers is not None:
+        return num_workers
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+# -----------------------------------------------------------------------------
+# Memory: gradient checkpointing where a step would not fit the GPU
+
+# Bytes a trained parameter holds in a step: float32 weight, gradient, AdamW's two moments, the EMA.
+TRAINED_PARAMETER_BYTES = 4 + 4 + 8 + 4
+FITS_GPU = 0.85  # share of a GPU's memory a step may plan for: the allocator's caching and CUDA's own need the rest
+
+
+def saved_activation_bytes(forward) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of forward(), each storage once and
+    parameters left out: the activation memory of a training step (on any device, the CPU included)."""
+    saved = {}
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            storage = tensor.untyped_storage()
+            saved[(tensor.device, storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
+def step_memory(module, forward_on, batch_size: int, device) -> int:
+    """Bytes a training step of `module` holds at `batch_size`: every parameter (with its gradient,
+    AdamW's moments and the EMA if trained) and the activations of forward_on(images) on one and on
+    two images (each image adds the same). RNG states are left as they were."""
+    weights = sum(p.numel() * (TRAINED_PARAMETER_BYTES if p.requires_grad else p.element_size())
+                  for p in module.parameters())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        one, two = (saved_activation_bytes(lambda: forward_on(n)) for n in (1, 2))
+    return weights + one + (batch_size - 1) * (two - one)
+
+
+def grad_checkpointing(flag: bool | None, device: torch.device, need, log) -> bool:
+    """--grad-checkpoint, by default on where a step would not fit the GPU: need(checkpointing) are the
+    bytes a step holds (step_memory) without and with it, against the GPU's memory."""
+    if flag is not None or device.type != "cuda":
+        return bool(flag)
+    gpu = torch.cuda.get_device_properties(device)
+    without = need(False)
+    if without <= FITS_GPU * gpu.total_memory:
+        return False
+    log(f"gradient checkpointing on: a step needs {without / 1e9:.0f} GB without it, {need(True) / 1e9:.0f} GB with "
+        f"it, and {gpu.name} has {gpu.total_memory / 1e9:.0f} GB (--no-grad-checkpoint to turn it off)")
+    return True
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively (and so about twice as fast as float32): CUDA with
-    bf16 support, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is emulated and slower."""
+    """Whether bf16 matrix products run natively (and so about twice as fast as float32): an Ampere or
+    newer GPU (compute capability 8.0+; V100 and T4 emulate bf16, slower than float32, though
+    torch.cuda.is_bf16_supported() says yes), or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -115,9 +191,13 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+AUTOCAST_DEVICES = ("cuda", "cpu")  # where torch.autocast runs (it refuses the `meta` device the tests use)
+
+
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast where asked for (no GradScaler needed: bf16 has float32's range)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and device.type in AUTOCAST_DEVICES \
+        else contextlib.nullcontext()
 
 
 def all_reduce_mean(tensors, ctx: Distributed):
@@ -209,12 +289,20 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather_rng_states(ctx: Distributed) -> list:
-    """Every rank's RNG state, in rank order (collective: all ranks must call it)."""
+class PerRank(typing.NamedTuple):
+    """Training state that differs between ranks, seen as a state dict: checkpoints keep one per rank."""
+    state_dict: typing.Callable[[], dict]
+    load_state_dict: typing.Callable[[dict], None]
+
+
+def gather_per_rank(ctx: Distributed, per_rank: dict) -> list:
+    """Every rank's {"rng": RNG state, key: state of per_rank[key], ...}, in rank order (collective:
+    all ranks must call it)."""
+    state = {"rng": rng_state(), **{key: obj.state_dict() for key, obj in per_rank.items()}}
     if not ctx.enabled:
-        return [rng_state()]
+        return [state]
     states = [None] * ctx.world_size
-    dist.all_gather_object(states, rng_state())
+    dist.all_gather_object(states, state)
     return states
 
 
@@ -273,19 +361,20 @@ def load_checkpoint(path) -> dict:
         raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt") from None
 
 
-def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, **extra) -> dict:
+def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, per_rank=None) -> dict:
     """What a checkpoint holds: the state dict of every object in `stateful` (checkpoint key ->
-    object), the step, both configs and every rank's RNG state. Collective under DDP (the RNG
-    states are gathered), so every rank calls it."""
+    object, the same on every rank), the step, both configs, and under "ranks" every rank's RNG
+    state and the state of every object in `per_rank` (gather_per_rank). Collective under DDP, so
+    every rank calls it."""
     return {**{key: obj.state_dict() for key, obj in stateful.items()}, "step": step,
             "model_config": model_config, "train_config": dataclasses.asdict(train),
-            "rng": gather_rng_states(ctx), **extra}
+            "ranks": gather_per_rank(ctx, per_rank or {})}
 
 
-def save_training_state(train, step: int, stateful: dict, model_config: dict, ctx, **extra):
+def save_training_state(train, step: int, stateful: dict, model_config: dict, ctx, per_rank=None):
     """<out_dir>/ckpt.pt, written by rank 0 (collective: every rank calls it). A failed write, a full
     disk above all, ends the run with the last checkpoint untouched."""
-    state = checkpoint_state(stateful, step, model_config, train, ctx, **extra)
+    state = checkpoint_state(stateful, step, model_config, train, ctx, per_rank)
     path = Path(train.out_dir) / "ckpt.pt"
     if ctx.is_main:
         try:
@@ -296,9 +385,9 @@ def save_training_state(train, step: int, stateful: dict, model_config: dict, ct
                      "there is untouched: make room, then continue with --resume")
 
 
-def resume(path, model_config: dict, stateful: dict, ctx) -> dict:
+def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict:
     """--resume: load `path` into every object of `stateful` (checkpoint key -> object with
-    load_state_dict), restore this rank's RNG state, and return the checkpoint (step, extras).
+    load_state_dict) and this rank's state into `per_rank` and the RNGs, and return the checkpoint.
     When `path` is missing or unreadable, the checkpoint before it (ckpt.prev.pt), saying so."""
     path = Path(path)
     try:
@@ -313,11 +402,22 @@ def resume(path, model_config: dict, stateful: dict, ctx) -> dict:
             ckpt, path = load_checkpoint(previous), previous
         except ValueError as previous_error:
             sys.exit(f"error: --resume: {error}; and {previous_error}")
-    if ckpt["model_config"] != model_config:
+    # Fields this code no longer has (grad_checkpoint became a training flag) do not make another model.
+    if {key: ckpt["model_config"].get(key) for key in model_config} != model_config:
         sys.exit(f"error: {path} was trained with another model config: {ckpt['model_config']}")
     for key, obj in stateful.items():
         obj.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"][ctx.rank])
+    ranks = ckpt.get("ranks") or [{"rng": rng} for rng in ckpt["rng"]]  # checkpoints before per-rank state
+    if len(ranks) != ctx.world_size:
+        ctx.log(f"warning: {path} was written by {len(ranks)} rank(s), this run has {ctx.world_size}: the data order "
+                "and random draws go on differently from an uninterrupted run")
+    mine = ranks[ctx.rank % len(ranks)]
+    for key, obj in (per_rank or {}).items():
+        if key in mine:
+            obj.load_state_dict(mine[key])
+        else:
+            ctx.log(f"warning: {path} holds no {key!r} state (an older checkpoint): continuing without it")
+    set_rng_state(mine["rng"])
     ctx.log(f"resumed from {path} at step {ckpt['step']}")
     return ckpt
 

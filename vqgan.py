@@ -209,6 +209,17 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
 
+def conv_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout the VQGAN's weights (hence its activations) should have on `device`: channels-last,
+    fastest for oneDNN's and cuDNN's convolutions, where GroupNorm keeps it; where GroupNorm has no
+    channels-last kernel (CUDA, in some PyTorch versions) it would copy every activation to
+    channels-first and back around each of its ~40 calls, so the contiguous layout is used there.
+    Asked of the device itself: one GroupNorm on a 2x2 map."""
+    probe = torch.zeros(1, 2, 2, 2, device=device).to(memory_format=torch.channels_last)
+    keeps = F.group_norm(probe, 1).is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if keeps else torch.contiguous_format
+
+
 class VQGAN(nn.Module):
     """Images (N, 3, H, W) in [0, 1] <-> a (N, g, g) grid of codebook indices, g = H / downsample."""
 
@@ -219,7 +230,7 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(cfg)
         self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta, cfg.l2_normalize)
         # Channels-last conv weights make every convolution run channels-last, the layout oneDNN (CPU)
-        # and cuDNN (GPU) convolve fastest.
+        # and cuDNN (GPU) convolve fastest; conv_memory_format says where it pays.
         self.to(memory_format=torch.channels_last)
 
     def quantize_latents(self, latents: torch.Tensor) -> Quantized:

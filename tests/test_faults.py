@@ -251,7 +251,7 @@ def test_ddp_ranks_stop_after_the_same_step_and_rank_0_writes(tmp_path):
     assert code0 == code1 == 0, (err0[-2000:], err1[-2000:])
     assert "stopped by a signal to another rank after step 3" in out0
     ckpt = training.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2
 
 
 # ----------------------------------------------------------------------------- a lost rank

@@ -228,8 +228,8 @@ def test_grad_checkpointing_and_compile_give_the_same_loss_and_gradients():
     # torch.compile's CPU backend generates C++: without a compiler only the other two are compared
     variants = ["eager", "grad_checkpoint"] + (["compile"] if shutil.which("g++") or shutil.which("c++") else [])
     for variant in variants:
-        model = tiny_model(encoder_width=64, decoder_width=64, encoder_layers=1, decoder_layers=1,
-                           grad_checkpoint=variant == "grad_checkpoint")
+        model = tiny_model(encoder_width=64, decoder_width=64, encoder_layers=1, decoder_layers=1)
+        model.set_grad_checkpointing(variant == "grad_checkpoint")
         model.vqgan.requires_grad_(False)
         if variant == "compile":
             model.compile_transformers()

@@ -170,7 +170,8 @@ def test_token_cache_gives_the_same_training(tmp_path, vqgan_ckpt):
     common = ["--steps", "3", "--batch-size", "2", "--train-images", "16", "--no-halting"]
     live = stage1(tmp_path, vqgan_ckpt, "live", *common)
     cached = stage1(tmp_path, vqgan_ckpt, "cached", *common, "--token-cache", str(tmp_path / "cache"))
-    assert (tmp_path / "cache" / "latents.npy").is_file() and (tmp_path / "cache" / "meta.json").is_file()
+    assert [p.name.split(".", 1)[1] for p in sorted((tmp_path / "cache").iterdir())] == \
+        ["0of1.indices.npy", "0of1.latents.npy", "json"]  # one shard and meta.json, nothing left over
     for (key, a), b in zip(live.state_dict().items(), cached.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=key)
     # reused on the next run; a cache built for other data is refused

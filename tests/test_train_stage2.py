@@ -73,7 +73,7 @@ def test_two_process_torchrun(tmp_path, stage1_ckpt):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2
 
 
 def test_stage1_checkpoint_errors(tmp_path, stage1_ckpt, vqgan_ckpt):

@@ -63,7 +63,7 @@ def test_two_process_torchrun(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = training.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # every rank's RNG state is kept
+    assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2  # every rank's RNG state is kept
 
 
 @pytest.mark.parametrize("flags, message", [
