@@ -385,6 +385,9 @@ def save_training_state(train, step: int, stateful: dict, model_config: dict, ct
                      "there is untouched: make room, then continue with --resume")
 
 
+OPTIMIZER_KERNEL_OPTIONS = ("fused", "foreach", "capturable")
+
+
 def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict:
     """--resume: load `path` into every object of `stateful` (checkpoint key -> object with
     load_state_dict) and this rank's state into `per_rank` and the RNGs, and return the checkpoint.
@@ -406,7 +409,11 @@ def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict
     if {key: ckpt["model_config"].get(key) for key in model_config} != model_config:
         sys.exit(f"error: {path} was trained with another model config: {ckpt['model_config']}")
     for key, obj in stateful.items():
-        obj.load_state_dict(ckpt[key])
+        state = ckpt[key]
+        if isinstance(obj, torch.optim.Optimizer):  # how it runs (fused, foreach) is this device's, not the writer's
+            state = {**state, "param_groups": [{**saved, **{k: group[k] for k in OPTIMIZER_KERNEL_OPTIONS if k in group}}
+                                               for saved, group in zip(state["param_groups"], obj.param_groups)]}
+        obj.load_state_dict(state)
     ranks = ckpt.get("ranks") or [{"rng": rng} for rng in ckpt["rng"]]  # checkpoints before per-rank state
     if len(ranks) != ctx.world_size:
         ctx.log(f"warning: {path} was written by {len(ranks)} rank(s), this run has {ctx.world_size}: the data order "

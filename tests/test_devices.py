@@ -1,0 +1,155 @@
+"""Device-strict steps: each training script's step and an evaluation batch on a device that is not the CPU.
+
+The `meta` device stands in for CUDA, which this machine lacks: a meta tensor has a shape and a dtype and
+no data, and an operation that mixes it with a CPU tensor fails, so any tensor the code makes without
+`device=` (or a checkpoint's tensor left where load_checkpoint put it) is caught. Calls whose output
+size depends on the data (the dead codes of a restart) are stood in for. A step also must not reseed
+the device's random generator (the halting draws would then follow the data order): the CUDA seeding
+functions raise while it runs.
+"""
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import quantize
+import train_stage1
+import train_stage2
+import train_vqgan
+import training
+from conftest import SMALL_ALIT, SMALL_VQGAN, TinyFeatures
+from data import build_dataset, train_batches
+from evaluate import evaluate_batch
+from fid import FeatureStats
+from losses import PatchDiscriminator
+from model import ALIT, make_config
+from training import EMA, Distributed, PerRank, adamw
+
+META = torch.device("meta")
+CTX = Distributed(rank=0, local_rank=0, world_size=1, device=META)
+
+
+@pytest.fixture(autouse=True)
+def dead_codes_stand_in(monkeypatch):
+    """nonzero has no meta kernel: the first three codes count as dead."""
+    monkeypatch.setattr(quantize, "unused_codes", lambda counts: torch.arange(3, device=counts.device))
+
+
+@contextlib.contextmanager
+def device_generators_untouched(monkeypatch):
+    def reseeded(*args, **kwargs):
+        raise AssertionError("a step reseeded the device's random generator")
+    with monkeypatch.context() as patch:
+        for name in ("manual_seed", "manual_seed_all", "seed", "seed_all"):
+            patch.setattr(torch.cuda, name, reseeded)
+        yield
+
+
+class Perceptual(torch.nn.Module):
+    """Stands in for LPIPS, whose VGG weights cannot be downloaded here."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3).requires_grad_(False)
+
+    def forward(self, x, y):
+        return (self.conv(x) - self.conv(y)).square().mean(dim=(1, 2, 3))
+
+
+def shapes_batches(batch_size, image_size=32):
+    return train_batches(build_dataset("shapes", "train", image_size, num_images=64), batch_size, 0, 1, seed=0)
+
+
+def on_meta(tensors):
+    return all(t.device == META for t in tensors)
+
+
+def test_vqgan_step_with_the_gan_on_after_resume(vqgan_ckpt, monkeypatch):
+    train, model_cfg = train_vqgan.parse_args(SMALL_VQGAN + ["--disc-start", "0", "--restart-every", "1"])
+    model = train_vqgan.VQGAN(model_cfg).to(META)
+    discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(META)
+    optimizer = adamw(model.parameters(), train.lr, (0.5, 0.9), 0.0, META)
+    disc_optimizer = adamw(discriminator.parameters(), train.disc_lr, (0.5, 0.9), 0.0, META)
+    stateful = {"model": model, "discriminator": discriminator, "optimizer": optimizer,
+                "disc_optimizer": disc_optimizer}
+    per_rank = {"code_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)}
+    with pytest.warns(UserWarning, match="meta parameter"):  # copying a CPU checkpoint into meta does nothing
+        step = training.resume(vqgan_ckpt, dataclasses.asdict(model_cfg), stateful, CTX, per_rank)["step"]
+    assert model.quantize.counts_since_restart.device == META  # the checkpoint's counts, where the codebook is
+    batches = shapes_batches(train.batch_size)
+    with device_generators_untouched(monkeypatch):
+        _, (images, _) = next(batches)
+        logs = train_vqgan.train_step(model, model, discriminator, optimizer, disc_optimizer, images, step, train,
+                                      Perceptual().to(META), CTX, bf16=True)
+    assert logs.shape == (5,) and on_meta([logs, optimizer.state[model.decoder.last_layer]["exp_avg"]])
+
+
+@pytest.mark.parametrize("token_cache", [False, True])
+def test_stage1_step_with_halting_after_resume(stage1_ckpt, vqgan_ckpt, monkeypatch, tmp_path, token_cache):
+    flags = SMALL_ALIT + ["--vqgan-ckpt", str(vqgan_ckpt), "--batch-size", "2", "--grad-accum", "2",
+                          "--latent-restart-every", "1", "--loss-iters", "3"]
+    train, model_cfg = train_stage1.parse_args(flags)
+    vqgan = train_stage1.load_base_vqgan(train, model_cfg, log=lambda *a: None)
+    model = ALIT(dataclasses.replace(model_cfg, vqgan=vqgan.config))
+    model.vqgan = vqgan
+    model.vqgan.requires_grad_(False).eval()
+    model.to(META)
+    optimizer = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, META)
+    ema = EMA(model, 0.999)
+    stateful = {"model": model, "ema": ema, "optimizer": optimizer}
+    per_rank = {"latent_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)}
+    with pytest.warns(UserWarning, match="meta parameter"):
+        step = training.resume(stage1_ckpt, model.config.to_dict(), stateful, CTX, per_rank)["step"]
+    if token_cache:  # the cached targets come with the batch: the VQGAN encoder does not run
+        dataset = build_dataset("shapes", "train", 32, num_images=64)
+        items = [(image, level, torch.zeros(32, 8, 8), torch.zeros(64, dtype=torch.long)) for image, level in
+                 (dataset[i] for i in range(64))]
+        train = dataclasses.replace(train, token_cache=str(tmp_path))
+        batches = train_batches(items, 2, 0, 1, seed=0)
+    else:
+        batches = shapes_batches(2)
+    weights = train_stage1.iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
+    with device_generators_untouched(monkeypatch):
+        stats, counts, finite = train_stage1.train_step(model, model, optimizer, ema, batches, 200, 1e-3, train,
+                                                        weights, CTX, bf16=True)
+    assert stats.shape == (8, 3) and counts.shape == (model_cfg.latent_codebook_size,)
+    assert on_meta([stats, counts, finite, *ema.shadow.values(), model.quantize.embedding.weight])
+
+
+def test_stage2_step_with_the_gan_and_a_perceptual_loss(stage1_ckpt, monkeypatch):
+    train = train_stage2.parse_args(["--stage1-ckpt", str(stage1_ckpt), "--iteration-order", "random"])
+    model = train_stage2.load_start(train)
+    model.vqgan.quantize.requires_grad_(False)
+    model.halted_token.requires_grad_(False)
+    model.to(META)
+    discriminators = torch.nn.ModuleList([PatchDiscriminator(base_channels=8, num_layers=2)]).to(META)
+    optimizer = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, META)
+    disc_optimizer = adamw(discriminators.parameters(), 1e-4, (0.5, 0.9), 0.0, META)
+    ema = EMA(model, 0.999)
+
+    _, (images, _) = next(shapes_batches(2))
+    with device_generators_untouched(monkeypatch):
+        logs = train_stage2.train_step(model, model, discriminators, optimizer, disc_optimizer, ema, images, 7, 1e-3,
+                                       0.1, train, Perceptual().to(META), CTX, bf16=True)
+    assert logs.shape == (5,) and on_meta([logs, *ema.shadow.values()])
+
+
+def test_an_evaluation_batch(stage1_ckpt):
+    model = ALIT.from_checkpoint(stage1_ckpt).to(META)
+    images = torch.rand(3, 3, 32, 32, device=META)
+    stats = {"real": FeatureStats(), "vqgan": FeatureStats(),
+             **{f"tokens_{8 * (t + 1)}": FeatureStats() for t in range(8)},
+             "l1<0.05": FeatureStats()}
+    arrays, recon, codes = evaluate_batch(model, images, True, [0.05], TinyFeatures().to(META), stats)
+    assert arrays["l1"].shape == (8, 3) and recon.shape == (8, 3, 3, 32, 32) and codes.shape == (3, 64)
+    assert on_meta([*arrays.values(), recon, codes, stats["l1<0.05"].sum])
+
+
+def test_the_memory_estimate_runs_where_the_model_is():
+    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64)).to(META)
+    model.vqgan.requires_grad_(False)
+    train, _ = train_stage1.parse_args(["--batch-size", "4"])
+    # meta storages have no address: every saved tensor counts as one, so only the weights are pinned
+    assert train_stage1.step_memory_of(model, train, META, False, False) >= \
+        sum(p.numel() for p in model.alit_parameters()) * training.TRAINED_PARAMETER_BYTES
