@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,8 +229,10 @@ def open_token_cache(train, model: ALIT, ctx, workers: int) -> TokenCache:
         "vqgan": train.vqgan_official or train.vqgan_ckpt, "vqgan_config": dataclasses.asdict(model.vqgan.config)}))
     if not (path / "meta.json").is_file():
         ctx.log(f"building the token cache {path} ({len(views)} images x 2 views, over {ctx.world_size} rank(s))")
+        start = time.monotonic()
         build_token_cache(views, lambda images: vqgan_targets(model.vqgan, images), path, description, ctx.rank,
                           ctx.world_size, train.dist_timeout, device=ctx.device, num_workers=workers)
+        ctx.log(f"built the token cache in {time.monotonic() - start:.1f} s")
     stored = json.loads((path / "meta.json").read_text()).get("description")
     if stored != description:
         sys.exit(f"error: --token-cache {path} was built for {stored}, not {description}; delete it to rebuild")
