@@ -214,7 +214,10 @@ def find_mutants(file, source_root=ROOT):
         print(f"warning: {file} has no {', '.join(missing)}: not mutated", file=sys.stderr)
     for qualified, function in functions:
         skip = skipped_subtrees(function)
-        indices = {id(n) for sub in ast.walk(function) if isinstance(sub, ast.Subscript) for n in ast.walk(sub.slice)}
+        # no .detach() added in index arithmetic, nor inside what is detached already
+        no_detach = {id(n) for sub in ast.walk(function) if isinstance(sub, ast.Subscript) for n in ast.walk(sub.slice)}
+        no_detach |= {id(n) for call in ast.walk(function) if isinstance(call, ast.Call)
+                      and getattr(call.func, "attr", "") == "detach" for n in ast.walk(call.func.value)}
         gradients = qualified in GRADIENT_FUNCTIONS.get(file, ())
         for decorator in function.decorator_list:  # e.g. @torch.no_grad() dropped
             line = decorator.lineno
@@ -223,7 +226,7 @@ def find_mutants(file, source_root=ROOT):
             if id(node) in skip or node is function or node in function.decorator_list:
                 continue
             if isinstance(node, ast.expr):
-                for what, after in expression_mutants(node, gradients and id(node) not in indices):
+                for what, after in expression_mutants(node, gradients and id(node) not in no_detach):
                     add(node, what, after)
             if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
                 add(node.test, "negate condition", f"(not {paren(node.test)})")

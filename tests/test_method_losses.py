@@ -188,6 +188,82 @@ def test_reconstruction_loss_weights_l1_and_perceptual():
     assert len(calls) == 2
 
 
+def test_reconstruction_loss_gradient_reaches_the_reconstruction():
+    """d/d recon of w_1 · mean |recon - x| + w_p · mean_n P(recon_n, x_n), here with
+    P(a, b) = mean (a - b)² (symmetric, as LPIPS is): w_1 · sign(recon - x) / numel + w_p · 2 (recon - x) / numel."""
+    recon = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def perceptual(x, y):
+        return (x - y).square().mean(dim=(1, 2, 3))
+
+    reconstruction_loss(recon, images, perceptual, 2.0, 0.5).backward()
+    difference = (recon - images).detach()
+    n = difference.numel()
+    torch.testing.assert_close(recon.grad, 2.0 * difference.sign() / n + 0.5 * 2 * difference / n)
+
+
+def lpips_by_hand(lpips, x, y):
+    """LPIPS with explicit ops: per VGG16 block, unit-normalise the features along channels, square
+    their difference, weight the channels by the head and average over the pixels; sum the blocks."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    fx, fy = (2 * x - 1 - shift) / scale, (2 * y - 1 - shift) / scale
+    distance = 0
+    for block, (convs, head) in enumerate(zip(lpips.vgg, lpips.heads)):
+        if block > 0:
+            fx, fy = F.max_pool2d(fx, 2), F.max_pool2d(fy, 2)
+        for conv in convs:
+            fx = F.relu(F.conv2d(fx, conv.weight, conv.bias, padding=1))
+            fy = F.relu(F.conv2d(fy, conv.weight, conv.bias, padding=1))
+        nx = fx / (fx.square().sum(1, keepdim=True).sqrt() + 1e-10)
+        ny = fy / (fy.square().sum(1, keepdim=True).sqrt() + 1e-10)
+        distance = distance + ((nx - ny) ** 2 * head.weight.view(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))
+    return distance  # (N,)
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    from losses import LPIPS
+    torch.manual_seed(0)
+    lpips = LPIPS()
+    with torch.no_grad():
+        for head in lpips.heads:
+            head.weight.abs_()  # trained LPIPS heads are non-negative
+    return lpips
+
+
+def test_lpips_per_image_and_its_gradient_match_the_formula(lpips):
+    """The perceptual term trains the generator through LPIPS's gradient: per image, on both sides."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    y[1] = 0.9 * x[1] + 0.05 * y[1]  # the second pair much nearer than the first
+    x_ours, y_ours = x.clone().requires_grad_(), y.clone().requires_grad_()
+    x_hand, y_hand = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ours, by_hand = lpips(x_ours, y_ours), lpips_by_hand(lpips, x_hand, y_hand)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-7)
+    assert ours[0] > 2 * ours[1]
+    weights = torch.tensor([1.0, -3.0])
+    (ours * weights).sum().backward()
+    (by_hand * weights).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_hand.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(y_ours.grad, y_hand.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_lpips_is_zero_where_features_vanish(lpips):
+    """Where every channel of a block is zero (all ReLUs off), the unit normalisation divides 0 by
+    0 + 1e-10: the distance is 0 there, not NaN."""
+    from losses import LPIPS
+    dark = LPIPS()
+    dark.load_state_dict(lpips.state_dict())
+    with torch.no_grad():
+        for convs in dark.vgg:
+            for conv in convs:
+                conv.bias.fill_(-1e3)
+    x, y = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    assert dark(x, y).item() == 0.0
+
+
 def test_hinge_discriminator_loss_by_hand():
     real = torch.tensor([2.0, 0.5, -1.0])  # 1 - real: -1, 0.5, 2 -> relu mean 2.5 / 3
     fake = torch.tensor([-3.0, 0.0, 0.5, 2.0])  # 1 + fake: -2, 1, 1.5, 3 -> relu mean 5.5 / 4
@@ -385,6 +461,8 @@ def test_dead_code_restart_moves_codes_unused_since_the_last_restart_onto_recent
     codes = torch.tensor([[10.0, 0], [0, 10], [-10, 0], [0, -10], [7, 7], [-7, -7]])
     with torch.no_grad():
         vq.embedding.weight.copy_(codes)
+    assert vq.restart_dead_codes() == 0  # nothing counted yet: nothing moves
+    assert torch.equal(vq.embedding.weight.detach(), codes)
     assert vq(torch.tensor([[9.0, 1], [1, 9]])).indices.tolist() == [0, 1]
     latest = torch.tensor([[9.0, -1], [-9, -1], [-11, 0]])
     assert vq(latest).indices.tolist() == [0, 2, 2]
