@@ -3,19 +3,27 @@
 In one run, on the device present: the stage-1 step (§A.5: 8 iterations, halting on) of the paper's
 `small` and a `mid` model, in seconds and as a fraction of the matmul ceiling (FLOPs counted from
 the config), float32 and bf16 where native; the frozen VQGAN's share of it; adaptive encoding with
-early exit against every iteration; peak memory; the paper's runs on ImageNet-100 in H100-hours.
+early exit against every iteration; peak memory; the paper's runs on ImageNet-100 in H100-hours;
+data loading (JPEG decoding and cropping, per DataLoader worker) against what an H100 consumes, so
+how many workers a GPU needs; and each stage's memory per GPU at the paper's batch, with and
+without gradient checkpointing.
 
     python bench.py            # several minutes on 2 CPU cores: a `small` step alone takes ~30 s
     python bench.py --quick    # about a minute: tiny sizes
 """
 import json
+import math
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
+import train_stage1
+import train_stage2
+from data import build_dataset, write_photo_folder
 from evaluate import code_error_below, first_passing, l1_below
 from losses import LPIPS, PatchDiscriminator
 from model import ALIT, ALITConfig, make_config
@@ -24,6 +32,7 @@ from training import adamw, autocast, check_flags, keep_freed_memory, native_bf1
 from vqgan import VQGAN
 
 H100_BF16_FLOPS = 989e12  # NVIDIA's H100 SXM datasheet: dense bf16 tensor-core peak, without sparsity
+H100_MEMORY = 80e9  # bytes, the H100 SXM's HBM3
 IMAGENET100_TRAIN_IMAGES = 126_689  # the CMC class list's training images (data.IMAGENET100_CLASSES)
 PAPER_EPOCHS = 200  # both stages: the official run scripts (--epochs 200; the paper gives no numbers)
 GAN_FRACTION = 0.5  # stage 2's steps with the adversarial terms on (train_stage2.py --gan-schedule)
@@ -146,6 +155,46 @@ def paper_cost(utilisation: float) -> dict:
             **{f"{k}_gpu_hours": v / 3600 for k, v in seconds.items()}}
 
 
+def bench_data_loading(images: int, reps: int) -> dict:
+    """Images/s one DataLoader worker delivers for training at 256x256 (JPEG decoding, random resized
+    crop, flip: ImageFiles' training transform) on a generated folder of ImageNet-sized JPEGs."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_photo_folder(folder, ["n0"], images)
+        dataset = build_dataset("folder", "train", 256, data_dir=folder)
+        seconds = timed(lambda: [dataset[i] for i in range(len(dataset))], reps, 1, torch.device("cpu"))
+        kilobytes = sum(f.stat().st_size for f in files) / len(files) / 1e3
+    return {"images": images, "jpeg_kb": kilobytes, "images_per_second_per_worker": images / seconds}
+
+
+def workers_per_gpu(loading: dict, paper: dict) -> dict:
+    """Workers a GPU needs to be fed: the images/s each stage's step consumes on an H100 at the stated
+    utilisation (from its FLOPs), over what one worker delivers on this machine's CPU."""
+    rates = {stage: paper["utilisation"] * H100_BF16_FLOPS / (paper[f"{stage}_tflop_per_image"] * 1e12)
+             for stage in ("stage1", "stage2")}
+    return {stage: {"images_per_second": rate, "workers": math.ceil(rate / loading["images_per_second_per_worker"])}
+            for stage, rate in rates.items()}
+
+
+def paper_memory(cfg: ALITConfig, batches=(32, 12)) -> dict:
+    """Bytes a GPU holds in a step of each stage at the paper's batch per GPU (stage 1: 32, stage 2: 12),
+    bf16 as on the GPU, without and with gradient checkpointing: training.step_memory (weights,
+    gradients, AdamW, EMA and the activations autograd keeps, measured here on one and two images)."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = ALIT(cfg)
+    model.vqgan.requires_grad_(False)
+    stage1 = train_stage1.TrainConfig(batch_size=batches[0])
+    result = {"stage1": {"batch": batches[0], **{("checkpointing" if on else "plain"): train_stage1.step_memory_of(
+        model, stage1, device, True, on) for on in (False, True)}}}
+    model.requires_grad_(True)  # stage 2 trains everything but the codebook and the halting token
+    model.vqgan.quantize.requires_grad_(False)
+    model.halted_token.requires_grad_(False)
+    stage2 = train_stage2.TrainConfig(batch_size=batches[1])
+    result["stage2"] = {"batch": batches[1], **{("checkpointing" if on else "plain"): train_stage2.step_memory_of(
+        model, stage2, LPIPS(), device, True, on) for on in (False, True)}}
+    return result
+
+
 def stage1_step(model, optimizer, images, bf16, weights, precomputed=None):  # train_stage1.py's, its loss
     if precomputed is None:
         with torch.no_grad(), autocast(images.device, bf16):
@@ -240,6 +289,10 @@ def main(argv=None):
     report["adaptive"] = bench_adaptive(*(("tiny", make_config("tiny"), 32, reps) if cfg.quick else
                                           ("mid", make_config("small", **MID), 8, 1)), device)
     report["paper"] = paper_cost(cfg.utilisation)
+    report["data_loading"] = bench_data_loading(16 if cfg.quick else 64, reps)
+    report["workers_per_gpu"] = workers_per_gpu(report["data_loading"], report["paper"])
+    report["memory"] = paper_memory(*((make_config("tiny"), (16, 16)) if cfg.quick else (make_config("small"),)))
+    report["memory"]["config"] = "tiny" if cfg.quick else "small"
     print(format_report(report))
     if cfg.out:
         with open(cfg.out, "w") as f:
@@ -249,6 +302,7 @@ def main(argv=None):
 
 def format_report(r: dict) -> str:
     c, a, p = r["ceiling_flops"], r["adaptive"], r["paper"]
+    d, w, m = r["data_loading"], r["workers_per_gpu"], r["memory"]
     lines = [f"device {r['device']}, {r['threads']} threads, torch {r['torch']}; matmul ceiling ({r['matrix_size']}^3, "
              "fastest of 10): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in c.items()), "",
              "| stage-1 step | batch | GFLOP/step | precision | s/step | of the ceiling | VQGAN share | peak memory |",
@@ -267,7 +321,15 @@ def format_report(r: dict) -> str:
         f"official scripts; stage 2 with GAN terms on half the steps) on one H100 at {100 * p['utilisation']:.0f}% of "
         f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s: stage 1 {p['stage1_tflop_per_image']:.2f} TFLOP/image, "
         f"{p['stage1_gpu_hours']:.0f} GPU-hours; stage 2 {p['stage2_tflop_per_image']:.2f} TFLOP/image, "
-        f"{p['stage2_gpu_hours']:.0f} GPU-hours"])
+        f"{p['stage2_gpu_hours']:.0f} GPU-hours", "",
+        f"data loading: one worker decodes, crops and flips {d['images_per_second_per_worker']:.0f} images/s "
+        f"({d['jpeg_kb']:.0f} KB 500x375 JPEGs -> 256x256, this CPU); the H100 above takes "
+        f"{w['stage1']['images_per_second']:.0f} images/s in stage 1 and {w['stage2']['images_per_second']:.0f} in "
+        f"stage 2: {w['stage1']['workers']} and {w['stage2']['workers']} worker(s) per GPU", "",
+        f"memory per GPU, `{m['config']}`, bf16 (weights, gradients, AdamW, EMA, activations; "
+        f"{H100_MEMORY / 1e9:.0f} GB on an H100): " + "; ".join(
+            f"{stage.replace('stage', 'stage ')} at batch {m[stage]['batch']} {m[stage]['plain'] / 1e9:.1f} GB, with "
+            f"gradient checkpointing {m[stage]['checkpointing'] / 1e9:.1f} GB" for stage in ("stage1", "stage2"))])
 
 
 if __name__ == "__main__":

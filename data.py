@@ -476,6 +476,28 @@ def build_dataset(name: str, split: str, image_size: int, data_dir: str | None =
     return ImageFiles(files, targets, image_size, train, eval_protocol)
 
 
+def write_photo_folder(root, classes, images_per_class: int, size=(500, 375), seed: int = 0) -> list:
+    """Photo-like JPEGs in ImageNet's layout, <root>/<class>/<i>.JPEG, at ImageNet's most common size
+    (500x375; quality 95: ~100 KB each, about ImageNet's mean): smooth colour fields, a few shapes
+    and sensor noise, so that decoding one costs what a photo costs. For benchmarks and the GPU smoke test,
+    which cannot download ImageNet. Returns the files written."""
+    rng, files = np.random.default_rng(seed), []
+    width, height = size
+    for c in classes:
+        for i in range(images_per_class):
+            field = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            draw = ImageDraw.Draw(field)
+            for _ in range(int(rng.integers(2, 6))):
+                x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
+                draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=_rgb(_colour(rng)))
+            pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (height, width, 3))
+            path = Path(root) / c / f"{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=95)
+            files.append(path)
+    return files
+
+
 def save_image_grid(images: torch.Tensor | list, path, nrow: int, padding: int = 2) -> None:
     """Write (N, 3, H, W) images in [0, 1] as one PNG, nrow images per row, black padding."""
     images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images

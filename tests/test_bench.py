@@ -53,3 +53,21 @@ def test_paper_cost_counts_both_stages():
     assert 1 < cost["stage1_tflop_per_image"] < 10 and 0.5 < cost["stage2_tflop_per_image"] < 10
     hours = cost["stage1_tflop_per_image"] * 1e12 * 200 * 126_689 / (0.4 * 989e12) / 3600
     assert cost["stage1_gpu_hours"] == pytest.approx(hours)
+
+
+def test_workers_per_gpu_feed_the_stated_utilisation():
+    paper = bench.paper_cost(0.4)
+    loading = bench.bench_data_loading(4, 1)
+    assert loading["images_per_second_per_worker"] > 0 and 60 < loading["jpeg_kb"] < 160  # ImageNet-like files
+    needed = bench.workers_per_gpu({"images_per_second_per_worker": 50.0}, paper)
+    rate = 0.4 * 989e12 / (paper["stage1_tflop_per_image"] * 1e12)
+    assert needed["stage1"] == {"images_per_second": pytest.approx(rate), "workers": -(-rate // 50)}
+
+
+def test_memory_per_gpu_shrinks_with_checkpointing():
+    memory = bench.paper_memory(make_config("tiny", encoder_layers=2, decoder_layers=2), (8, 4))
+    for stage in ("stage1", "stage2"):
+        assert 0 < memory[stage]["checkpointing"] < memory[stage]["plain"]
+    # twice the batch, nearly twice the activations: the weights' share stays
+    more = bench.paper_memory(make_config("tiny", encoder_layers=2, decoder_layers=2), (16, 8))
+    assert memory["stage1"]["plain"] < more["stage1"]["plain"] < 2 * memory["stage1"]["plain"]
