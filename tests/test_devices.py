@@ -25,6 +25,7 @@ from fid import FeatureStats
 from losses import PatchDiscriminator
 from model import ALIT, make_config
 from training import EMA, Distributed, PerRank, adamw
+from vqgan import conv_memory_format
 
 META = torch.device("meta")
 CTX = Distributed(rank=0, local_rank=0, world_size=1, device=META)
@@ -153,3 +154,66 @@ def test_the_memory_estimate_runs_where_the_model_is():
     # meta storages have no address: every saved tensor counts as one, so only the weights are pinned
     assert train_stage1.step_memory_of(model, train, META, False, False) >= \
         sum(p.numel() for p in model.alit_parameters()) * training.TRAINED_PARAMETER_BYTES
+
+
+# ----------------------------------------------------------------------------- what is decided per device
+
+def test_bf16_is_native_from_ampere_on(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # says yes on a V100 too
+    for capability, native in [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert training.native_bf16(torch.device("cuda:0")) is native, capability
+    assert training.native_bf16(META) is False
+
+
+def test_data_workers_default_to_the_cpus_of_each_rank(monkeypatch):
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert training.data_workers(None, torch.device("cuda:3")) == 5  # 48 CPUs / 8 ranks, one left for the loop
+    assert training.data_workers(None, torch.device("cpu")) == 0  # workers would take the model's cores
+    assert training.data_workers(2, torch.device("cpu")) == 2
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert training.data_workers(None, torch.device("cuda:0")) == 1
+
+
+@pytest.mark.parametrize("total_gb, expected", [(80, False), (40, True)])
+def test_checkpointing_turns_on_where_a_step_would_not_fit(monkeypatch, total_gb, expected):
+    gpu = type("Properties", (), {"name": "GPU", "total_memory": total_gb * 10 ** 9})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    said = []
+    need = {False: 50e9, True: 8e9}.__getitem__  # bytes a step needs without / with checkpointing
+    assert training.grad_checkpointing(None, torch.device("cuda:0"), need, said.append) is expected
+    assert len(said) == expected and (not said or "50 GB without it, 8 GB with it, and GPU has 40 GB" in said[0])
+    assert training.grad_checkpointing(False, torch.device("cuda:0"), need, said.append) is False  # the flag wins
+    assert training.grad_checkpointing(None, torch.device("cpu"), need, said.append) is False
+
+
+def test_the_memory_estimate_counts_weights_and_activations_per_image():
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", encoder_width=64, decoder_width=64))
+    model.vqgan.requires_grad_(False)
+    estimate = {}
+    for batch in (1, 3):
+        train, _ = train_stage1.parse_args(["--batch-size", str(batch)])
+        for on in (False, True):
+            estimate[batch, on] = train_stage1.step_memory_of(model, train, torch.device("cpu"), False, on)
+    weights = sum(p.numel() for p in model.alit_parameters()) * training.TRAINED_PARAMETER_BYTES
+    for on in (False, True):
+        per_image = (estimate[3, on] - estimate[1, on]) / 2
+        assert estimate[1, on] > weights and per_image > 0
+    assert estimate[3, True] < estimate[3, False]
+    # the largest saved tensors of one image: the logits over the VQGAN codes at 8 iterations, float32
+    assert (estimate[3, False] - estimate[1, False]) / 2 > 8 * 64 * 256 * 4
+    assert model.encoder.grad_checkpoint is False and model.quantize.counts_since_restart is None  # left as found
+
+
+def test_layout_and_exact_search_are_decided_where_they_act():
+    assert conv_memory_format(torch.device("cpu")) == torch.channels_last  # the CPU's GroupNorm keeps it
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with quantize.exact_float32("cpu"):
+        assert torch.backends.cuda.matmul.allow_tf32 is False and not torch.is_autocast_enabled("cpu")
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    torch.backends.cuda.matmul.allow_tf32 = before
+    indices = torch.tensor([[3, 1, 3], [0, 3, 9]])
+    assert torch.equal(quantize.count_codes(indices, 10), torch.bincount(indices.flatten(), minlength=10).float())
