@@ -9,6 +9,7 @@ functions raise while it runs.
 """
 import contextlib
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -139,12 +140,15 @@ def test_stage2_step_with_the_gan_and_a_perceptual_loss(stage1_ckpt, monkeypatch
 def test_an_evaluation_batch(stage1_ckpt):
     model = ALIT.from_checkpoint(stage1_ckpt).to(META)
     images = torch.rand(3, 3, 32, 32, device=META)
+    encoded = []
+    model.vqgan.encoder.register_forward_hook(lambda *args: encoded.append(1))
     stats = {"real": FeatureStats(), "vqgan": FeatureStats(),
              **{f"tokens_{8 * (t + 1)}": FeatureStats() for t in range(8)},
              "l1<0.05": FeatureStats()}
     arrays, recon, codes = evaluate_batch(model, images, True, [0.05], TinyFeatures().to(META), stats)
     assert arrays["l1"].shape == (8, 3) and recon.shape == (8, 3, 3, 32, 32) and codes.shape == (3, 64)
     assert on_meta([*arrays.values(), recon, codes, stats["l1<0.05"].sum])
+    assert len(encoded) == 1  # the VQGAN encoder runs once for the rollout, the targets and the VQGAN alone
 
 
 def test_the_memory_estimate_runs_where_the_model_is():
@@ -217,3 +221,41 @@ def test_layout_and_exact_search_are_decided_where_they_act():
     torch.backends.cuda.matmul.allow_tf32 = before
     indices = torch.tensor([[3, 1, 3], [0, 3, 9]])
     assert torch.equal(quantize.count_codes(indices, 10), torch.bincount(indices.flatten(), minlength=10).float())
+
+
+def test_the_cuda_setup_picks_its_gpu_before_nccl_starts(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, **kwargs: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
+    ctx = training.setup_distributed("auto")
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx.device == torch.device("cuda:1")
+    assert torch.backends.cudnn.benchmark  # fixed training shapes: cuDNN's fastest kernels, chosen once
+
+
+def test_stage1_targets_are_float32_whatever_the_autocast():
+    torch.manual_seed(0)
+    vqgan = ALIT(make_config("tiny")).vqgan.eval()
+    images = torch.rand(4, 3, 32, 32)
+    latents, indices = train_stage1.vqgan_targets(vqgan, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop runs under it; the token cache does not
+        under_autocast = train_stage1.vqgan_targets(vqgan, images)
+    assert latents.dtype == torch.float32 and torch.equal(under_autocast[0], latents)
+    assert torch.equal(under_autocast[1], indices)
+
+
+class WorkerPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.tensor(os.getpid()), index
+
+
+def test_data_workers_start_once_for_the_whole_run():
+    batches = train_batches(WorkerPid(), 4, 0, 1, seed=0, num_workers=1)
+    pids = {int(pid) for _ in range(6) for pid in next(batches)[1][0]}  # 3 epochs of 2 batches
+    assert len(pids) == 1 and pids != {os.getpid()}
