@@ -162,7 +162,8 @@ def expression_mutants(node, gradients):
             new_func = (ast.Attribute(func.value, NAME_SWAPS[name], ast.Load()) if isinstance(func, ast.Attribute)
                         else ast.Name(NAME_SWAPS[name], ast.Load()))
             out.append(("swap call", paren(ast.Call(new_func, node.args, node.keywords))))
-        positional = [a for a in node.args if not isinstance(a, ast.Starred)]
+        commutative = isinstance(func, ast.Name) and func.id in ("min", "max")
+        positional = [] if commutative else [a for a in node.args if not isinstance(a, ast.Starred)]
         for i in range(len(positional) - 1):
             if ast.dump(positional[i]) != ast.dump(positional[i + 1]):
                 args = list(node.args)

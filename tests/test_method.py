@@ -256,6 +256,8 @@ def test_code_blend_goes_from_continuous_to_quantized():
     # a switch without blending (end = start): continuous for the first half, quantized from step 50
     train = SimpleNamespace(continuous_until=0.5, blend_until=0.5, steps=100)
     assert [code_blend(step, train) for step in (48, 49, 50)] == [0.0, 0.0, 1.0]
+    train = SimpleNamespace(continuous_until=0.1, blend_until=0.1, steps=10)  # the same after one step
+    assert [code_blend(step, train) for step in (0, 1)] == [0.0, 1.0]
 
 
 def test_iteration_weights_are_padded_with_one_and_cut_to_the_rollout():

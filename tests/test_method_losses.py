@@ -78,6 +78,29 @@ def test_stage1_cross_entropy_term_is_weighted_per_iteration(model):
     torch.testing.assert_close(loss, expected)
 
 
+def test_stage1_cross_entropy_gradient_is_weighted_per_iteration(model):
+    """d/d logits_t of λ_t · CE_t = λ_t · (softmax(logits_t) - onehot(gt)) / (B · N)."""
+    records, gt = stage1_records(model)
+    loss, _ = stage1_loss(model, records, gt, WEIGHTS, 0.0, code_weight=0.0, quantizer_weight=0.0)
+    loss.backward()
+    for r in records:
+        onehot = F.one_hot(gt, r.logits.shape[-1]).float()
+        torch.testing.assert_close(r.logits.grad, WEIGHTS[r.index] * (r.logits.detach().softmax(-1) - onehot) / gt.numel())
+
+
+def test_stage1_loss_on_the_device_of_its_inputs():
+    """Meta tensors stand in for a GPU: the loss and its statistics stay where the logits are."""
+    with torch.device("meta"):
+        model = ALIT(make_config("tiny"))
+        cfg = model.config
+        B, N, V, K = 2, cfg.num_image_tokens, cfg.vqgan.codebook_size, cfg.tokens_per_iter
+        q = Quantized(codes=None, indices=None, loss=torch.zeros(()), perplexity=None, usage=None)
+        records = [Iteration(t, torch.randn(B, N, V), torch.randn(B, (t + 1) * K, cfg.code_dim), None, q) for t in (1, 4)]
+        gt = torch.zeros(B, N, dtype=torch.long)
+    loss, stats = stage1_loss(model, records, gt, WEIGHTS, 0.0, 1.0, 1.0)
+    assert loss.device.type == stats.device.type == "meta" and stats.shape == (8, 3)
+
+
 def test_stage1_cross_entropy_with_label_smoothing(model):
     records, gt = stage1_records(model)
     loss, _ = stage1_loss(model, records, gt, WEIGHTS, label_smoothing=0.1, code_weight=0.0, quantizer_weight=0.0)
