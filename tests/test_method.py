@@ -301,12 +301,12 @@ def test_gan_schedule_refuses_malformed_entries(text):
 
 
 def test_l1_criterion_is_strict_and_clamps_the_reconstruction():
-    images = torch.zeros(3, 3, 2, 2)
-    recon = torch.stack([torch.full((3, 2, 2), 0.25), torch.full((3, 2, 2), -4.0), torch.full((3, 2, 2), 0.125)])
-    # mean |clamp(recon, 0, 1) - images| per image: 0.25, 0 (clamped from -4), 0.125
-    assert selection.l1_below(0.25)(images, recon).tolist() == [False, True, True]
-    assert selection.l1_below(0.2500001)(images, recon).tolist() == [True, True, True]
-    assert selection.l1_below(0.125)(images, recon).tolist() == [False, True, False]
+    images = torch.full((4, 3, 2, 2), 0.5)
+    recon = torch.stack([torch.full((3, 2, 2), v) for v in (0.75, -4.0, 7.0, 0.625)])
+    # mean |clamp(recon, 0, 1) - images| per image: 0.25, 0.5 (clamped to 0), 0.5 (clamped to 1), 0.125
+    assert selection.l1_below(0.25)(images, recon).tolist() == [False, False, False, True]
+    assert selection.l1_below(0.5)(images, recon).tolist() == [True, False, False, True]
+    assert selection.l1_below(0.5000001)(images, recon).tolist() == [True, True, True, True]
     assert selection.l1_below(0.04).__name__ == "l1<0.04"
 
 
@@ -354,5 +354,6 @@ def test_l1_passes_threshold_or_saturation():
     # within 3% of the longest code's L1 also passes: 0.206 <= 1.03 * 0.2, not 0.3
     assert selection.l1_passes(l1, 0.05, saturation=0.03).tolist() == [[False, False], [True, True], [True, True]]
     assert selection.l1_passes(l1, 0.05, saturation=0.02).tolist() == [[False, False], [True, False], [True, True]]
+    assert selection.l1_passes(torch.tensor([[0.25], [0.5]]), 0.25).tolist() == [[False], [False]]  # strictly below
     # "within" includes the bound (exact in binary: 1.5 * 0.25 = 0.375)
     assert selection.l1_passes(torch.tensor([[0.375], [0.25]]), 0.1, saturation=0.5).tolist() == [[True], [True]]
