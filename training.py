@@ -271,7 +271,9 @@ class EMA:
 
 
 def rng_state() -> dict:
-    """Every RNG a step draws from, as tensors and plain values (what weights_only loading reads)."""
+    """Every RNG a step draws from, as tensors and plain values (what weights_only loading reads): this
+    rank's CPU generator and its GPU's. The data order needs none: data.train_batches draws it from
+    the seed, the epoch and the index, in generators of its own."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
