@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import scipy.optimize
@@ -54,59 +54,45 @@ LABELS = {  # what the classifier of the task of interest predicts, all known to
 
 @dataclass
 class AnalyzeConfig:
-    ckpt: str = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
-    official: str | None = None  # ... or an official ALIT checkpoint (ALIT.from_official)
-    heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
+    ckpt: Annotated[str, "file"] = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
+    official: Annotated[str | None, "file"] = None  # ... or an official ALIT checkpoint (ALIT.from_official)
+    heads: Annotated[str | None, "list of int >= 1"] = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
     use_ema: bool = True  # analyze the EMA weights of our checkpoints
     # Binding, complexity and the classifier need shapes (masks, levels, labels); other datasets get the rest.
     dataset: Literal[DATASETS] = "shapes"
-    data_dir: str | None = None  # root of the image folder (imagenet: <root>/val/<wnid>/*)
+    data_dir: Annotated[str | None, "existing folder"] = None  # root of the image folder (imagenet: <root>/val/<wnid>/*)
     split: Literal["train", "val"] = "val"  # the images analysed
-    num_images: int = 500  # the first so many images of the split
+    num_images: Annotated[int, ">= 2"] = 500  # the first so many images of the split
     protocol: Literal["crop", "resize"] = "crop"  # photos: center crop (the paper's code) or resize, then crop
-    batch_size: int = 50  # images per forward pass (attention weights of every iteration are held per batch)
-    attention_images: int = 3  # images drawn in attention_<i>.png (Fig. 3), spread over the complexity levels
+    batch_size: Annotated[int, ">= 1"] = 50  # images per forward pass (attention weights of every iteration are held per batch)
+    attention_images: Annotated[int, ">= 0"] = 3  # images drawn in attention_<i>.png (Fig. 3), spread over the complexity levels
     # Thresholds of the L1 criterion (Fig. 7); auto: the 5th, 10th, ..., 95th percentiles of every
     # image's L1 at every token count, which spreads the selections from few tokens to all.
-    l1_thresholds: str = "auto"
+    l1_thresholds: Annotated[str, "auto or list of float > 0"] = "auto"
     # A third pixel criterion beside L1 < threshold (0: none): L1 < threshold, or within this fraction of
     # the image's L1 at the most tokens, where more tokens stop helping (evaluate.py's default below 256x256).
-    saturation: float = DEFAULT_CRITERION_CPU["saturation"]
-    token_thresholds: str = "auto"  # of the token-space criterion (token accuracy >= threshold); auto as above
+    saturation: Annotated[float, "in [0, 1]"] = DEFAULT_CRITERION_CPU["saturation"]
+    token_thresholds: Annotated[str, "auto or list of float in [0, 1]"] = "auto"  # of the token-space criterion (token accuracy >= threshold); auto as above
     # The two L1 thresholds of histograms.png (Fig. 4/5); auto: the median image's L1 at the fewest and at the
     # most tokens (half the images pass at once; half never do).
-    histogram_thresholds: str = "auto"
-    top_x: str = "1,2,3"  # the classifier criterion: the true label among the X highest scores (Fig. 8's Top-X)
+    histogram_thresholds: Annotated[str, "auto or list of float > 0"] = "auto"
+    top_x: Annotated[str, "list of int >= 1"] = "1,2,3"  # the classifier criterion: the true label among the X highest scores (Fig. 8's Top-X)
     # What the classifier predicts: the complexity level (5 classes) or how many shapes were drawn (12).
     label: Literal[tuple(LABELS)] = "level"
-    classifier_images: int = 4000  # training images of the classifier (shapes train split), cached in --out-dir
-    classifier_steps: int = 800  # its optimizer steps, batch 64
+    classifier_images: Annotated[int, ">= 1"] = 4000  # training images of the classifier (shapes train split), cached in --out-dir
+    classifier_steps: Annotated[int, ">= 1"] = 800  # its optimizer steps, batch 64
     # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: FID as a task of interest too (a Frechet
     # distance per selection, some 50 of them, seconds each on a CPU)
-    inception_weights: str | None = None
-    out_dir: str = "out/analyze"  # PNGs, analysis.json, the cached classifier
+    inception_weights: Annotated[str | None, "file"] = None
+    out_dir: Annotated[str, "folder"] = "out/analyze"  # PNGs, analysis.json, the cached classifier
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
-    seed: int = 0  # of the classifier, and of the shuffled baseline
+    seed: Annotated[int, ">= 0"] = 0  # of the classifier, and of the shuffled baseline
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
 
 
 def parse_args(argv=None) -> AnalyzeConfig:
     cfg, _ = parse_flags(argv, __doc__, AnalyzeConfig)
-    checks = [(cfg.num_images > 1, "--num-images must be at least 2"),
-              (cfg.batch_size > 0, "--batch-size must be positive"),
-              (cfg.saturation >= 0, "--saturation must be >= 0"),
-              (cfg.classifier_images > 0 and cfg.classifier_steps > 0,
-               "--classifier-images and --classifier-steps must be positive")]
-    for flag in ("l1_thresholds", "token_thresholds", "histogram_thresholds", "top_x"):
-        value = getattr(cfg, flag)
-        ok = value == "auto" and flag != "top_x"
-        try:
-            ok = ok or bool([float(v) for v in value.split(",")])
-        except ValueError:
-            pass
-        checks.append((ok, f"--{flag.replace('_', '-')} must be comma-separated numbers"
-                           + ("" if flag == "top_x" else " or auto")))
-    check_flags(choice_checks(cfg) + checks)
+    check_flags(choice_checks(cfg))
     return cfg
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import scipy.stats
 import torch
@@ -53,52 +53,50 @@ PROTOCOLS = {
 
 @dataclass
 class EvalConfig:
-    ckpt: str = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
+    ckpt: Annotated[str, "file"] = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
     # A second checkpoint reported beside --ckpt, per token count (default: stage 1, which stage 2 must
     # not undo); skipped when it is missing or is --ckpt itself.
-    compare: str | None = "out/stage1/ckpt.pt"
+    compare: Annotated[str | None, "file"] = "out/stage1/ckpt.pt"
     # ... or an official ALIT checkpoint (ALIT.from_official): a path, or a name looked up in
     # $ALIT_WEIGHTS and the torch hub cache
-    official: str | None = None
-    heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
+    official: Annotated[str | None, "file"] = None
+    heads: Annotated[str | None, "list of int >= 1"] = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
     use_ema: bool = True  # evaluate the EMA weights of our checkpoints
     dataset: Literal[DATASETS] = "shapes"  # shapes is drawn on the fly; the others read --data-dir
-    data_dir: str | None = None  # root of the image folder (imagenet: <root>/val/<wnid>/*)
+    data_dir: Annotated[str | None, "existing folder"] = None  # root of the image folder (imagenet: <root>/val/<wnid>/*)
     split: Literal["train", "val"] = "val"  # the images evaluated
-    num_images: int | None = None  # default: the whole split (shapes: 1000)
+    num_images: Annotated[int | None, ">= 1"] = None  # default: the whole split (shapes: 1000)
     protocol: Literal[tuple(PROTOCOLS)] = "crop"  # how images are cut to the model size (PROTOCOLS)
-    batch_size: int = 50  # images per forward pass
+    batch_size: Annotated[int, ">= 1"] = 50  # images per forward pass
     # pytorch-fid's Inception; default: pt_inception-2015-12-05-6726825d.pth if it is in $ALIT_WEIGHTS or
     # the torch hub cache (where pytorch-fid downloads it), else no FID
-    inception_weights: str | None = None
+    inception_weights: Annotated[str | None, "file"] = None
     # L1 thresholds of the adaptive allocation sweep (Fig. 7). Default: 0.03,0.05,0.07,0.1,0.15 at
     # 256x256; 0.03,0.04,0.05,0.07 below
-    thresholds: str | None = None
-    token_thresholds: str = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
+    thresholds: Annotated[str | None, "list of float > 0"] = None
+    token_thresholds: Annotated[str, "list of float in [0, 1]"] = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
     # The default criterion (allocation summary, complexity vs tokens): L1 below --default-threshold,
     # or within --saturation of the image's L1 at the longest code. Default: the official encode's
     # 0.07 and no saturation at 256x256; below that 0.04 and 0.03: the simple shapes scenes get
     # below 0.04, the complex ones never do, and they stop where more tokens stop helping instead of
     # all taking the longest code (early exit times the threshold alone: saturation needs the longest).
-    default_threshold: float | None = None
-    saturation: float | None = None  # a fraction: 0.02 stops an image once it is within 2% of its longest code's L1
+    default_threshold: Annotated[float | None, "> 0"] = None
+    saturation: Annotated[float | None, "in [0, 1]"] = None  # a fraction: 0.02 stops an image once it is within 2% of its longest code's L1
     halting: bool = False  # the official code halts in eval too, which makes reconstructions random
-    grid_images: int = 8  # rows of reconstructions.png, from simple to complex images
-    speed_images: int = 64  # images timed for early exit vs running every iteration
-    out_dir: str = "out/eval"  # metrics.json, the sweep's CSV and plot, reconstructions.png
+    grid_images: Annotated[int, ">= 1"] = 8  # rows of reconstructions.png, from simple to complex images
+    speed_images: Annotated[int, ">= 1"] = 64  # images timed for early exit vs running every iteration
+    out_dir: Annotated[str, "folder"] = "out/eval"  # metrics.json, the sweep's CSV and plot, reconstructions.png
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
     # DataLoader processes per rank; default: on CUDA the CPUs this process may use shared by the ranks, less
     # one each; 0 on the CPU
-    num_workers: int | None = None
-    seed: int = 0  # of the halting draws (with --halting)
+    num_workers: Annotated[int | None, ">= 0"] = None
+    seed: Annotated[int, ">= 0"] = 0  # of the halting draws (with --halting)
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
 
 
 def parse_args(argv=None) -> EvalConfig:
     cfg, _ = parse_flags(argv, __doc__, EvalConfig)
-    check_flags(choice_checks(cfg) + [(cfg.batch_size > 0, "--batch-size must be positive"),
-                                      ((cfg.default_threshold or 1) > 0, "--default-threshold must be positive"),
-                                      ((cfg.saturation or 0) >= 0, "--saturation must be >= 0")])
+    check_flags(choice_checks(cfg))
     check_data(cfg.dataset, cfg.data_dir, (cfg.split,))
     try:
         official = find_weights("alit", "--official", cfg.official) if cfg.official else None

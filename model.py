@@ -25,6 +25,7 @@ t iterations so far (1-based), L = t*K latent tokens, D width.
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -40,26 +41,26 @@ from weights import load_exact, read_weights, source_name
 
 @dataclass
 class ALITConfig:
-    image_size: int = 256  # images are image_size x image_size (the paper: 256)
-    patch_size: int = 16  # must equal the VQGAN's downsampling factor: one 2D token per VQGAN grid cell
-    encoder_width: int = 1024  # width D of the latent-distillation encoder Enc (§2)
-    encoder_layers: int = 8  # transformer blocks of Enc, all run again at every iteration
-    encoder_heads: int = 8  # attention heads of Enc
-    decoder_width: int = 1024  # width of the latent-distillation decoder Dec (§2)
-    decoder_layers: int = 8  # transformer blocks of Dec
-    decoder_heads: int = 8  # attention heads of Dec
-    mlp_ratio: float = 4.0  # hidden width of every block's MLP, in multiples of its width
-    tokens_per_iter: int = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
+    image_size: Annotated[int, ">= 1"] = 256  # images are image_size x image_size (the paper: 256)
+    patch_size: Annotated[int, ">= 1"] = 16  # must equal the VQGAN's downsampling factor: one 2D token per VQGAN grid cell
+    encoder_width: Annotated[int, ">= 1"] = 1024  # width D of the latent-distillation encoder Enc (§2)
+    encoder_layers: Annotated[int, ">= 1"] = 8  # transformer blocks of Enc, all run again at every iteration
+    encoder_heads: Annotated[int, ">= 1"] = 8  # attention heads of Enc
+    decoder_width: Annotated[int, ">= 1"] = 1024  # width of the latent-distillation decoder Dec (§2)
+    decoder_layers: Annotated[int, ">= 1"] = 8  # transformer blocks of Dec
+    decoder_heads: Annotated[int, ">= 1"] = 8  # attention heads of Dec
+    mlp_ratio: Annotated[float, "> 0"] = 4.0  # hidden width of every block's MLP, in multiples of its width
+    tokens_per_iter: Annotated[int, ">= 1"] = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
     # iterations T of the rollout (§A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256")
-    rollout_iters: int = 8
+    rollout_iters: Annotated[int, ">= 1"] = 8
     quantize_latent: bool = True  # quantize the latent tokens; off: continuous (the official code ships such too)
     factorize_latent: bool = True  # project latents to latent_dim before quantization (§2, Yu et al. 2021)
-    latent_dim: int = 12  # factorized code size
-    latent_codebook_size: int = 4096  # codes of the latent codebook, one shared by all iterations (§2)
-    beta: float = 0.25  # commitment weight of the latent quantizer
-    halting_threshold: float = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
-    decoder_latent_positions: int = 256  # rows of the decoder's latent position table (official code: fixed 256)
-    init_std: float = 0.02  # linear weights ~ truncated N(0, init_std): the official 0.02 suits widths near 1024
+    latent_dim: Annotated[int, ">= 1"] = 12  # factorized code size
+    latent_codebook_size: Annotated[int, ">= 2"] = 4096  # codes of the latent codebook, one shared by all iterations (§2)
+    beta: Annotated[float, ">= 0"] = 0.25  # commitment weight of the latent quantizer
+    halting_threshold: Annotated[float, "in (0, 1]"] = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
+    decoder_latent_positions: Annotated[int, ">= 1"] = 256  # rows of the decoder's latent position table (official code: fixed 256)
+    init_std: Annotated[float, "> 0"] = 0.02  # linear weights ~ truncated N(0, init_std): the official 0.02 suits widths near 1024
     # Zero the encoder blocks' output projections at init, so every pass of the shared encoder starts
     # as the identity (not the official init; see the tiny preset for why it matters there).
     zero_init_encoder_residuals: bool = False

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import Annotated
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from model import ALIT, ALITConfig, PRESETS, make_config
 from quantize import count_codes, exact_float32
 from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, StopSignal, adamw,
                       all_reduce_mean, autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
-                      data_workers, due, finish, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
+                      data_workers, due, finish, flag_error, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
                       native_bf16, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
                       setup_distributed, step_memory, stop_step, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
@@ -47,50 +48,50 @@ CPU_ITERATION_WEIGHTS = "1.0,1.0,1.0,1.0,1.25,1.5,2.0,2.5"
 
 @dataclass
 class TrainConfig(LoopConfig):
-    out_dir: str = "out/stage1"
-    steps: int = 1500
-    batch_size: int = 16
-    vqgan_ckpt: str = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
+    out_dir: Annotated[str, "folder"] = "out/stage1"
+    steps: Annotated[int, ">= 1"] = 1500
+    batch_size: Annotated[int, ">= 1"] = 16
+    vqgan_ckpt: Annotated[str, "file"] = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
     # ... or the VQGAN of the official code (VQGAN.from_official): a path, or a name looked up in
     # $ALIT_WEIGHTS and the torch hub cache; default for the 256x256 presets: vqgan.ckpt found there
-    vqgan_official: str | None = None
-    warmup_steps: int = 50  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
-    grad_accum: int = 1  # micro-batches per optimizer step (gradients synced on the last only)
+    vqgan_official: Annotated[str | None, "file"] = None
+    warmup_steps: Annotated[int, ">= 0"] = 50  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
+    grad_accum: Annotated[int, ">= 1"] = 1  # micro-batches per optimizer step (gradients synced on the last only)
     # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
     # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few thousand steps need large ones.
-    base_lr: float | None = None
-    weight_decay: float = 0.05  # on weight matrices only
-    ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
+    base_lr: Annotated[float | None, "> 0"] = None
+    weight_decay: Annotated[float, ">= 0"] = 0.05  # on weight matrices only
+    ema_decay: Annotated[float, "in [0, 1)"] = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
     halting: bool = True  # dynamic halting during training (§A.5)
     # 0: loss at every iteration; n: at n random iterations per step (saves compute), the same on every rank
-    loss_iters: int = 0
-    label_smoothing: float = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
-    code_loss_weight: float = 1.0  # weight of the MSE between the softmax-expected code and the true code
-    quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
+    loss_iters: Annotated[int, ">= 0"] = 0
+    label_smoothing: Annotated[float, "in [0, 1)"] = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
+    code_loss_weight: Annotated[float, ">= 0"] = 1.0  # weight of the MSE between the softmax-expected code and the true code
+    quantizer_loss_weight: Annotated[float, ">= 0"] = 1.0  # weight of the latent quantizer's codebook + commitment loss
     # The CPU recipe, not in the paper: each default is CPU_RECIPE's below 256x256, OFFICIAL_RECIPE's at 256.
 
     # Cross-entropy weight per iteration, padded with 1 (default 1,1,1,1,1.25,1.5,2,2.5 below
     # 256x256; the official 2.5,2,1.5,1.25,1,1,1,1 at 256)
-    iteration_weights: str | None = None
+    iteration_weights: Annotated[str | None, "list of float >= 0"] = None
     # Rollout warm-up: the loss covers iterations 1..t, t growing from 1 to all over this fraction of
     # the steps (default 0.15 below 256x256; 0, every iteration from the first step, at 256).
-    rollout_warmup: float | None = None
+    rollout_warmup: Annotated[float | None, "in [0, 1]"] = None
     # The decoder reads the latents unquantized until this fraction of the steps (default 0.3 below
     # 256x256, 0 at 256) ...
-    continuous_until: float | None = None
+    continuous_until: Annotated[float | None, "in [0, 1]"] = None
     # ... then the codes are blended in until this one (VectorQuantizer.blend; default 0.5 below
     # 256x256, 0 at 256)
-    blend_until: float | None = None
+    blend_until: Annotated[float | None, "in [0, 1]"] = None
     # Move latent codes no token chose for so many steps onto recent encoder outputs (default 25 below
     # 256x256, 0 = never at 256) ...
-    latent_restart_every: int | None = None
-    restart_until: float = 0.75  # ... until this fraction of the steps, so that the EMA weights settle
+    latent_restart_every: Annotated[int | None, ">= 0"] = None
+    restart_until: Annotated[float, "in [0, 1]"] = 0.75  # ... until this fraction of the steps, so that the EMA weights settle
     # Recompute the transformer blocks in the backward pass instead of keeping their activations (~30%
     # more time). Default: on where a step would not fit the GPU (training.grad_checkpointing says so)
     grad_checkpoint: bool | None = None
     # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
     # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
-    token_cache: str | None = None
+    token_cache: Annotated[str | None, "folder"] = None
 
 
 # What the recipe fields above default to. A few thousand CPU steps need all of these: the shared
@@ -119,21 +120,11 @@ def implied_defaults(given: dict) -> dict:
 
 def parse_args(argv=None):
     train, model_flags = parse_flags(argv, __doc__, TrainConfig, ALITConfig, PRESETS, implied_defaults)
-    check_flags(check_loop_flags(train, PRESETS) + [
-        (train.grad_accum > 0, "--grad-accum must be positive"),
-        (train.base_lr is None or train.base_lr > 0, "--base-lr must be positive"),
-        (0 <= train.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-        (0 <= train.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-        (train.loss_iters >= 0, "--loss-iters must be >= 0"),
-        (train.latent_restart_every is None or train.latent_restart_every >= 0, "--latent-restart-every must be >= 0"),
-        (all(0 <= v <= 1 for v in (train.rollout_warmup or 0, train.continuous_until or 0, train.blend_until or 0,
-                                   train.restart_until)),
-         "--rollout-warmup, --continuous-until, --blend-until and --restart-until are fractions in [0, 1]"),
-    ])
+    check_flags(check_loop_flags(train, PRESETS))
     try:
         model_cfg = make_config(train.preset, **model_flags)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # its own checks (sizes that must divide), naming the flags
+        sys.exit(flag_error(error, ALITConfig))
     recipe = OFFICIAL_RECIPE if paper_scale(model_cfg.image_size) else CPU_RECIPE
     train = dataclasses.replace(train, **{k: v for k, v in recipe.items() if getattr(train, k) is None})
     check_flags([(train.continuous_until <= train.blend_until < 1 or train.blend_until == train.continuous_until == 0,

@@ -22,7 +22,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -39,45 +39,61 @@ from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
 
+def parse_gan_schedule(text: str) -> list:
+    """fraction:weight pairs, fractions in [0, 1], weights >= 0
+
+    '0.5:0.1,0.75:0.2' -> [(0.5, 0.1), (0.75, 0.2)], sorted by fraction; ValueError says what is wrong."""
+    pairs = []
+    for item in text.split(","):
+        try:
+            fraction, weight = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"{item!r} in {text!r} is not fraction:weight (like 0.5:0.1)") from None
+        if not (0 <= fraction <= 1 and weight >= 0):
+            raise ValueError(f"{item!r}: the fraction must be in [0, 1] and the weight >= 0")
+        pairs.append((fraction, weight))
+    return sorted(pairs)
+
+
 @dataclass
 class TrainConfig(LoopConfig):
-    stage1_ckpt: str = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from ...
+    stage1_ckpt: Annotated[str, "file"] = "out/stage1/ckpt.pt"  # the train_stage1.py checkpoint fine-tuning starts from ...
     # ... or an official ALIT checkpoint (ALIT.from_official): a path, or a name looked up in
     # $ALIT_WEIGHTS and the torch hub cache
-    official: str | None = None
-    heads: str | None = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
+    official: Annotated[str | None, "file"] = None
+    heads: Annotated[str | None, "list of int >= 1"] = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
     # Default: the checkpoint's (with --dataset imagenet100/imagenet a 256x256 one); if given, the
     # checkpoint must hold a model of this preset
     preset: str | None = None
-    out_dir: str = "out/stage2"
-    steps: int = 600
-    batch_size: int = 16
-    warmup_steps: int = 20
+    out_dir: Annotated[str, "folder"] = "out/stage2"
+    steps: Annotated[int, ">= 1"] = 600
+    batch_size: Annotated[int, ">= 1"] = 16
+    warmup_steps: Annotated[int, ">= 0"] = 20
     # lr = base_lr * global batch / 256. Default: the official 1e-4 at 256x256 (the paper); below that
     # (the CPU presets) 8e-3, lr 5e-4 at batch 16.
-    base_lr: float | None = None
-    weight_decay: float = 0.05  # on weight matrices only
-    ema_decay: float = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
+    base_lr: Annotated[float | None, "> 0"] = None
+    weight_decay: Annotated[float, ">= 0"] = 0.05  # on weight matrices only
+    ema_decay: Annotated[float, "in [0, 1)"] = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
     iteration_order: Literal["cycle", "random"] = "cycle"  # which iteration carries the loss: t = step mod T, or drawn
-    l1_weight: float = 1.0  # weight of the L1 term of the reconstruction loss
-    perceptual_weight: float = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
-    quantizer_loss_weight: float = 1.0  # weight of the latent quantizer's codebook + commitment loss
+    l1_weight: Annotated[float, ">= 0"] = 1.0  # weight of the L1 term of the reconstruction loss
+    perceptual_weight: Annotated[float, ">= 0"] = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
+    quantizer_loss_weight: Annotated[float, ">= 0"] = 1.0  # weight of the latent quantizer's codebook + commitment loss
     # Adversarial schedule: reconstruction only until the first fraction of the steps, then the GAN
     # weight rises in two steps (the official code raises it in two steps too; its values are not
     # in the paper).
-    gan_schedule: str = "0.5:0.1,0.75:0.2"  # fraction_of_steps:disc_weight, ...
+    gan_schedule: Annotated[str, parse_gan_schedule] = "0.5:0.1,0.75:0.2"  # fraction_of_steps:disc_weight, ...
     disc_per_iteration: bool = False  # the official code: one discriminator per rollout iteration
-    disc_channels: int = 64  # width of the PatchGAN's first layer
-    disc_layers: int = 2  # PatchGAN depth: 3 for 256x256 images (70x70 patches), 2 for 32x32
-    disc_lr: float = 1e-4  # the discriminator's AdamW learning rate
+    disc_channels: Annotated[int, ">= 1"] = 64  # width of the PatchGAN's first layer
+    disc_layers: Annotated[int, ">= 1"] = 2  # PatchGAN depth: 3 for 256x256 images (70x70 patches), 2 for 32x32
+    disc_lr: Annotated[float, "> 0"] = 1e-4  # the discriminator's AdamW learning rate
     # Recompute the transformer blocks in the backward pass instead of keeping their activations (~30%
     # more time). Default: on where a step would not fit the GPU (training.grad_checkpointing says so)
     grad_checkpoint: bool | None = None
     # torchvision's VGG16; default: vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache
-    vgg16_weights: str | None = None
+    vgg16_weights: Annotated[str | None, "file"] = None
     # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
     # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
-    lpips_weights: str | None = None
+    lpips_weights: Annotated[str | None, "file"] = None
 
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
@@ -89,14 +105,7 @@ PAPER_RUN = dict(batch_size=12, steps=264_000, warmup_steps=26_400, disc_layers=
 def parse_args(argv=None):
     train, _ = parse_flags(argv, __doc__, TrainConfig, presets=PRESETS,
                            implied=lambda given: PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {})
-    try:
-        schedule = gan_schedule(train.gan_schedule)
-    except ValueError:
-        schedule = None
-    check_flags(check_loop_flags(train, PRESETS) + [
-        ((train.base_lr or 1) > 0 and train.disc_lr > 0, "--base-lr and --disc-lr must be positive"),
-        (schedule is not None, "--gan-schedule must look like 0.5:0.1,0.75:0.2 (fractions in [0, 1])"),
-    ])
+    check_flags(check_loop_flags(train, PRESETS))
     check_data(train.dataset, train.data_dir)
     try:
         vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)
@@ -105,14 +114,6 @@ def parse_args(argv=None):
         sys.exit(f"error: {error}")
     return dataclasses.replace(train, vgg16_weights=vgg16 and str(vgg16), lpips_weights=lpips and str(lpips),
                                official=official and str(official))
-
-
-def gan_schedule(text: str) -> list:
-    """'0.5:0.1,0.75:0.2' -> [(0.5, 0.1), (0.75, 0.2)], sorted by fraction."""
-    pairs = sorted(tuple(float(v) for v in item.split(":")) for item in text.split(",") if item.strip())
-    if any(len(p) != 2 or not 0 <= p[0] <= 1 or p[1] < 0 for p in pairs):
-        raise ValueError(text)
-    return pairs
 
 
 def gan_weight_at(step: int, steps: int, schedule) -> float:
@@ -186,7 +187,7 @@ def main(argv=None):
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     disc_optimizer = adamw(discriminators.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
     ema = EMA(model, train.ema_decay)
-    schedule = gan_schedule(train.gan_schedule)
+    schedule = parse_gan_schedule(train.gan_schedule)
     model.set_grad_checkpointing(grad_checkpointing(
         train.grad_checkpoint, ctx.device, lambda on: step_memory_of(model, train, perceptual, ctx.device, bf16, on),
         ctx.log))

@@ -13,6 +13,7 @@ discriminator start step.
 import dataclasses
 import sys
 from dataclasses import dataclass
+from typing import Annotated
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from losses import (PatchDiscriminator, adopt_weight, discriminator_step, genera
 from quantize import count_codes
 from training import (PAPER_DATASETS, LoopConfig, PerRank, StopSignal, adamw, all_reduce_mean, autocast,
                       broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
-                      data_workers, due, finish, keep_freed_memory, lr_at, native_bf16, paper_scale, parse_flags,
+                      data_workers, due, finish, flag_error, keep_freed_memory, lr_at, native_bf16, paper_scale, parse_flags,
                       progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
 from weights import find_perceptual
@@ -31,33 +32,33 @@ from weights import find_perceptual
 
 @dataclass
 class TrainConfig(LoopConfig):
-    out_dir: str = "out/vqgan"
+    out_dir: Annotated[str, "folder"] = "out/vqgan"
     # The VQGAN's size; default: imagenet (the official VQGAN's: 256x256 -> 16x16, 1024 codes) with
     # --dataset imagenet100/imagenet, else tiny (32x32 -> 8x8, 256 codes)
     preset: str | None = None
-    steps: int = 800
+    steps: Annotated[int, ">= 1"] = 800
     # AdamW's peak learning rate (betas 0.5, 0.9, as taming). Default: 4e-4 at 256x256; 1e-3 below,
     # where 800 steps must do (the tiny VQGAN's val L1 after them: 0.047 at 1e-3, 0.056 at 4e-4)
-    lr: float | None = None
-    weight_decay: float = 0.0  # VQGAN training uses none
-    l1_weight: float = 1.0  # weight of the L1 term of the reconstruction loss
-    perceptual_weight: float = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
-    codebook_weight: float = 1.0  # weight of the quantizer's codebook + commitment loss
+    lr: Annotated[float | None, "> 0"] = None
+    weight_decay: Annotated[float, ">= 0"] = 0.0  # VQGAN training uses none
+    l1_weight: Annotated[float, ">= 0"] = 1.0  # weight of the L1 term of the reconstruction loss
+    perceptual_weight: Annotated[float, ">= 0"] = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
+    codebook_weight: Annotated[float, ">= 0"] = 1.0  # weight of the quantizer's codebook + commitment loss
     # Step at which the adversarial term switches on. It helps only once the autoencoder has
     # converged (taming starts it after ~250k steps), so by default it never starts.
-    disc_start: int = 10 ** 9
-    disc_weight: float = 0.5  # scales the adaptive weight (taming: disc_weight)
-    disc_channels: int = 64  # width of the PatchGAN's first layer
-    disc_layers: int = 2  # PatchGAN depth: 3 for 256x256 (70x70 patches); 2 keeps a 32x32 image at 2x2 patches
-    disc_lr: float = 4e-4  # the discriminator's AdamW learning rate
-    restart_every: int = 50  # move codes unused for so many steps onto recent encoder outputs (0: never)
+    disc_start: Annotated[int, ">= 0"] = 10 ** 9
+    disc_weight: Annotated[float, ">= 0"] = 0.5  # scales the adaptive weight (taming: disc_weight)
+    disc_channels: Annotated[int, ">= 1"] = 64  # width of the PatchGAN's first layer
+    disc_layers: Annotated[int, ">= 1"] = 2  # PatchGAN depth: 3 for 256x256 (70x70 patches); 2 keeps a 32x32 image at 2x2 patches
+    disc_lr: Annotated[float, "> 0"] = 4e-4  # the discriminator's AdamW learning rate
+    restart_every: Annotated[int, ">= 0"] = 50  # move codes unused for so many steps onto recent encoder outputs (0: never)
     eval_only: bool = False  # only report val L1 and codebook usage of <out_dir>/ckpt.pt
-    val_images: int = 1000  # images of the val split measured at the end of training
+    val_images: Annotated[int, ">= 1"] = 1000  # images of the val split measured at the end of training
     # torchvision's VGG16; default: vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache
-    vgg16_weights: str | None = None
+    vgg16_weights: Annotated[str | None, "file"] = None
     # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
     # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
-    lpips_weights: str | None = None
+    lpips_weights: Annotated[str | None, "file"] = None
 
 
 # Set by --dataset imagenet100/imagenet unless given: the official VQGAN's size, a 70x70 PatchGAN.
@@ -70,10 +71,11 @@ def implied_defaults(given: dict) -> dict:
 
 def parse_args(argv=None):
     train, model_flags = parse_flags(argv, __doc__, TrainConfig, VQGANConfig, PRESETS, implied_defaults)
-    check_flags(check_loop_flags(train, PRESETS) + [
-        ((train.lr or 1) > 0 and train.disc_lr > 0, "--lr and --disc-lr must be positive"),
-    ])
-    model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
+    check_flags(check_loop_flags(train, PRESETS))
+    try:
+        model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
+    except ValueError as error:  # its own checks (sizes that must divide), naming the flags
+        sys.exit(flag_error(error, VQGANConfig))
     if train.lr is None:
         train = dataclasses.replace(train, lr=4e-4 if paper_scale(model_cfg.image_size) else 1e-3)
     check_data(train.dataset, train.data_dir)

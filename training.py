@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import datetime
 import errno
+import functools
 import inspect
 import io
 import math
@@ -26,7 +27,7 @@ import tokenize
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -435,10 +436,122 @@ def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict
 # Flags from dataclasses: names, defaults, allowed values and help from one source
 
 
-def parse_int_tuple(text: str) -> tuple:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+# What a flag may be, written beside its field as typing.Annotated metadata, checked when the flag is
+# parsed and shown in --help. A plain string, so that the model files need nothing from here:
+#   ">= 0", "> 0", "in [0, 1]", "in (0, 1]", ...   the range of a number
+#   "list of float > 0", "list of int >= 1", ...    comma-separated values, each checked ("or empty": may be none)
+#   "auto or ..."                                   the word auto, or what follows
+#   "folder": a folder this run may create or write in; "existing folder"; "file": not a folder
+# or a function text -> value that raises ValueError with a message (a format of the script's own).
+RANGE = re.compile(r"(>=|>|<=|<) (-?[\d.e-]+)$|in ([\[(])(-?[\d.e-]+), (-?[\d.e-]+)([\])])$")
 
 
+def in_range(value, spec: str) -> bool:
+    match = RANGE.match(spec)
+    if match[1]:
+        bound = float(match[2])
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[match[1]]
+    low, high = float(match[4]), float(match[5])
+    return (low <= value if match[3] == "[" else low < value) and (value <= high if match[6] == "]" else value < high)
+
+
+def parse_number(text: str, kind, spec: str | None):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if value != value or (spec and not in_range(value, spec)):  # NaN is in no range
+        raise ValueError(f"{text} is not {spec}")
+    return value
+
+
+def parse_flag_value(text: str, kind, spec):
+    """A flag's text -> its value, checked against its spec (see above); ValueError says what is wrong."""
+    if callable(spec):
+        spec(text)  # raises ValueError saying what is wrong
+        return text
+    if spec and spec.startswith("auto or "):
+        return text if text == "auto" else parse_flag_value(text, kind, spec[len("auto or "):])
+    if spec and spec.startswith("list of "):
+        item_kind, _, item_spec = spec[len("list of "):].removesuffix(", or empty").partition(" ")
+        items = text.split(",")
+        if text.strip() == "":
+            if spec.endswith("or empty"):
+                return () if kind is tuple else text
+            raise ValueError("an empty list")
+        values = []
+        for position, item in enumerate(items, 1):
+            if not item.strip():
+                raise ValueError(f"item {position} of {text!r} is empty")
+            try:
+                values.append(parse_number(item.strip(), {"int": int, "float": float}[item_kind], item_spec or None))
+            except ValueError as error:
+                raise ValueError(f"item {position} of {text!r}: {error}") from None
+        return tuple(values) if kind is tuple else text
+    if spec in ("folder", "existing folder", "file"):
+        return check_path(text, spec)
+    if kind in (int, float):
+        return parse_number(text, kind, spec)
+    return kind(text)
+
+
+def check_path(text: str, spec: str) -> str:
+    path = Path(text)
+    if not text:
+        raise ValueError("an empty path")
+    if spec == "file":
+        if path.is_dir():
+            raise ValueError(f"{text} is a folder, not a file")
+        return text
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{text} is a file, not a folder")
+    if spec == "existing folder":
+        if not path.is_dir():
+            raise ValueError(f"{text} does not exist or is not a folder")
+        return text
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())  # what it would be made in
+    if not existing.is_dir():
+        raise ValueError(f"{text} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{text} cannot be written: {existing} is not writable")
+    return text
+
+
+def field_spec(cls, f: dataclasses.Field):
+    """(the field's type without Annotated, its spec or None): a subclass that only changes a default
+    keeps its base's spec."""
+    for klass in cls.__mro__:
+        annotation = vars(klass).get("__annotations__", {}).get(f.name)
+        if typing.get_origin(annotation) is Annotated:
+            return annotation.__origin__, annotation.__metadata__[0]
+    return f.type, None
+
+
+def spec_text(spec) -> str:
+    """How --help states a spec."""
+    if callable(spec):
+        return (spec.__doc__ or "").strip().split("\n")[0]
+    return spec.replace("existing folder", "an existing folder").replace("folder", "a folder to write in") \
+        if spec in ("folder", "existing folder") else "a file, not a folder" if spec == "file" else spec
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with its errors as one line naming the flag, like every other mistake the scripts report."""
+
+    def error(self, message):
+        sys.exit(f"error: {re.sub(r'^argument ', '', message)} (see --help)")
+
+
+def flag_error(error: ValueError, *config_classes) -> str:
+    """A config's own ValueError (its __post_init__ checks) as an error line naming the flags of its fields."""
+    message = str(error)
+    for cls in config_classes:
+        for f in dataclasses.fields(cls):
+            message = re.sub(rf"\b{f.name}\b", "--" + f.name.replace("_", "-"), message)
+    return f"error: {message}"
+
+
+@functools.cache
 def field_comments(cls) -> dict:
     """Field name -> its comment in the class source: the comment on the field's line, else the
     comment lines right above it. A subclass's comment replaces its base's; a bare override keeps it."""
@@ -475,32 +588,41 @@ def allowed_values(f: dataclasses.Field, choices: dict) -> tuple | None:
 
 def add_dataclass_flags(parser, cls, presets: dict | None = None, choices: dict | None = None):
     """One --flag per field of `cls` (underscores -> dashes); its help is the field's comment, its
-    allowed values a Literal type's (or `choices[name]`), and its default the field's, or "preset's
-    value" for the fields `presets` (name -> overrides) set. Every flag parses to None unless given,
-    so that dataclass_overrides hands on only what the user set."""
+    allowed values a Literal type's (or `choices[name]`) or its Annotated spec (checked as the flag is
+    parsed: parse_flag_value), and its default the field's, or "preset's value" for the fields `presets`
+    (name -> overrides) set. Every flag parses to None unless given, so that dataclass_overrides hands on
+    only what the user set."""
     group = parser.add_argument_group(cls.__name__)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.type):
             continue  # a nested config (ALITConfig.vqgan) comes from its preset or checkpoint
         allowed = allowed_values(f, choices or {})
+        field_type, spec = field_spec(cls, f)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help = comments.get(f.name, "")  # allowed values show in the metavar: --dataset {shapes,...}
         if presets and any(f.name in overrides for overrides in presets.values()):
-            help += " (default: preset's value)"
+            help += f" (default: preset's value{'; ' + spec_text(spec) if spec else ''})"
         elif not (default is None and "default" in help.lower()):  # the comment says what unset means
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            help += f" (default: {'none' if shown in (None, '') else shown})"
+            help += f" (default: {'none' if shown in (None, '') else shown}{'; ' + spec_text(spec) if spec else ''})"
+        elif spec:
+            help += f" ({spec_text(spec)})"
         kwargs = dict(default=None, help=help.strip().replace("%", "%%"))
-        kind = type(allowed[0]) if allowed else ([a for a in typing.get_args(f.type) if a is not type(None)]
-                                                  or [f.type])[0]  # X | None -> X
+        kind = type(allowed[0]) if allowed else ([a for a in typing.get_args(field_type) if a is not type(None)]
+                                                  or [field_type])[0]  # X | None -> X
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif kind is tuple:
-            group.add_argument(flag, type=parse_int_tuple, metavar="A,B,...", **kwargs)
-        elif kind in (int, float, str):
-            group.add_argument(flag, type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, **kwargs)
+        elif kind in (int, float, str, tuple):
+            def convert(text, kind=kind, spec=spec):
+                try:
+                    return parse_flag_value(text, kind, spec)
+                except ValueError as error:
+                    raise argparse.ArgumentTypeError(str(error)) from None
+            metavar = "{" + ",".join(allowed) + "}" if allowed else "A,B,..." if kind is tuple or (
+                isinstance(spec, str) and "list of" in spec) else None
+            group.add_argument(flag, type=convert, metavar=metavar, **kwargs)
 
 
 def dataclass_overrides(args, cls) -> dict:
@@ -525,7 +647,7 @@ def parse_flags(argv, doc: str, config_cls, model_cls=None, presets=None, implie
     `doc`. `implied(given)` returns defaults that depend on the flags given (name -> value), such as
     the paper's run for --dataset imagenet100; a flag given wins. Returns the config and the model
     fields the user set."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser = FlagParser(description=doc.split("\n\n")[0])
     add_dataclass_flags(parser, config_cls, choices={"preset": presets} if presets else None)
     if model_cls is not None:
         add_dataclass_flags(parser, model_cls, presets=presets)
@@ -586,45 +708,38 @@ class LoopConfig:
     # shapes is drawn on the fly; the others read --data-dir. imagenet100 and imagenet also mean the
     # paper's model and run (each script's PAPER_RUN) unless --preset and the others are given
     dataset: Literal[DATASETS] = "shapes"
-    data_dir: str | None = None  # root of the image folder (imagenet: <root>/train/<wnid>/*.JPEG)
-    out_dir: str = "out/run"  # checkpoint, image grids
+    data_dir: Annotated[str | None, "existing folder"] = None  # root of the image folder (imagenet: <root>/train/<wnid>/*.JPEG)
+    out_dir: Annotated[str, "folder"] = "out/run"  # checkpoint, image grids
     # The model's size; default: the paper's with --dataset imagenet100/imagenet, else tiny (32x32 images
     # on a CPU)
     preset: str | None = None
-    steps: int = 1000  # optimizer steps; the LR schedule spans them
-    stop_after: int = 0  # stop this run after so many steps (0: never); --resume continues on the same schedule
-    batch_size: int = 32  # per rank (and per micro-step)
-    train_images: int | None = None  # use only the first so many training images (shapes: the split's size)
-    warmup_steps: int = 100  # of linear LR warmup, then cosine decay
-    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio x the peak LR
-    grad_clip: float = 1.0  # maximum gradient norm
-    num_workers: int = 0  # DataLoader processes per rank
-    log_every: int = 25  # steps between the progress bar's loss figures (a sync point)
-    sample_every: int = 250  # write a reconstruction grid PNG every so many steps
-    save_every: int = 250  # steps between checkpoints (and at the end)
-    seed: int = 0  # of the weights, the data order and the augmentation
+    steps: Annotated[int, ">= 1"] = 1000  # optimizer steps; the LR schedule spans them
+    stop_after: Annotated[int, ">= 0"] = 0  # stop this run after so many steps (0: never); --resume continues on the same schedule
+    batch_size: Annotated[int, ">= 1"] = 32  # per rank (and per micro-step)
+    train_images: Annotated[int | None, ">= 1"] = None  # use only the first so many training images (shapes: the split's size)
+    warmup_steps: Annotated[int, ">= 0"] = 100  # of linear LR warmup, then cosine decay
+    min_lr_ratio: Annotated[float, "in [0, 1]"] = 0.1  # cosine decay ends at min_lr_ratio x the peak LR
+    grad_clip: Annotated[float, "> 0"] = 1.0  # maximum gradient norm
+    num_workers: Annotated[int, ">= 0"] = 0  # DataLoader processes per rank
+    log_every: Annotated[int, ">= 1"] = 25  # steps between the progress bar's loss figures (a sync point)
+    sample_every: Annotated[int, ">= 1"] = 250  # write a reconstruction grid PNG every so many steps
+    save_every: Annotated[int, ">= 1"] = 250  # steps between checkpoints (and at the end)
+    seed: Annotated[int, ">= 0"] = 0  # of the weights, the data order and the augmentation
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
     bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
     compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
     resume: bool = False  # continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable)
     overwrite: bool = False  # start over in an --out-dir that holds a checkpoint: it and the run's images are deleted
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
-    dist_timeout: float = 300  # seconds a collective waits for the other ranks: a lost rank ends the run with an error
+    dist_timeout: Annotated[float, "> 0"] = 300  # seconds a collective waits for the other ranks: a lost rank ends the run with an error
     # A training image that fails to decode is skipped with a warning (the next one stands in); more than
     # this fraction of a batch's images failing stops the run: the data, not one file, is broken.
-    max_bad_images: float = 0.25
+    max_bad_images: Annotated[float, "in [0, 1]"] = 0.25
 
 
 def check_loop_flags(train: LoopConfig, presets) -> list:
-    return choice_checks(train, {"preset": presets}) + [
-        (train.steps > 0, "--steps must be positive"),
-        (train.stop_after >= 0, "--stop-after must be >= 0"),
-        (train.batch_size > 0, "--batch-size must be positive"),
-        (0 <= train.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-        (min(train.log_every, train.sample_every, train.save_every) > 0, "--log/sample/save-every must be positive"),
-        (train.dist_timeout > 0, "--dist-timeout must be positive"),
-        (0 <= train.max_bad_images <= 1, "--max-bad-images must be in [0, 1]"),
-    ]
+    """The checks the flags' specs cannot make alone (each flag's own range is checked as it is parsed)."""
+    return choice_checks(train, {"preset": presets})
 
 
 def check_out_dir(train: LoopConfig, images: str):

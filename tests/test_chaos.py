@@ -109,7 +109,8 @@ def test_interrupted_again_and_again_ends_bit_identical(tmp_path, vqgan_ckpt, st
         fault = draw.choice(["kill", "term", "kill-in-save"])
         # a step after the last checkpoint; a checkpoint's own step to be killed while writing it
         reach = done + max(SAVE_EVERY, (STEPS - done) // (FAULTS - len(history)))  # room for the faults to come
-        at = draw.randrange(done + SAVE_EVERY, reach + 1, SAVE_EVERY) if fault == "kill-in-save" else \
+        first_save = (done // SAVE_EVERY + 1) * SAVE_EVERY
+        at = draw.randrange(first_save, max(reach, first_save) + 1, SAVE_EVERY) if fault == "kill-in-save" else \
             draw.randrange(done + 1, min(reach, STEPS - 2) + 1)
         victim = draw.randrange(ranks) if fault == "kill" else 0
         resume = ["--resume"] if (out / "ckpt.pt").is_file() else []  # before the first checkpoint: start over

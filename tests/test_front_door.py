@@ -223,7 +223,7 @@ def mistakes(tmp_path, vqgan_ckpt, stage1_ckpt, official_vqgan):
     return [
         (train_stage1.main, ["--dataset", "imagenet100"], ["--dataset imagenet100 reads images from disk: pass "
                                                            "--data-dir (<data-dir>/train/<wnid>/"]),
-        (train_stage1.main, data + [str(tmp_path / "nowhere")], [f"--data-dir {tmp_path / 'nowhere'} does not exist"]),
+        (train_stage1.main, data + [str(tmp_path / "nowhere")], [f"--data-dir: {tmp_path / 'nowhere'} does not exist"]),
         (train_stage1.main, data + [two_classes], ["98 of the 100 ImageNet-100 class folder(s) missing",
                                                    "--dataset imagenet takes any set of class folders"]),
         (train_stage1.main, data + [str(tmp_path / "in100" / "train")],

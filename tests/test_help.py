@@ -42,5 +42,7 @@ def test_help_shows_allowed_values_and_preset_defaults(capsys):
     entries = flag_entries(capsys.readouterr().out)
     assert "--dataset {shapes,imagenet100,imagenet,folder}" in entries
     assert "--preset {base,semilarge,small,tiny}" in entries
-    assert "(default: 1500)" in entries["--steps STEPS"]
-    assert "(default: preset's value)" in entries["--encoder-width ENCODER_WIDTH"]
+    assert "(default: 1500; >= 1)" in entries["--steps STEPS"]  # the allowed range, where one exists
+    assert "(default: preset's value; >= 1)" in entries["--encoder-width ENCODER_WIDTH"]
+    assert "in (0, 1]" in entries["--halting-threshold HALTING_THRESHOLD"]
+    assert "(list of float >= 0)" in entries["--iteration-weights A,B,..."]

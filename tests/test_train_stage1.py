@@ -157,7 +157,7 @@ def test_cpu_recipe_keeps_the_latent_codebook_alive(tmp_path, vqgan_ckpt):
     (["--continuous-until", "0.6", "--blend-until", "0.5"], "--blend-until"),
     (["--loss-iters", "9"], "--loss-iters"),
     (["--ema-decay", "1.5"], "--ema-decay"),
-    (["--patch-size", "2"], "patch_size"),
+    (["--patch-size", "2"], "--patch-size"),
 ])
 def test_bad_flags_are_named(flags, message):
     with pytest.raises(SystemExit, match=message):

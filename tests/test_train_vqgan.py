@@ -70,7 +70,7 @@ def test_two_process_torchrun(tmp_path):
     (["--dataset", "cifar"], "--dataset"),
     (["--steps", "0"], "--steps"),
     (["--lpips-weights", "x.pth"], "--vgg16-weights"),
-    (["--channels", "12"], "norm_groups"),
+    (["--channels", "12"], "--norm-groups"),
 ])
 def test_bad_flags_are_named(flags, message, capsys):
     with pytest.raises((SystemExit, ValueError), match=message):
