@@ -12,11 +12,13 @@ This file holds the pieces; each stage script composes them.
 Every image in and out of this file is float (N, 3, H, W) in [0, 1]. Each network
 converts to the range it was trained on inside its forward, in one place.
 """
+import contextlib
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import all_reduce_mean, autocast
 from weights import perceptual_missing, read_weights, source_name
 
 # -----------------------------------------------------------------------------
@@ -237,17 +239,26 @@ def generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight):
     return disc_weight * adaptive_gan_weight(rec_loss, g_loss, last_layer) * g_loss
 
 
-def discriminator_step(discriminator, optimizer, images, recon, ctx, bf16):
-    """One hinge-loss update on real images vs the (detached) reconstructions.
+def average_over_ranks(tensors):
+    """Average tensors across DDP ranks in place (nothing to do in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+            tensor.div_(dist.get_world_size())
+
+
+def discriminator_step(discriminator, optimizer, images, recon, precision=contextlib.nullcontext()):
+    """One hinge-loss update on real images vs the (detached) reconstructions, under `precision` (the
+    training script's autocast).
 
     The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
     keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
     one-backward-per-forward bookkeeping does not allow.
     """
-    with autocast(ctx.device, bf16):
+    with precision:
         loss = hinge_d_loss(discriminator(images), discriminator(recon.detach()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    all_reduce_mean([p.grad for p in discriminator.parameters()], ctx)
+    average_over_ranks([p.grad for p in discriminator.parameters()])
     optimizer.step()
     return loss.detach()

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from quantize import Quantized, VectorQuantizer
-from training import load_checkpoint
 from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGAN, VQGANConfig, official_config
-from weights import load_exact, read_weights, source_name
+from weights import load_checkpoint, load_exact, read_weights, source_name
 
 
 @dataclass

@@ -262,7 +262,7 @@ def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer
     ema.update(model, step)
     d_loss = torch.zeros((), device=ctx.device)
     if disc_weight > 0:
-        d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16)
+        d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, autocast(ctx.device, bf16))
     q = record.quantized
     return torch.stack([rec_loss.detach(), d_loss, q.usage if q else d_loss, q.perplexity if q else d_loss,
                         torch.ones_like(d_loss)])

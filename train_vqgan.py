@@ -181,7 +181,7 @@ def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer
     optimizer.step()
     if train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
         model.quantize.restart_dead_codes()
-    d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, ctx, bf16) if gan_on else \
+    d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, autocast(ctx.device, bf16)) if gan_on else \
         torch.zeros((), device=ctx.device)
     return torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage, d_loss])
 

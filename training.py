@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DATASETS, check_layout
+from weights import load_checkpoint  # noqa: F401 (resume reads with it; tests and scripts import it from here too)
 
 # -----------------------------------------------------------------------------
 # Device and DDP
@@ -337,31 +338,6 @@ def save_checkpoint(path: Path, state: dict):
         os.fsync(folder)
     finally:
         os.close(folder)
-
-
-# Checkpoints written before RNG states were stored as tensors hold numpy's as an array: exactly the
-# globals that rebuild a plain array are allowed for them, nothing that could run code.
-NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
-
-
-def load_checkpoint(path) -> dict:
-    """One of our checkpoints, read with weights_only=True: tensors and plain values only, so that a
-    checkpoint someone passes around cannot run code. An unreadable or refused file raises a one-line
-    ValueError naming it (a missing one FileNotFoundError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes): a save or a copy that never finished")
-    try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        unsafe = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(error))
-        if unsafe:
-            raise ValueError(f"{path} refused: it holds a pickled {unsafe[1] or unsafe[2]}, which could run code when "
-                             "loaded (our checkpoints hold only tensors and plain values)") from None
-        raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt") from None
 
 
 def checkpoint_state(stateful: dict, step: int, model_config: dict, train, ctx, per_rank=None) -> dict:

@@ -24,8 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantize import Quantized, VectorQuantizer
-from training import load_checkpoint
-from weights import load_exact, read_weights, source_name
+from weights import load_checkpoint, load_exact, read_weights, source_name
 
 
 @dataclass

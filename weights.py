@@ -5,7 +5,9 @@ LPIPS head (the perceptual loss of §A.5) and pytorch-fid's Inception (rFID, Tab
 written by other people's code. `torch.load(weights_only=True)` unpickles tensors and plain
 containers only, so opening one cannot run code. Each loader (`ALIT.from_official`,
 `VQGAN.from_official`, `LPIPS.from_pretrained`, `InceptionV3.from_pytorch_fid`) reads its file
-here, renames keys with its own written table, and loads them with `load_exact`.
+here, renames keys with its own written table, and loads them with `load_exact`. Our own
+checkpoints are read here too (`load_checkpoint`): by `ALIT.from_checkpoint`, `VQGAN.from_checkpoint`
+and `training.resume`, so that the models need nothing of the training machinery.
 
 Where the files are: a flag names one (a path, or a bare file name looked up as below); without
 the flag, each file is looked up by its canonical name in $ALIT_WEIGHTS, then in the torch hub
@@ -18,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -38,6 +41,31 @@ def read_weights(path_or_state_dict) -> dict:
             unsafe = re.search(r"GLOBAL (\S+)", str(error))
             reason = f"it holds a pickled {unsafe[1]}, which could run code" if unsafe else "truncated or corrupt"
             raise RuntimeError(f"{path_or_state_dict}: cannot be read as a checkpoint ({reason})") from None
+
+
+# Checkpoints written before RNG states were stored as tensors hold numpy's as an array: exactly the
+# globals that rebuild a plain array are allowed for them, nothing that could run code.
+NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+
+
+def load_checkpoint(path) -> dict:
+    """One of our checkpoints, read with weights_only=True: tensors and plain values only, so that a
+    checkpoint someone passes around cannot run code. An unreadable or refused file raises a one-line
+    ValueError naming it (a missing one FileNotFoundError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): a save or a copy that never finished")
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        unsafe = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(error))
+        if unsafe:
+            raise ValueError(f"{path} refused: it holds a pickled {unsafe[1] or unsafe[2]}, which could run code when "
+                             "loaded (our checkpoints hold only tensors and plain values)") from None
+        raise ValueError(f"{path} is not a readable checkpoint: truncated or corrupt") from None
 
 
 def source_name(path_or_state_dict) -> str:

@@ -356,11 +356,11 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
     whose gradients are zero, so the update is half the local one."""
     import losses
 
-    def average_with_a_zero_rank(tensors, ctx):
+    def average_with_a_zero_rank(tensors):
         for t in tensors:
             t.div_(2)
 
-    monkeypatch.setattr(losses, "all_reduce_mean", average_with_a_zero_rank)
+    monkeypatch.setattr(losses, "average_over_ranks", average_with_a_zero_rank)
     torch.manual_seed(0)
     disc = torch.nn.Conv2d(3, 1, 1)
     w0, b0 = disc.weight.detach()[0, :, 0, 0].clone(), disc.bias.detach().clone()
@@ -369,8 +369,7 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
     for p in disc.parameters():
         p.grad = torch.full_like(p, 100.0)  # stale gradients are cleared first
     optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
-    ctx = Distributed(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    loss = discriminator_step(disc, optimizer, images, recon, ctx, bf16=False)
+    loss = discriminator_step(disc, optimizer, images, recon)
 
     def logits(x):
         return torch.einsum("c,nchw->nhw", w0, x) + b0
