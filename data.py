@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, default_collate
 
 DATASETS = ("shapes", "imagenet100", "imagenet", "folder")
@@ -498,21 +498,40 @@ def write_photo_folder(root, classes, images_per_class: int, size=(500, 375), se
     return files
 
 
-def save_image_grid(images: torch.Tensor | list, path, nrow: int, padding: int = 2) -> None:
-    """Write (N, 3, H, W) images in [0, 1] as one PNG, nrow images per row, black padding."""
+def save_image_grid(images: torch.Tensor | list, path, nrow: int, column_labels=None, row_labels=None,
+                    captions=None, min_cell: int = 64, padding: int = 2) -> None:
+    """Write (N, 3, H, W) images in [0, 1] as one PNG, nrow images per row: each enlarged by the
+    smallest whole factor that makes it at least `min_cell` pixels (nearest neighbour: pixels stay
+    pixels, so what differs between token counts shows), labelled above its column and left of its
+    row, and `captions[i]` under image i."""
     images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
     images = images.detach().float().cpu().clamp(0, 1)
+    scale = max(1, math.ceil(min_cell / min(images.shape[-2:])))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, _, h, w = images.shape
     cols, rows = min(nrow, n), math.ceil(n / nrow)
-    grid = torch.zeros(3, rows * (h + padding) + padding, cols * (w + padding) + padding)
+    font = ImageFont.load_default(size=11)
+    caption = 13 * max(c.count("\n") + 1 for c in captions) + 2 if captions else 0  # the strip under each image
+    top = 16 if column_labels else 0
+    left = 8 + max((int(font.getlength(label)) for label in row_labels), default=0) if row_labels else 0
+    canvas = Image.new("RGB", (left + cols * (w + padding) + padding, top + rows * (h + caption + padding) + padding),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
     for i, image in enumerate(images):
-        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[:, top:top + h, left:left + w] = image
-    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+        x = left + padding + (i % nrow) * (w + padding)
+        y = top + padding + (i // nrow) * (h + caption + padding)
+        canvas.paste(Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), (x, y))
+        if captions:
+            draw.multiline_text((x + w / 2, y + h + 1), captions[i], fill="black", font=font, anchor="ma",
+                                align="center", spacing=1)
+    for c, label in enumerate(column_labels or []):
+        draw.text((left + padding + c * (w + padding) + w / 2, 2), label, fill="black", font=font, anchor="ma")
+    for r, label in enumerate(row_labels or []):
+        draw.text((4, top + padding + r * (h + caption + padding) + h / 2), label, fill="black", font=font, anchor="lm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash mid-write never leaves a half PNG
-    Image.fromarray(pixels).save(tmp, format="PNG")
+    canvas.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -522,10 +541,11 @@ def first_images(dataset: Dataset, n: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
-def save_image_columns(columns: list, path) -> None:
+def save_image_columns(columns: list, path, column_labels=None, row_labels=None, captions=None) -> None:
     """Write one row per image and one column per entry of `columns` (each (N, 3, H, W)), e.g. the
-    reconstruction at every token count, then the original (Fig. 2's layout)."""
-    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns))
+    reconstruction at every token count, then the original (Fig. 2's layout); captions row by row."""
+    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns), column_labels=column_labels,
+                    row_labels=row_labels, captions=captions)
 
 
 # -----------------------------------------------------------------------------

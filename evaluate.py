@@ -83,9 +83,9 @@ class EvalConfig:
     default_threshold: Annotated[float | None, "> 0"] = None
     saturation: Annotated[float | None, "in [0, 1]"] = None  # a fraction: 0.02 stops an image once it is within 2% of its longest code's L1
     halting: bool = False  # the official code halts in eval too, which makes reconstructions random
-    grid_images: Annotated[int, ">= 1"] = 8  # rows of reconstructions.png, from simple to complex images
+    grid_images: Annotated[int, ">= 1"] = 8  # rows of reconstructions.png and halting.png, from simple to complex images
     speed_images: Annotated[int, ">= 1"] = 64  # images timed for early exit vs running every iteration
-    out_dir: Annotated[str, "folder"] = "out/eval"  # metrics.json, the sweep's CSV and plot, reconstructions.png
+    out_dir: Annotated[str, "folder"] = "out/eval"  # metrics.json, the sweep's CSV and plot, reconstructions.png, halting.png
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
     # DataLoader processes per rank; default: on CUDA the CPUs this process may use shared by the ranks, less
     # one each; 0 on the CPU
@@ -131,7 +131,7 @@ def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
 
 
 # What a run writes into --out-dir.
-OUTPUTS = ("metrics.json", "adaptive_sweep.csv", "adaptive_sweep.png", "reconstructions.png")
+OUTPUTS = ("metrics.json", "adaptive_sweep.csv", "adaptive_sweep.png", "reconstructions.png", "halting.png")
 
 
 @torch.no_grad()
@@ -252,7 +252,7 @@ def main(argv=None):
     defaults = DEFAULT_CRITERION_OFFICIAL if paper_scale(mc.image_size) else DEFAULT_CRITERION_CPU
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     K, T = mc.tokens_per_iter, mc.rollout_iters
-    counts = [(t + 1) * K for t in range(T)]
+    counts = mc.token_counts
     ctx.log(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
     dataset = build_dataset(cfg.dataset, cfg.split, mc.image_size, cfg.data_dir, train=False,
                             eval_protocol="resize" if cfg.protocol == "resize" else "crop", num_images=cfg.num_images)
@@ -346,10 +346,12 @@ def main(argv=None):
     write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + token_sweep)
     fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(rows)]
     plot_sweep(out / "adaptive_sweep.png", sweep, saturated_sweep, fixed, inception is not None)
-    save_fig2_grid(keep, per_image, out / "reconstructions.png", cfg.grid_images, cfg.dataset == "shapes")
+    save_fig2_grid(keep, per_image, out / "reconstructions.png", cfg.grid_images, cfg.dataset == "shapes", counts)
+    order, labels = spread_rows(keep, per_image, cfg.grid_images, cfg.dataset == "shapes")
+    save_halting_figure(model, keep[0][order].to(ctx.device), labels, out / "halting.png", cfg.seed)
     print(markdown_report(results))
     print(f"wrote {out / 'metrics.json'}, {out / 'adaptive_sweep.csv'}, {out / 'adaptive_sweep.png'}, "
-          f"{out / 'reconstructions.png'}")
+          f"{out / 'reconstructions.png'}, {out / 'halting.png'}")
     return results
 
 
@@ -426,15 +428,49 @@ def plot_sweep(path, sweep, saturated_sweep, fixed, with_fid: bool):
     draw_panels(path, panels)
 
 
-def save_fig2_grid(keep, per_image, path, rows: int, by_complexity: bool):
-    """Fig. 2: rows are images from simple to complex (by recorded complexity on `shapes`, else by
-    the L1 at the fewest tokens), columns are the token counts, then the original."""
-    images, recon, targets = keep
+def spread_rows(keep, per_image, rows: int, by_complexity: bool):
+    """Indices into the first batch of `rows` images from simple to complex (by recorded complexity on
+    `shapes`, else by the L1 at the fewest tokens), spread evenly over the range, and their row labels."""
+    images, _, targets = keep
     difficulty = targets.float() if by_complexity else per_image["l1"][0, :len(images)]
-    # spread the rows over the range of difficulty: sort, then take evenly spaced images
     order = difficulty.argsort(stable=True)
     order = order[torch.linspace(0, len(order) - 1, min(rows, len(order))).round().long()]
-    save_image_columns([recon[t, order] for t in range(recon.shape[0])] + [images[order]], path)
+    labels = [f"level {int(targets[i])}" if by_complexity else f"image {int(i)}" for i in order]
+    return order, labels
+
+
+def save_fig2_grid(keep, per_image, path, rows: int, by_complexity: bool, counts: list):
+    """Fig. 2: rows are images from simple to complex, columns are the token counts, then the original;
+    each reconstruction's L1 under it."""
+    images, recon, _ = keep
+    order, labels = spread_rows(keep, per_image, rows, by_complexity)
+    l1 = per_image["l1"][:, order]  # (T, rows)
+    captions = [text for i in range(len(order)) for text in [f"{v:.3f}" for v in l1[:, i].tolist()] + [""]]
+    save_image_columns([recon[t, order] for t in range(recon.shape[0])] + [images[order]], path,
+                       [str(c) for c in counts] + ["original"], labels, captions)
+
+
+@torch.no_grad()
+def save_halting_figure(model: ALIT, images, row_labels, path, seed: int):
+    """Dynamic halting at work (§2, T -> T+1): per iteration (columns) the reconstruction from its
+    tokens, with the 2D tokens halted after it tinted red (the next iteration sees the mask token
+    there, as in training: the same random draws, seeded), its L1 and how many tokens halted."""
+    cfg = model.config
+    records = model.rollout(images, halting=True, generator=torch.Generator(images.device).manual_seed(seed))
+    red = torch.tensor([1.0, 0.0, 0.0], device=images.device).view(1, 3, 1, 1)
+    columns, captions = [], [[] for _ in images]
+    for r in records:
+        recon = r.recon.float().clamp(0, 1)
+        l1 = (recon - images).abs().mean(dim=(1, 2, 3))
+        halted = torch.zeros(len(images), cfg.num_image_tokens, device=images.device) if r.halted is None \
+            else r.halted.float()
+        mask = halted.view(-1, 1, cfg.grid_size, cfg.grid_size).repeat_interleave(cfg.patch_size, 2) \
+            .repeat_interleave(cfg.patch_size, 3)
+        columns.append(recon * (1 - 0.45 * mask) + 0.45 * mask * red)
+        for i in range(len(images)):
+            captions[i].append(f"L1: {l1[i]:.3f}" + (f"\n{int(halted[i].sum())} halt" if r.halted is not None else ""))
+    save_image_columns(columns + [images], path, [str(r.num_tokens) for r in records] + ["original"], row_labels,
+                       [text for row in captions for text in row + [""]])
 
 
 def markdown_report(r: dict) -> str:

@@ -78,6 +78,11 @@ class ALITConfig:
         return self.tokens_per_iter * self.rollout_iters
 
     @property
+    def token_counts(self) -> list:
+        """The code lengths, one per iteration: K, 2K, ..., T*K."""
+        return [self.tokens_per_iter * (t + 1) for t in range(self.rollout_iters)]
+
+    @property
     def code_dim(self) -> int:
         """Size of the vectors the decoder receives."""
         return self.latent_dim if self.factorize_latent else self.encoder_width

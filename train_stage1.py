@@ -324,7 +324,9 @@ def main(argv=None):
             log_stats(bar, stats, code_counts, first_nonfinite, train, ctx)
         if ctx.is_main and due(step, train.sample_every, stop):  # the VQGAN codes stage 1 predicts
             grid = model.rollout_images(val_images, soft_codes=False) + [val_images]
-            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
+            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png",
+                               [*map(str, model.config.token_counts), "original"],
+                               [f"val {i}" for i in range(len(val_images))])
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, model_cfg.to_dict(), ctx, per_rank)
     finish(ctx, train, bar, stop_signal, step)

@@ -230,7 +230,9 @@ def main(argv=None):
             log_losses(bar, logs, disc_weight, step, train, ctx)
         if ctx.is_main and due(step, train.sample_every, stop):  # the pixels the loss sees
             grid = model.rollout_images(val_images) + [val_images]
-            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png")
+            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png",
+                               [*map(str, model.config.token_counts), "original"],
+                               [f"val {i}" for i in range(len(val_images))])
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, cfg.to_dict(), ctx)
     finish(ctx, train, bar, stop_signal, step)

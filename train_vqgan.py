@@ -219,7 +219,8 @@ def save_reconstructions(model, images, path):
     model.eval()
     recon, _ = model(images)
     model.train(was_training)
-    save_image_grid(torch.cat([images, recon.float().clamp(0, 1)]), path, nrow=len(images))
+    save_image_grid(torch.cat([images, recon.float().clamp(0, 1)]), path, nrow=len(images),
+                    row_labels=["original", "VQGAN"])
 
 
 if __name__ == "__main__":

@@ -298,13 +298,19 @@ def test_save_image_grid(tmp_path):
     images = torch.rand(5, 3, 8, 10)
     images[0] = 2.0  # clamped to white
     path = tmp_path / "out" / "grid.png"
-    save_image_grid(images, path, nrow=3, padding=2)
+    save_image_grid(images, path, nrow=3, padding=2, min_cell=8)
     with Image.open(path) as grid:
         assert grid.format == "PNG" and grid.size == (3 * 12 + 2, 2 * 10 + 2)
         grid = np.array(grid)
-    assert (grid[2:10, 2:12] == 255).all() and (grid[:2] == 0).all()
+    assert (grid[2:10, 2:12] == 255).all() and (grid[:2] == 255).all()  # white padding
     assert np.array_equal(grid[12:20, 2:12], (images[3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temp file left behind
-    save_image_grid(list(images[:2]), path, nrow=4)
+    # enlarged to cells of at least 64 px by a whole factor (8 -> 64: x8), nearest neighbour; labels around
+    save_image_grid(list(images[:2]), path, nrow=4, column_labels=["a", "b"], row_labels=["row"], captions=["x", "y"])
     with Image.open(path) as grid:
-        assert grid.size == (2 * 12 + 2, 12)
+        grid = np.array(grid)
+    left, top = grid.shape[1] - (2 * 82 + 2), 16
+    assert left > 8 and grid.shape[0] == top + 64 + 15 + 2 + 2  # a caption strip of one line under the images
+    cell = grid[top + 2:top + 2 + 64, left + 84:left + 84 + 80]  # the second image
+    assert np.array_equal(cell, np.repeat(np.repeat(grid[top + 2:top + 66:8, left + 84:left + 164:8], 8, 0), 8, 1))
+    assert np.array_equal(cell[::8, ::8], (images[1].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 from conftest import TinyFeatures
@@ -98,8 +99,10 @@ def test_end_to_end_report(tmp_path, stage1_ckpt, monkeypatch, capsys):
     assert usage == saved["compare"]["codebook"] and 0 < usage["fraction_used"] <= 1
     assert usage["codes_used"] == round(usage["fraction_used"] * usage["codebook_size"])
     assert f"{usage['codes_used']}/{usage['codebook_size']} codes used" in printed
-    for name in ("adaptive_sweep.csv", "adaptive_sweep.png", "reconstructions.png"):
+    for name in evaluate.OUTPUTS:
         assert (out / name).is_file()
+    with Image.open(out / "halting.png") as halting:  # 9 columns of 64-px cells: 8 token counts, the original
+        assert halting.size[0] > 9 * 64
     assert results["protocol"] == "crop"
 
 
