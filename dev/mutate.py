@@ -48,9 +48,9 @@ TARGETS = {
                     "VectorQuantizer.lookup", "VectorQuantizer.forward", "VectorQuantizer.restart_dead_codes"],
     "losses.py": ["LPIPS.to_vgg_input", "LPIPS.vgg_features", "LPIPS.forward", "reconstruction_loss", "hinge_d_loss",
                   "generator_adversarial_loss", "adaptive_gan_weight", "adopt_weight", "generator_gan_loss",
-                  "discriminator_step"],
+                  "average_over_ranks", "discriminator_step"],
     "train_stage1.py": ["stage1_loss", "rollout_length", "code_blend", "iteration_weights"],
-    "train_stage2.py": ["loss_iteration", "gan_weight_at", "gan_schedule"],
+    "train_stage2.py": ["loss_iteration", "gan_weight_at", "parse_gan_schedule"],
     "training.py": ["EMA", "lr_at"],
     "selection.py": ["*"],
 }
@@ -60,7 +60,7 @@ TARGETS = {
 GRADIENT_FUNCTIONS = {
     "model.py": TARGETS["model.py"],
     "quantize.py": ["VectorQuantizer.codebook", "VectorQuantizer.lookup", "VectorQuantizer.forward"],
-    "losses.py": [name for name in TARGETS["losses.py"] if name != "adopt_weight"],
+    "losses.py": [name for name in TARGETS["losses.py"] if name not in ("adopt_weight", "average_over_ranks")],
     "train_stage1.py": ["stage1_loss"],
 }
 
@@ -137,9 +137,11 @@ def expression_mutants(node, gradients):
                 detached = ast.Call(ast.Attribute(operand, "detach", ast.Load()), [], [])
                 parts = {"left": node.left, "right": node.right, side: detached}
                 out.append(("add detach", paren(ast.BinOp(parts["left"], node.op, parts["right"]))))
-    elif isinstance(node, ast.Compare) and len(node.ops) == 1:
-        for swapped in COMPARE_SWAPS.get(type(node.ops[0]), []):
-            out.append(("comparison", paren(ast.Compare(node.left, [swapped()], node.comparators))))
+    elif isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):  # each operator of a chain such as 0 <= x <= 1
+            for swapped in COMPARE_SWAPS.get(type(op), []):
+                ops = node.ops[:i] + [swapped()] + node.ops[i + 1:]
+                out.append(("comparison", paren(ast.Compare(node.left, ops, node.comparators))))
     elif isinstance(node, ast.BoolOp):
         other = ast.Or() if isinstance(node.op, ast.And) else ast.And()
         out.append(("boolean", paren(ast.BoolOp(other, node.values))))

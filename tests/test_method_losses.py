@@ -386,6 +386,27 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
     torch.testing.assert_close(disc.bias.detach(), b0 - 0.5 * grad_b / 2)
 
 
+def test_discriminator_gradients_are_averaged_over_ranks(monkeypatch):
+    """Under DDP: the sum over ranks (all_reduce) divided by the number of ranks; in one process, untouched."""
+    import losses
+    grads = [torch.tensor([1.0, -2.0]), torch.tensor([[4.0]])]
+    losses.average_over_ranks(grads)  # no process group
+    assert grads[0].tolist() == [1.0, -2.0] and grads[1].tolist() == [[4.0]]
+
+    class TwoRanks:  # torch.distributed as seen by rank 0 of 2; rank 1's gradients are all 3
+        is_available = staticmethod(lambda: True)
+        is_initialized = staticmethod(lambda: True)
+        get_world_size = staticmethod(lambda: 2)
+
+        @staticmethod
+        def all_reduce(tensor):
+            tensor.add_(3.0)
+
+    monkeypatch.setattr(losses, "dist", TwoRanks)
+    losses.average_over_ranks(grads)
+    assert grads[0].tolist() == [2.0, 0.5] and grads[1].tolist() == [[3.5]]
+
+
 # -----------------------------------------------------------------------------
 # The vector quantizer: β · ||z - sg(e)||² + ||sg(z) - e||², straight-through codes, restarts
 
