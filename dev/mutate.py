@@ -16,9 +16,10 @@ equivalent (it changes nothing observable), which the closing note of issue 22 a
     python dev/mutate.py --only quantize.py:14 model.py:3    # re-run chosen mutants (ids from a run)
     python dev/mutate.py --json run.json; python dev/mutate.py --survivors-of run.json   # after adding tests
 
-Time: about 4 s per caught mutant (mostly importing torch) and 20 s per surviving one (the whole
-default test set); all targets, about 1000 mutants, take roughly 1.5 hours on 2 CPU cores with
---jobs 1. Run it under `nice` on a shared machine; OMP_NUM_THREADS defaults to 1 in the tests.
+Time: each mutant's tests run in a process forked from this one, torch already imported: about
+4 s per caught mutant and 7 s (the whole default test set) per survivor. All targets, about 850
+mutants, take about an hour on 2 shared CPU cores with --jobs 1 (--jobs 2 on an idle machine about
+halves it). Run it under `nice` on a shared machine; OMP_NUM_THREADS defaults to 1 in the tests.
 """
 import argparse
 import ast
