@@ -61,6 +61,25 @@ def test_search_stays_float32_under_bf16_autocast():
     assert (q.indices == expected).float().mean() > 0.9
 
 
+def test_codebook_is_float32_even_with_bf16_weights():
+    """A model cast to bf16 (weights, not autocast) still searches and looks up float32 codes."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, 8, l2_normalize=True)
+    exact = vq(torch.randn(16, 8)).indices
+    vq = vq.to(torch.bfloat16)
+    assert vq.codebook().dtype == torch.float32 and vq.lookup(exact).dtype == torch.float32
+    assert vq(torch.randn(16, 8)).codes.dtype == torch.float32
+
+
+def test_training_keeps_recent_inputs_without_their_graph():
+    """The inputs a restart draws from are kept between steps: holding their autograd graph would
+    keep the whole step's activations alive until the next one."""
+    vq = VectorQuantizer(16, 4).train()
+    z = torch.nn.Linear(3, 4)(torch.randn(10, 3))
+    vq(z)
+    assert not vq.recent_inputs.requires_grad and vq.recent_inputs.grad_fn is None
+
+
 def test_dead_code_restart_moves_only_unused_codes():
     torch.manual_seed(0)
     vq = VectorQuantizer(16, 4)
