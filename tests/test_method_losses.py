@@ -293,6 +293,21 @@ def test_lpips_is_zero_where_features_vanish(lpips):
     assert dark(x, y).item() == 0.0
 
 
+def test_lpips_normalises_tiny_features_with_its_epsilon(lpips):
+    """Features whose length is comparable to the 1e-10 of the unit normalisation: divided by
+    length + 1e-10, as the formula says (not minus, not the length alone)."""
+    from losses import LPIPS
+    faint = LPIPS()
+    faint.load_state_dict(lpips.state_dict())
+    with torch.no_grad():
+        for convs in faint.vgg:
+            convs[-1].weight.mul_(1e-12)
+            convs[-1].bias.mul_(1e-12)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    torch.testing.assert_close(faint(x, y), lpips_by_hand(faint, x, y), rtol=1e-4, atol=0)
+
+
 def test_hinge_discriminator_loss_by_hand():
     real = torch.tensor([2.0, 0.5, -1.0])  # 1 - real: -1, 0.5, 2 -> relu mean 2.5 / 3
     fake = torch.tensor([-3.0, 0.0, 0.5, 2.0])  # 1 + fake: -2, 1, 1.5, 3 -> relu mean 5.5 / 4
