@@ -341,6 +341,8 @@ def test_first_passing_iteration_or_the_last():
                            [True, False, True, False],
                            [True, True, False, False]])
     assert selection.first_passing(passes).tolist() == [1, 2, 0, 2]
+    # on the criterion's device (evaluation on a GPU): the meta device refuses a CPU tensor among its own
+    assert selection.first_passing(passes.to("meta")).device.type == "meta"
 
 
 def test_psnr():
