@@ -25,7 +25,7 @@ import torch
 import train_stage1
 import train_stage2
 from data import build_dataset, write_photo_folder
-from evaluate import code_error_below, first_passing, l1_below
+from selection import code_error_below, first_passing, l1_below
 from losses import LPIPS, PatchDiscriminator
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
