@@ -346,8 +346,8 @@ def main(argv=None):
     write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + token_sweep)
     fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(rows)]
     plot_sweep(out / "adaptive_sweep.png", sweep, saturated_sweep, fixed, inception is not None)
-    save_fig2_grid(keep, per_image, out / "reconstructions.png", cfg.grid_images, cfg.dataset == "shapes", counts)
     order, labels = spread_rows(keep, per_image, cfg.grid_images, cfg.dataset == "shapes")
+    save_fig2_grid(keep, per_image, out / "reconstructions.png", order, labels, counts)
     save_halting_figure(model, keep[0][order].to(ctx.device), labels, out / "halting.png", cfg.seed)
     print(markdown_report(results))
     print(f"wrote {out / 'metrics.json'}, {out / 'adaptive_sweep.csv'}, {out / 'adaptive_sweep.png'}, "
@@ -439,11 +439,10 @@ def spread_rows(keep, per_image, rows: int, by_complexity: bool):
     return order, labels
 
 
-def save_fig2_grid(keep, per_image, path, rows: int, by_complexity: bool, counts: list):
-    """Fig. 2: rows are images from simple to complex, columns are the token counts, then the original;
-    each reconstruction's L1 under it."""
+def save_fig2_grid(keep, per_image, path, order, labels, counts: list):
+    """Fig. 2: rows are the images `order` picks (spread_rows: simple to complex), columns are the token
+    counts, then the original; each reconstruction's L1 under it."""
     images, recon, _ = keep
-    order, labels = spread_rows(keep, per_image, rows, by_complexity)
     l1 = per_image["l1"][:, order]  # (T, rows)
     captions = [text for i in range(len(order)) for text in [f"{v:.3f}" for v in l1[:, i].tolist()] + [""]]
     save_image_columns([recon[t, order] for t in range(recon.shape[0])] + [images[order]], path,

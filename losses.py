@@ -240,7 +240,8 @@ def generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight):
 
 
 def average_over_ranks(tensors):
-    """Average tensors across DDP ranks in place (nothing to do in one process)."""
+    """Average tensors across DDP ranks in place (nothing to do in one process): the discriminator's
+    gradients here, the values the training scripts log."""
     if dist.is_available() and dist.is_initialized():
         for tensor in tensors:
             dist.all_reduce(tensor)

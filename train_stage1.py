@@ -26,10 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
+from losses import average_over_ranks
 from model import ALIT, ALITConfig, PRESETS, make_config
 from quantize import count_codes, exact_float32
 from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, StopSignal, adamw,
-                      all_reduce_mean, autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
+                      autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
                       data_workers, due, finish, flag_error, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
                       native_bf16, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
                       setup_distributed, step_memory, stop_step, wrap_ddp)
@@ -422,7 +423,7 @@ def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx):
     """Cross-entropy, per-iteration token accuracy and the fraction of latent codes the longest codes
     used since the last log, over all ranks, on the progress bar; a non-finite loss ends the run
     before the checkpoint it would have spoiled."""
-    all_reduce_mean([stats, code_counts], ctx)
+    average_over_ranks([stats, code_counts])
     if ctx.enabled:
         dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
     if first_nonfinite.item() >= 0:

@@ -27,10 +27,10 @@ from typing import Annotated, Literal
 import torch
 
 from data import build_dataset, first_images, save_image_columns, train_batches
-from losses import (PatchDiscriminator, discriminator_step, generator_gan_loss, load_perceptual,
+from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
 from model import ALIT, PRESETS, make_config
-from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, all_reduce_mean, autocast,
+from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, autocast,
                       broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
                       data_workers, due, finish, grad_checkpointing, keep_freed_memory, lr_at, native_bf16,
                       official_heads, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
@@ -299,7 +299,7 @@ def loss_iteration(step: int, iters: int, train: TrainConfig) -> int:
 def log_losses(bar, logs, disc_weight, step, train, ctx):
     """Losses since the last log, averaged over ranks, on the progress bar; a non-finite loss ends
     the run before the checkpoint it would have spoiled."""
-    all_reduce_mean([logs], ctx)
+    average_over_ranks([logs])
     rec, dl, usage, ppl = (logs[:4] / logs[4]).tolist()
     if rec != rec:  # NaN
         sys.exit(f"error: non-finite loss by step {step}; stopped without saving, "

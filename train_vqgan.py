@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from data import build_dataset, first_images, save_image_grid, train_batches
-from losses import (PatchDiscriminator, adopt_weight, discriminator_step, generator_gan_loss, load_perceptual,
+from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
 from quantize import count_codes
-from training import (PAPER_DATASETS, LoopConfig, PerRank, StopSignal, adamw, all_reduce_mean, autocast,
+from training import (PAPER_DATASETS, LoopConfig, PerRank, StopSignal, adamw, autocast,
                       broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
                       data_workers, due, finish, flag_error, keep_freed_memory, lr_at, native_bf16, paper_scale, parse_flags,
                       progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
@@ -146,7 +146,7 @@ def main(argv=None):
         if stop_signal.requested():
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
         if due(step, train.log_every, stop):
-            all_reduce_mean([logs], ctx)
+            average_over_ranks([logs])
             rec, vq, ppl, usage, dl = logs.tolist()
             bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
         if ctx.is_main and due(step, train.sample_every, stop):

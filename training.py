@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DATASETS, check_layout
-from weights import load_checkpoint  # noqa: F401 (resume reads with it; tests and scripts import it from here too)
+from weights import load_checkpoint
 
 # -----------------------------------------------------------------------------
 # Device and DDP
@@ -200,14 +200,6 @@ def autocast(device: torch.device, bf16: bool):
     """bf16 autocast where asked for (no GradScaler needed: bf16 has float32's range)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and device.type in AUTOCAST_DEVICES \
         else contextlib.nullcontext()
-
-
-def all_reduce_mean(tensors, ctx: Distributed):
-    """Average tensors across ranks in place (used for log values and the discriminator's grads)."""
-    if ctx.enabled:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t.div_(ctx.world_size)
 
 
 # -----------------------------------------------------------------------------
