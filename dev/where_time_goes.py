@@ -84,7 +84,8 @@ def install(script):
     wrap(model_module.ALIT, "images_from_logits", "VQGAN decoder (soft codes)")
     wrap(vqgan.Encoder, "forward", "VQGAN encoder")
     wrap(vqgan.Decoder, "forward", "VQGAN decoder")
-    wrap(quantize.VectorQuantizer, "forward", "VQGAN quantizer" if script == "train_vqgan" else "latent quantizer")
+    if script == "train_vqgan":  # in ALIT the latent quantizer runs inside factorize_and_quantize
+        wrap(quantize.VectorQuantizer, "forward", "VQGAN quantizer")
     wrap(quantize.VectorQuantizer, "restart_dead_codes", "dead-code restarts")
     wrap(torch.Tensor, "backward", "backward")
     wrap(torch.optim.AdamW, "step", "optimizer")
