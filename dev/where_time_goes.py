@@ -34,7 +34,7 @@ import training  # noqa: E402
 import vqgan  # noqa: E402
 
 seconds, calls = defaultdict(float), defaultdict(int)
-stack = []  # [part, start of its own time]
+stack = []  # [part, when its own time last resumed, opaque] of the parts running, innermost last
 
 
 def timed(part, function, opaque=False):
