@@ -227,7 +227,7 @@ def main(argv=None):
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
-            log_losses(bar, logs, disc_weight, step, train, ctx)
+            log_losses(bar, logs, disc_weight, step, train)
         if ctx.is_main and due(step, train.sample_every, stop):  # the pixels the loss sees
             grid = model.rollout_images(val_images) + [val_images]
             save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png",
@@ -296,7 +296,7 @@ def loss_iteration(step: int, iters: int, train: TrainConfig) -> int:
     return int(torch.randint(iters, (), generator=torch.Generator().manual_seed(train.seed + step)))
 
 
-def log_losses(bar, logs, disc_weight, step, train, ctx):
+def log_losses(bar, logs, disc_weight, step, train):
     """Losses since the last log, averaged over ranks, on the progress bar; a non-finite loss ends
     the run before the checkpoint it would have spoiled."""
     average_over_ranks([logs])

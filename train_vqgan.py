@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from data import build_dataset, first_images, save_image_grid, train_batches
-from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discriminator_step, generator_gan_loss, load_perceptual,
-                    reconstruction_loss)
+from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discriminator_step, generator_gan_loss,
+                    load_perceptual, reconstruction_loss)
 from quantize import count_codes
 from training import (PAPER_DATASETS, LoopConfig, PerRank, StopSignal, adamw, autocast,
                       broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,

@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import losses  # noqa: E402
 import model as model_module  # noqa: E402
 import quantize  # noqa: E402
 import training  # noqa: E402
@@ -91,7 +90,6 @@ def install(script):
     wrap(torch.optim.AdamW, "step", "optimizer")
     wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
     wrap(training.EMA, "update", "EMA")
-    wrap(losses.PatchDiscriminator, "forward", "discriminator")
     module = importlib.import_module(script)
     for name, part, opaque in [("train_batches", None, False), ("reconstruction_loss", "loss", False),
                                ("stage1_loss", "loss", False), ("generator_gan_loss", "GAN generator loss", True),
