@@ -1,3 +1,5 @@
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,68 @@ SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads
               "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
               "--warmup-steps", "2", "--no-bf16"]
 
+
+# ----------------------------------------------------------------------------- process-wide state
+# Torch's backend flags live in C behind module proxies: `monkeypatch.setattr` cannot put them back
+# (from pytest 9.2 its undo deletes an attribute the proxy's __dict__ never held, raises, and stops
+# undoing the test's other patches). They are saved and restored by value instead.
+
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TORCH_FLAGS = {
+    "torch.backends.cuda.matmul.allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32,
+                                              lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
+    "torch.backends.cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32,
+                                        lambda v: setattr(torch.backends.cudnn, "allow_tf32", v)),
+    "torch.backends.cudnn.benchmark": (lambda: torch.backends.cudnn.benchmark,
+                                       lambda v: setattr(torch.backends.cudnn, "benchmark", v)),
+    "torch.get_default_dtype()": (torch.get_default_dtype, torch.set_default_dtype),
+    "torch.get_num_threads()": (torch.get_num_threads, torch.set_num_threads),
+}
+REAL_CUDA_IS_AVAILABLE = torch.cuda.is_available
+
+
+@contextlib.contextmanager
+def saved_torch_flags():
+    """Whatever the block sets of TORCH_FLAGS is put back, by value, when it ends."""
+    saved = {name: get() for name, (get, _) in TORCH_FLAGS.items()}
+    try:
+        yield
+    finally:
+        for name, (_, put) in TORCH_FLAGS.items():
+            put(saved[name])
+
+
+@pytest.fixture
+def torch_flags():
+    """For a test that sets torch's backend flags (or calls code that does): restored after it."""
+    with saved_torch_flags():
+        yield
+
+
+def process_state() -> dict:
+    return {"torch.cuda.is_available": torch.cuda.is_available,
+            **{f"${name}": os.environ.get(name) for name in DISTRIBUTED_ENV},
+            **{name: get() for name, (get, _) in TORCH_FLAGS.items()}}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_state_behind(request):
+    """A test that leaves the device, the ranks or torch's flags changed would change every later
+    test: it fails by name (at its teardown), and the state is put back for the tests after it."""
+    before = process_state()
+    yield  # autouse, so set up before and torn down after the test's own monkeypatch
+    changed = {name: value for name, value in process_state().items() if value != before[name]}
+    if not changed:
+        return
+    torch.cuda.is_available = REAL_CUDA_IS_AVAILABLE
+    for name in DISTRIBUTED_ENV:
+        os.environ.pop(name, None)
+        if before[f"${name}"] is not None:
+            os.environ[name] = before[f"${name}"]
+    for name, (_, put) in TORCH_FLAGS.items():
+        put(before[name])
+    pytest.fail(f"{request.node.nodeid} left process-wide state changed: "
+                + ", ".join(f"{name} {before[name]!r} -> {value!r}" for name, value in changed.items()), pytrace=False)
 
 
 class TinyFeatures(torch.nn.Module):

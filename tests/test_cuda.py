@@ -30,6 +30,7 @@ import train_stage1
 import train_stage2
 import train_vqgan
 import training
+from conftest import saved_torch_flags
 from data import IMAGENET100_CLASSES, write_photo_folder
 from losses import LPIPS, PatchDiscriminator
 from seeded import load_vectors, seeded_state_dict
@@ -154,12 +155,11 @@ def test_vqgan_layout_and_tf32_targets():
     print(f"\nVQGAN step, bf16, batch 16: {chosen} (chosen) {seconds[chosen] * 1e3:.0f} ms, {other} "
           f"{seconds[other] * 1e3:.0f} ms")
     vqgan.to(memory_format=chosen)
-    tf32 = torch.backends.cudnn.allow_tf32
     indices = {}
-    for allowed in (True, False):
-        torch.backends.cudnn.allow_tf32 = allowed
-        indices[allowed] = train_stage1.vqgan_targets(vqgan.eval(), images)[1]
-    torch.backends.cudnn.allow_tf32 = tf32
+    with saved_torch_flags():
+        for allowed in (True, False):
+            torch.backends.cudnn.allow_tf32 = allowed
+            indices[allowed] = train_stage1.vqgan_targets(vqgan.eval(), images)[1]
     print(f"stage-1 targets: TF32 convolutions change {100 * (indices[True] != indices[False]).float().mean():.2f}% "
           "of the tokens of exact float32")
 

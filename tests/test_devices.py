@@ -211,25 +211,22 @@ def test_the_memory_estimate_counts_weights_and_activations_per_image():
     assert model.encoder.grad_checkpoint is False and model.quantize.counts_since_restart is None  # left as found
 
 
-def test_layout_and_exact_search_are_decided_where_they_act():
+def test_layout_and_exact_search_are_decided_where_they_act(torch_flags):
     assert conv_memory_format(torch.device("cpu")) == torch.channels_last  # the CPU's GroupNorm keeps it
-    before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     with quantize.exact_float32("cpu"):
         assert torch.backends.cuda.matmul.allow_tf32 is False and not torch.is_autocast_enabled("cpu")
     assert torch.backends.cuda.matmul.allow_tf32 is True
-    torch.backends.cuda.matmul.allow_tf32 = before
     indices = torch.tensor([[3, 1, 3], [0, 3, 9]])
     assert torch.equal(quantize.count_codes(indices, 10), torch.bincount(indices.flatten(), minlength=10).float())
 
 
-def test_the_cuda_setup_picks_its_gpu_before_nccl_starts(monkeypatch):
+def test_the_cuda_setup_picks_its_gpu_before_nccl_starts(monkeypatch, torch_flags):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
     monkeypatch.setattr(training.dist, "init_process_group", lambda backend, **kwargs: calls.append(("init", backend)))
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cudnn.benchmark = False
     monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
     ctx = training.setup_distributed("auto")
     assert calls == [("set_device", "cuda:1"), ("init", "nccl")] and ctx.device == torch.device("cuda:1")

@@ -12,3 +12,11 @@ def test_the_models_import_nothing_of_the_training_machinery():
            "'train_stage2', 'train_vqgan', 'evaluate', 'analyze', 'bench') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_ci_runs_the_readme_test_command_in_a_new_virtual_environment():
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("Run the tests:\n\n```bash\n", 1)[1].split("\n", 1)[0]
+    assert command.startswith("python -m venv .venv && . .venv/bin/activate && pip install ")
+    assert command.endswith("python -m pytest -q tests")
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
