@@ -117,9 +117,17 @@ def one_pass(model: ALIT, images):
     the sequence the rollout reaches at its last iteration but without the recurrence. The weights
     were never trained on it: it asks what the same tokens bind to when they are not added in turn."""
     T = model.config.rollout_iters
-    tokens = [model.image_tokens(images, model.vqgan.encoder(images))]
+    tokens = [model.image_tokens(images, model.base_tokens(images))]
     tokens += [model.new_latent_tokens(t, len(images)) for t in range(T)]
     return model.encoder(model.encoder_ln_pre(torch.cat(tokens, dim=1)))
+
+
+def token_accuracy(model: ALIT, logits, targets):
+    """(B,) the fraction of 2D tokens predicted right: the VQGAN index, or over a VAE the vector within
+    halting's tolerance (mean absolute error below halting_code_error, the cells that would halt)."""
+    if model.config.base == "vae":
+        return ((logits.float() - targets).abs().mean(-1) < model.config.halting_code_error).float().mean(1)
+    return (logits.argmax(-1) == targets).float().mean(1)
 
 
 def image_to_latent(weights, num_image_tokens: int):
@@ -290,10 +298,11 @@ def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list
         index = list(range(start, min(n, start + cfg.batch_size)))
         items = [dataset.with_masks(i) if shapes else dataset[i] for i in index]
         images = torch.stack([item[0] for item in items]).to(device)
-        _, gt_indices = model.vqgan.encode(images)
+        tokens_2d = model.base_tokens(images)
+        targets = model.base_targets(tokens_2d)
         attention.record = []
         try:
-            records = model(images, reconstruct=True)
+            records = model(images, tokens_2d, reconstruct=True)
             weights = [w.float().mean(1) for w in attention.record]  # T x (B, 1+N+tK, 1+N+tK), heads averaged
             attention.record = []
             one_pass(model, images)
@@ -308,7 +317,7 @@ def measure(model: ALIT, dataset, cfg: AnalyzeConfig, net, inception, keep: list
         recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
         out["l1"].append((recon - images).abs().mean(dim=(2, 3, 4)).cpu())
         out["mse"].append((recon - images).square().mean(dim=(2, 3, 4)).cpu())
-        out["token_acc"].append(torch.stack([(r.logits.argmax(-1) == gt_indices).float().mean(1) for r in records]).cpu())
+        out["token_acc"].append(torch.stack([token_accuracy(model, r.logits, targets) for r in records]).cpu())
         if inception is not None:
             real_features.append(inception(images).cpu())
             out["features"].append(inception(recon.flatten(0, 1)).view(T, len(images), -1).cpu())

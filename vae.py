@@ -156,7 +156,7 @@ class VAE(nn.Module):
     def from_checkpoint(cls, path) -> "VAE":
         """A VAE trained by train_vqgan.py --base vae: its checkpoint's config and weights."""
         ckpt = load_checkpoint(path)
-        if ckpt.get("base") != "vae" or "model_config" not in ckpt:
+        if ckpt.get("train_config", {}).get("base") != "vae" or "model_config" not in ckpt:
             raise ValueError(f"{path} is not a train_vqgan.py --base vae checkpoint (MAR's KL-16 loads with "
                              "VAE.from_official)")
         model = cls(VAEConfig(**ckpt["model_config"]))

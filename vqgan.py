@@ -318,6 +318,8 @@ class VQGAN(nn.Module):
         if "model_config" not in ckpt or "discriminator" not in ckpt:
             raise ValueError(f"{path} is not a train_vqgan.py checkpoint (the official VQGAN loads with "
                              "VQGAN.from_official, --vqgan-official)")
+        if ckpt.get("train_config", {}).get("base") == "vae":
+            raise ValueError(f"{path} holds a VAE (train_vqgan.py --base vae): vae.VAE.from_checkpoint reads it")
         model = cls(VQGANConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model
