@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from quantize import Quantized, VectorQuantizer
-from vqgan import PRESETS as VQGAN_PRESETS
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig
 from vae import official_config as vae_official_config
+from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGAN, VQGANConfig, official_config
 from weights import load_checkpoint, load_exact, read_weights, source_name
 
