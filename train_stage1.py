@@ -10,7 +10,7 @@ tokens in each iteration." Over a VAE (--base vae): "we use mean-square
 reconstruction loss when using VAE as the base-tokenizer".
 
     python train_stage1.py                      # tiny preset on `shapes`, from out/vqgan/ckpt.pt
-    python train_stage1.py --base vae --vqgan-ckpt out/vae/ckpt.pt   # over the tiny VAE
+    python train_stage1.py --base vae          # over the tiny VAE, from out/vae/ckpt.pt
     python train_stage1.py --dataset imagenet100 --data-dir /data/imagenet   # the paper's run (PAPER_RUN)
     torchrun --nproc_per_node=8 train_stage1.py ...   # DDP: gloo on CPU, nccl on CUDA
 """
@@ -48,6 +48,7 @@ OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
 # at the lowest learning rates, are the least trained, and the official weights leave the longest
 # codes worse than shorter ones.
 CPU_ITERATION_WEIGHTS = "1.0,1.0,1.0,1.0,1.25,1.5,2.0,2.5"
+VAE_CKPT = "out/vae/ckpt.pt"  # --vqgan-ckpt's default with --base vae
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainConfig(LoopConfig):
     out_dir: Annotated[str, "folder"] = "out/stage1"
     steps: Annotated[int, ">= 1"] = 1500
     batch_size: Annotated[int, ">= 1"] = 16
-    vqgan_ckpt: Annotated[str, "file"] = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint (with --base vae, of --base vae) ...
+    vqgan_ckpt: Annotated[str, "file"] = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint (with --base vae, of --base vae: out/vae/ckpt.pt) ...
     # ... or the VQGAN of the official code (VQGAN.from_official): a path, or a name looked up in
     # $ALIT_WEIGHTS and the torch hub cache; default for the 256x256 presets: vqgan.ckpt found there
     vqgan_official: Annotated[str | None, "file"] = None
@@ -158,9 +159,12 @@ def resolve_vqgan(train: TrainConfig, model_cfg: ALITConfig) -> TrainConfig:
     (weights.find_weights), else out/vqgan/ckpt.pt. A VAE alike, with --vae-official."""
     if model_cfg.base == "vae":
         check_flags([(not train.vqgan_official, "--vqgan-official is a VQGAN; with --base vae pass --vae-official")])
+        default = train.vqgan_ckpt == TrainConfig.vqgan_ckpt
+        if default:  # where train_vqgan.py --base vae writes
+            train = dataclasses.replace(train, vqgan_ckpt=VAE_CKPT)
         try:
             found = find_weights("vae", "--vae-official", train.vae_official) if train.vae_official or (
-                paper_scale(model_cfg.image_size) and train.vqgan_ckpt == TrainConfig.vqgan_ckpt) else None
+                paper_scale(model_cfg.image_size) and default) else None
         except FileNotFoundError as error:
             sys.exit(f"error: {error}")
         return dataclasses.replace(train, vae_official=found and str(found))

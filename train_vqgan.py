@@ -8,7 +8,7 @@ discriminator start step. With --base vae (vae.py) the codebook loss gives way
 to LDM's KL term (Rombach et al. 2022), with its weight.
 
     python train_vqgan.py                                  # tiny VQGAN on `shapes`, CPU ok
-    python train_vqgan.py --base vae                       # tiny VAE on `shapes`
+    python train_vqgan.py --base vae                       # tiny VAE on `shapes`, in out/vae
     python train_vqgan.py --dataset imagenet100 --data-dir /data/imagenet   # the imagenet preset (PAPER_RUN)
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
@@ -36,7 +36,7 @@ from weights import find_perceptual
 
 @dataclass
 class TrainConfig(LoopConfig):
-    out_dir: Annotated[str, "folder"] = "out/vqgan"
+    out_dir: Annotated[str, "folder"] = "out/vqgan"  # (--base vae: out/vae)
     # The tokenizer: a VQGAN (codebook indices), or a KL autoencoder (vae.py: continuous tokens; the
     # presets map to its own, imagenet -> kl16 (MAR's KL-16), tiny -> tiny; the codebook flags do not apply)
     base: Literal["vqgan", "vae"] = "vqgan"
@@ -80,7 +80,8 @@ VAE_PRESET = {"imagenet": "kl16", "tiny": "tiny"}
 
 
 def implied_defaults(given: dict) -> dict:
-    return PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}
+    where = {"out_dir": "out/vae"} if given.get("base") == "vae" else {}  # beside the VQGAN's out/vqgan
+    return {**(PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}), **where}
 
 
 def parse_args(argv=None):
