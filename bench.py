@@ -37,6 +37,10 @@ H100_MEMORY = 80e9  # bytes, the H100 SXM's HBM3
 IMAGENET100_TRAIN_IMAGES = 126_689  # the CMC class list's training images (data.IMAGENET100_CLASSES)
 PAPER_EPOCHS = 200  # both stages: the official run scripts (--epochs 200; the paper gives no numbers)
 GAN_FRACTION = 0.5  # stage 2's steps with the adversarial terms on (train_stage2.py --gan-schedule)
+PAPER_BATCH_PER_GPU = (32, 12)  # stage 1, stage 2: the official run scripts on 8 GPUs
+# Assumed NCCL all-reduce bus bandwidths: NVLink within an 8-H100 node, one 400 Gb/s NIC between nodes
+NVLINK_BUS_BYTES_PER_SECOND = 360e9
+NODE_LINK_BYTES_PER_SECOND = 50e9
 
 
 @dataclass
@@ -176,7 +180,34 @@ def workers_per_gpu(loading: dict, paper: dict) -> dict:
             for stage, rate in rates.items()}
 
 
-def paper_memory(cfg: ALITConfig, batches=(32, 12)) -> dict:
+def ring_all_reduce_seconds(nbytes: float, ranks: int, bus_bytes_per_second: float) -> float:
+    """A ring all-reduce sends and receives 2 (n - 1) / n of the buffer on every rank, at the slowest link."""
+    return 2 * (ranks - 1) / ranks * nbytes / bus_bytes_per_second
+
+
+def gradient_all_reduce(cfg: ALITConfig, paper: dict) -> dict:
+    """The float32 gradients DDP all-reduces each step of the paper's runs, and how long that takes on one
+    8-GPU NVLink node and across two, against the step's compute on an H100 at the paper utilisation.
+    Every ALIT weight serves all 8 iterations, so no gradient is ready before the backward's last part
+    reaches the first iteration: the reduction cannot hide behind the backward."""
+    with torch.device("meta"):
+        model = ALIT(cfg)
+    stage1 = sum(p.numel() for p in model.alit_parameters())
+    stage2 = sum(p.numel() for p in model.parameters()) - model.vqgan.quantize.embedding.weight.numel() - \
+        model.halted_token.numel()
+    rate = paper["utilisation"] * H100_BF16_FLOPS
+    result = {}
+    for stage, parameters, batch in (("stage1", stage1, PAPER_BATCH_PER_GPU[0]), ("stage2", stage2, PAPER_BATCH_PER_GPU[1])):
+        compute = batch * paper[f"{stage}_tflop_per_image"] * 1e12 / rate
+        seconds = {"one_node": ring_all_reduce_seconds(4 * parameters, 8, NVLINK_BUS_BYTES_PER_SECOND),
+                   "two_nodes": ring_all_reduce_seconds(4 * parameters, 16, NODE_LINK_BYTES_PER_SECOND)}
+        result[stage] = {"gradient_bytes": 4 * parameters, "step_compute_seconds": compute,
+                         **{f"{k}_seconds": v for k, v in seconds.items()},
+                         **{f"{k}_overhead": v / compute for k, v in seconds.items()}}
+    return result
+
+
+def paper_memory(cfg: ALITConfig, batches=PAPER_BATCH_PER_GPU) -> dict:
     """Bytes a GPU holds in a step of each stage at the paper's batch per GPU (stage 1: 32, stage 2: 12),
     bf16 as on the GPU, without and with gradient checkpointing: training.step_memory (weights,
     gradients, AdamW, EMA and the activations autograd keeps, measured here on one and two images)."""
@@ -208,7 +239,7 @@ def stage1_step(model, optimizer, images, bf16, weights, precomputed=None):  # t
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_stage1(name, cfg, batch, reps, ceilings, device, share=True) -> dict:
+def bench_stage1(name, cfg, batch, reps, ceilings, device) -> dict:
     torch.manual_seed(0)
     model = ALIT(cfg).to(device)
     model.vqgan.requires_grad_(False)
@@ -222,11 +253,9 @@ def bench_stage1(name, cfg, batch, reps, ceilings, device, share=True) -> dict:
     for precision in ceilings:  # two warm-ups: with keep_freed_memory the CPU heap settles in the second
         seconds = timed(lambda: stage1_step(model, optimizer, images, precision == "bf16", weights), reps, 2, device)
         row[precision] = {"seconds": seconds, "fraction_of_ceiling": flops / seconds / ceilings[precision]}
-    if share:
-        with torch.no_grad():
-            encoded = model.vqgan.encode(images)
-        seconds = timed(lambda: stage1_step(model, optimizer, images, False, weights, encoded), reps, 1, device)
-        row["vqgan_share"] = 1 - seconds / row["float32"]["seconds"]
+    # What precomputing the frozen VQGAN's targets would save of a step (a token cache): its encoder's share
+    with torch.no_grad():
+        row["vqgan_share"] = timed(lambda: model.vqgan.encode(images), reps, 1, device) / row["float32"]["seconds"]
     # CUDA: the allocator's peak; CPU: the process's peak resident size (KiB on Linux), which only grows
     row["peak_memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
@@ -280,16 +309,16 @@ def main(argv=None):
     report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "quick": cfg.quick, "matrix_size": n, "ceiling_flops": ceilings}
     # smallest first: the CPU's peak resident size only grows
-    configs = ([("tiny", make_config("tiny"), 16, reps, True)] if cfg.quick else
-               [("mid", make_config("small", **MID), 4, reps, True),
-                ("small", make_config("small"), 2, cfg.reps or 1, False)])
-    report["stage1"] = [bench_stage1(*c[:4], ceilings, device, share=c[4]) for c in configs]
+    configs = ([("tiny", make_config("tiny"), 16, reps)] if cfg.quick else
+               [("mid", make_config("small", **MID), 4, reps), ("small", make_config("small"), 2, cfg.reps or 1)])
+    report["stage1"] = [bench_stage1(*c, ceilings, device) for c in configs]
     # A `mid` rollout decodes 8 reconstructions an image at 256x256: each encode runs once there.
     report["adaptive"] = bench_adaptive(*(("tiny", make_config("tiny"), 32, reps) if cfg.quick else
                                           ("mid", make_config("small", **MID), 8, 1)), device)
     report["paper"] = paper_cost(cfg.utilisation)
     report["data_loading"] = bench_data_loading(16 if cfg.quick else 64, reps)
     report["workers_per_gpu"] = workers_per_gpu(report["data_loading"], report["paper"])
+    report["gradient_all_reduce"] = gradient_all_reduce(make_config("small"), report["paper"])
     report["memory"] = paper_memory(*((make_config("tiny"), (16, 16)) if cfg.quick else (make_config("small"),)))
     report["memory"]["config"] = "tiny" if cfg.quick else "small"
     print(format_report(report))
@@ -301,13 +330,13 @@ def main(argv=None):
 
 def format_report(r: dict) -> str:
     c, a, p = r["ceiling_flops"], r["adaptive"], r["paper"]
-    d, w, m = r["data_loading"], r["workers_per_gpu"], r["memory"]
+    d, w, m, g = r["data_loading"], r["workers_per_gpu"], r["memory"], r["gradient_all_reduce"]
     lines = [f"device {r['device']}, {r['threads']} threads, torch {r['torch']}; matmul ceiling ({r['matrix_size']}^3, "
              "fastest of 10): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in c.items()), "",
              "| stage-1 step | batch | GFLOP/step | precision | s/step | of the ceiling | VQGAN share | peak memory |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for s in r["stage1"]:
-        share = f"{100 * s['vqgan_share']:.0f}%" if "vqgan_share" in s else "-"
+        share = f"{100 * s['vqgan_share']:.0f}%"
         lines += [f"| {s['config']} | {s['batch']} | {s['flops_per_step'] / 1e9:.0f} | {k} | {s[k]['seconds']:.2f} | "
                   f"{100 * s[k]['fraction_of_ceiling']:.0f}% | {share} | {s['peak_memory_gb']:.1f} GB |" for k in c]
     exits = [f"{k} criterion {a[k]['seconds']:.2f} s at {a[k]['fraction_of_tokens']:.2f} of the tokens, "
@@ -325,6 +354,13 @@ def format_report(r: dict) -> str:
         f"({d['jpeg_kb']:.0f} KB 500x375 JPEGs -> 256x256, this CPU); the H100 above takes "
         f"{w['stage1']['images_per_second']:.0f} images/s in stage 1 and {w['stage2']['images_per_second']:.0f} in "
         f"stage 2: {w['stage1']['workers']} and {w['stage2']['workers']} worker(s) per GPU", "",
+        "gradient all-reduce of the paper's runs (float32; ring at an assumed "
+        f"{NVLINK_BUS_BYTES_PER_SECOND / 1e9:.0f} GB/s on one NVLink node of 8, {NODE_LINK_BYTES_PER_SECOND / 1e9:.0f} "
+        "GB/s across two; after the backward, which cannot hide it): " + "; ".join(
+            f"{stage.replace('stage', 'stage ')} {g[stage]['gradient_bytes'] / 1e9:.2f} GB a step, one node "
+            f"{1e3 * g[stage]['one_node_seconds']:.1f} ms (+{100 * g[stage]['one_node_overhead']:.0f}% of a "
+            f"{1e3 * g[stage]['step_compute_seconds']:.0f} ms step), two nodes {1e3 * g[stage]['two_nodes_seconds']:.1f} "
+            f"ms (+{100 * g[stage]['two_nodes_overhead']:.0f}%)" for stage in ("stage1", "stage2")), "",
         f"memory per GPU, `{m['config']}`, bf16 (weights, gradients, AdamW, EMA, activations; "
         f"{H100_MEMORY / 1e9:.0f} GB on an H100): " + "; ".join(
             f"{stage.replace('stage', 'stage ')} at batch {m[stage]['batch']} {m[stage]['plain'] / 1e9:.1f} GB, with "

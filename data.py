@@ -12,15 +12,11 @@ Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1).
 
 Every item is (image, target) with image a float32 (3, S, S) tensor in [0, 1].
 """
-import bisect
-import hashlib
 import itertools
-import json
 import math
 import os
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -626,136 +622,3 @@ def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int,
                      f"--max-bad-images {max_bad_images}), e.g. {skipped[0]}: check the files under --data-dir")
         yield epoch, batch
 
-
-# -----------------------------------------------------------------------------
-# Precomputed VQGAN tokens for stage 1
-
-class TokenCache(Dataset):
-    """Stage-1 items with the frozen VQGAN's encoding read from disk instead of recomputed.
-
-    In stage 1 the VQGAN is frozen, so its encoding of an image never changes; only the
-    augmentation does. The cache keeps two views per image, the evaluation crop and its mirror
-    image, with their VQGAN latents and indices, memory-mapped, in one shard per rank that built
-    it (build_token_cache). A random flip picks the view, so flips survive; random resized crops
-    do not (their variety would need a view per crop).
-    Items are (image, target, vqgan_latents (C, g, g), gt_indices (g*g,)).
-    """
-
-    def __init__(self, dataset: Dataset, path):
-        path = Path(path)
-        self.dataset = dataset
-        meta = json.loads((path / "meta.json").read_text())
-        self.bounds = meta["bounds"]  # shard s holds images bounds[s]:bounds[s + 1]
-        shards = len(self.bounds) - 1
-        # shard s: latents (n_s, 2, C, g, g) float32 and indices (n_s, 2, g*g) int64; empty shards stay unread
-        self.latents, self.indices = ([np.load(shard_file(path, meta["build"], s, shards, kind), mmap_mode="r")
-                                       if self.bounds[s + 1] > self.bounds[s] else None for s in range(shards)]
-                                      for kind in ("latents", "indices"))
-        self.skipped = getattr(dataset, "skipped", [])  # the same list: decode failures of the images
-        if self.bounds[-1] != len(dataset):
-            raise ValueError(f"token cache {path} holds {self.bounds[-1]} images, the dataset {len(dataset)}; "
-                             "delete it to rebuild")
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, target = self.dataset[index]
-        view = int(torch.rand(()) < 0.5)
-        if view:
-            image = image.flip(-1)
-        shard = bisect.bisect_right(self.bounds, index) - 1
-        row = index - self.bounds[shard]
-        return (image, target, torch.from_numpy(np.array(self.latents[shard][row, view])),
-                torch.from_numpy(np.array(self.indices[shard][row, view])))
-
-
-def shard_file(path: Path, build: str, shard: int, shards: int, kind: str) -> Path:
-    """A token cache's files: <build>.<shard>of<shards>.{latents,indices}.npy, and .progress while it is built."""
-    return Path(path) / f"{build}.{shard}of{shards}.{kind}{'' if kind == 'progress' else '.npy'}"
-
-
-def temporary(path: Path) -> Path:
-    """x.npy -> x.tmp.npy, the name a file is written under until it is whole."""
-    return path.with_name(path.name[:-len(".npy")] + ".tmp.npy")
-
-
-def shard_bounds(n: int, shards: int, batch_size: int) -> list:
-    """Where each shard of a cache of n images starts, and where the last ends: on batch boundaries,
-    so that every image is encoded in the same batch whatever the number of shards."""
-    batches = math.ceil(n / batch_size)
-    return [min(n, batch_size * (batches * s // shards)) for s in range(shards + 1)]
-
-
-@torch.no_grad()
-def build_token_cache(dataset: Dataset, encode, path, description: dict, shard: int = 0, shards: int = 1,
-                      timeout: float = 300, batch_size: int = 64, device="cpu", num_workers: int = 0) -> None:
-    """Encode every image of `dataset` (evaluation transform: a fixed view) and its mirror image with
-    `encode` (images -> (latents (B, C, g, g), indices (B, g*g))) into the cache at `path`, which then
-    holds meta.json: `description` (what the cache was built from) and where its shards are.
-
-    Under DDP each of the `shards` ranks calls it with its own `shard`: it encodes its share, then
-    waits for the others' without a collective, which would time out on a build that takes longer
-    than --dist-timeout. A rank that shows no progress for `timeout` seconds (lost) ends the wait
-    with an error. Shards are written under temporary names and renamed when whole, so an
-    interrupted build resumes with the shards that were finished; meta.json comes last.
-    """
-    from torch.utils.data import DataLoader, Subset
-    from numpy.lib.format import open_memmap
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    build = hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
-    bounds = shard_bounds(len(dataset), shards, batch_size)
-    done = lambda s: shard_file(path, build, s, shards, "indices").is_file()  # renamed last
-    if not done(shard):
-        start, stop = bounds[shard], bounds[shard + 1]
-        progress = shard_file(path, build, shard, shards, "progress")
-        progress.write_text(f"0 of {stop - start} images")  # what the other ranks watch
-        arrays, row = {}, 0
-        for batch, _ in DataLoader(Subset(dataset, range(start, stop)), batch_size, num_workers=num_workers):
-            batch = batch.to(device)
-            for view, views in enumerate((batch, batch.flip(-1))):
-                for kind, codes in zip(("latents", "indices"), encode(views)):
-                    if kind not in arrays:  # (images, 2 views, *shape of one image's codes)
-                        arrays[kind] = open_memmap(temporary(shard_file(path, build, shard, shards, kind)), "w+",
-                                                   np.float32 if kind == "latents" else np.int64,
-                                                   (stop - start, 2, *codes.shape[1:]))
-                    arrays[kind][row:row + len(batch), view] = codes.float().cpu().numpy() if kind == "latents" \
-                        else codes.cpu().numpy()
-            row += len(batch)
-            progress.write_text(f"{row} of {stop - start} images")
-        for kind in ("latents", "indices"):  # indices last: its name says the shard is whole
-            if kind in arrays:
-                arrays[kind].flush()
-                del arrays[kind]
-            else:  # an empty shard (more ranks than batches)
-                np.save(temporary(shard_file(path, build, shard, shards, kind)), np.zeros(0))
-            os.replace(temporary(shard_file(path, build, shard, shards, kind)), shard_file(path, build, shard, shards, kind))
-        progress.unlink(missing_ok=True)
-    wait_for(lambda: all(done(s) for s in range(shards)), [shard_file(path, build, s, shards, "progress")
-                                                          for s in range(shards)], timeout, f"the token cache {path}")
-    if shard == 0:  # the shards are whole: describe them, and remove what earlier builds left
-        meta = path / "meta.json"
-        tmp_meta = path / "meta.tmp.json"
-        tmp_meta.write_text(json.dumps({"description": description, "build": build, "bounds": bounds}, indent=1))
-        os.replace(tmp_meta, meta)
-        keep = {shard_file(path, build, s, shards, kind).name for s in range(shards) for kind in ("latents", "indices")}
-        for old in [*path.glob("*.npy"), *path.glob("*.progress")]:
-            if old.name not in keep:
-                old.unlink(missing_ok=True)
-    wait_for(lambda: (path / "meta.json").is_file(), [], timeout, f"{path / 'meta.json'} from rank 0")
-
-
-def wait_for(ready, progress_files, timeout: float, what: str, poll: float = 0.1) -> None:
-    """Until ready() is true. While a file in `progress_files` keeps changing, its writer is alive;
-    when none has changed for `timeout` seconds, stop with an error."""
-    seen, changed = None, time.monotonic()
-    while not ready():
-        now = [p.read_text() if p.is_file() else None for p in progress_files]
-        if now != seen:
-            seen, changed = now, time.monotonic()
-        elif time.monotonic() - changed > timeout:
-            sys.exit(f"error: no progress on {what} for {timeout:g} s (--dist-timeout): a rank building it was lost; "
-                     "run again to finish it")
-        time.sleep(poll)

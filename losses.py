@@ -250,16 +250,22 @@ def average_over_ranks(tensors):
 
 def discriminator_step(discriminator, optimizer, images, recon, precision=contextlib.nullcontext()):
     """One hinge-loss update on real images vs the (detached) reconstructions, under `precision` (the
-    training script's autocast).
+    training script's autocast). With gradient accumulation `images` and `recon` are lists of
+    micro-batches: each goes through on its own, their mean loss makes the one update.
 
     The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
     keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
     one-backward-per-forward bookkeeping does not allow.
     """
-    with precision:
-        loss = hinge_d_loss(discriminator(images), discriminator(recon.detach()))
+    if torch.is_tensor(images):
+        images, recon = [images], [recon]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for real, fake in zip(images, recon):
+        with precision:
+            loss = hinge_d_loss(discriminator(real), discriminator(fake.detach())) / len(images)
+        loss.backward()
+        total = total + loss.detach()
     average_over_ranks([p.grad for p in discriminator.parameters()])
     optimizer.step()
-    return loss.detach()
+    return total

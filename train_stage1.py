@@ -16,9 +16,8 @@ reconstruction loss when using VAE as the base-tokenizer".
 """
 import contextlib
 import dataclasses
-import json
+import functools
 import sys
-import time
 from dataclasses import dataclass
 from typing import Annotated
 from pathlib import Path
@@ -27,15 +26,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import TokenCache, build_dataset, build_token_cache, first_images, save_image_columns, train_batches
+from data import build_dataset, first_images, save_image_columns, train_batches
 from losses import average_over_ranks
 from model import ALIT, ALITConfig, PRESETS, make_config
 from quantize import count_codes, exact_float32
-from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, StopSignal, adamw,
-                      autocast, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
-                      data_workers, due, finish, flag_error, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
-                      native_bf16, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
-                      setup_distributed, step_memory, stop_step, wrap_ddp)
+from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, RunPlan, StopSignal, adamw,
+                      autocast, check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder,
+                      clear_out_dir, due, finish, flag_error, global_batch_of, grad_checkpointing, keep_freed_memory,
+                      launched_ranks, lr_at, paper_scale, parse_flags, planned_device, progress, resume, run_plan,
+                      save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory, stop_step,
+                      to_stderr, use_bf16, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
 from vae import VAE
 from vqgan import VQGAN, VQGANConfig, conv_memory_format
@@ -64,7 +64,6 @@ class TrainConfig(LoopConfig):
     # presets: vae.ckpt or kl16.ckpt found there
     vae_official: Annotated[str | None, "file"] = None
     warmup_steps: Annotated[int, ">= 0"] = 50  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
-    grad_accum: Annotated[int, ">= 1"] = 1  # micro-batches per optimizer step (gradients synced on the last only)
     # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
     # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few thousand steps need large ones.
     base_lr: Annotated[float | None, "> 0"] = None
@@ -97,9 +96,6 @@ class TrainConfig(LoopConfig):
     # Recompute the transformer blocks in the backward pass instead of keeping their activations (~30%
     # more time). Default: on where a step would not fit the GPU (training.grad_checkpointing says so)
     grad_checkpoint: bool | None = None
-    # Directory of precomputed VQGAN tokens (built on first use, data.TokenCache): the frozen VQGAN
-    # encoder then never runs in the loop; augmentation is reduced to flips of a fixed crop.
-    token_cache: Annotated[str | None, "folder"] = None
 
 
 # What the recipe fields above default to. A few thousand CPU steps need all of these: the shared
@@ -113,17 +109,13 @@ OFFICIAL_RECIPE = dict(base_lr=1.5e-4, iteration_weights=OFFICIAL_ITERATION_WEIG
 
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
-# epochs of ImageNet-100 (126,689 images at global batch 256), 20 of them warmup, 32 images per GPU;
-# without --batch-size, --grad-accum makes the global batch 256 on however many ranks.
-PAPER_RUN = dict(preset="small", batch_size=32, steps=100_000, warmup_steps=10_000)
+# epochs, 20 of them warmup, at a global batch of 256 (32 images per GPU on 8 GPUs) on however many
+# ranks (training.fit_global_batch).
+PAPER_RUN = dict(preset="small", batch_size=32, global_batch=PAPER_GLOBAL_BATCH, epochs=200, warmup_epochs=20)
 
 
 def implied_defaults(given: dict) -> dict:
-    if given.get("dataset") not in PAPER_DATASETS:
-        return {"preset": "tiny"}
-    if "batch_size" in given:
-        return PAPER_RUN
-    return {**PAPER_RUN, "grad_accum": max(1, PAPER_GLOBAL_BATCH // (PAPER_RUN["batch_size"] * launched_ranks()))}
+    return PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}
 
 
 def parse_args(argv=None):
@@ -139,7 +131,7 @@ def parse_args(argv=None):
                   "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
     check_data(train.dataset, train.data_dir)
-    return resolve_vqgan(train, model_cfg), model_cfg
+    return resolve_vqgan(schedule_in_epochs(train), model_cfg), model_cfg
 
 
 def vqgan_fits(theirs: VQGANConfig, ours: VQGANConfig) -> bool:
@@ -245,34 +237,11 @@ def vqgan_targets(vqgan: VQGAN, images):
     """The frozen VQGAN's encoding of images, which stage 1 distils: latents (B, C, g, g) and the
     nearest code of every grid cell (B, g*g); a VAE's: its tokens, a fresh posterior sample (the
     official get_img_tokens), (B, C, g, g) and as targets (B, g*g, C). In float32 whatever the autocast, the nearest code in
-    exact float32 (quantize.exact_float32), so that the token cache and the loop give the same
-    targets. (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs them by default: exact float32
+    exact float32 (quantize.exact_float32), so that bf16 and float32 runs distil the same targets.
+    (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs them by default: exact float32
     would make the encoder, 3% of a step's FLOPs, a fifth of its time on an H100.)"""
     with torch.no_grad(), exact_float32(images.device.type):
         return vqgan.encode(images.float())
-
-
-def open_token_cache(train, model: ALIT, ctx, workers: int) -> TokenCache:
-    """The training set with precomputed VQGAN tokens; built on first use, each rank its share
-    (data.build_token_cache: the ranks wait for each other without a collective, so a build longer
-    than --dist-timeout is fine)."""
-    path = Path(train.token_cache)
-    views = build_dataset(train.dataset, "train", model.config.image_size, train.data_dir, train=False,
-                          num_images=train.train_images)
-    description = json.loads(json.dumps({  # as it reads back from meta.json
-        "dataset": train.dataset, "data_dir": train.data_dir, "images": len(views), "image_size": model.config.image_size,
-        "vqgan": train.vae_official or train.vqgan_official or train.vqgan_ckpt,
-        "vqgan_config": dataclasses.asdict(model.base.config)}))
-    if not (path / "meta.json").is_file():
-        ctx.log(f"building the token cache {path} ({len(views)} images x 2 views, over {ctx.world_size} rank(s))")
-        start = time.monotonic()
-        build_token_cache(views, lambda images: vqgan_targets(model.base, images), path, description, ctx.rank,
-                          ctx.world_size, train.dist_timeout, device=ctx.device, num_workers=workers)
-        ctx.log(f"built the token cache in {time.monotonic() - start:.1f} s")
-    stored = json.loads((path / "meta.json").read_text()).get("description")
-    if stored != description:
-        sys.exit(f"error: --token-cache {path} was built for {stored}, not {description}; delete it to rebuild")
-    return TokenCache(views, path)
 
 
 def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
@@ -311,32 +280,43 @@ def stage1_loss_vae(model: ALIT, records, target_tokens, weights, quantizer_weig
     return total, stats
 
 
+def plan(train: TrainConfig, model_of, device, model_device, log=print) -> RunPlan:
+    """The run plan on `device`: lr = base lr x global batch / 256, and gradient checkpointing where a
+    step of model_of() (on model_device; made only if the GPU's memory decides) would not fit."""
+    bf16 = use_bf16(train.bf16, device)
+    checkpointing = grad_checkpointing(train.grad_checkpoint, device,
+                                       lambda on: step_memory_of(model_of(), train, model_device, bf16, on), log)
+    return run_plan(train, device, train.base_lr * global_batch_of(train) / 256, bf16, checkpointing)
+
+
 def main(argv=None):
     train, model_cfg = parse_args(argv)
-    check_out_dir(train, "rollout_*.png")
+    train = check_out_dir(train, "rollout_*.png")
+    if train.dry_run:  # a model only if the memory estimate is made, on the CPU
+        model_of = functools.cache(lambda: model_for_plan(model_cfg))
+        print(plan(train, model_of, planned_device(train.device), torch.device("cpu"), to_stderr).to_json())
+        return None
     ctx = setup_distributed(train.device, train.dist_timeout)
+    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
-    bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
-    workers = data_workers(train.num_workers, ctx.device)
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
     vqgan = load_base_vqgan(train, model_cfg, ctx.log)
     model_cfg = dataclasses.replace(model_cfg, **{model_cfg.base: vqgan.config})  # the checkpoint's exact base
     model = ALIT(model_cfg)
     setattr(model, model_cfg.base, vqgan)
-    model.base.requires_grad_(False).eval()  # frozen: no gradient, no optimizer state, outside EMA
+    frozen_vqgan(model)
     if not train.halting:
         model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
     model.base.to(memory_format=conv_memory_format(ctx.device))
-    global_batch = train.batch_size * train.grad_accum * ctx.world_size
-    lr = train.base_lr * global_batch / 256
+    run = plan(train, lambda: model, ctx.device, ctx.device, ctx.log)
+    lr, bf16, workers = run.lr, run.precision == "bf16", run.workers_per_rank
+    model.set_grad_checkpointing(run.grad_checkpoint)
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
-    model.set_grad_checkpointing(grad_checkpointing(
-        train.grad_checkpoint, ctx.device, lambda on: step_memory_of(model, train, ctx.device, bf16, on), ctx.log))
 
     stateful = {"model": model, "ema": ema, "optimizer": optimizer}  # what a checkpoint saves and resume restores
     # Each rank counts the latent codes its own batches use: dead-code restarts go on from every rank's count.
@@ -349,17 +329,14 @@ def main(argv=None):
         clear_out_dir(train, "rollout_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)  # the halting draws differ per rank
     ctx.log(f"ALIT {model_cfg}\n{sum(p.numel() for p in model.alit_parameters()) / 1e6:.2f}M trainable "
-            f"parameters\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), global batch "
-            f"{global_batch}, lr {lr:.3g}, bf16 {bf16}, {workers} data worker(s) a rank")
+            f"parameters\ntraining {train}\n{run}")
 
     if train.compile:
         model.compile_transformers()
     # Frozen params never get gradients; when only a subset of iterations is decoded, halting
     # (hence the halted token) and later iterations' embeddings may not run at all in a step.
-    ddp_model = wrap_ddp(model, ctx, find_unused_parameters=bool(train.loss_iters or train.rollout_warmup))
+    ddp_model = wrap_ddp(model, ctx, bool(train.loss_iters or train.rollout_warmup), run.all_reduce == "bf16")
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
-    if train.token_cache:
-        dataset = open_token_cache(train, model, ctx, workers)
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step * train.grad_accum,
@@ -411,10 +388,7 @@ def train_step(model: ALIT, ddp_model, optimizer, ema: EMA, batches, step: int, 
     for micro in range(train.grad_accum):
         _, batch = next(batches)
         images = batch[0].to(ctx.device, non_blocking=True)
-        if train.token_cache:
-            vqgan_latents, gt_indices = (t.to(ctx.device, non_blocking=True) for t in batch[2:4])
-        else:
-            vqgan_latents, gt_indices = vqgan_targets(model.base, images)
+        vqgan_latents, gt_indices = vqgan_targets(model.base, images)
         last_micro = micro == train.grad_accum - 1
         with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
             with autocast(ctx.device, bf16):
@@ -446,9 +420,22 @@ def loss_iterations(step: int, train: TrainConfig, iters: int) -> list:
     return torch.randperm(rollout, generator=torch.Generator().manual_seed(train.seed + step))[:train.loss_iters].tolist()
 
 
+def frozen_vqgan(model: ALIT) -> ALIT:
+    """Stage 1 trains the latent-distillation modules only: the VQGAN (or VAE) gets no gradient, no
+    optimizer state, and stays outside the EMA."""
+    model.base.requires_grad_(False).eval()
+    return model
+
+
+def model_for_plan(model_cfg: ALITConfig) -> ALIT:
+    """--dry-run's model, for the memory estimate only: of the preset, its VQGAN random."""
+    return frozen_vqgan(ALIT(model_cfg))
+
+
 def step_memory_of(model: ALIT, train: TrainConfig, device, bf16: bool, checkpointing: bool) -> int:
     """Bytes a step holds at --batch-size (training.step_memory): the rollout with halting and the
-    loss at every iteration, on random images, with or without gradient checkpointing."""
+    loss at every iteration, on random images, with or without gradient checkpointing, on the
+    launched ranks."""
     saved = model.quantize.restart_state() if model.quantize is not None else None  # the probes count codes too
     was = model.encoder.grad_checkpoint
     model.set_grad_checkpointing(checkpointing)
@@ -460,7 +447,7 @@ def step_memory_of(model: ALIT, train: TrainConfig, device, bf16: bool, checkpoi
         with autocast(device, bf16):
             stage1_loss(model, model(images, latents, gt, halting=True), gt, weights, 0.0, 1.0, 1.0)
 
-    need = step_memory(model, forward_on, train.batch_size, device)
+    need = step_memory(model, forward_on, train.batch_size, device, launched_ranks())
     model.set_grad_checkpointing(was)
     if saved is not None:
         model.quantize.load_restart_state(saved)
@@ -482,8 +469,8 @@ def code_blend(step: int, train: TrainConfig) -> float:
 
 def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx, vae=False):
     """Cross-entropy, per-iteration token accuracy and the fraction of latent codes the longest codes
-    used since the last log, over all ranks, on the progress bar (vae: the MSE and the per-iteration
-    mean absolute code error); a non-finite loss ends the run before the checkpoint it would have spoiled."""
+    used since the last log, over all ranks, on the progress bar; a non-finite loss ends the run
+    before the checkpoint it would have spoiled."""
     average_over_ranks([stats, code_counts])
     if ctx.enabled:
         dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
@@ -493,7 +480,7 @@ def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx, vae=False):
     ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
     per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
     used = f"{(code_counts > 0).float().mean().item():.2f}" if len(code_counts) else "-"
-    if vae:
+    if vae:  # the MSE and the per-iteration mean absolute code error
         bar.set_postfix(mse=f"{ce:.4f}", err="/".join(f"{a:.3f}" for a in per_iteration), codes_used=used)
     else:
         bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration), codes_used=used)

@@ -20,7 +20,9 @@ checkpoint (its config's `base`).
     python train_stage2.py --dataset imagenet100 --data-dir /data/imagenet \
         --official alit_small_vqgan_quantized_latents.pth   # fine-tune an official checkpoint
 """
+import contextlib
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +33,13 @@ import torch
 from data import build_dataset, first_images, save_image_columns, train_batches
 from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, generator_gan_loss, load_perceptual,
                     reconstruction_loss)
-from model import ALIT, PRESETS, make_config
-from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, autocast,
-                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
-                      data_workers, due, finish, grad_checkpointing, keep_freed_memory, lr_at, native_bf16,
-                      official_heads, paper_scale, parse_flags, progress, resume, save_training_state, set_lr,
-                      setup_distributed, step_memory, stop_step, wrap_ddp)
+from model import ALIT, PRESETS, ALITConfig, make_config
+from training import (EMA, PAPER_DATASETS, LoopConfig, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
+                      check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir,
+                      due, finish, global_batch_of, grad_checkpointing, keep_freed_memory, launched_ranks,
+                      lr_at, official_heads, paper_scale, parse_flags, planned_device, progress, resume, run_plan,
+                      save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory, stop_step,
+                      to_stderr, use_bf16, wrap_ddp)
 from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
@@ -99,9 +102,9 @@ class TrainConfig(LoopConfig):
 
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
-# epochs of ImageNet-100 (126,689 images) at 12 images per GPU on 8 GPUs, 20 of them warmup, and a
-# 70x70 PatchGAN for 256x256 images.
-PAPER_RUN = dict(batch_size=12, steps=264_000, warmup_steps=26_400, disc_layers=3)
+# epochs, 20 of them warmup, at its global batch of 96 (12 images per GPU on 8 GPUs) on however many
+# ranks (training.fit_global_batch), and a 70x70 PatchGAN for 256x256 images.
+PAPER_RUN = dict(batch_size=12, global_batch=96, epochs=200, warmup_epochs=20, disc_layers=3)
 
 
 def parse_args(argv=None):
@@ -109,6 +112,7 @@ def parse_args(argv=None):
                            implied=lambda given: PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {})
     check_flags(check_loop_flags(train, PRESETS))
     check_data(train.dataset, train.data_dir)
+    train = schedule_in_epochs(train)
     try:
         vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)
         official = find_weights("alit", "--official", train.official) if train.official else None
@@ -156,24 +160,58 @@ def load_start(train: TrainConfig) -> ALIT:
     return model
 
 
-def main(argv=None):
-    train = parse_args(argv)
-    check_out_dir(train, "rollout_*.png")
-    ctx = setup_distributed(train.device, train.dist_timeout)
-    if train.keep_freed_memory and ctx.device.type == "cpu":
-        keep_freed_memory()
-    bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
-    workers = data_workers(train.num_workers, ctx.device)
-    torch.manual_seed(train.seed)
-
-    model = load_start(train)
-    cfg = model.config
-    # Everything trains except what no loss reaches here: the VQGAN codebook (the soft code reads it
-    # detached, as the official code does, and halting, which uses the halted token, is off).
+def trainable(model: ALIT) -> ALIT:
+    """Everything trains except what no loss reaches here: the VQGAN codebook (the soft code reads it
+    detached, as the official code does) and the halted token (halting is off)."""
     model.requires_grad_(True)
-    if cfg.base == "vqgan":
+    if model.config.base == "vqgan":
         model.vqgan.quantize.requires_grad_(False)
     model.halted_token.requires_grad_(False)
+    return model
+
+
+def config_for_plan(train: TrainConfig) -> ALITConfig:
+    """--dry-run's model: the start checkpoint's where it exists, else of --preset (by default the paper's
+    with --dataset imagenet100/imagenet)."""
+    if Path(train.official or train.stage1_ckpt).is_file():
+        return load_start(train).config
+    return make_config(train.preset or ("small" if train.dataset in PAPER_DATASETS else "tiny"))
+
+
+def model_for_plan(model_cfg: ALITConfig) -> ALIT:
+    """--dry-run's model, for the memory estimate only: random weights of that config."""
+    return trainable(ALIT(model_cfg))
+
+
+def plan(train: TrainConfig, model_of, image_size: int, perceptual, device, model_device, log=print) -> RunPlan:
+    """The run plan on `device`: lr = base lr x global batch / 256 (official 1e-4 at 256x256, 8e-3 on the
+    CPU presets), and gradient checkpointing where a step of model_of() (on model_device; made only if
+    the GPU's memory decides) would not fit."""
+    bf16 = use_bf16(train.bf16, device)
+    checkpointing = grad_checkpointing(
+        train.grad_checkpoint, device,
+        lambda on: step_memory_of(model_of(), train, perceptual, model_device, bf16, on), log)
+    base_lr = train.base_lr or (1e-4 if paper_scale(image_size) else 8e-3)
+    return run_plan(train, device, base_lr * global_batch_of(train) / 256, bf16, checkpointing)
+
+
+def main(argv=None):
+    train = parse_args(argv)
+    if train.dry_run:  # a model only if the memory estimate is made, on the CPU
+        model_cfg = config_for_plan(train)
+        model_of = functools.cache(lambda: model_for_plan(model_cfg))
+        print(plan(train, model_of, model_cfg.image_size, None, planned_device(train.device), torch.device("cpu"),
+                   to_stderr).to_json())
+        return None
+    train = check_out_dir(train, "rollout_*.png")
+    ctx = setup_distributed(train.device, train.dist_timeout)
+    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
+    if train.keep_freed_memory and ctx.device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(train.seed)
+
+    model = trainable(load_start(train))
+    cfg = model.config
     model.to(ctx.device)
     model.base.to(memory_format=conv_memory_format(ctx.device))
     discriminators = torch.nn.ModuleList(
@@ -184,17 +222,15 @@ def main(argv=None):
         perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
     except (KeyError, ValueError, RuntimeError) as error:
         sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
-    global_batch = train.batch_size * ctx.world_size
-    lr = (train.base_lr or (1e-4 if paper_scale(cfg.image_size) else 8e-3)) * global_batch / 256
+    run = plan(train, lambda: model, cfg.image_size, perceptual, ctx.device, ctx.device, ctx.log)
+    lr, bf16, workers = run.lr, run.precision == "bf16", run.workers_per_rank
+    model.set_grad_checkpointing(run.grad_checkpoint)
     # The discriminators' parameters live in their own optimizer only (the official code also
     # passes them to the generator's optimizer, where weight decay would shrink them).
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     disc_optimizer = adamw(discriminators.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
     ema = EMA(model, train.ema_decay)
     schedule = parse_gan_schedule(train.gan_schedule)
-    model.set_grad_checkpointing(grad_checkpointing(
-        train.grad_checkpoint, ctx.device, lambda on: step_memory_of(model, train, perceptual, ctx.device, bf16, on),
-        ctx.log))
 
     stateful = {"model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
@@ -204,26 +240,24 @@ def main(argv=None):
     else:
         clear_out_dir(train, "rollout_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)
-    ctx.log(f"ALIT {cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), "
-            f"global batch {global_batch}, lr {lr:.3g}, bf16 {bf16}, {workers} data worker(s) a rank")
+    ctx.log(f"ALIT {cfg}\ntraining {train}\n{run}")
 
     if train.compile:
         model.compile_transformers()
     # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
-    ddp_model = wrap_ddp(model, ctx, find_unused_parameters=True)
+    ddp_model = wrap_ddp(model, ctx, True, run.all_reduce == "bf16")
     dataset = build_dataset(train.dataset, "train", cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = first_images(build_dataset(train.dataset, "val", cfg.image_size, train.data_dir), 8).to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, workers,
-                            train.max_bad_images, pin_memory=ctx.device.type == "cuda")
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step * train.grad_accum,
+                            workers, train.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
     bar = progress(train.steps, step, ctx.is_main)
     stop = stop_step(train, step)
     stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     logs = torch.zeros(5, device=ctx.device)  # summed since the last log
     while step < stop:
-        _, (images, _) = next(batches)
         disc_weight = gan_weight_at(step, train.steps, schedule)
-        logs += train_step(model, ddp_model, discriminators, optimizer, disc_optimizer, ema, images, step, lr,
+        logs += train_step(model, ddp_model, discriminators, optimizer, disc_optimizer, ema, batches, step, lr,
                            disc_weight, train, perceptual, ctx, bf16)
         step += 1
         bar.update(1)
@@ -243,35 +277,45 @@ def main(argv=None):
     return model
 
 
-def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer, ema: EMA, images, step: int,
+def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer, ema: EMA, batches, step: int,
                lr: float, disc_weight: float, train: TrainConfig, perceptual, ctx, bf16: bool) -> torch.Tensor:
-    """One step (§A.5): the encoder up to this step's iteration, the decoders once, the loss in pixel
-    space (L1 + LPIPS, and with disc_weight > 0 the adaptively weighted GAN term), AdamW, the EMA,
-    then the discriminator. Returns [reconstruction loss, discriminator loss, latent codebook usage,
-    perplexity, 1] on the device, without waiting for it."""
+    """One step (§A.5) over --grad-accum micro-batches: the encoder up to this step's iteration, the
+    decoders once, the loss in pixel space (L1 + LPIPS, and with disc_weight > 0 the adaptively weighted
+    GAN term), AdamW, the EMA, then the discriminator. Returns [reconstruction loss, discriminator loss,
+    latent codebook usage, perplexity, 1] on the device, without waiting for it."""
     set_lr(optimizer, lr_at(step, lr, train.warmup_steps, train.steps, train.min_lr_ratio))
     set_lr(disc_optimizer, lr_at(step, train.disc_lr, train.warmup_steps, train.steps, train.min_lr_ratio))
-    images = images.to(ctx.device, non_blocking=True)
     t = loss_iteration(step, model.config.rollout_iters, train)
     discriminator = discriminators[t if train.disc_per_iteration else 0]
-    with autocast(ctx.device, bf16):
-        (record,) = ddp_model(images, iters=[t], reconstruct=True)
-        recon = record.recon.float()
-        rec_loss = reconstruction_loss(recon, images, perceptual, train.l1_weight, train.perceptual_weight)
-        loss = rec_loss + train.quantizer_loss_weight * record.quantized.loss if record.quantized else rec_loss
-        if disc_weight > 0:
-            loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.base.decoder.last_layer, disc_weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    reals, fakes, logs = [], [], torch.zeros(3, device=ctx.device)
+    for micro in range(train.grad_accum):
+        _, (images, _) = next(batches)
+        images = images.to(ctx.device, non_blocking=True)
+        last_micro = micro == train.grad_accum - 1
+        with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
+            with autocast(ctx.device, bf16):
+                (record,) = ddp_model(images, iters=[t], reconstruct=True)
+                recon = record.recon.float()
+                rec_loss = reconstruction_loss(recon, images, perceptual, train.l1_weight, train.perceptual_weight)
+                q = record.quantized
+                loss = rec_loss + train.quantizer_loss_weight * q.loss if q else rec_loss
+                if disc_weight > 0:
+                    loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.base.decoder.last_layer,
+                                                     disc_weight)
+            (loss / train.grad_accum).backward()
+        reals.append(images)
+        fakes.append(recon.detach())
+        logs += torch.stack([rec_loss.detach(), q.usage, q.perplexity]) if q else \
+            torch.stack([rec_loss.detach(), *torch.zeros(2, device=ctx.device)])
     torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     ema.update(model, step)
     d_loss = torch.zeros((), device=ctx.device)
     if disc_weight > 0:
-        d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, autocast(ctx.device, bf16))
-    q = record.quantized
-    return torch.stack([rec_loss.detach(), d_loss, q.usage if q else d_loss, q.perplexity if q else d_loss,
-                        torch.ones_like(d_loss)])
+        d_loss = discriminator_step(discriminator, disc_optimizer, reals, fakes, autocast(ctx.device, bf16))
+    rec, usage, perplexity = logs / train.grad_accum
+    return torch.stack([rec, d_loss, usage, perplexity, torch.ones_like(d_loss)])
 
 
 def step_memory_of(model: ALIT, train: TrainConfig, perceptual, device, bf16: bool, checkpointing: bool) -> int:
@@ -287,7 +331,7 @@ def step_memory_of(model: ALIT, train: TrainConfig, perceptual, device, bf16: bo
             (record,) = model(images, iters=[model.config.rollout_iters - 1], reconstruct=True)
             reconstruction_loss(record.recon.float(), images, perceptual, train.l1_weight, train.perceptual_weight)
 
-    need = step_memory(model, forward_on, train.batch_size, device)
+    need = step_memory(model, forward_on, train.batch_size, device, launched_ranks())
     model.set_grad_checkpointing(was)
     return need
 

@@ -12,6 +12,7 @@ to LDM's KL term (Rombach et al. 2022), with its weight.
     python train_vqgan.py --dataset imagenet100 --data-dir /data/imagenet   # the imagenet preset (PAPER_RUN)
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
+import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from data import build_dataset, first_images, save_image_grid, train_batches
 from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discriminator_step, generator_gan_loss,
                     load_perceptual, reconstruction_loss)
 from quantize import count_codes
-from training import (PAPER_DATASETS, LoopConfig, PerRank, StopSignal, adamw, autocast,
-                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir, clear_out_dir,
-                      data_workers, due, finish, flag_error, keep_freed_memory, lr_at, native_bf16, paper_scale, parse_flags,
-                      progress, resume, save_training_state, set_lr, setup_distributed, stop_step, wrap_ddp)
+from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
+                      check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
+                      finish, flag_error, keep_freed_memory, lr_at, paper_scale, parse_flags, planned_device, progress,
+                      resume, run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, stop_step,
+                      use_bf16, wrap_ddp)
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
@@ -71,8 +73,10 @@ class TrainConfig(LoopConfig):
     lpips_weights: Annotated[str | None, "file"] = None
 
 
-# Set by --dataset imagenet100/imagenet unless given: the official VQGAN's size, a 70x70 PatchGAN.
-PAPER_RUN = dict(preset="imagenet", disc_layers=3)
+# Set by --dataset imagenet100/imagenet unless given: the official VQGAN's size, a 70x70 PatchGAN, and
+# (not in the paper, whose VQGAN comes pretrained) stage 2's schedule: 200 epochs, 20 of them warmup,
+# at a global batch of 96 (12 images per GPU on 8 GPUs) on however many ranks.
+PAPER_RUN = dict(preset="imagenet", disc_layers=3, batch_size=12, global_batch=96, epochs=200, warmup_epochs=20)
 
 
 # --base vae: the VAE preset of each --preset.
@@ -101,6 +105,7 @@ def parse_args(argv=None):
     if train.lr is None:
         train = dataclasses.replace(train, lr=4e-4 if paper_scale(model_cfg.image_size) else 1e-3)
     check_data(train.dataset, train.data_dir)
+    train = schedule_in_epochs(train)
     try:
         vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)
     except FileNotFoundError as error:
@@ -117,12 +122,16 @@ def main(argv=None):
             sys.exit(f"error: --eval-only: {error}")
         print(format_val_metrics(evaluate_vqgan(model, train)))
         return model
-    check_out_dir(train, "recon_*.png")
+    if train.dry_run:  # no gradient checkpointing here, so no memory estimate
+        print(plan(train, planned_device(train.device)).to_json())
+        return None
+    train = check_out_dir(train, "recon_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)
+    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
     if train.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
-    bf16 = native_bf16(ctx.device) if train.bf16 is None else train.bf16
-    workers = data_workers(train.num_workers, ctx.device)
+    run = plan(train, ctx.device)
+    bf16, workers = run.precision == "bf16", run.workers_per_rank
     torch.manual_seed(train.seed)  # the same initial weights on every rank
 
     model = (VAE if train.base == "vae" else VQGAN)(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
@@ -147,22 +156,20 @@ def main(argv=None):
     else:
         clear_out_dir(train, "recon_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)  # the dead-code restarts' draws differ per rank
-    ctx.log(f"{train.base.upper()} {model_cfg}\ntraining {train}\ndevice {ctx.device}, {ctx.world_size} rank(s), bf16 {bf16}, "
-            f"{workers} data worker(s) a rank")
+    ctx.log(f"{train.base.upper()} {model_cfg}\ntraining {train}\n{run}")
 
-    ddp_model = wrap_ddp(model, ctx)
+    ddp_model = wrap_ddp(model, ctx, bf16_gradients=run.all_reduce == "bf16")
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step, workers,
-                            train.max_bad_images, pin_memory=ctx.device.type == "cuda")
+    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step * train.grad_accum,
+                            workers, train.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
     bar = progress(train.steps, step, ctx.is_main)
     stop = stop_step(train, step)
     stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     while step < stop:
-        _, (images, _) = next(batches)
-        logs = train_step(model, ddp_model, discriminator, optimizer, disc_optimizer, images, step, train, perceptual,
+        logs = train_step(model, ddp_model, discriminator, optimizer, disc_optimizer, batches, step, train, perceptual,
                           ctx, bf16)
         step += 1
         bar.update(1)
@@ -185,41 +192,57 @@ def main(argv=None):
     return model
 
 
-def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer, images, step: int,
+def plan(train: TrainConfig, device) -> RunPlan:
+    """The run plan on `device` (the peak lr is --lr whatever the batch, as taming's)."""
+    bf16 = use_bf16(train.bf16, device)
+    return run_plan(train, device, train.lr, bf16)
+
+
+def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer, batches, step: int,
                train: TrainConfig, perceptual, ctx, bf16: bool) -> torch.Tensor:
-    """One step: the autoencoder (L1 + LPIPS, the codebook loss, and from --disc-start the adaptively
-    weighted GAN term), the dead-code restarts, then the discriminator. Returns [reconstruction loss,
-    VQ loss, perplexity, codebook usage, discriminator loss] on the device, without waiting for it; a
-    VAE: the KL term instead of the codebook loss, [reconstruction loss, weighted KL term, the
-    posterior's mean std, the tokens' std, discriminator loss]."""
-    images = images.to(ctx.device, non_blocking=True)
+    """One step over --grad-accum micro-batches: the autoencoder (L1 + LPIPS, the codebook loss, and
+    from --disc-start the adaptively weighted GAN term), the dead-code restarts, then the discriminator.
+    Returns [reconstruction loss, VQ loss, perplexity, codebook usage, discriminator loss] on the device,
+    without waiting for it; a VAE: the KL term instead of the codebook loss, [reconstruction loss,
+    weighted KL term, the posterior's mean std, the tokens' std, discriminator loss]."""
     lr_scale = lr_at(step, 1.0, train.warmup_steps, train.steps, train.min_lr_ratio)
     set_lr(optimizer, train.lr * lr_scale)
     set_lr(disc_optimizer, train.disc_lr * lr_scale)
     gan_on = adopt_weight(1.0, step, train.disc_start) > 0
-    with autocast(ctx.device, bf16):
-        recon, q = ddp_model(images)
-        rec_loss = reconstruction_loss(recon.float(), images, perceptual, train.l1_weight, train.perceptual_weight)
-        if train.base == "vae":  # q: the posterior. LDM sums both terms; over means the KL gets 1/pixels
-            kl_loss = train.kl_weight * q.kl().mean() / images[0].numel()
-            loss = rec_loss + kl_loss
+    reals, fakes, logs = [], [], torch.zeros(4, device=ctx.device)
+    for micro in range(train.grad_accum):
+        _, (images, _) = next(batches)
+        images = images.to(ctx.device, non_blocking=True)
+        last_micro = micro == train.grad_accum - 1
+        with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
+            with autocast(ctx.device, bf16):
+                recon, q = ddp_model(images)
+                rec_loss = reconstruction_loss(recon.float(), images, perceptual, train.l1_weight,
+                                               train.perceptual_weight)
+                if train.base == "vae":  # q: the posterior. LDM sums both terms; over means the KL gets 1/pixels
+                    kl_loss = train.kl_weight * q.kl().mean() / images[0].numel()
+                    loss = rec_loss + kl_loss
+                else:
+                    loss = rec_loss + train.codebook_weight * q.loss
+                if gan_on:
+                    loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.decoder.last_layer,
+                                                     train.disc_weight)
+            (loss / train.grad_accum).backward()
+        reals.append(images)
+        fakes.append(recon.detach())
+        if train.base == "vae":
+            logs += torch.stack([rec_loss.detach().float(), kl_loss.detach().float(), q.std.detach().float().mean(),
+                                 (q.mean * model.config.scale).detach().float().std()])
         else:
-            loss = rec_loss + train.codebook_weight * q.loss
-        if gan_on:
-            loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.decoder.last_layer, train.disc_weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+            logs += torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage])
     torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if train.base == "vqgan" and train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
         model.quantize.restart_dead_codes()
-    d_loss = discriminator_step(discriminator, disc_optimizer, images, recon, autocast(ctx.device, bf16)) if gan_on else \
-        torch.zeros((), device=ctx.device)
-    if train.base == "vae":
-        token_std = (q.mean * model.config.scale).detach().float().std()
-        return torch.stack([rec_loss.detach().float(), kl_loss.detach().float(), q.std.detach().float().mean(),
-                            token_std, d_loss])
-    return torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage, d_loss])
+    d_loss = discriminator_step(discriminator, disc_optimizer, reals, fakes, autocast(ctx.device, bf16)) if gan_on \
+        else torch.zeros((), device=ctx.device)
+    return torch.cat([logs / train.grad_accum, d_loss[None]])
 
 
 @torch.no_grad()

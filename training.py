@@ -15,11 +15,13 @@ import errno
 import functools
 import inspect
 import io
+import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import textwrap
 import time
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DATASETS, check_layout
+from data import DATASETS, build_dataset, check_layout
 from weights import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -63,15 +65,30 @@ class Distributed:
             print(*args, **kwargs)
 
 
-def setup_distributed(device_flag: str = "auto", timeout: float = 300) -> Distributed:
-    """The one place the device is chosen. `RANK` in the environment (torchrun) means DDP:
-    nccl with CUDA, gloo without; the device is cuda:LOCAL_RANK or cpu. A collective that waits
-    longer than `timeout` seconds for a lost rank ends the run with an error instead of a hang."""
+def to_stderr(*args):
+    """A message beside a command's output (--dry-run's plan is its only line on stdout)."""
+    print(*args, file=sys.stderr)
+
+
+def planned_device(device_flag: str = "auto") -> torch.device:
+    """The one place the device is chosen: --device cuda or cpu, or auto: CUDA when available. The GPU is
+    cuda:LOCAL_RANK (torchrun). Touches no GPU, so that --dry-run plans a CUDA run on any machine."""
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+
+
+def setup_distributed(device_flag: str = "auto", timeout: float = 300) -> Distributed:
+    """`RANK` in the environment (torchrun) means DDP: nccl with CUDA, gloo without, on the device
+    planned_device chooses. A collective that waits longer than `timeout` seconds for a lost rank ends
+    the run with an error instead of a hang."""
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) \
         if "RANK" in os.environ else (0, 0, 1)
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = planned_device(device_flag)
+    use_cuda = device.type == "cuda"
     if use_cuda:
+        # Growing segments instead of fixed blocks: the 8 sequence lengths of a rollout fragment fixed
+        # ones. Read when CUDA first allocates, so set before; a user's own setting wins.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.cuda.set_device(device)  # before nccl starts, so that each rank's communicator is on its own GPU
         # Float32 products run as TF32 on Ampere+ GPUs (those bf16 autocast leaves in float32, and all of
         # them with --no-bf16); where rounding would flip a discrete choice, the nearest-code search,
@@ -80,8 +97,23 @@ def setup_distributed(device_flag: str = "auto", timeout: float = 300) -> Distri
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout),
+                                **restart_store(rank, world, timeout))
     return Distributed(rank, local_rank, world, device)
+
+
+def restart_store(rank: int, world: int, timeout: float) -> dict:
+    """A worker torchrun restarted meets the others in its own namespace of torchrun's store: the keys the
+    failed attempt left there name the dead workers' addresses, which gloo would otherwise try to reach.
+    Empty (torchrun's store as it is) on a first attempt."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not attempt:
+        return {}
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=datetime.timedelta(seconds=timeout),
+                          multi_tenant=True)
+    return {"store": dist.PrefixStore(f"alit_attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def keep_freed_memory() -> bool:
@@ -101,11 +133,26 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
-def wrap_ddp(module, ctx: Distributed, find_unused_parameters=False):
+def wrap_ddp(module, ctx: Distributed, find_unused_parameters=False, bf16_gradients=False):
+    """DDP on several ranks; with bf16_gradients its buckets travel as bf16 (bf16_all_reduce)."""
     if not ctx.enabled:
         return module
-    return DDP(module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-               find_unused_parameters=find_unused_parameters)
+    ddp = DDP(module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+              find_unused_parameters=find_unused_parameters)
+    if bf16_gradients:
+        ddp.register_comm_hook(None, bf16_all_reduce)
+    return ddp
+
+
+def bf16_all_reduce(group, bucket):
+    """A DDP communication hook: the bucket's mean over ranks, sent as bf16 (half the bytes of float32)
+    and summed in it, then put back into the float32 gradients. Every ALIT weight serves all iterations,
+    so the all-reduce waits for the whole backward: its bytes are the step's communication time
+    (bench.py). torch's own bf16 hook needs NCCL; this one runs on gloo too."""
+    ranks = dist.get_world_size(group)
+    gradients = bucket.buffer().to(torch.bfloat16).div_(ranks)
+    sent = dist.all_reduce(gradients, group=group, async_op=True).get_future()
+    return sent.then(lambda done: bucket.buffer().copy_(done.value()[0]))
 
 
 def broadcast_parameters(module, ctx: Distributed):
@@ -134,7 +181,10 @@ def data_workers(num_workers: int | None, device: torch.device) -> int:
 
 # Bytes a trained parameter holds in a step: float32 weight, gradient, AdamW's two moments, the EMA.
 TRAINED_PARAMETER_BYTES = 4 + 4 + 8 + 4
-FITS_GPU = 0.85  # share of a GPU's memory a step may plan for: the allocator's caching and CUDA's own need the rest
+DDP_BUCKET_BYTES = 4  # under DDP, a float32 copy of every gradient in the buckets it all-reduces
+CUDA_RESERVE = 2e9  # the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers: outside step_memory's count
+FITS_GPU = 0.9  # share of the rest a step may plan for: the caching allocator's fragmentation takes the others
+PLANNED_GPU_MEMORY = 85.5e9  # what --dry-run assumes on a machine without the GPU: an 80 GB H100's bytes
 
 
 def saved_activation_bytes(forward) -> int:
@@ -153,29 +203,45 @@ def saved_activation_bytes(forward) -> int:
     return sum(saved.values())
 
 
-def step_memory(module, forward_on, batch_size: int, device) -> int:
+def step_memory(module, forward_on, batch_size: int, device, ranks: int = 1) -> int:
     """Bytes a training step of `module` holds at `batch_size`: every parameter (with its gradient,
-    AdamW's moments and the EMA if trained) and the activations of forward_on(images) on one and on
-    two images (each image adds the same). RNG states are left as they were."""
-    weights = sum(p.numel() * (TRAINED_PARAMETER_BYTES if p.requires_grad else p.element_size())
-                  for p in module.parameters())
+    AdamW's moments and the EMA if trained; on several ranks DDP's gradient buckets) and the
+    activations of forward_on(images) on one and on two images (each image adds the same). RNG states
+    are left as they were."""
+    trained = TRAINED_PARAMETER_BYTES + (DDP_BUCKET_BYTES if ranks > 1 else 0)
+    weights = sum(p.numel() * (trained if p.requires_grad else p.element_size()) for p in module.parameters())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         one, two = (saved_activation_bytes(lambda: forward_on(n)) for n in (1, 2))
     return weights + one + (batch_size - 1) * (two - one)
 
 
-def grad_checkpointing(flag: bool | None, device: torch.device, need, log) -> bool:
-    """--grad-checkpoint, by default on where a step would not fit the GPU: need(checkpointing) are the
-    bytes a step holds (step_memory) without and with it, against the GPU's memory."""
-    if flag is not None or device.type != "cuda":
-        return bool(flag)
-    gpu = torch.cuda.get_device_properties(device)
+def gpu_memory(device: torch.device) -> tuple:
+    """(name, bytes) of the GPU a run plans for: the present one, or for a plan made without it an H100."""
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(device)
+        return gpu.name, gpu.total_memory
+    return "an 80 GB H100 (assumed: no GPU here)", PLANNED_GPU_MEMORY
+
+
+def fits_gpu(step_bytes: float, total_bytes: float) -> bool:
+    """Whether a step of step_bytes (step_memory, DDP's buckets included) leaves the stated margin on a
+    GPU of total_bytes: CUDA_RESERVE for what the count leaves out, then 1 - FITS_GPU of the rest."""
+    return step_bytes <= FITS_GPU * (total_bytes - CUDA_RESERVE)
+
+
+def grad_checkpointing(flag: bool | None, device: torch.device, need, log) -> tuple:
+    """(--grad-checkpoint, the bytes a step then holds): by default on where a step would not fit the
+    GPU. need(checkpointing) are the bytes a step holds (step_memory) without and with it. On the CPU
+    no estimate is made (None): nothing is decided by it."""
+    if device.type != "cuda":
+        return bool(flag), None
+    name, total = gpu_memory(device)
     without = need(False)
-    if without <= FITS_GPU * gpu.total_memory:
-        return False
-    log(f"gradient checkpointing on: a step needs {without / 1e9:.0f} GB without it, {need(True) / 1e9:.0f} GB with "
-        f"it, and {gpu.name} has {gpu.total_memory / 1e9:.0f} GB (--no-grad-checkpoint to turn it off)")
-    return True
+    if flag is None and not fits_gpu(without, total):
+        log(f"gradient checkpointing on: a step needs {without / 1e9:.0f} GB without it, {need(True) / 1e9:.0f} GB "
+            f"with it, and {name} has {total / 1e9:.0f} GB (--no-grad-checkpoint to turn it off)")
+        flag = True
+    return bool(flag), need(True) if flag else without
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -497,6 +563,8 @@ def field_spec(cls, f: dataclasses.Field):
 
 def spec_text(spec) -> str:
     """How --help states a spec."""
+    if spec == "or auto":
+        return "the flag alone, or auto"
     if callable(spec):
         return (spec.__doc__ or "").strip().split("\n")[0]
     return spec.replace("existing folder", "an existing folder").replace("folder", "a folder to write in") \
@@ -580,7 +648,15 @@ def add_dataclass_flags(parser, cls, presets: dict | None = None, choices: dict 
         kind = type(allowed[0]) if allowed else ([a for a in typing.get_args(field_type) if a is not type(None)]
                                                   or [field_type])[0]  # X | None -> X
         flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
+        if spec == "or auto":  # --flag, --flag auto, --no-flag
+            def flag_or_auto(text):
+                if text != "auto":
+                    raise argparse.ArgumentTypeError(f"{text!r}: give the flag alone, or auto")
+                return text
+            group.add_argument(flag, nargs="?", const=True, type=flag_or_auto, metavar="auto", **kwargs)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=False,
+                               help=argparse.SUPPRESS)
+        elif kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif kind in (int, float, str, tuple):
             def convert(text, kind=kind, spec=spec):
@@ -622,7 +698,11 @@ def parse_flags(argv, doc: str, config_cls, model_cls=None, presets=None, implie
     args = parser.parse_args(argv)
     model_flags = dataclass_overrides(args, model_cls) if model_cls is not None else {}
     given = dataclass_overrides(args, config_cls)
-    return config_cls(**{**(implied(given) if implied else {}), **given}), model_flags
+    defaults = implied(given) if implied else {}
+    if issubclass(config_cls, LoopConfig):
+        defaults = run_length_defaults(given, defaults)
+    config = config_cls(**{**defaults, **given})
+    return (fit_global_batch(config, given, launched_ranks()) if isinstance(config, LoopConfig) else config), model_flags
 
 
 def check_flags(checks):
@@ -665,6 +745,119 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def launched_nodes() -> int:
+    """The machines they run on: torchrun starts LOCAL_WORLD_SIZE of them on each."""
+    return -(-launched_ranks() // int(os.environ.get("LOCAL_WORLD_SIZE", launched_ranks())))
+
+
+# -----------------------------------------------------------------------------
+# The run's length and batch, whatever the number of GPUs
+
+
+def run_length_defaults(given: dict, defaults: dict) -> dict:
+    """A length given in steps wins over one implied in epochs (the paper's run), and one given both
+    ways is refused."""
+    for steps, epochs in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
+        if steps in given and epochs in given:
+            sys.exit(f"error: --{steps.replace('_', '-')} and --{epochs.replace('_', '-')} both set the run's "
+                     "length: pass one of them")
+        if steps in given:
+            defaults = {k: v for k, v in defaults.items() if k != epochs}
+    return defaults
+
+
+def fit_global_batch(train, given: dict, ranks: int):
+    """--global-batch on `ranks` ranks: gradient accumulation fills what their batches lack, and where
+    the ranks alone exceed it each takes a smaller batch. A --batch-size or --grad-accum given wins."""
+    if train.global_batch is None:
+        return train
+    batch = train.batch_size
+    if "batch_size" not in given and batch * ranks > train.global_batch:
+        batch = max(1, train.global_batch // ranks)
+    accum = train.grad_accum if "grad_accum" in given else max(1, math.ceil(train.global_batch / (batch * ranks)))
+    return dataclasses.replace(train, batch_size=batch, grad_accum=accum)
+
+
+def global_batch_of(train) -> int:
+    return train.batch_size * train.grad_accum * launched_ranks()
+
+
+@functools.cache
+def count_images(dataset: str, data_dir: str | None, num_images: int | None) -> int:
+    """Training images of --dataset/--data-dir (--train-images caps them): what an epoch is."""
+    return len(build_dataset(dataset, "train", 32, data_dir, num_images=num_images))
+
+
+def schedule_in_epochs(train):
+    """--epochs and --warmup-epochs as optimizer steps of the global batch over the training images."""
+    if train.epochs is None and train.warmup_epochs is None:
+        return train
+    steps_per_epoch = count_images(train.dataset, train.data_dir, train.train_images) / global_batch_of(train)
+    steps = train.steps if train.epochs is None else max(1, round(train.epochs * steps_per_epoch))
+    warmup = train.warmup_steps if train.warmup_epochs is None else round(train.warmup_epochs * steps_per_epoch)
+    return dataclasses.replace(train, steps=steps, warmup_steps=warmup)
+
+
+def use_bf16(flag: bool | None, device: torch.device) -> bool:
+    """--bf16, by default where it is native; a CUDA run planned without its GPU assumes an Ampere+ one."""
+    if flag is not None:
+        return flag
+    return True if device.type == "cuda" and not torch.cuda.is_available() else native_bf16(device)
+
+
+@dataclass
+class RunPlan:
+    """What a command resolves to on the ranks it was launched with: printed before the first step, and
+    by --dry-run as one JSON line (with no GPU and no process group needed)."""
+    device: str
+    world_size: int
+    nodes: int
+    batch_per_rank: int
+    grad_accum: int
+    global_batch: int
+    train_images: int
+    steps: int
+    epochs: float
+    warmup_steps: int
+    warmup_epochs: float
+    lr: float
+    workers_per_rank: int
+    precision: str
+    all_reduce: str  # the dtype DDP sends gradients in (none on one rank)
+    grad_checkpoint: bool
+    memory_gb: float | None  # a step's estimate on the GPU (training.step_memory); none on the CPU
+
+    def __str__(self):
+        memory = f", {self.memory_gb:.1f} GB a step" if self.memory_gb is not None else ""
+        return (f"run plan: {self.device} x {self.world_size} rank(s) on {self.nodes} node(s); global batch "
+                f"{self.global_batch} = {self.batch_per_rank} a rank x {self.grad_accum} accumulated x {self.world_size}; "
+                f"{self.steps} steps = {self.epochs:.1f} epochs of {self.train_images} images, warm-up "
+                f"{self.warmup_steps} ({self.warmup_epochs:.1f} epochs); peak lr {self.lr:.3g}; "
+                f"{self.workers_per_rank} data worker(s) a rank; {self.precision}, gradients all-reduced in "
+                f"{self.all_reduce}; gradient checkpointing "
+                f"{'on' if self.grad_checkpoint else 'off'}{memory}" + (
+                    "\nwarning: several nodes without GLOO_SOCKET_IFNAME: the stop check's gloo group finds peers by "
+                    "host name; set it (and NCCL_SOCKET_IFNAME) to the network interface the nodes share"
+                    if self.nodes > 1 and not os.environ.get("GLOO_SOCKET_IFNAME") else ""))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+def run_plan(train, device: torch.device, lr: float, bf16: bool, checkpointing=(False, None)) -> RunPlan:
+    """The plan of `train` on `device` and the launched ranks; checkpointing is grad_checkpointing's answer."""
+    images, global_batch = count_images(train.dataset, train.data_dir, train.train_images), global_batch_of(train)
+    return RunPlan(device=device.type, world_size=launched_ranks(), nodes=launched_nodes(),
+                   batch_per_rank=train.batch_size, grad_accum=train.grad_accum, global_batch=global_batch,
+                   train_images=images, steps=train.steps, epochs=train.steps * global_batch / images,
+                   warmup_steps=train.warmup_steps, warmup_epochs=train.warmup_steps * global_batch / images,
+                   lr=lr, workers_per_rank=data_workers(train.num_workers, device),
+                   precision="bf16" if bf16 else "float32", grad_checkpoint=checkpointing[0],
+                   all_reduce="none" if launched_ranks() == 1 else "bf16" if (
+                       bf16 if train.bf16_gradients is None else train.bf16_gradients) else "float32",
+                   memory_gb=None if checkpointing[1] is None else checkpointing[1] / 1e9)
+
+
 # -----------------------------------------------------------------------------
 # The flags every training loop has
 
@@ -682,22 +875,38 @@ class LoopConfig:
     # on a CPU)
     preset: str | None = None
     steps: Annotated[int, ">= 1"] = 1000  # optimizer steps; the LR schedule spans them
+    # The run's length in passes over the training set instead: sets --steps from the global batch
+    # (--dataset imagenet100/imagenet: the paper's 200); --steps given wins
+    epochs: Annotated[float | None, "> 0"] = None
+    warmup_epochs: Annotated[float | None, ">= 0"] = None  # likewise for --warmup-steps (the paper's: 20)
+    # The images an optimizer step sees over all ranks, whatever their number: --grad-accum fills what
+    # the ranks' batches lack, and where the ranks alone exceed it the batch per rank shrinks (the
+    # paper's with --dataset imagenet100/imagenet); default none: batch x grad-accum x ranks
+    global_batch: Annotated[int | None, ">= 1"] = None
+    grad_accum: Annotated[int, ">= 1"] = 1  # micro-batches per optimizer step (gradients synced on the last only)
     stop_after: Annotated[int, ">= 0"] = 0  # stop this run after so many steps (0: never); --resume continues on the same schedule
     batch_size: Annotated[int, ">= 1"] = 32  # per rank (and per micro-step)
     train_images: Annotated[int | None, ">= 1"] = None  # use only the first so many training images (shapes: the split's size)
     warmup_steps: Annotated[int, ">= 0"] = 100  # of linear LR warmup, then cosine decay
     min_lr_ratio: Annotated[float, "in [0, 1]"] = 0.1  # cosine decay ends at min_lr_ratio x the peak LR
     grad_clip: Annotated[float, "> 0"] = 1.0  # maximum gradient norm
-    num_workers: Annotated[int, ">= 0"] = 0  # DataLoader processes per rank
+    # DataLoader processes per rank; default: on CUDA the CPUs of this machine shared by its ranks, less
+    # one each for the loop (training.data_workers); on the CPU none
+    num_workers: Annotated[int | None, ">= 0"] = None
     log_every: Annotated[int, ">= 1"] = 25  # steps between the progress bar's loss figures (a sync point)
     sample_every: Annotated[int, ">= 1"] = 250  # write a reconstruction grid PNG every so many steps
     save_every: Annotated[int, ">= 1"] = 250  # steps between checkpoints (and at the end)
     seed: Annotated[int, ">= 0"] = 0  # of the weights, the data order and the augmentation
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
     bf16: bool | None = None  # bf16 autocast; default: on where bf16 is native (recent GPUs, AVX512-BF16/AMX CPUs)
+    # Under DDP, all-reduce the gradients as bf16: half the bytes a step sends (bench.py); default: with --bf16
+    bf16_gradients: bool | None = None
     compile: bool = False  # torch.compile the transformer blocks (ALIT stages; the first steps pay for compiling)
-    resume: bool = False  # continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable)
+    # Continue from <out_dir>/ckpt.pt (or ckpt.prev.pt, the one before, if it is unreadable); --resume auto:
+    # continue if there is one, else start afresh (what a requeued or torchrun --max-restarts job runs)
+    resume: Annotated[bool | str, "or auto"] = False
     overwrite: bool = False  # start over in an --out-dir that holds a checkpoint: it and the run's images are deleted
+    dry_run: bool = False  # print the resolved run plan as one JSON line and exit, without training or a GPU
     keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
     dist_timeout: Annotated[float, "> 0"] = 300  # seconds a collective waits for the other ranks: a lost rank ends the run with an error
     # A training image that fails to decode is skipped with a warning (the next one stands in); more than
@@ -710,15 +919,59 @@ def check_loop_flags(train: LoopConfig, presets) -> list:
     return choice_checks(train, {"preset": presets})
 
 
-def check_out_dir(train: LoopConfig, images: str):
+def restarted_worker() -> bool:
+    """Whether torchrun restarted this worker (--max-restarts) after a failure: the same command again."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+
+
+def check_out_dir(train: LoopConfig, images: str) -> LoopConfig:
     """A run never replaces another's checkpoint unasked: in an --out-dir that holds one, --resume
-    continues it and --overwrite starts over (clear_out_dir); without either the script stops here."""
+    continues it and --overwrite starts over (clear_out_dir); without either the script stops here.
+    --resume auto continues where there is a checkpoint and starts afresh where there is none, and so
+    does a worker torchrun restarted, whatever its flags: a restart never deletes a checkpoint.
+    Returns `train` with --resume decided (True or False)."""
     ckpt = Path(train.out_dir) / "ckpt.pt"
     check_flags([(not (train.resume and train.overwrite), "--resume continues a run, --overwrite starts over: "
                                                           "pass one of them")])
-    if not train.resume and not train.overwrite and (ckpt.exists() or previous_checkpoint(ckpt).exists()):
+    has_run = ckpt.exists() or previous_checkpoint(ckpt).exists()
+    if train.resume == "auto" or restarted_worker():
+        return dataclasses.replace(train, resume=has_run, overwrite=False)
+    if not train.resume and not train.overwrite and has_run:
         sys.exit(f"error: --out-dir {train.out_dir} already holds a run ({ckpt.name}): pass --resume to continue "
                  f"it, --overwrite to start over (deleting its checkpoints and {images}), or another --out-dir")
+    return train
+
+
+def check_shared_folder(folder, ctx: Distributed, flag: str, timeout: float):
+    """Every rank must see `folder` as rank 0 writes it: rank 0 alone writes checkpoints, and every rank
+    reads them on --resume. Rank 0 writes a file there; a rank that does not see it within 30 s (a
+    network filesystem may show a new file late; at most half the collectives' `timeout`, which rank 0
+    waits meanwhile) ends the run on every rank, with one error line naming the requirement: on several
+    machines, the folder must be on a filesystem they share."""
+    if not ctx.enabled:
+        return
+    wait = min(30.0, timeout / 2)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    token = [f"{os.getpid()}-{time.time_ns()}" if ctx.is_main else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = folder / f".rank0-{token[0]}"
+    if ctx.is_main:
+        probe.write_text(token[0])
+    dist.barrier()
+    deadline = time.monotonic() + wait
+    while not (seen := probe.is_file()) and time.monotonic() < deadline:
+        os.listdir(folder)  # reading the folder again revalidates a network filesystem's cached view
+        time.sleep(0.2)
+    seen_by = [None] * ctx.world_size
+    dist.all_gather_object(seen_by, (seen, socket.gethostname()))
+    if ctx.is_main:
+        probe.unlink()
+    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(seen_by) if not ok]
+    if blind:
+        sys.exit(f"error: {flag} {folder}: {', '.join(blind)} cannot see the files rank 0 writes there; every "
+                 f"rank must see the same {flag}: on several machines, a folder on a filesystem they all share "
+                 "(the same network path on each)")
 
 
 def clear_out_dir(train: LoopConfig, images: str, ctx: Distributed):

@@ -71,3 +71,18 @@ def test_memory_per_gpu_shrinks_with_checkpointing():
     # twice the batch, nearly twice the activations: the weights' share stays
     more = bench.paper_memory(make_config("tiny", encoder_layers=2, decoder_layers=2), (16, 8))
     assert memory["stage1"]["plain"] < more["stage1"]["plain"] < 2 * memory["stage1"]["plain"]
+
+
+def test_the_gradient_all_reduce_counts_what_ddp_sends():
+    cfg = make_config("tiny")
+    model = ALIT(cfg)
+    paper = {"utilisation": 0.4, "stage1_tflop_per_image": 1.0, "stage2_tflop_per_image": 0.5}
+    reduce = bench.gradient_all_reduce(cfg, paper)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # stage 2: all but two
+    assert reduce["stage1"]["gradient_bytes"] == 4 * sum(p.numel() for p in model.alit_parameters())
+    assert reduce["stage2"]["gradient_bytes"] == 4 * (trained - model.vqgan.quantize.embedding.weight.numel()
+                                                      - model.halted_token.numel())
+    # a ring of 8 sends 2 x 7/8 of the buffer at the NVLink rate; the step is 32 images of 1 TFLOP at 40%
+    assert reduce["stage1"]["one_node_seconds"] == pytest.approx(
+        1.75 * reduce["stage1"]["gradient_bytes"] / bench.NVLINK_BUS_BYTES_PER_SECOND)
+    assert reduce["stage1"]["step_compute_seconds"] == pytest.approx(32e12 / (0.4 * bench.H100_BF16_FLOPS))

@@ -1,5 +1,6 @@
-"""Chaos: each training script with its recipe, interrupted again and again, resumed each time with
---resume, ends bit-identical to the run that was never interrupted, on 2 gloo ranks and on one process.
+"""Chaos: each training script with its recipe, interrupted again and again and launched again with the
+same command (--resume auto, as a requeued job), ends bit-identical to the run that was never
+interrupted, on 2 gloo ranks and on one process; so does a run whose worker torchrun restarts.
 
 The faults come at moments drawn from a seeded generator (so a failure repeats): SIGKILL to one rank
 at the start of a step (torchrun then stops the other), SIGTERM to the launcher and its workers (as a
@@ -31,8 +32,8 @@ module = __import__(script)
 rank = int(os.environ.get("RANK", 0))
 lr_at, save, fired = module.lr_at, torch.save, []
 
-def faulty_lr_at(step, *args):  # every step's first call
-    if step == at and not fired and rank == victim:
+def faulty_lr_at(step, *args):  # every step's first call; a worker torchrun restarted is spared
+    if step == at and not fired and rank == victim and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         fired.append(step)
         if fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -54,11 +55,12 @@ module.main(sys.argv[5:])
 """
 
 
-def launch(tmp_path, script, flags, ranks, fault="none", at=-1, victim=0):
+def launch(tmp_path, script, flags, ranks, fault="none", at=-1, victim=0, restarts=0):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT))
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc_per_node=2"]
+    launcher = [sys.executable] if ranks == 1 and not restarts else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+         f"--max-restarts={restarts}"]
     # A session of its own: the signals sent to its process group never reach pytest.
     return subprocess.run([*launcher, str(driver), script, fault, str(at), str(victim), *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, start_new_session=True,
@@ -113,13 +115,25 @@ def test_interrupted_again_and_again_ends_bit_identical(tmp_path, vqgan_ckpt, st
         at = draw.randrange(first_save, max(reach, first_save) + 1, SAVE_EVERY) if fault == "kill-in-save" else \
             draw.randrange(done + 1, min(reach, STEPS - 2) + 1)
         victim = draw.randrange(ranks) if fault == "kill" else 0
-        resume = ["--resume"] if (out / "ckpt.pt").is_file() else []  # before the first checkpoint: start over
-        result = launch(tmp_path, script, flags + ["--out-dir", str(out)] + resume, ranks, fault, at, victim)
+        result = launch(tmp_path, script, flags + ["--out-dir", str(out), "--resume", "auto"], ranks, fault, at, victim)
         history.append((fault, at, victim, result.returncode, saved_step(out)))
         # a SIGKILL at step `at` loses it, a SIGTERM finishes it and saves, one while saving loses that checkpoint
         expected = {"kill": saved_step(out) <= at, "term": saved_step(out) == at + 1, "kill-in-save": saved_step(out) < at}
         assert expected[fault], (history, result.stderr[-3000:])
     assert len(history) >= 2, history
-    final = launch(tmp_path, script, flags + ["--out-dir", str(out), "--resume"], ranks)
+    final = launch(tmp_path, script, flags + ["--out-dir", str(out), "--resume", "auto"], ranks)
     assert final.returncode == 0, (history, final.stderr[-3000:])
+    assert_bit_identical(tmp_path / "whole", out)
+
+
+def test_a_worker_torchrun_restarts_resumes_whatever_its_flags(tmp_path):
+    """torchrun --max-restarts 1 runs the same command again after a worker dies: with --overwrite it
+    still continues from the last checkpoint (a restart never deletes one), bit-identical in the end."""
+    flags = recipe("train_vqgan", tmp_path, None, None)
+    whole = launch(tmp_path, "train_vqgan", flags + ["--out-dir", str(tmp_path / "whole")], 2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "restarted"
+    result = launch(tmp_path, "train_vqgan", flags + ["--out-dir", str(out), "--overwrite"], 2, "kill", 7, 1, restarts=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'ckpt.pt'} at step 6" in result.stdout + result.stderr
     assert_bit_identical(tmp_path / "whole", out)

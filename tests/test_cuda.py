@@ -227,8 +227,8 @@ def test_two_gpus(imagenet, weights, tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for script, flags in [
             ("train_stage1.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--vqgan-ckpt",
-                                 str(RESULTS["vqgan"]), "--batch-size", "8", "--steps", "10", "--token-cache",
-                                 str(out / "cache"), "--out-dir", str(out / "stage1")]),
+                                 str(RESULTS["vqgan"]), "--batch-size", "8", "--steps", "10",
+                                 "--out-dir", str(out / "stage1")]),
             ("train_stage2.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--stage1-ckpt",
                                  str(out / "stage1" / "ckpt.pt"), "--batch-size", "4", "--steps", "8",
                                  "--gan-schedule", "0.5:0.1", "--vgg16-weights", weights["vgg16"], "--lpips-weights",

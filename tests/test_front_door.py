@@ -75,7 +75,8 @@ def one_line_error(call, *args) -> str:
 
 def test_imagenet100_trains_the_paper_preset_and_refuses_a_vqgan_that_does_not_fit(tmp_path, imagenet100,
                                                                                    official_vqgan):
-    command = ["--dataset", "imagenet100", "--data-dir", imagenet100, "--steps", "1", "--batch-size", "2"]
+    command = ["--dataset", "imagenet100", "--data-dir", imagenet100, "--steps", "1", "--batch-size", "2",
+               "--grad-accum", "1"]
     done = run_script("train_stage1.py", *command, "--vqgan-official", official_vqgan, *NARROW, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "out" / "stage1" / "ckpt.pt")
@@ -84,7 +85,8 @@ def test_imagenet100_trains_the_paper_preset_and_refuses_a_vqgan_that_does_not_f
            (256, 16, 32, 8)
     assert model["vqgan"]["codebook_size"] == 1024 and model["vqgan"]["latent_channels"] == 256
     assert train["preset"] == "small" and train["base_lr"] == 1.5e-4 and ckpt["step"] == 1
-    assert train["steps"] == 1 and train["warmup_steps"] == 10_000  # the paper's warmup; --steps given wins
+    # --steps given wins; the paper's warmup of 20 epochs stays: 20 x 200 images / (2 a step)
+    assert train["steps"] == 1 and train["warmup_steps"] == 2000 and train["epochs"] is None
 
     refused = run_script("train_stage1.py", *command, *NARROW, cwd=tmp_path / "out")  # no out/vqgan/ here
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
@@ -98,16 +100,18 @@ def test_the_dataset_implies_the_paper_run(imagenet100, monkeypatch):
     train, model = train_stage1.parse_args(data)
     assert (train.preset, model.image_size, model.grid_size, model.tokens_per_iter, model.rollout_iters) == \
            ("small", 256, 16, 32, 8)
+    # 200 epochs, 20 of warm-up, at a global batch of 256 on one process: 200 x 200 images / 256 steps ...
     assert (train.batch_size, train.grad_accum, train.steps, train.warmup_steps, train.base_lr) == \
-           (32, 8, 100_000, 10_000, 1.5e-4)  # global batch 256 on one process ...
+           (32, 8, 156, 16, 1.5e-4)
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert train_stage1.parse_args(data)[0].grad_accum == 1  # ... and on 8
-    assert train_stage1.parse_args(data + ["--batch-size", "4"])[0].grad_accum == 1  # a flag given wins
+    assert train_stage1.parse_args(data + ["--grad-accum", "2"])[0].grad_accum == 2  # a flag given wins
     train, model = train_stage1.parse_args(data + ["--preset", "tiny"])  # asked for: tiny on ImageNet
     assert train.preset == "tiny" and model.image_size == 32 and train.base_lr == 3.2e-2
     assert train_stage1.parse_args([])[0].preset == "tiny"  # shapes: the CPU run, as before
     stage2 = train_stage2.parse_args(data)
-    assert (stage2.batch_size, stage2.steps, stage2.warmup_steps, stage2.disc_layers) == (12, 264_000, 26_400, 3)
+    assert (stage2.batch_size, stage2.grad_accum, stage2.steps, stage2.warmup_steps, stage2.disc_layers) == \
+           (12, 1, 417, 42, 3)  # 96 images a step on 8 ranks
     train, vqgan = train_vqgan.parse_args(data)
     assert train.preset == "imagenet" and vqgan.image_size == 256 and train.disc_layers == 3
     assert train_vqgan.parse_args([])[0].preset == "tiny"

@@ -39,8 +39,9 @@ def test_the_kl_term_has_ldms_weight_on_the_mean_losses(monkeypatch):
                                                                           backward(loss, *a, **k)))
     torch.manual_seed(1)
     unchanged = torch.optim.SGD(model.parameters(), lr=0.0)
-    logs = train_vqgan.train_step(model, model, None, unchanged, unchanged, images, 0, train, None,
-                                  type("Ctx", (), {"device": torch.device("cpu")})(), False)
+    batches = iter([(0, (images, None))])
+    logs = train_vqgan.train_step(model, model, None, unchanged, unchanged, batches, 0, train, None,
+                                  type("Ctx", (), {"device": torch.device("cpu"), "enabled": False})(), False)
     torch.manual_seed(1)
     recon, posterior = model(images)
     kl = 10 * posterior.kl().mean() / (3 * 32 * 32)

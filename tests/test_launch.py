@@ -1,0 +1,107 @@
+"""The paper's commands as users launch them, read off each script's own --dry-run plan: 1 GPU, 8, two
+nodes of 8; the same 200 epochs at the paper's global batch, data workers on every GPU, and what a
+restarted or requeued job resumes. No GPU needed: the plan touches none."""
+import json
+
+import pytest
+import torch
+
+import train_stage1
+import train_stage2
+import train_vqgan
+import training
+from data import IMAGENET100_CLASSES
+from test_front_door import write_images
+
+SCRIPTS = {"train_vqgan": train_vqgan, "train_stage1": train_stage1, "train_stage2": train_stage2}
+PAPER_GLOBAL_BATCH = {"train_vqgan": 96, "train_stage1": 256, "train_stage2": 96}
+BASE_LR = {"train_stage1": 1.5e-4, "train_stage2": 1e-4}  # x global batch / 256 (the VQGAN's lr is not scaled)
+
+
+@pytest.fixture(scope="module")
+def imagenet100(tmp_path_factory):
+    """A fake ImageNet-100 of 300 training images (3 a class), for the length of an epoch."""
+    root = tmp_path_factory.mktemp("imagenet100")
+    for i, wnid in enumerate(IMAGENET100_CLASSES):
+        write_images(root / "train" / wnid, 3, i)
+        write_images(root / "val" / wnid, 1, i)
+    return root
+
+
+def dry_run(script, argv, capsys) -> dict:
+    """The plan the script prints for argv + --dry-run: one JSON line, exit 0, nothing else on stdout."""
+    capsys.readouterr()
+    assert SCRIPTS[script].main([*map(str, argv), "--dry-run"]) is None
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    return json.loads(line)
+
+
+def launched(monkeypatch, ranks: int, per_node: int):
+    monkeypatch.setenv("WORLD_SIZE", str(ranks))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+
+
+@pytest.mark.parametrize("ranks, per_node", [(1, 1), (8, 8), (16, 8)])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_paper_run_is_200_epochs_at_the_paper_batch_on_any_number_of_gpus(script, ranks, per_node, imagenet100,
+                                                                            monkeypatch, capsys, tmp_path):
+    launched(monkeypatch, ranks, per_node)
+    estimated = []  # the memory estimate at `small` takes a minute on a CPU: stood in for here (test below)
+    for module in (train_stage1, train_stage2):
+        monkeypatch.setattr(module, "model_for_plan", lambda config: config)
+        monkeypatch.setattr(module, "step_memory_of", lambda model, *args: estimated.append((model.image_size, args[-1]))
+                            or 30e9)
+    plan = dry_run(script, ["--dataset", "imagenet100", "--data-dir", imagenet100, "--device", "cuda",
+                            "--stage1-ckpt" if script == "train_stage2" else "--out-dir", tmp_path / "none"], capsys)
+    assert (plan["device"], plan["world_size"], plan["nodes"]) == ("cuda", ranks, -(-ranks // per_node))
+    assert plan["global_batch"] == PAPER_GLOBAL_BATCH[script] == \
+           plan["batch_per_rank"] * plan["grad_accum"] * plan["world_size"]
+    assert plan["train_images"] == 300 and abs(plan["epochs"] - 200) <= 1 and abs(plan["warmup_epochs"] - 20) <= 1
+    assert plan["workers_per_rank"] >= 1 and plan["precision"] == "bf16"
+    if script in BASE_LR:
+        assert plan["lr"] == pytest.approx(BASE_LR[script] * plan["global_batch"] / 256)
+        assert plan["memory_gb"] == 30 and plan["grad_checkpoint"] is False and estimated == [(256, False)]
+    if ranks * {"train_stage1": 32, "train_stage2": 12, "train_vqgan": 12}[script] > PAPER_GLOBAL_BATCH[script]:
+        assert plan["grad_accum"] == 1  # 16 GPUs: the batch per rank shrinks instead
+
+
+def test_a_length_or_batch_given_wins_and_one_given_twice_is_refused(imagenet100, monkeypatch, capsys):
+    launched(monkeypatch, 8, 8)
+    data = ["--dataset", "imagenet100", "--data-dir", str(imagenet100)]
+    plan = dry_run("train_stage1", data + ["--steps", "7", "--batch-size", "4"], capsys)
+    assert (plan["steps"], plan["batch_per_rank"], plan["grad_accum"], plan["global_batch"]) == (7, 4, 8, 256)
+    assert plan["warmup_epochs"] == pytest.approx(20, abs=1)  # the paper's warm-up stays
+    plan = dry_run("train_stage2", data + ["--epochs", "3", "--global-batch", "48"], capsys)
+    assert (plan["batch_per_rank"], plan["grad_accum"], plan["steps"]) == (6, 1, round(3 * 300 / 48))
+    for flags in (["--steps", "7", "--epochs", "2"], ["--warmup-steps", "7", "--warmup-epochs", "2"]):
+        with pytest.raises(SystemExit, match="both set the run's length: pass one of them"):
+            train_stage1.main(data + flags + ["--dry-run"])
+
+
+def test_the_plan_of_the_cpu_run_and_its_memory_estimate(monkeypatch, capsys):
+    plan = dry_run("train_stage1", [], capsys)  # the first command: tiny, shapes, the CPU
+    assert (plan["device"], plan["workers_per_rank"], plan["memory_gb"], plan["global_batch"]) == ("cpu", 0, None, 16)
+    assert (plan["steps"], plan["lr"]) == (1500, pytest.approx(3.2e-2 * 16 / 256))
+    launched(monkeypatch, 2, 2)
+    plan = dry_run("train_stage1", ["--device", "cuda", "--batch-size", "3", "--no-bf16"], capsys)
+    torch.manual_seed(0)
+    model = train_stage1.frozen_vqgan(train_stage1.ALIT(train_stage1.make_config("tiny")))
+    train, _ = train_stage1.parse_args(["--batch-size", "3"])
+    # within 1%: which cells halt (random weights, random draws) changes a few saved tensors
+    assert plan["memory_gb"] == pytest.approx(train_stage1.step_memory_of(model, train, torch.device("cpu"), False,
+                                                                         False) / 1e9, rel=0.01)
+    assert plan["grad_checkpoint"] is False and plan["precision"] == "float32"
+    monkeypatch.setattr(training, "PLANNED_GPU_MEMORY", 2e9 + plan["memory_gb"] * 1e9)  # no room left: on
+    assert dry_run("train_stage1", ["--device", "cuda", "--batch-size", "3", "--no-bf16"], capsys)["grad_checkpoint"]
+
+
+def test_a_restarted_worker_resumes_and_never_deletes_a_checkpoint(tmp_path, monkeypatch, capsys):
+    flags = ["--channels", "16", "--norm-groups", "8", "--batch-size", "2", "--no-bf16", "--val-images", "4",
+             "--out-dir", str(tmp_path)]
+    train_vqgan.main(flags + ["--steps", "2"])
+    first = training.load_checkpoint(tmp_path / "ckpt.pt")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun --max-restarts ran the command again
+    train_vqgan.main(flags + ["--steps", "3", "--overwrite"])
+    assert "resumed from" in capsys.readouterr().out
+    assert training.load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == first["step"] == 2
+    assert training.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
