@@ -844,6 +844,12 @@ class RunPlan:
         return json.dumps(dataclasses.asdict(self))
 
 
+def print_dry_run(plan: RunPlan):
+    """--dry-run: the plan as one JSON line on stdout, in words (with its warnings) on stderr."""
+    to_stderr(plan)
+    print(plan.to_json())
+
+
 def run_plan(train, device: torch.device, lr: float, bf16: bool, checkpointing=(False, None)) -> RunPlan:
     """The plan of `train` on `device` and the launched ranks; checkpointing is grad_checkpointing's answer."""
     images, global_batch = count_images(train.dataset, train.data_dir, train.train_images), global_batch_of(train)
