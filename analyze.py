@@ -231,7 +231,7 @@ def classifier(cfg: AnalyzeConfig, image_size: int, device) -> Classifier:
     data = ShapesDataset("train", image_size, cfg.classifier_images, seed=cfg.seed)
     images, labels = [], []
     for i in range(len(data)):
-        image, level, _, num_shapes = data.with_masks(i)
+        image, level, _, num_shapes, _ = data.with_masks(i)
         images.append(image)
         labels.append(class_of(cfg.label, level, num_shapes))
     images, labels = torch.stack(images).to(device), torch.tensor(labels, device=device)

@@ -55,7 +55,7 @@ def test_shapes_masks_match_the_rendered_pixels():
     data = ShapesDataset("val", 32, 60)
     seen_levels, nearest_own = set(), []
     for i in range(len(data)):
-        image, level, labels, num_shapes = data.with_masks(i)
+        image, level, labels, num_shapes, _ = data.with_masks(i)
         assert torch.equal(image, data[i][0])  # the same scene, bit for bit
         assert labels.shape == (32, 32) and 0 <= labels.min() and labels.max() <= 1 + num_shapes
         assert LEVELS[level].objects[0] <= num_shapes <= LEVELS[level].objects[1]
