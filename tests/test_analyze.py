@@ -128,7 +128,8 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     out = tmp_path / "analyze"
     flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
-             "--classifier-images", "32", "--classifier-steps", "2", "--out-dir", str(out),
+             "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20", "--familiarity-images", "6",
+             "--out-dir", str(out),
              "--inception-weights", "fake.pth", "--l1-thresholds", "0.1,0.2"]
     results = analyze.main(flags)
     printed = capsys.readouterr().out
