@@ -362,12 +362,7 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
             fixed = attention.record[0].float().mean(1)
         finally:
             attention.record = None
-        control_maps, control_passes = control_rollout(control, images)
         maps = [latent_to_image(w, N) for w in weights]  # T x (B, tK, N)
-        for name, (image, blocks) in (("", pooled_blocks(passes, N, K)), ("control_", pooled_blocks(control_passes, N, K))):
-            probe[name + "image"].append(image)
-            probe[name + "blocks"].append(blocks)
-        probe["vqgan"].append(vqgan.codes.float().mean((2, 3)).cpu())  # the 2D tokenizer's grid, pooled
         # Fig. 3's "sharper & sparser attention": each map's entropy over the 2D tokens, 1 = uniform.
         entropy = [-(m * m.clamp(min=1e-12).log()).sum(-1) / math.log(N) for m in maps]  # T x (B, tK)
         out["entropy_first"].append(torch.stack([e[:, :K].mean(1) for e in entropy]).cpu())  # tokens 1..K, tracked
@@ -386,6 +381,11 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
                            items[j][2] if shapes else None)
         if not shapes:
             continue
+        control_maps, control_passes = control_rollout(control, images)
+        for name, (image, blocks) in (("", pooled_blocks(passes, N, K)), ("control_", pooled_blocks(control_passes, N, K))):
+            probe[name + "image"].append(image)
+            probe[name + "blocks"].append(blocks)
+        probe["vqgan"].append(vqgan.codes.float().mean((2, 3)).cpu())  # the 2D tokenizer's grid, pooled
         labels = torch.tensor([class_of(cfg.label, item.level, item.num_shapes) for item in items], device=device)
         out["level"].append(torch.tensor([item.level for item in items]))
         out["label"].append(labels.cpu())
@@ -416,7 +416,7 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
     if real_features:
         per_image["real_features"] = torch.cat(real_features)
     per_image["segments"] = {k: torch.cat(v) for k, v in segments.items() if v}
-    per_image["probe"] = {k: torch.cat(v, dim=-2) for k, v in probe.items()}  # images along the one before D
+    per_image["probe"] = {k: torch.cat(v, dim=-2) for k, v in probe.items() if v}  # images along the one before D
     return per_image, binding, kept
 
 
@@ -596,8 +596,7 @@ def reconstruction_l1(model: ALIT, dataset, n: int, cfg: AnalyzeConfig, inceptio
             **({"real": torch.cat(real), "features": torch.cat(fake, dim=1)} if real else {})}
 
 
-def familiarity_summary(name: str, table: dict, reference: dict | None, counts: list, criterion: dict,
-                        shapes: bool) -> dict:
+def familiarity_summary(table: dict, reference: dict | None, counts: list, criterion: dict, shapes: bool) -> dict:
     """One image set against the in-distribution `reference` (None: it is the reference): L1 at every
     count, the gap between the shortest and the longest code, the tokens the default criterion picks
     (per level on shapes), FID when features exist."""
@@ -654,10 +653,10 @@ def familiarity(model: ALIT, dataset, per_image: dict, cfg: AnalyzeConfig, incep
     criterion = DEFAULT_CRITERION_OFFICIAL if paper_scale(mc.image_size) else DEFAULT_CRITERION_CPU
     summary = {"criterion": f"l1<{criterion['default_threshold']:g}"
                             + (f" or saturated ({criterion['saturation']:g})" if criterion["saturation"] else ""),
-               "in distribution": familiarity_summary("in distribution", reference, None, counts, criterion, shapes)}
+               "in distribution": familiarity_summary(reference, None, counts, criterion, shapes)}
     for name, data in tqdm(sets.items(), desc="familiarity", dynamic_ncols=True):
         table = reconstruction_l1(model, data, min(m, len(data)), cfg, inception, device)
-        summary[name] = familiarity_summary(name, table, reference, counts, criterion, shapes and name in VARIANTS)
+        summary[name] = familiarity_summary(table, reference, counts, criterion, shapes and name in VARIANTS)
     return summary
 
 
@@ -764,7 +763,7 @@ def main(argv=None):
     keep = spread_images(dataset, n, cfg.attention_images)
     nets = {task: task_net(cfg, task, mc.image_size, device) for task in ("classifier", "depth")} if shapes else None
     inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device) if cfg.inception_weights else None
-    control = untrained_control(model, cfg.seed)
+    control = untrained_control(model, cfg.seed) if shapes else None
 
     per_image, binding, kept = measure(model, control, dataset, cfg, nets, inception, keep, device)
     results = {"checkpoint": cfg.official or cfg.ckpt, "dataset": cfg.dataset, "images": n, "tokens": counts,
@@ -1024,7 +1023,7 @@ def plot_probe(path, probe: dict, counts: list):
         panel += [flat("pooled VQGAN grid", probe["vqgan grid"], COLOURS[7], counts),
                   flat("chance (the most frequent class)", probe["chance"], (0, 0, 0), counts)]
     ticks = [(k, str(k)) for k in counts]
-    draw_panels(path, [Panel("linear probe per iteration (§A.4)", "tokens at the iteration", "probe accuracy",
+    draw_panels(path, [Panel("linear probe per iteration (Sec. A.4)", "tokens at the iteration", "probe accuracy",
                              per_iteration, xticks=ticks),
                        Panel(f"linear probe at iteration {last}, by pooled prefix", "first tokens pooled",
                              "probe accuracy", per_prefix, xticks=ticks)])
@@ -1035,7 +1034,7 @@ def plot_familiarity(path, familiarity: dict, counts: list):
     and the longest code and the tokens the default criterion picks."""
     sets = [(name, row) for name, row in familiarity.items() if isinstance(row, dict) and "l1" in row]
     colour = lambda i: (0, 0, 0) if i == 0 else COLOURS[i - 1]  # noqa: E731 (in distribution in black)
-    panels = [Panel("L1 against tokens, unseen images (§A.2)", "tokens", "L1",
+    panels = [Panel("L1 against tokens, unseen images (Sec. A.2)", "tokens", "L1",
                     [Series(name, list(row["l1"].items()), colour(i)) for i, (name, row) in enumerate(sets)],
                     xticks=[(k, str(k)) for k in counts])]
     levelled = [(i, name, row) for i, (name, row) in enumerate(sets) if "per_level" in row]
@@ -1057,9 +1056,10 @@ def plot_segments(path, segments: dict, counts: list):
     per_share = [Series(f"top {share} of the mass", list(segments["recurrent"][share].items()), COLOURS[i])
                  for i, share in enumerate(shares)]
     per_share.append(Series("best share per image", list(segments["recurrent"]["best per image"].items()), (0, 0, 0)))
-    controls = [Series(f"{name}, best share per image", list(segments[name]["best per image"].items()), colour,
+    controls = [Series(f"{label}, best share per image", list(segments[name]["best per image"].items()), colour,
                        dashed=name != "recurrent")
-                for name, colour in (("recurrent", (0, 0, 0)), ("shuffled", COLOURS[7]), ("untrained", COLOURS[3]))]
+                for name, label, colour in (("recurrent", "trained", (0, 0, 0)), ("shuffled", "maps shuffled", COLOURS[7]),
+                                            ("untrained", "untrained ALIT", COLOURS[3]))]
     draw_panels(path, [Panel(f"first {counts[0]} tokens' maps as segments (Tab. 2)", "tokens at the iteration", "mIoU",
                              per_share, xticks=ticks),
                        Panel("against the controls", "tokens at the iteration", "mIoU", controls, xticks=ticks)])
