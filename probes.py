@@ -58,7 +58,7 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int,
     x = ((features - mean) / std).double()
     weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, history_size=10, line_search_fn="strong_wolfe")
 
     def loss():
         optimizer.zero_grad()

@@ -124,7 +124,7 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
 
 def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures(8)))
-    model = tiny_model()
+    model = tiny_model(rollout_iters=4)  # 4 iterations: 10 prefixes to probe per table, not 36
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     out = tmp_path / "analyze"
