@@ -90,10 +90,11 @@ def top_mass_segment(maps: torch.Tensor, share: float) -> torch.Tensor:
     return maps >= values.gather(-1, last)
 
 
-def segment_iou(segments: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+def segment_iou(segments: torch.Tensor, truth: torch.Tensor, first_object: int = 0) -> torch.Tensor:
     """segments (B, S, N) bool, truth (B, N) segment labels -> (B, S): each segment's IoU with the true
-    segment it overlaps best (the objects and the background halves)."""
-    true = F.one_hot(truth, int(truth.max()) + 1).transpose(1, 2).bool()  # (B, labels, N)
+    segment it overlaps best among labels >= first_object (the objects: on shapes 2, past the two
+    background halves, whose size would reward a map spread over half the image)."""
+    true = F.one_hot(truth, int(truth.max()) + 1).transpose(1, 2).bool()[:, first_object:]  # (B, labels, N)
     both = (segments[:, :, None] & true[:, None]).sum(-1).float()
     either = (segments[:, :, None] | true[:, None]).sum(-1).float()
     present = true.any(-1)[:, None]  # labels that do occur in the image

@@ -31,7 +31,7 @@ def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
     for share in (0.4, 0.6, 0.8, 1.0):
         segment = top_mass_segment(mask.float(), share)
         assert torch.equal(segment, mask)
-        assert segment_iou(segment[None, None], truth).item() == 1
+        assert segment_iou(segment[None, None], truth).item() == segment_iou(segment[None, None], truth, 2).item() == 1
     # distinct values: the highest tokens until the share of the mass is reached
     ramp = torch.tensor([4.0, 3.0, 2.0, 1.0])  # mass 10
     assert top_mass_segment(ramp, 0.4).tolist() == [True, False, False, False]
@@ -45,6 +45,8 @@ def test_segment_iou_is_the_best_overlap_with_a_true_segment():
                               [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: 2/4
                               [0, 0, 0, 0, 0, 0, 1, 1]]]).bool()  # object 3 exactly
     assert segment_iou(segments, truth)[0].tolist() == pytest.approx([2 / 3, 1 / 2, 1])
+    # scored against the objects alone (shapes' labels from 2), the background half matches nothing
+    assert segment_iou(segments, truth, first_object=2)[0].tolist() == pytest.approx([2 / 3, 0, 1])
 
 
 def test_pooled_prefixes_are_means_of_the_first_tokens():
