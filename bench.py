@@ -247,7 +247,8 @@ def bench_stage1(name, cfg, batch, reps, ceilings, device) -> dict:
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
     flops = stage1_flops(cfg, batch, vqgan_encoder_flops(model))
-    row = {"config": name, "batch": batch, "flops_per_step": flops}
+    row = {"config": name, "batch": batch, "flops_per_step": flops,
+           "vqgan_flop_share": batch * vqgan_encoder_flops(model) / flops}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for precision in ceilings:  # two warm-ups: with keep_freed_memory the CPU heap settles in the second
@@ -333,10 +334,10 @@ def format_report(r: dict) -> str:
     d, w, m, g = r["data_loading"], r["workers_per_gpu"], r["memory"], r["gradient_all_reduce"]
     lines = [f"device {r['device']}, {r['threads']} threads, torch {r['torch']}; matmul ceiling ({r['matrix_size']}^3, "
              "fastest of 10): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in c.items()), "",
-             "| stage-1 step | batch | GFLOP/step | precision | s/step | of the ceiling | VQGAN share | peak memory |",
+             "| stage-1 step | batch | GFLOP/step | precision | s/step | of the ceiling | VQGAN share (of FLOPs) | peak memory |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for s in r["stage1"]:
-        share = f"{100 * s['vqgan_share']:.0f}%"
+        share = f"{100 * s['vqgan_share']:.0f}% ({100 * s['vqgan_flop_share']:.1f}%)"
         lines += [f"| {s['config']} | {s['batch']} | {s['flops_per_step'] / 1e9:.0f} | {k} | {s[k]['seconds']:.2f} | "
                   f"{100 * s[k]['fraction_of_ceiling']:.0f}% | {share} | {s['peak_memory_gb']:.1f} GB |" for k in c]
     exits = [f"{k} criterion {a[k]['seconds']:.2f} s at {a[k]['fraction_of_tokens']:.2f} of the tokens, "

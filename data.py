@@ -81,11 +81,11 @@ def _colour(rng, avoid: int | None = None) -> int:
             return index
 
 
-def _rgb(index: int) -> tuple[int, int, int]:
-    return tuple(PALETTE[index].tolist())
+def _rgb(index: int, palette: np.ndarray = PALETTE) -> tuple[int, int, int]:
+    return tuple(palette[index].tolist())
 
 
-def _texture(rng, width: int, height: int, side: int, colours) -> Image.Image:
+def _texture(rng, width: int, height: int, side: int, colours, palette: np.ndarray = PALETTE) -> Image.Image:
     """Two-colour stripes at a random angle or a checkerboard, bands 3-5 px wide at 32x32."""
     period = rng.uniform(0.19, 0.31) * side
     y, x = np.arange(height)[:, None], np.arange(width)[None, :]  # broadcast, no full grids
@@ -94,7 +94,7 @@ def _texture(rng, width: int, height: int, side: int, colours) -> Image.Image:
         pattern = ((x * np.cos(angle) + y * np.sin(angle)) / period) % 1.0 < 0.5
     else:
         pattern = ((x // (period / 2) + y // (period / 2)) % 2).astype(bool)
-    return Image.fromarray(PALETTE[np.array(colours)][pattern.astype(np.intp)])  # (height, width, 3)
+    return Image.fromarray(palette[np.array(colours)][pattern.astype(np.intp)])  # (height, width, 3)
 
 
 def _shape_outline(rng, cx: float, cy: float, r: float) -> tuple[str, list]:
@@ -119,39 +119,92 @@ def _split_background(rng, side: int) -> tuple[str, list]:
                        (px + far * (dx - dy), py + far * (dy + dx)), (px - far * (dx + dy), py + far * (dx - dy))]
 
 
+# Out-of-distribution variants of shapes (§A.2, "representational capacity depends on familiarity
+# with the training set"): each changes one thing training never showed and keeps LEVELS, so an
+# image of a variant can be compared with training's at the same complexity level.
+VARIANTS = {
+    "seen": "the training distribution",
+    "kinds": "shape kinds training never drew: stars, crosses and C-shaped arcs, all non-convex "
+             "(training: ellipses and convex polygons)",
+    "textures": "stripes or checkers instead of flat colours, on every shape and both background halves "
+                "(training: flat backgrounds, and flat shapes at levels 0 and 1)",
+    "palette": "twelve colours outside the training palette, each at least 98 (RGB distance) from all of "
+               "its colours and from each other",
+}
+NEW_PALETTE = np.array([(16, 0, 240), (176, 240, 144), (160, 160, 240), (128, 240, 0), (144, 0, 0), (0, 240, 0),
+                        (240, 144, 160), (0, 240, 144), (0, 0, 128), (0, 128, 0), (80, 80, 240), (0, 96, 96)],
+                       dtype=np.uint8)
+# Depth in layers from the front: the background lies behind the most shapes a level draws, and each
+# shape one layer in front of the highest shape it covers, so every scene shares one scale (Fig. 6/9).
+BACKGROUND_DEPTH = LEVELS[-1].objects[1]
+
+
+def _new_outline(rng, cx: float, cy: float, r: float) -> tuple[str, list]:
+    """A star (5-7 points), a cross or a C-shaped arc at a random angle, as a polygon."""
+    kind, turn = int(rng.integers(3)), rng.uniform(0, 2 * np.pi)
+    if kind == 0:
+        points = int(rng.integers(5, 8))
+        angles = turn + np.pi * np.arange(2 * points) / points
+        radii = np.where(np.arange(2 * points) % 2 == 0, r, 0.45 * r)
+    elif kind == 1:
+        arm = 0.3 * r  # half the width of each arm
+        x = np.array([arm, arm, r, r, arm, arm, -arm, -arm, -r, -r, -arm, -arm])
+        y = np.array([r, arm, arm, -arm, -arm, -r, -r, -arm, -arm, arm, arm, r])
+        angles, radii = np.arctan2(y, x) + turn, np.hypot(x, y)
+    else:
+        arc = turn + np.linspace(0.35 * np.pi, 1.65 * np.pi, 16)  # a gap of 0.7 pi
+        angles, radii = np.concatenate([arc, arc[::-1]]), np.concatenate([np.full(16, r), np.full(16, 0.55 * r)])
+    return "polygon", list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
+
+
 class Scene(NamedTuple):
     image: Image.Image  # RGB, image_size x image_size
     # (image_size, image_size) uint8, what covers most of each pixel's supersampled block: 0 and 1 the
     # two halves of the background, 2 + i the visible part of the i-th shape drawn (render_scene only)
     labels: np.ndarray
     num_shapes: int  # shapes drawn, hidden ones included
+    # (image_size, image_size) float32 (render_scene only): layers from the front, the background at
+    # BACKGROUND_DEPTH (depth_from_drawing_order)
+    depth: np.ndarray | None = None
 
 
-def render_shapes(rng: np.random.Generator, level: int, image_size: int) -> Image.Image:
+def render_shapes(rng: np.random.Generator, level: int, image_size: int, variant: str = "seen") -> Image.Image:
     """One scene of the given complexity level, drawn from rng alone."""
-    return _render(rng, level, image_size, with_labels=False).image
+    return _render(rng, level, image_size, with_labels=False, variant=variant).image
 
 
-def render_scene(rng: np.random.Generator, level: int, image_size: int) -> Scene:
-    """The scene render_shapes draws from the same rng (the same pixels), with its object masks:
-    what the analyses score the latent tokens' attention against (Fig. 3, object binding)."""
-    return _render(rng, level, image_size, with_labels=True)
+def render_scene(rng: np.random.Generator, level: int, image_size: int, variant: str = "seen") -> Scene:
+    """The scene render_shapes draws from the same rng (the same pixels), with its object masks and
+    depth: what the analyses score the latent tokens' attention (Fig. 3, object binding) and the
+    depth task (Fig. 6, 9) against."""
+    return _render(rng, level, image_size, with_labels=True, variant=variant)
 
 
-def _render(rng, level: int, image_size: int, with_labels: bool) -> Scene:
+def _render(rng, level: int, image_size: int, with_labels: bool, variant: str = "seen") -> Scene:
+    assert variant in VARIANTS, variant
     spec, side = LEVELS[level], SUPERSAMPLE * image_size
+    palette = NEW_PALETTE if variant == "palette" else PALETTE
+    outline = _new_outline if variant == "kinds" else _shape_outline
     background = _colour(rng)
-    canvas = Image.new("RGB", (side, side), _rgb(background))
+    canvas = Image.new("RGB", (side, side), _rgb(background, palette))
     draw = ImageDraw.Draw(canvas)
     # The label map gets every outline the canvas gets, with the same rasterisation.
     labels = Image.new("L", (side, side), 0) if with_labels else None
     label_draw = ImageDraw.Draw(labels) if with_labels else None
+    outlines = []  # each shape's whole outline, hidden parts included (with_labels): what it covers
     # The background is split by a random straight line into two palette colours: a layout that
     # spans the whole image, so that from the first steps stage 1 must tell where things are (on
     # flat backgrounds it settles for hundreds of steps on one colour for the whole image).
     second_colour = _colour(rng, avoid=background)  # drawn before the line: the order of the draws is the scene
     method, xy = _split_background(rng, side)
-    getattr(draw, method)(xy, fill=_rgb(second_colour))
+    if variant == "textures":
+        canvas.paste(_texture(rng, side, side, side, (background, _colour(rng, avoid=background)), palette))
+        half = Image.new("L", (side, side), 0)
+        ImageDraw.Draw(half).polygon(xy, fill=255)
+        canvas.paste(_texture(rng, side, side, side, (second_colour, _colour(rng, avoid=second_colour)), palette),
+                     (0, 0), half)
+    else:
+        getattr(draw, method)(xy, fill=_rgb(second_colour, palette))
     if with_labels:
         getattr(label_draw, method)(xy, fill=1)
     num_shapes = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
@@ -159,23 +212,45 @@ def _render(rng, level: int, image_size: int, with_labels: bool) -> Scene:
         cx, cy = rng.uniform(0.1, 0.9, 2) * side
         r = rng.uniform(*spec.radius) * side
         colour = _colour(rng, avoid=background)
-        if rng.random() < spec.texture:
+        if rng.random() < spec.texture or variant == "textures":
             # Texture and mask only cover the shape's bounding box, which keeps this cheap.
             box = int(math.ceil(2 * r)) + 1
             mask = Image.new("L", (box, box), 0)
-            method, xy = _shape_outline(rng, r, r, r)
+            method, xy = outline(rng, r, r, r)
             getattr(ImageDraw.Draw(mask), method)(xy, fill=255)
-            texture = _texture(rng, box, box, side, (colour, _colour(rng, avoid=colour)))
+            texture = _texture(rng, box, box, side, (colour, _colour(rng, avoid=colour)), palette)
             canvas.paste(texture, (int(cx - r), int(cy - r)), mask)
             if with_labels:
                 labels.paste(2 + i, (int(cx - r), int(cy - r)), mask)
+                whole = Image.new("L", (side, side), 0)
+                whole.paste(1, (int(cx - r), int(cy - r)), mask)
+                outlines.append(np.asarray(whole) > 0)
         else:
-            method, xy = _shape_outline(rng, cx, cy, r)
-            getattr(draw, method)(xy, fill=_rgb(colour))
+            method, xy = outline(rng, cx, cy, r)
+            getattr(draw, method)(xy, fill=_rgb(colour, palette))
             if with_labels:
                 getattr(label_draw, method)(xy, fill=2 + i)
+                whole = Image.new("L", (side, side), 0)
+                getattr(ImageDraw.Draw(whole), method)(xy, fill=1)
+                outlines.append(np.asarray(whole) > 0)
     image = canvas.resize((image_size, image_size), Image.LANCZOS)
-    return Scene(image, majority_pool(np.asarray(labels), SUPERSAMPLE) if with_labels else None, num_shapes)
+    if not with_labels:
+        return Scene(image, None, num_shapes)
+    pooled = majority_pool(np.asarray(labels), SUPERSAMPLE)
+    return Scene(image, pooled, num_shapes, depth_from_drawing_order(pooled, outlines))
+
+
+def depth_from_drawing_order(labels: np.ndarray, outlines: list) -> np.ndarray:
+    """Scene labels (S, S) and each shape's whole outline in drawing order -> depth (S, S) float32 in
+    layers from the front. A shape lies one layer above the highest visible shape drawn before it
+    that its outline overlaps (the background: layer 0); depth = BACKGROUND_DEPTH - layer. Shapes
+    that do not overlap share a layer, since the image cannot tell which was drawn first."""
+    visible = set(np.unique(labels).tolist())
+    layer = np.zeros(2 + len(outlines), dtype=np.float32)  # per label; 0 and 1 the background halves
+    for i, whole in enumerate(outlines):
+        below = [layer[2 + j] for j in range(i) if 2 + j in visible and (whole & outlines[j]).any()]
+        layer[2 + i] = 1 + max(below, default=0)
+    return BACKGROUND_DEPTH - layer[labels.astype(np.intp)]
 
 
 def majority_pool(labels: np.ndarray, factor: int) -> np.ndarray:
@@ -187,6 +262,15 @@ def majority_pool(labels: np.ndarray, factor: int) -> np.ndarray:
     return counts.argmax(-1).astype(labels.dtype)
 
 
+class SceneItem(NamedTuple):
+    """A shapes scene with everything the generator knows of it (ShapesDataset.with_masks)."""
+    image: torch.Tensor  # (3, S, S) in [0, 1]
+    level: int
+    labels: torch.Tensor  # (S, S) int64: 0 and 1 the background halves, 2 + i the i-th shape drawn
+    num_shapes: int
+    depth: torch.Tensor  # (S, S) float32, layers from the front
+
+
 class ShapesDataset(Dataset):
     """Procedural scenes, deterministic per (seed, split, index); target = complexity level.
 
@@ -195,16 +279,18 @@ class ShapesDataset(Dataset):
     share a scene for any seed. The first draw is the level (uniform over
     COMPLEXITY_LEVELS), so complexity_of(i) needs no rendering. Scenes are
     defined in image-relative units: the same index at another image_size is the
-    same scene at another resolution.
+    same scene at another resolution. variant: one of VARIANTS, "seen" the training
+    distribution; the level of image i is the same in every variant.
     """
 
     def __init__(self, split: str, image_size: int, num_images: int, seed: int = 0,
-                 complexity: int | None = None, train_transform: bool = False):
+                 complexity: int | None = None, train_transform: bool = False, variant: str = "seen"):
         assert split in ("train", "val"), split
         assert complexity is None or 0 <= complexity < COMPLEXITY_LEVELS, complexity
+        assert variant in VARIANTS, variant
         self.split, self.image_size, self.num_images = split, image_size, num_images
         self.split_seed = 2 * seed + (split == "val")
-        self.complexity, self.train_transform = complexity, train_transform
+        self.complexity, self.train_transform, self.variant = complexity, train_transform, variant
 
     def __len__(self) -> int:
         return self.num_images
@@ -219,16 +305,17 @@ class ShapesDataset(Dataset):
     def complexity_of(self, index: int) -> int:
         return self._rng_and_level(index)[1]
 
-    def with_masks(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, int]:
-        """(image, level, labels, num_shapes) of scene `index`, never flipped: the image as __getitem__
-        gives it without augmentation and its object masks, labels (S, S) int64 (see Scene)."""
+    def with_masks(self, index: int) -> "SceneItem":
+        """Scene `index` never flipped, the image as __getitem__ gives it without augmentation, with its
+        object masks, labels (S, S) int64, and its depth (S, S) float32 (see Scene)."""
         rng, level = self._rng_and_level(index)
-        scene = render_scene(rng, level, self.image_size)
-        return to_tensor(scene.image), level, torch.from_numpy(scene.labels.astype(np.int64)), scene.num_shapes
+        scene = render_scene(rng, level, self.image_size, self.variant)
+        return SceneItem(to_tensor(scene.image), level, torch.from_numpy(scene.labels.astype(np.int64)),
+                         scene.num_shapes, torch.from_numpy(scene.depth))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rng, level = self._rng_and_level(index)
-        image = to_tensor(render_shapes(rng, level, self.image_size))
+        image = to_tensor(render_shapes(rng, level, self.image_size, self.variant))
         # Flip only: a random resized crop would cut objects away and change the
         # recorded complexity, and these scenes have no camera framing to vary.
         # torch's RNG so that DataLoader's per-worker seeding applies.

@@ -7,8 +7,8 @@ depends on downstream task" and Fig. 6-9.
 A token-selection criterion says, per image, whether a reconstruction is good enough; the
 adaptive encoding gives each image the fewest tokens that pass: model.encode_adaptive with
 early exit, or first_passing over a table of every token count. Users can plug in their own:
-the paper also selects by classification and depth error; analyze.py adds a classifier
-trained on `shapes`. evaluate.py and analyze.py both select with these.
+the paper also selects by classification and depth error; analyze.py adds a classifier and a
+depth regressor trained on `shapes`. evaluate.py and analyze.py both select with these.
 """
 import torch
 
@@ -44,6 +44,23 @@ def code_error_below(threshold: float, codebook: torch.Tensor | None = None):
             predicted, true = prediction.float().softmax(-1) @ codebook, codebook[targets]
         return (predicted - true).square().mean(dim=(1, 2)) < threshold
     criterion.__name__ = f"code_mse<{threshold:g}"
+    return criterion
+
+
+def depth_error(depth_net, images, reconstructions) -> torch.Tensor:
+    """(B,) mean |depth_net(x̂) - depth_net(x)| over the pixels: the depth estimated on the
+    reconstruction against the estimate on the original, the paper's pseudo-ground truth (Fig. 6, 9:
+    DepthAnythingV2 on the original images)."""
+    with torch.no_grad():
+        truth = depth_net(images)
+        return (depth_net(reconstructions.float().clamp(0, 1)) - truth).abs().flatten(1).mean(1)
+
+
+def depth_error_below(threshold: float, depth_net):
+    """Depth criterion (Fig. 6 right, Fig. 9): depth_error < threshold, for model.encode_adaptive."""
+    def criterion(images, reconstructions):  # (B, 3, H, W) each -> (B,) bool
+        return depth_error(depth_net, images, reconstructions) < threshold
+    criterion.__name__ = f"depth<{threshold:g}"
     return criterion
 
 

@@ -33,9 +33,9 @@ from quantize import count_codes, exact_float32
 from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, RunPlan, StopSignal, adamw,
                       autocast, check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder,
                       clear_out_dir, due, finish, flag_error, global_batch_of, grad_checkpointing, keep_freed_memory,
-                      launched_ranks, lr_at, paper_scale, parse_flags, planned_device, progress, resume, run_plan,
-                      save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory, stop_step,
-                      to_stderr, use_bf16, wrap_ddp)
+                      launched_ranks, lr_at, paper_scale, parse_flags, planned_device, print_dry_run, progress, resume,
+                      run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory,
+                      stop_step, to_stderr, use_bf16, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
 from vae import VAE
 from vqgan import VQGAN, VQGANConfig, conv_memory_format
@@ -294,7 +294,7 @@ def main(argv=None):
     train = check_out_dir(train, "rollout_*.png")
     if train.dry_run:  # a model only if the memory estimate is made, on the CPU
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        print(plan(train, model_of, planned_device(train.device), torch.device("cpu"), to_stderr).to_json())
+        print_dry_run(plan(train, model_of, planned_device(train.device), torch.device("cpu"), to_stderr))
         return None
     ctx = setup_distributed(train.device, train.dist_timeout)
     check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)

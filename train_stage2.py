@@ -35,11 +35,11 @@ from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, 
                     reconstruction_loss)
 from model import ALIT, PRESETS, ALITConfig, make_config
 from training import (EMA, PAPER_DATASETS, LoopConfig, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
-                      check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir,
-                      due, finish, global_batch_of, grad_checkpointing, keep_freed_memory, launched_ranks,
-                      lr_at, official_heads, paper_scale, parse_flags, planned_device, progress, resume, run_plan,
-                      save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory, stop_step,
-                      to_stderr, use_bf16, wrap_ddp)
+                      check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
+                      finish, global_batch_of, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
+                      official_heads, paper_scale, parse_flags, planned_device, print_dry_run, progress, resume,
+                      run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory,
+                      stop_step, to_stderr, use_bf16, wrap_ddp)
 from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
@@ -200,8 +200,8 @@ def main(argv=None):
     if train.dry_run:  # a model only if the memory estimate is made, on the CPU
         model_cfg = config_for_plan(train)
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        print(plan(train, model_of, model_cfg.image_size, None, planned_device(train.device), torch.device("cpu"),
-                   to_stderr).to_json())
+        print_dry_run(plan(train, model_of, model_cfg.image_size, None, planned_device(train.device),
+                           torch.device("cpu"), to_stderr))
         return None
     train = check_out_dir(train, "rollout_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)

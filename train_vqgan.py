@@ -27,9 +27,9 @@ from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discri
 from quantize import count_codes
 from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
                       check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
-                      finish, flag_error, keep_freed_memory, lr_at, paper_scale, parse_flags, planned_device, progress,
-                      resume, run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, stop_step,
-                      use_bf16, wrap_ddp)
+                      finish, flag_error, keep_freed_memory, lr_at, paper_scale, parse_flags, planned_device,
+                      print_dry_run, progress, resume, run_plan, save_training_state, schedule_in_epochs, set_lr,
+                      setup_distributed, stop_step, use_bf16, wrap_ddp)
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
@@ -123,7 +123,7 @@ def main(argv=None):
         print(format_val_metrics(evaluate_vqgan(model, train)))
         return model
     if train.dry_run:  # no gradient checkpointing here, so no memory estimate
-        print(plan(train, planned_device(train.device)).to_json())
+        print_dry_run(plan(train, planned_device(train.device)))
         return None
     train = check_out_dir(train, "recon_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)

@@ -183,7 +183,7 @@ def data_workers(num_workers: int | None, device: torch.device) -> int:
 TRAINED_PARAMETER_BYTES = 4 + 4 + 8 + 4
 DDP_BUCKET_BYTES = 4  # under DDP, a float32 copy of every gradient in the buckets it all-reduces
 CUDA_RESERVE = 2e9  # the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers: outside step_memory's count
-FITS_GPU = 0.9  # share of the rest a step may plan for: the caching allocator's fragmentation takes the others
+FITS_GPU = 0.85  # share of the rest a step may plan for: transient peaks and what fragmentation still costs
 PLANNED_GPU_MEMORY = 85.5e9  # what --dry-run assumes on a machine without the GPU: an 80 GB H100's bytes
 
 
@@ -842,6 +842,12 @@ class RunPlan:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
+
+
+def print_dry_run(plan: RunPlan):
+    """--dry-run: the plan as one JSON line on stdout, in words (with its warnings) on stderr."""
+    to_stderr(plan)
+    print(plan.to_json())
 
 
 def run_plan(train, device: torch.device, lr: float, bf16: bool, checkpointing=(False, None)) -> RunPlan:

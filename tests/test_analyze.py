@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import analyze
 from analyze import adjusted_rand_index, binding_scores, classifier_selection, matched_miou, token_labels, true_label_rank
@@ -55,7 +56,7 @@ def test_shapes_masks_match_the_rendered_pixels():
     data = ShapesDataset("val", 32, 60)
     seen_levels, nearest_own = set(), []
     for i in range(len(data)):
-        image, level, labels, num_shapes = data.with_masks(i)
+        image, level, labels, num_shapes, _ = data.with_masks(i)
         assert torch.equal(image, data[i][0])  # the same scene, bit for bit
         assert labels.shape == (32, 32) and 0 <= labels.min() and labels.max() <= 1 + num_shapes
         assert LEVELS[level].objects[0] <= num_shapes <= LEVELS[level].objects[1]
@@ -123,19 +124,25 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
 
 def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures(8)))
-    model = tiny_model()
+    model = tiny_model(rollout_iters=4)  # 4 iterations: 10 prefixes to probe per table, not 36
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     out = tmp_path / "analyze"
-    flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
-             "--classifier-images", "32", "--classifier-steps", "2", "--out-dir", str(out),
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ood / f"{i}.png")
+    flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2", "--ood-dir", str(ood),
+             "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20", "--familiarity-images", "6",
+             "--out-dir", str(out),
              "--inception-weights", "fake.pth", "--l1-thresholds", "0.1,0.2"]
     results = analyze.main(flags)
     printed = capsys.readouterr().out
     assert "| all levels |" in printed and "| L1 < threshold |" in printed and "| FID |" in printed
     assert [r["threshold"] for r in results["selection"]["L1 < threshold"]] == [0.1, 0.2]
     assert all(r["fid"] is not None for rows in results["selection"].values() for r in rows)
-    for name in ("binding.png", "complexity.png", "histograms.png", "selection.png", "classifier.pt"):
+    for name in ("binding.png", "complexity.png", "histograms.png", "selection.png", "classifier.pt", "depth.pt",
+                 "probe.png", "familiarity.png", "segments.png"):
         assert (out / name).is_file(), name
     assert len(results["attention_maps"]) == 2 and all((out / p).is_file() for p in results["attention_maps"])
     saved = json.loads((out / "analysis.json").read_text())
@@ -144,8 +151,17 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     fixed = saved["selection"]["every image at one count"]
     assert [r["dataset_representation"] for r in fixed] == pytest.approx([(t + 1) / T for t in range(T)])
     assert set(saved["fraction_for_95_percent"]) == set(saved["selection"])
-    analyze.main(flags)  # the classifier comes from its cache
-    assert "classifier of level read from" in capsys.readouterr().out
+    assert "depth error < threshold" in saved["selection"] and all(r["depth"] is not None for r in fixed)
+    assert set(saved["task_alignment"]) == {"accuracy", "depth"}
+    probe = saved["linear_probe"]
+    assert list(probe["trained"]["latents"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix at the last
+    assert list(probe["untrained"]["latents and image tokens"]["1"]) == [str(K)]
+    assert set(saved["familiarity"]) == {"criterion", "in distribution", "kinds", "textures", "palette", "--ood-dir"}
+    assert saved["familiarity"]["--ood-dir"]["images"] == 3 and "per_level" not in saved["familiarity"]["--ood-dir"]
+    assert list(saved["segments"]["recurrent"]) == ["40%", "60%", "80%", "best per image"]
+    analyze.main(flags)  # the classifier and the depth regressor come from their caches
+    printed = capsys.readouterr().out
+    assert "classifier of level read from" in printed and "depth regressor read from" in printed
 
 
 def test_bad_arguments(tmp_path):

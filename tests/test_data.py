@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.spatial
 import torch
 from PIL import Image
 
@@ -106,6 +107,82 @@ def test_build_shapes_defaults():
 
 
 # ----------------------------------------------------------------------------- folder layouts
+
+def test_depth_of_two_overlapping_shapes_follows_the_drawing_order():
+    side = 8
+    outline = lambda y0, y1, x0, x1: np.pad(np.ones((y1 - y0, x1 - x0), bool), ((y0, side - y1), (x0, side - x1)))
+    first, second, apart = outline(1, 5, 1, 5), outline(3, 7, 3, 7), outline(0, 2, 6, 8)  # second covers first's corner
+    labels = np.zeros((side, side), np.uint8)
+    labels[first], labels[second], labels[apart] = 2, 3, 4
+    depth = data.depth_from_drawing_order(labels, [first, second, apart])
+    back = data.BACKGROUND_DEPTH
+    assert (depth[labels == 0] == back).all() and (depth[first & ~second] == back - 1).all()
+    assert (depth[second] == back - 2).all()  # in front of first, also where first lies under it
+    assert (depth[apart] == back - 1).all()  # overlaps nothing: on the background, whatever its turn
+    # drawn the other way round, the order flips
+    flipped = np.zeros((side, side), np.uint8)
+    flipped[second], flipped[first] = 2, 3
+    depth = data.depth_from_drawing_order(flipped, [second, first])
+    assert (depth[first] == back - 2).all() and (depth[second & ~first] == back - 1).all()
+
+
+def test_rendered_depth_is_one_value_per_visible_segment():
+    dataset = ShapesDataset("val", 32, 30)
+    for i in range(len(dataset)):
+        scene = dataset.with_masks(i)
+        assert scene.depth.shape == (32, 32) and scene.depth.dtype == torch.float32
+        assert (scene.depth[scene.labels < 2] == data.BACKGROUND_DEPTH).all()
+        shapes = scene.labels >= 2
+        assert (scene.depth[shapes] < data.BACKGROUND_DEPTH).all()
+        assert (scene.depth[shapes] >= data.BACKGROUND_DEPTH - scene.num_shapes).all()
+        for segment in scene.labels.unique():
+            assert len(scene.depth[scene.labels == segment].unique()) == 1
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Pixels of a mask over the pixels of its convex hull (Pick: area + perimeter / 2 + 1)."""
+    ys, xs = np.nonzero(mask)
+    hull = scipy.spatial.ConvexHull(np.stack([xs, ys], 1))
+    return len(ys) / (hull.volume + hull.area / 2 + 1)
+
+
+def interior_colours(image: torch.Tensor, labels: torch.Tensor, reach: int = 3, least: int = 16) -> dict:
+    """Segment -> the (n, 3) colours of its pixels with no other segment within `reach` pixels, for the
+    segments with at least `least` such pixels (fewer can fall within one stripe of a texture)."""
+    padded = torch.nn.functional.pad(labels[None, None].float(), (reach,) * 4, mode="replicate")
+    windows = padded.unfold(2, 2 * reach + 1, 1).unfold(3, 2 * reach + 1, 1).flatten(-2)[0, 0]
+    inside = (windows == labels[..., None]).all(-1)
+    pixels = (image * 255).round().permute(1, 2, 0)
+    return {int(s): pixels[inside & (labels == s)] for s in labels.unique() if (inside & (labels == s)).sum() >= least}
+
+
+def off_colour(colours: torch.Tensor) -> float:
+    """The fraction of a segment's pixels more than 8 from its median colour in a channel: a flat
+    colour strays a few levels (Lanczos' ringing, polygon tips), a two-colour texture half the time."""
+    return ((colours - colours.median(0).values).abs().max(1).values > 8).float().mean().item()
+
+
+def test_out_of_distribution_variants_draw_what_they_say():
+    seen, kinds = (ShapesDataset("val", 32, 20, complexity=0, variant=v) for v in ("seen", "kinds"))
+    # New kinds: stars, crosses and arcs are far from convex; training's shapes are convex.
+    assert min(solidity(seen.with_masks(i).labels.numpy() == 2) for i in range(20)) > 0.8
+    assert max(solidity(kinds.with_masks(i).labels.numpy() == 2) for i in range(20)) < 0.8
+    for level in (0, 1):  # the levels where training shapes are all flat
+        flat, textured, palette = (ShapesDataset("val", 32, 10, complexity=level, variant=v)
+                                   for v in ("seen", "textures", "palette"))
+        for i in range(10):
+            a, b, c = flat.with_masks(i), textured.with_masks(i), palette.with_masks(i)
+            assert a.level == b.level == c.level
+            # textures: every segment's interior, background halves too, is striped or chequered
+            assert all(off_colour(colours) < 0.1 for colours in interior_colours(a.image, a.labels).values())
+            assert all(off_colour(colours) > 0.2 for colours in interior_colours(b.image, b.labels).values())
+            # the unseen palette: flat segments in its colours, none of training's
+            for colours in interior_colours(c.image, c.labels).values():
+                colour = colours.median(0).values
+                assert off_colour(colours) < 0.1 and (torch.from_numpy(data.NEW_PALETTE).float() == colour).all(1).any()
+                assert torch.cdist(colour[None], torch.from_numpy(data.PALETTE).float()).min() >= 98
+    assert torch.equal(ShapesDataset("val", 32, 3)[2][0], ShapesDataset("val", 32, 3, variant="seen")[2][0])
+
 
 def test_imagenet100_selects_listed_classes(tmp_path):
     for wnid in IMAGENET100_CLASSES + ("n99999999",):

@@ -172,14 +172,14 @@ def test_data_workers_default_to_the_cpus_of_each_rank(monkeypatch):
     assert training.data_workers(None, torch.device("cuda:0")) == 1
 
 
-@pytest.mark.parametrize("total_gb, expected", [(80, False), (57, True), (40, True)])
+@pytest.mark.parametrize("total_gb, expected", [(80, False), (60, True), (40, True)])
 def test_checkpointing_turns_on_where_a_step_would_not_fit(monkeypatch, total_gb, expected):
     gpu = type("Properties", (), {"name": "GPU", "total_memory": total_gb * 10 ** 9})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
     said = []
     need = {False: 50e9, True: 8e9}.__getitem__  # bytes a step needs without / with checkpointing
-    # 57 GB: the step fits the memory, not with the CUDA reserve and the allocator's margin
+    # 60 GB: 50 GB are 83% of it, but 86% of what is left after the CUDA reserve
     assert training.grad_checkpointing(None, torch.device("cuda:0"), need, said.append) == \
            (expected, 8e9 if expected else 50e9)
     assert len(said) == expected and (not said or f"50 GB without it, 8 GB with it, and GPU has {total_gb} GB" in said[0])

@@ -28,11 +28,15 @@ def imagenet100(tmp_path_factory):
     return root
 
 
-def dry_run(script, argv, capsys) -> dict:
-    """The plan the script prints for argv + --dry-run: one JSON line, exit 0, nothing else on stdout."""
+def dry_run(script, argv, capsys, said=None) -> dict:
+    """The plan the script prints for argv + --dry-run: one JSON line, exit 0, nothing else on stdout
+    (`said` gets what it wrote on stderr: the plan in words)."""
     capsys.readouterr()
     assert SCRIPTS[script].main([*map(str, argv), "--dry-run"]) is None
-    (line,) = capsys.readouterr().out.strip().splitlines()
+    out, err = capsys.readouterr()
+    (line,) = out.strip().splitlines()
+    if said is not None:
+        said.append(err)
     return json.loads(line)
 
 
@@ -105,3 +109,17 @@ def test_a_restarted_worker_resumes_and_never_deletes_a_checkpoint(tmp_path, mon
     assert "resumed from" in capsys.readouterr().out
     assert training.load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == first["step"] == 2
     assert training.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+
+
+def test_two_nodes_are_told_what_their_network_needs(imagenet100, monkeypatch, capsys):
+    data = ["--dataset", "imagenet100", "--data-dir", str(imagenet100)]
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    for ranks, warned in [(8, False), (16, True)]:
+        launched(monkeypatch, ranks, 8)
+        said = []
+        dry_run("train_vqgan", data, capsys, said)
+        assert said[0].startswith("run plan: cpu x") and ("GLOO_SOCKET_IFNAME" in said[0]) is warned, said
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    said = []
+    dry_run("train_vqgan", data, capsys, said)
+    assert "warning" not in said[0]
