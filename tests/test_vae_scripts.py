@@ -109,3 +109,17 @@ def test_an_official_vae_checkpoint_through_evaluate(tmp_path):
     assert results["checkpoint"] == str(path) and results["vqgan"]["base"] == "vae"
     model = ALIT.from_official(path, heads=4)
     assert model.config.official_vae_function and model.config.grid_size == 16
+
+
+def test_analyze_runs_over_a_vae(tmp_path):
+    import analyze
+    from model import make_config
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", base="vae", rollout_iters=4))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
+    results = analyze.main(["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "1",
+                            "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20",
+                            "--familiarity-images", "6", "--out-dir", str(tmp_path / "analyze"),
+                            "--l1-thresholds", "0.1,0.2"])
+    assert [r["threshold"] for r in results["selection"]["L1 < threshold"]] == [0.1, 0.2]
