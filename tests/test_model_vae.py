@@ -135,3 +135,14 @@ def test_early_exit_with_the_code_error_criterion_equals_the_exhaustive_search()
         assert choice.num_tokens == (t + 1) * model.config.tokens_per_iter
         assert torch.equal(choice.indices, records[t].indices[i])
         torch.testing.assert_close(choice.recon, records[t].recon[i], atol=1e-5, rtol=0)
+
+
+def test_the_continuous_vae_checkpoint_layout_loads():
+    """alit_small_vae_continuous_latents.pth: no latent codebook; the decoder reads the factorized latents."""
+    vectors = load_vectors("alit_vae_official", "tiny")
+    state = {k: v for k, v in vectors["state_dict"].items() if not k.startswith("quantize.")}
+    model = ALIT.from_official(state, heads=4).eval()
+    assert model.quantize is None and model.config.base == "vae" and model.config.official_vae_function
+    with torch.no_grad():
+        records = model(vectors["inputs"]["images"], reconstruct=True)
+    assert records[-1].indices is None and records[-1].logits.shape == (2, 256, 16)
