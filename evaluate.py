@@ -229,10 +229,9 @@ def codebook_usage(counts: torch.Tensor) -> dict | None:
 
 def per_count_rows(per_image: dict, counts: list, fid=lambda name: None) -> list:
     """L1, MSE, PSNR, token accuracy (VAE: code MSE) (and rFID) at every token count (Table 1, Fig. 2)."""
-    space = "token_accuracy" if "token_acc" in per_image else "code_mse"
+    key, name = ("token_acc", "token_accuracy") if "token_acc" in per_image else ("code_mse", "code_mse")
     return [{"tokens": c, "l1": per_image["l1"][t].mean().item(), "mse": per_image["mse"][t].mean().item(),
-             "psnr": psnr(per_image["mse"][t]).mean().item(),
-             space: per_image["token_acc" if space == "token_accuracy" else "code_mse"][t].mean().item(),
+             "psnr": psnr(per_image["mse"][t]).mean().item(), name: per_image[key][t].mean().item(),
              "rfid": fid(f"tokens_{c}")} for t, c in enumerate(counts)]
 
 
