@@ -140,9 +140,17 @@ def one_pass(model: ALIT, images):
     the sequence the rollout reaches at its last iteration but without the recurrence. The weights
     were never trained on it: it asks what the same tokens bind to when they are not added in turn."""
     T = model.config.rollout_iters
-    tokens = [model.image_tokens(images, model.vqgan.encoder(images))]
+    tokens = [model.image_tokens(images, model.base_tokens(images))]
     tokens += [model.new_latent_tokens(t, len(images)) for t in range(T)]
     return model.encoder(model.encoder_ln_pre(torch.cat(tokens, dim=1)))
+
+
+def token_accuracy(model: ALIT, logits, targets):
+    """(B,) the fraction of 2D tokens predicted right: the VQGAN index, or over a VAE the vector within
+    halting's tolerance (mean absolute error below halting_code_error, the cells that would halt)."""
+    if model.config.base == "vae":
+        return ((logits.float() - targets).abs().mean(-1) < model.config.halting_code_error).float().mean(1)
+    return (logits.argmax(-1) == targets).float().mean(1)
 
 
 def image_to_latent(weights, num_image_tokens: int):
@@ -365,12 +373,12 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
         index = list(range(start, min(n, start + cfg.batch_size)))
         items = items_of(dataset, index)
         images = torch.stack([item[0] for item in items]).to(device)
-        vqgan = model.vqgan.quantize_latents(model.vqgan.encoder(images))
-        gt_indices = vqgan.indices
+        tokens_2d = model.base_tokens(images)
+        targets = model.base_targets(tokens_2d)
         attention.record = []
         try:
             with encoder_outputs(model) as passes:
-                records = model(images, reconstruct=True)
+                records = model(images, tokens_2d, reconstruct=True)
             weights = [w.float().mean(1) for w in attention.record]  # T x (B, 1+N+tK, 1+N+tK), heads averaged
             attention.record = []
             one_pass(model, images)
@@ -385,7 +393,7 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
         recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
         out["l1"].append((recon - images).abs().mean(dim=(2, 3, 4)).cpu())
         out["mse"].append((recon - images).square().mean(dim=(2, 3, 4)).cpu())
-        out["token_acc"].append(torch.stack([(r.logits.argmax(-1) == gt_indices).float().mean(1) for r in records]).cpu())
+        out["token_acc"].append(torch.stack([token_accuracy(model, r.logits, targets) for r in records]).cpu())
         out["vqgan_l1"].append((vqgan_reconstruction(model, images) - images).abs().mean(dim=(1, 2, 3)).cpu())
         if inception is not None:
             real_features.append(inception(images).cpu())
@@ -401,7 +409,7 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
                 image, blocks = pooled_blocks(outputs, N, K)
                 probe[name + "image"].append(image)
                 probe[name + "blocks"].append(blocks)
-            probe["vqgan"].append(vqgan.codes.float().mean((2, 3)).cpu())  # the 2D tokenizer's grid, pooled
+            probe["vqgan"].append(base_grid(model, images, tokens_2d).float().mean((2, 3)).cpu())  # the 2D tokenizer's grid, pooled
             out["label"].append(torch.tensor([probe_label(item, cfg.label) for item in items]))
         if not shapes:
             continue
@@ -445,7 +453,7 @@ def untrained_control(model: ALIT, seed: int) -> ALIT:
     torch.manual_seed(seed)
     config = dataclasses.replace(model.config, zero_init_encoder_residuals=False)
     control = ALIT(config).to(next(model.parameters()).device).eval()
-    control.vqgan.load_state_dict(model.vqgan.state_dict())
+    control.base.load_state_dict(model.base.state_dict())
     return control
 
 
@@ -576,7 +584,7 @@ def probe_training_set(model: ALIT, control: ALIT, probe_set: ProbeImages, cfg: 
             image, blocks = pooled_blocks(passes, N, K)
             features[name + "image"].append(image)
             features[name + "blocks"].append(blocks)
-        features["vqgan"].append(model.vqgan.quantize_latents(model.vqgan.encoder(images)).codes.float().mean((2, 3)).cpu())
+        features["vqgan"].append(base_grid(model, images).float().mean((2, 3)).cpu())
         labels += [probe_label(item, cfg.label) for item in items]
     return {k: torch.cat(v, dim=-2) for k, v in features.items()}, torch.tensor(labels)
 
@@ -649,10 +657,19 @@ def reconstruction_l1(model: ALIT, dataset, n: int, cfg: AnalyzeConfig, inceptio
             **({"real": torch.cat(real), "features": torch.cat(fake, dim=1)} if real else {})}
 
 
+def base_grid(model: ALIT, images, tokens_2d=None):
+    """The 2D tokenizer's own grid (B, C, g, g): the VQGAN's codes, or the VAE's tokens (scaled, as ALIT
+    sees them); tokens_2d: model.base_tokens(images) if already computed."""
+    tokens_2d = model.base_tokens(images) if tokens_2d is None else tokens_2d
+    return tokens_2d if model.config.base == "vae" else model.vqgan.quantize_latents(tokens_2d).codes
+
+
 def vqgan_reconstruction(model: ALIT, images):
-    """The 2D tokenizer alone: the VQGAN's decoding of its own 64 codes, the floor the adaptive
-    tokens reconstruct from (an unseen colour has no code)."""
-    return model.vqgan.decode(model.vqgan.quantize_latents(model.vqgan.encoder(images)).codes).float().clamp(0, 1)
+    """The 2D tokenizer alone: the VQGAN's decoding of its own 64 codes (or the VAE's of its tokens),
+    the floor the adaptive tokens reconstruct from (an unseen colour has no code)."""
+    if model.config.base == "vae":
+        return model.vae.decode_tokens(base_grid(model, images)).float().clamp(0, 1)
+    return model.vqgan.decode(base_grid(model, images)).float().clamp(0, 1)
 
 
 def familiarity_summary(table: dict, reference: dict | None, counts: list, criterion: dict, shapes: bool) -> dict:

@@ -13,6 +13,10 @@ file holds the evaluation run and its report; the criteria are in selection.py.
     python evaluate.py --official alit_small_vqgan_quantized_latents.pth --dataset imagenet100 \
         --data-dir /data/imagenet              # FID with pt_inception-2015-12-05-6726825d.pth found by name
     python evaluate.py --official alit_small_vqgan_quantized_latents.pth --dataset folder --data-dir my_images/
+
+The base tokenizer (VQGAN or VAE) comes with the checkpoint. Over a VAE the token-space criterion is
+the code error (the mean squared error of the predicted 2D token vectors, selection.code_error_below),
+in place of the token accuracy, and the base's own row is the VAE's (posterior mean, decoded).
 """
 import csv
 import dataclasses
@@ -75,6 +79,9 @@ class EvalConfig:
     # 256x256; 0.03,0.04,0.05,0.07 below
     thresholds: Annotated[str | None, "list of float > 0"] = None
     token_thresholds: Annotated[str, "list of float in [0, 1]"] = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
+    # VAE base: code-error thresholds of the token-space criterion, in multiples of the mean code MSE at
+    # the longest code (the predicted vectors' scale is the VAE's own)
+    code_thresholds: Annotated[str, "list of float > 0"] = "1.1,1.25,1.5,2,3,5"
     # The default criterion (allocation summary, complexity vs tokens): L1 below --default-threshold,
     # or within --saturation of the image's L1 at the longest code. Default: the official encode's
     # 0.07 and no saturation at 256x256; below that 0.04 and 0.03: the simple shapes scenes get
@@ -119,7 +126,7 @@ def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
             model = ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema)
     except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: one line naming it
         sys.exit(f"error: {flag}: {error.args[0]}")
-    model.to(device).vqgan.to(memory_format=conv_memory_format(device))
+    model.to(device).base.to(memory_format=conv_memory_format(device))
     if cfg.official:
         return model
     size = model.config.image_size
@@ -177,16 +184,24 @@ def evaluate(model: ALIT, dataset, cfg: EvalConfig, ctx, inception=None, workers
 def evaluate_batch(model: ALIT, images, halting: bool, thresholds, inception=None, stats=None, generator=None):
     """Every token count of one batch, on its device: ({"l1", "mse", "token_acc"} (T, B) and
     {"vqgan_l1", "vqgan_mse"} (B,)), the reconstructions (T, B, 3, H, W), and the latent indices of
-    the longest code (None without quantization); Inception features go into `stats`."""
+    the longest code (None without quantization); Inception features go into `stats`. Over a VAE
+    "code_mse" (T, B) replaces "token_acc", and the "vqgan_*" arrays are the VAE's."""
     T, K, B = model.config.rollout_iters, model.config.tokens_per_iter, len(images)
-    latents = model.vqgan.encoder(images)  # once, for the rollout, its token accuracy and the VQGAN alone
-    vqgan = model.vqgan.quantize_latents(latents)
-    records = model(images, latents, vqgan.indices, halting=halting, reconstruct=True, generator=generator)
+    if model.config.base == "vae":  # the posterior mean (eval mode), once, for the rollout and the VAE alone
+        tokens = model.base_tokens(images)
+        targets = model.base_targets(tokens)
+        records = model(images, tokens, targets, halting=halting, reconstruct=True, generator=generator)
+        vqgan_recon = model.vae.decode_tokens(tokens).float().clamp(0, 1)
+        token_space = {"code_mse": torch.stack([(r.logits.float() - targets).square().mean(dim=(1, 2)) for r in records])}
+    else:
+        latents = model.vqgan.encoder(images)  # once, for the rollout, its token accuracy and the VQGAN alone
+        vqgan = model.vqgan.quantize_latents(latents)
+        records = model(images, latents, vqgan.indices, halting=halting, reconstruct=True, generator=generator)
+        vqgan_recon = model.vqgan.decode(vqgan.codes).float().clamp(0, 1)
+        token_space = {"token_acc": torch.stack([(r.logits.argmax(-1) == vqgan.indices).float().mean(1) for r in records])}
     recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
-    vqgan_recon = model.vqgan.decode(vqgan.codes).float().clamp(0, 1)
     l1 = (recon - images).abs().mean(dim=(2, 3, 4))  # (T, B)
-    arrays = {"l1": l1, "mse": (recon - images).square().mean(dim=(2, 3, 4)),
-              "token_acc": torch.stack([(r.logits.argmax(-1) == vqgan.indices).float().mean(1) for r in records]),
+    arrays = {"l1": l1, "mse": (recon - images).square().mean(dim=(2, 3, 4)), **token_space,
               "vqgan_l1": (vqgan_recon - images).abs().mean(dim=(1, 2, 3)),
               "vqgan_mse": (vqgan_recon - images).square().mean(dim=(1, 2, 3))}
     if inception is not None:
@@ -213,9 +228,11 @@ def codebook_usage(counts: torch.Tensor) -> dict | None:
 
 
 def per_count_rows(per_image: dict, counts: list, fid=lambda name: None) -> list:
-    """L1, MSE, PSNR, token accuracy (and rFID) at every token count (Table 1, Fig. 2)."""
+    """L1, MSE, PSNR, token accuracy (VAE: code MSE) (and rFID) at every token count (Table 1, Fig. 2)."""
+    space = "token_accuracy" if "token_acc" in per_image else "code_mse"
     return [{"tokens": c, "l1": per_image["l1"][t].mean().item(), "mse": per_image["mse"][t].mean().item(),
-             "psnr": psnr(per_image["mse"][t]).mean().item(), "token_accuracy": per_image["token_acc"][t].mean().item(),
+             "psnr": psnr(per_image["mse"][t]).mean().item(),
+             space: per_image["token_acc" if space == "token_accuracy" else "code_mse"][t].mean().item(),
              "rfid": fid(f"tokens_{c}")} for t, c in enumerate(counts)]
 
 
@@ -282,7 +299,7 @@ def main(argv=None):
             compare = {"checkpoint": cfg.compare, "per_token_count": per_count_rows(other_images, counts),
                        "codebook": other_images["codebook"]}
         del other
-    vqgan_row = {"tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
+    vqgan_row = {"base": mc.base, "tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
                  "mse": per_image["vqgan_mse"].mean().item(), "psnr": psnr(per_image["vqgan_mse"]).mean().item(),
                  "rfid": fid("vqgan")}
 
@@ -301,9 +318,16 @@ def main(argv=None):
     # matched by the token threshold whose mean token count is closest.
     pixel_choice = first_passing(l1_passes(per_image["l1"], cfg.default_threshold, cfg.saturation))
     token_sweep = []
-    for thr in [float(v) for v in cfg.token_thresholds.split(",")]:
-        chosen = first_passing(per_image["token_acc"] >= thr)
-        token_sweep.append({"criterion": f"token_acc>={thr:g}", "threshold": thr,
+    if mc.base == "vae":  # the code error, thresholds in multiples of the longest code's mean
+        longest = per_image["code_mse"][-1].mean().item()
+        token_criteria = [(f"code_mse<{m * longest:.3g}", m * longest, per_image["code_mse"] < m * longest)
+                          for m in (float(v) for v in cfg.code_thresholds.split(","))]
+    else:
+        token_criteria = [(f"token_acc>={thr:g}", thr, per_image["token_acc"] >= thr)
+                          for thr in (float(v) for v in cfg.token_thresholds.split(","))]
+    for name, thr, passes in token_criteria:
+        chosen = first_passing(passes)
+        token_sweep.append({"criterion": name, "threshold": thr,
                             **allocation_summary(chosen, per_image, model),
                             "same_count_as_pixel_default": (chosen == pixel_choice).float().mean().item()})
     pixel_default = allocation_summary(pixel_choice, per_image, model)
@@ -367,7 +391,8 @@ def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: floa
     n = min(cfg.speed_images, len(dataset))
     share = range(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
     images = torch.stack([dataset[i][0] for i in share]).to(ctx.device)
-    pixel, token = l1_below(cfg.default_threshold), token_accuracy_above(token_threshold)
+    pixel = l1_below(cfg.default_threshold)
+    token = code_error_below(token_threshold) if model.config.base == "vae" else token_accuracy_above(token_threshold)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else lambda: None  # the GPU's work, not its queueing
 
     def exhaustive():
@@ -477,12 +502,14 @@ def markdown_report(r: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = [f"## {r['dataset']} {r['images']} images, protocol {r['protocol']}, {r['checkpoint']}", "",
-             "| tokens | L1 | PSNR | token acc. | rFID |", "| ---: | ---: | ---: | ---: | ---: |"]
+             f"| tokens | L1 | PSNR | {'code MSE' if r['vqgan']['base'] == 'vae' else 'token acc.'} | rFID |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
     for row in r["per_token_count"]:
-        lines.append(f"| {row['tokens']} | {row['l1']:.4f} | {row['psnr']:.2f} | {row['token_accuracy']:.3f} | "
-                     f"{num(row['rfid'], '.2f')} |")
+        space = f"{row['code_mse']:.4f}" if "code_mse" in row else f"{row['token_accuracy']:.3f}"
+        lines.append(f"| {row['tokens']} | {row['l1']:.4f} | {row['psnr']:.2f} | {space} | {num(row['rfid'], '.2f')} |")
     v = r["vqgan"]
-    lines.append(f"| VQGAN ({v['tokens']} 2D) | {v['l1']:.4f} | {v['psnr']:.2f} | - | {num(v['rfid'], '.2f')} |")
+    lines.append(f"| {v['base'].upper()} ({v['tokens']} 2D) | {v['l1']:.4f} | {v['psnr']:.2f} | - | "
+                 f"{num(v['rfid'], '.2f')} |")
     if r["compare"]:
         rows = {"this": r["per_token_count"], "compare": r["compare"]["per_token_count"]}
         lines += ["", f"L1 per token count, {r['checkpoint']} against {r['compare']['checkpoint']}:", "",

@@ -3,7 +3,7 @@
 Paper: "Adaptive Length Image Tokenization via Recurrent Allocation",
 Duggal, Isola, Torralba, Freeman, arXiv:2411.02393, §2 (the method) and Fig. 1.
 
-An image becomes 2D image tokens (VQGAN features + a patch embedding). A
+An image becomes 2D image tokens (the base tokenizer's features + a patch embedding). A
 latent-distillation encoder attends jointly over [2D image tokens; 1D latent
 tokens] and distils the image into the latent tokens. The rollout is recurrent:
 every iteration appends K new learned latent tokens and runs the same encoder
@@ -15,6 +15,14 @@ distillation"). Between iterations, dynamic halting replaces the image tokens
 the decoder already reconstructs well by a mask token, so later iterations spend
 their capacity on what is not yet reconstructed.
 
+The base tokenizer (§2, §A.5: "VQGAN or VAE") is `config.base`. It gives the 2D tokens
+and the decoder's targets from images (`base_tokens`, `base_targets`) and images from the
+decoder's prediction (`images_from_logits`). Over a VQGAN the targets are codebook
+indices and the head predicts logits over the codebook; over a VAE (vae.py) the targets
+are the continuous 2D tokens themselves and the head regresses them. The rest of the
+method is the same; the two differ in the head, halting's test, decoding, and stage 1's
+loss (train_stage1.py).
+
 The module layout follows our own names; `ALIT.from_official` maps the official
 checkpoints onto it with a written key table, and reproduces the official
 forward pass numerically (tests/test_model.py against the reference vectors).
@@ -25,7 +33,7 @@ t iterations so far (1-based), L = t*K latent tokens, D width.
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
@@ -33,6 +41,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from quantize import Quantized, VectorQuantizer
+from vae import PRESETS as VAE_PRESETS
+from vae import VAE, VAEConfig
+from vae import official_config as vae_official_config
 from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGAN, VQGANConfig, official_config
 from weights import load_checkpoint, load_exact, read_weights, source_name
@@ -41,7 +52,7 @@ from weights import load_checkpoint, load_exact, read_weights, source_name
 @dataclass
 class ALITConfig:
     image_size: Annotated[int, ">= 1"] = 256  # images are image_size x image_size (the paper: 256)
-    patch_size: Annotated[int, ">= 1"] = 16  # must equal the VQGAN's downsampling factor: one 2D token per VQGAN grid cell
+    patch_size: Annotated[int, ">= 1"] = 16  # must equal the base tokenizer's downsampling factor: one 2D token per grid cell
     encoder_width: Annotated[int, ">= 1"] = 1024  # width D of the latent-distillation encoder Enc (§2)
     encoder_layers: Annotated[int, ">= 1"] = 8  # transformer blocks of Enc, all run again at every iteration
     encoder_heads: Annotated[int, ">= 1"] = 8  # attention heads of Enc
@@ -58,12 +69,27 @@ class ALITConfig:
     latent_codebook_size: Annotated[int, ">= 2"] = 4096  # codes of the latent codebook, one shared by all iterations (§2)
     beta: Annotated[float, ">= 0"] = 0.25  # commitment weight of the latent quantizer
     halting_threshold: Annotated[float, "in (0, 1]"] = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
+    # VAE base: cells whose predicted vector is within this mean absolute error of the true one halt
+    # (official configs/adaptive_vae.yaml, not in the paper)
+    halting_code_error: Annotated[float, "> 0"] = 0.025
     decoder_latent_positions: Annotated[int, ">= 1"] = 256  # rows of the decoder's latent position table (official code: fixed 256)
     init_std: Annotated[float, "> 0"] = 0.02  # linear weights ~ truncated N(0, init_std): the official 0.02 suits widths near 1024
     # Zero the encoder blocks' output projections at init, so every pass of the shared encoder starts
     # as the identity (not the official init; see the tiny preset for why it matters there).
     zero_init_encoder_residuals: bool = False
-    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**VQGAN_PRESETS["imagenet"]))
+    base: Literal["vqgan", "vae"] = "vqgan"  # the base 2D tokenizer (§2, §A.5): a VQGAN (codebook indices) or a VAE (continuous vectors)
+    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**VQGAN_PRESETS["imagenet"]))  # the base when base = vqgan
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig(**VAE_PRESETS["kl16"]))  # the base when base = vae
+    # VAE base: compute what the official adaptive_vae.py computes rather than what it evidently means
+    # (set when loading its checkpoints): its halting never masks a cell (it writes the mask into the copy
+    # that boolean indexing returns), and it decodes the predicted tokens without dividing by the 0.2325
+    # they were scaled by. Off: the paper's method, halting as written and tokens / 0.2325 decoded.
+    official_vae_function: bool = False
+
+    @property
+    def base_config(self):
+        """The base tokenizer's config: `vqgan` or `vae`."""
+        return self.vae if self.base == "vae" else self.vqgan
 
     @property
     def grid_size(self) -> int:
@@ -90,12 +116,17 @@ class ALITConfig:
     def __post_init__(self):
         if isinstance(self.vqgan, dict):
             self.vqgan = VQGANConfig(**self.vqgan)
+        if isinstance(self.vae, dict):
+            self.vae = VAEConfig(**self.vae)
+        if self.base not in ("vqgan", "vae"):
+            raise ValueError(f"ALITConfig: base must be vqgan or vae, got {self.base!r}")
+        name, base = self.base.upper(), self.base_config
         checks = [
-            (self.vqgan.image_size == self.image_size, f"VQGAN image_size {self.vqgan.image_size} != {self.image_size}"),
-            (self.vqgan.downsample == self.patch_size,
-             f"patch_size {self.patch_size} != the VQGAN's downsampling factor {self.vqgan.downsample}"),
-            (self.encoder_width > self.vqgan.latent_channels,
-             f"encoder_width {self.encoder_width} must exceed the VQGAN latent size {self.vqgan.latent_channels}"),
+            (base.image_size == self.image_size, f"{name} image_size {base.image_size} != {self.image_size}"),
+            (base.downsample == self.patch_size,
+             f"patch_size {self.patch_size} != the {name}'s downsampling factor {base.downsample}"),
+            (self.encoder_width > base.latent_channels,
+             f"encoder_width {self.encoder_width} must exceed the {name} latent size {base.latent_channels}"),
             (self.encoder_width % self.encoder_heads == 0, "encoder_width must be divisible by encoder_heads"),
             (self.decoder_width % self.decoder_heads == 0, "decoder_width must be divisible by decoder_heads"),
             (self.max_tokens <= self.decoder_latent_positions,
@@ -132,7 +163,8 @@ PRESETS = {
     # hundreds of steps; 0.1 (about 1/sqrt(width)) does not, and zero output projections then start
     # each pass of the shared encoder as the identity (as in ReZero).
     "tiny": dict(image_size=32, patch_size=4, tokens_per_iter=8, latent_codebook_size=256,
-                 decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]), init_std=0.1,
+                 decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]),
+                 vae=VAEConfig(**VAE_PRESETS["tiny"]), init_std=0.1,
                  zero_init_encoder_residuals=True, **_paper(128, 1, 4)),
 }
 
@@ -206,7 +238,9 @@ class Transformer(nn.ModuleList):
 @dataclass
 class Iteration:
     index: int  # t - 1: 0 for the first iteration
-    logits: torch.Tensor  # (B, N, VQGAN codes): the decoder's prediction of every 2D token
+    # The decoder's prediction of every 2D token: (B, N, VQGAN codes) logits, or over a VAE the
+    # (B, N, E) token vectors themselves
+    logits: torch.Tensor
     latents: torch.Tensor  # (B, t*K, code_dim): what the decoder received (quantized codes, or continuous)
     indices: torch.Tensor | None  # (B, t*K) latent codebook indices; None without quantization
     quantized: Quantized | None  # the latent quantizer's output (loss, usage) for training
@@ -225,11 +259,15 @@ class ALIT(nn.Module):
         D, E = cfg.encoder_width, cfg.decoder_width
         N, K = cfg.num_image_tokens, cfg.tokens_per_iter
 
-        # The base tokenizer (§2): a VQGAN whose grid cells are the 2D image tokens.
-        self.vqgan = VQGAN(cfg.vqgan)
+        # The base tokenizer (§2): a VQGAN or a VAE whose grid cells are the 2D image tokens.
+        if cfg.base == "vae":
+            self.vae = VAE(cfg.vae)
+        else:
+            self.vqgan = VQGAN(cfg.vqgan)
+        C = cfg.base_config.latent_channels
 
-        # 2D image tokens: VQGAN features joined with a learned patch embedding of the pixels.
-        self.patch_embed = nn.Conv2d(3, D - cfg.vqgan.latent_channels, cfg.patch_size, stride=cfg.patch_size)
+        # 2D image tokens: the base's features joined with a learned patch embedding of the pixels.
+        self.patch_embed = nn.Conv2d(3, D - C, cfg.patch_size, stride=cfg.patch_size)
         self.image_class_token = nn.Parameter(torch.empty(1, D))
         self.image_positions = nn.Parameter(torch.empty(1 + N, D))  # row 0: class token
         self.halted_token = nn.Parameter(torch.empty(1, 1, D))  # replaces halted image tokens (the Mask op)
@@ -251,7 +289,8 @@ class ALIT(nn.Module):
         self.quantize = (VectorQuantizer(cfg.latent_codebook_size, cfg.latent_dim, cfg.beta, l2_normalize=True)
                          if cfg.quantize_latent else None)
 
-        # Latent-distillation decoder, Dec: masked 2D tokens + latent tokens -> logits over VQGAN codes.
+        # Latent-distillation decoder, Dec: masked 2D tokens + latent tokens -> logits over VQGAN codes,
+        # or over a VAE the C numbers of each 2D token (a regression head: §A.5's mean-square loss).
         self.mask_class_token = nn.Parameter(torch.empty(1, E))
         self.mask_token = nn.Parameter(torch.empty(1, 1, E))
         self.mask_positions = nn.Parameter(torch.empty(1 + N, E))
@@ -260,7 +299,8 @@ class ALIT(nn.Module):
         self.decoder_ln_pre = nn.LayerNorm(E)
         self.decoder = Transformer(E, cfg.decoder_layers, cfg.decoder_heads, cfg.mlp_ratio)
         self.decoder_ln_post = nn.LayerNorm(E)
-        self.head = nn.Sequential(nn.Linear(E, 2 * E), nn.Tanh(), nn.Linear(2 * E, cfg.vqgan.codebook_size))
+        outputs = C if cfg.base == "vae" else cfg.vqgan.codebook_size
+        self.head = nn.Sequential(nn.Linear(E, 2 * E), nn.Tanh(), nn.Linear(2 * E, outputs))
 
         self._init_weights()
 
@@ -269,8 +309,8 @@ class ALIT(nn.Module):
         for name, p in self.named_parameters(recurse=False):
             nn.init.normal_(p, std=p.shape[-1] ** -0.5)
         for name, m in self.named_modules():
-            if name.startswith(("vqgan", "quantize")):
-                continue  # the VQGAN is loaded or trained separately; the quantizer has its own init
+            if name.startswith(("vqgan", "vae", "quantize")):
+                continue  # the base is loaded or trained separately; the quantizer has its own init
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=self.config.init_std)
                 nn.init.zeros_(m.bias)
@@ -297,16 +337,38 @@ class ALIT(nn.Module):
         return self
 
     def alit_parameters(self):
-        """Every parameter except the base VQGAN's: what stage 1 trains."""
-        return [p for name, p in self.named_parameters() if not name.startswith("vqgan.")]
+        """Every parameter except the base tokenizer's: what stage 1 trains."""
+        return [p for name, p in self.named_parameters() if not name.startswith(("vqgan.", "vae."))]
+
+    @property
+    def base(self) -> nn.Module:
+        """The base tokenizer: self.vqgan or self.vae."""
+        return self.vae if self.config.base == "vae" else self.vqgan
+
+    # --- the base tokenizer's interface -------------------------------------------------------
+
+    def base_tokens(self, images):
+        """Images -> the base's 2D tokens (B, C, g, g): the VQGAN's latents before quantization (the
+        official code's), or the VAE's scaled posterior sample (the official get_img_tokens; the
+        posterior mean in eval mode, so that evaluation is deterministic)."""
+        if self.config.base == "vae":
+            return self.vae.encode(images, sample=self.training)[0]
+        return self.vqgan.encoder(images)
+
+    def base_targets(self, tokens):
+        """2D tokens (B, C, g, g) -> what the decoder must predict: the VQGAN's codebook indices
+        (B, N), or the VAE's token vectors (B, N, C), row-major."""
+        if self.config.base == "vae":
+            return tokens.detach().flatten(2).transpose(1, 2)
+        return self.vqgan.quantize_latents(tokens.detach()).indices
 
     # --- the pieces of one iteration ----------------------------------------------------------
 
-    def image_tokens(self, images, vqgan_latents):
-        """[class; 2D image tokens] + positions, (B, 1+N, D)."""
+    def image_tokens(self, images, tokens_2d):
+        """[class; 2D image tokens] + positions, (B, 1+N, D); tokens_2d: the base's 2D tokens (B, C, g, g)."""
         B = len(images)
         patches = self.patch_embed(images)  # (B, D - C, g, g)
-        tokens = torch.cat([vqgan_latents.to(patches.dtype), patches], dim=1).flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = torch.cat([tokens_2d.to(patches.dtype), patches], dim=1).flatten(2).transpose(1, 2)  # (B, N, D)
         # Unit-norm tokens: VQGAN features and patch features come on different scales.
         tokens = F.normalize(tokens, dim=-1)
         return torch.cat([self.image_class_token.expand(B, 1, -1), tokens], dim=1) + self.image_positions
@@ -325,7 +387,8 @@ class ALIT(nn.Module):
         return q.codes, q
 
     def decode_logits(self, latents):
-        """Reverse distillation: latents (B, L, code_dim) -> logits over the VQGAN codebook (B, N, codes)."""
+        """Reverse distillation: latents (B, L, code_dim) -> logits over the VQGAN codebook (B, N, codes),
+        or over a VAE the predicted 2D tokens (B, N, C)."""
         B, L, _ = latents.shape
         N = self.config.num_image_tokens
         masked = torch.cat([self.mask_class_token.expand(B, 1, -1), self.mask_token.expand(B, N, -1)], dim=1)
@@ -343,44 +406,57 @@ class ALIT(nn.Module):
         return logits.float().softmax(-1) @ self.vqgan.quantize.codebook().detach()
 
     def images_from_logits(self, logits):
-        """Decode the soft code grid through the VQGAN decoder (not re-quantized), (B, 3, H, W)."""
+        """Decode the soft code grid through the VQGAN decoder (not re-quantized), (B, 3, H, W); over a
+        VAE, decode the predicted 2D tokens (B, N, C) with the VAE's decoder."""
         g = self.config.grid_size
+        if self.config.base == "vae":
+            if self.config.official_vae_function:  # adaptive_vae.py decodes the scaled tokens as they are
+                return self.vae.decode(logits.view(len(logits), g, g, -1).permute(0, 3, 1, 2))
+            return self.vae.decode_tokens(logits)  # tokens / 0.2325: the latents the decoder was trained on
         codes = self.soft_codes(logits).view(len(logits), g, g, -1).permute(0, 3, 1, 2)
         return self.vqgan.decode(codes)
 
-    def halt(self, x, logits, gt_indices, generator=None):
+    def halt(self, x, logits, targets, generator=None):
         """Dynamic halting, the Mask operation of §2 (T -> T+1).
 
-        p = predicted probability of each 2D token's true VQGAN index. A token with p at or above
-        the threshold is replaced, with probability p, by the mask token (plus its position), so the
-        next iteration spends its capacity on what is not yet reconstructed. The decision is taken
-        afresh after every iteration from that iteration's prediction.
+        p = predicted probability of each 2D token's true VQGAN index (targets (B, N)). A token with
+        p at or above the threshold is replaced, with probability p, by the mask token (plus its
+        position), so the next iteration spends its capacity on what is not yet reconstructed. The
+        decision is taken afresh after every iteration from that iteration's prediction. Over a VAE
+        (targets: the true token vectors (B, N, C)) a token halts, without a draw, when its predicted
+        vector is within halting_code_error mean absolute error of the true one (adaptive_vae.py).
         """
-        N = self.config.num_image_tokens
-        p = logits.detach().float().softmax(-1).gather(-1, gt_indices[..., None])[..., 0]  # (B, N)
-        halted = (p >= self.config.halting_threshold) & (torch.rand(p.shape, generator=generator, device=p.device) < p)
+        cfg, N = self.config, self.config.num_image_tokens
+        if cfg.base == "vae":
+            error = (logits.detach().float() - targets.float()).abs().mean(-1)  # (B, N)
+            # official_vae_function: adaptive_vae.py's mask stays zero (written into a copy), nothing halts.
+            halted = (error < cfg.halting_code_error) & (not cfg.official_vae_function)
+        else:
+            p = logits.detach().float().softmax(-1).gather(-1, targets[..., None])[..., 0]  # (B, N)
+            halted = (p >= cfg.halting_threshold) & (torch.rand(p.shape, generator=generator, device=p.device) < p)
         replacement = (self.halted_token + self.image_positions[1:]).to(x.dtype)  # (1, N, D)
         image = torch.where(halted[..., None], replacement, x[:, 1:1 + N])
         return torch.cat([x[:, :1], image, x[:, 1 + N:]], dim=1), halted
 
     # --- the recurrent rollout ----------------------------------------------------------------
 
-    def forward(self, images, vqgan_latents=None, gt_indices=None, *, halting=False, iters=None,
+    def forward(self, images, tokens_2d=None, targets=None, *, halting=False, iters=None,
                 reconstruct=False, generator=None):
         """The recurrent rollout of §2; returns one `Iteration` per decoded iteration.
 
-        images: (B, 3, H, W) in [0, 1]. vqgan_latents (B, C, g, g) and gt_indices (B, N) are the
-        frozen VQGAN's encoding; computed here when not given (training passes them in, computed
-        under no_grad or read from a cache). iters: the iterations (0-based) to decode, default all;
+        images: (B, 3, H, W) in [0, 1]. tokens_2d (B, C, g, g) and targets are the frozen
+        base's 2D tokens and targets (base_tokens, base_targets: VQGAN indices (B, N), or VAE token
+        vectors (B, N, C)); computed here when not given (training passes them in, computed under
+        no_grad or read from a cache). iters: the iterations (0-based) to decode, default all;
         the encoder only runs up to the last of them. Halting needs the decoder's prediction, so it
         acts after decoded iterations only (as in the official code). reconstruct: also decode
         pixels from the soft code.
         """
         cfg = self.config
-        if vqgan_latents is None:
-            vqgan_latents = self.vqgan.encoder(images)
-        if gt_indices is None and halting:
-            gt_indices = self.vqgan.quantize_latents(vqgan_latents.detach()).indices
+        if tokens_2d is None:
+            tokens_2d = self.base_tokens(images)
+        if targets is None and halting:
+            targets = self.base_targets(tokens_2d)
         iters = sorted(set(range(cfg.rollout_iters) if iters is None else iters))
         if not iters or iters[0] < 0 or iters[-1] >= cfg.rollout_iters:
             raise ValueError(f"iters must be within 0..{cfg.rollout_iters - 1}, got {iters}")
@@ -393,7 +469,7 @@ class ALIT(nn.Module):
         # cached from one pass to the next; the decoder's input holds all latents, the earlier ones
         # updated, so it runs in full too. Only the decoder's masked 2D tokens are constant.
         # T = 0: [K_2D ; K_1D] -> encoder_ln_pre.
-        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, vqgan_latents),
+        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, tokens_2d),
                                            self.new_latent_tokens(0, B)], dim=1))  # (B, 1+N+K, D)
         records = []
         for t in range(iters[-1] + 1):
@@ -406,7 +482,7 @@ class ALIT(nn.Module):
                 if reconstruct:
                     record.recon = self.images_from_logits(logits)
                 if halting and t < iters[-1]:
-                    x, record.halted = self.halt(x, logits, gt_indices, generator)
+                    x, record.halted = self.halt(x, logits, targets, generator)
                 records.append(record)
             if t < iters[-1]:
                 # T -> T+1: append K new latent tokens and re-normalise the whole sequence.
@@ -439,16 +515,16 @@ class ALIT(nn.Module):
         """Early-exit rollout; returns one `Choice` per image (see `encode`).
 
         criterion(images, reconstructions) -> (B,) bool on pixels, or with token_space=True
-        criterion(gt_indices, logits) -> (B,) bool on the VQGAN token grid (no pixel decoding at
-        all until the final reconstruction).
+        criterion(targets, logits) -> (B,) bool on the base's token grid (base_targets and the
+        decoder's prediction; no pixel decoding at all until the final reconstruction).
         """
         cfg = self.config
-        vqgan_latents = self.vqgan.encoder(images)
-        gt_indices = self.vqgan.quantize_latents(vqgan_latents).indices
+        tokens_2d = self.base_tokens(images)
+        targets = self.base_targets(tokens_2d)
         active = torch.arange(len(images), device=images.device)  # which original images are still running
         choices = [None] * len(images)
         first_latent = 1 + cfg.num_image_tokens
-        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, vqgan_latents),
+        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, tokens_2d),
                                            self.new_latent_tokens(0, len(images))], dim=1))
         for t in range(cfg.rollout_iters):
             x = self.encoder(x)
@@ -456,7 +532,7 @@ class ALIT(nn.Module):
             logits = self.decode_logits(latents)
             last = t == cfg.rollout_iters - 1
             if token_space:
-                done = criterion(gt_indices[active], logits) | last
+                done = criterion(targets[active], logits) | last
                 recon = self.images_from_logits(logits[done]) if done.any() else None
             else:
                 recon = self.images_from_logits(logits)
@@ -469,7 +545,7 @@ class ALIT(nn.Module):
             keep = ~done
             x, active = x[keep], active[keep]
             if halting:
-                x, _ = self.halt(x, logits[keep], gt_indices[active], generator)
+                x, _ = self.halt(x, logits[keep], targets[active], generator)
             x = self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(t + 1, len(x))], dim=1))
         return choices
 
@@ -477,9 +553,11 @@ class ALIT(nn.Module):
     def rollout_images(self, images, soft_codes=True):
         """The image after every iteration, T tensors (B, 3, H, W) in [0, 1], run in eval mode: decoded
         from the soft code (the pixels stage 2 trains on) or, with soft_codes=False, through the VQGAN
-        from the predicted indices (the targets of stage 1's cross-entropy, §A.5)."""
+        from the predicted indices (the targets of stage 1's cross-entropy, §A.5). Over a VAE both are
+        the predicted 2D tokens decoded."""
         modes = {module: module.training for module in self.modules()}  # stage 1's frozen VQGAN stays in eval
         self.eval()
+        soft_codes = soft_codes or self.config.base == "vae"
         records = self(images, reconstruct=soft_codes)
         for module, training in modes.items():
             module.train(training)
@@ -488,20 +566,24 @@ class ALIT(nn.Module):
 
     @torch.no_grad()
     def decode(self, indices):
-        """Latent token indices (B, k*K) of any length k = 1..T -> (logits, VQGAN indices, images)."""
+        """Latent token indices (B, k*K) of any length k = 1..T -> (logits, VQGAN indices, images); over
+        a VAE (predicted 2D tokens (B, N, C), None, images)."""
         L, K = indices.shape[1], self.config.tokens_per_iter
         if self.quantize is None:
             raise ValueError("decode takes codebook indices; this model has continuous latent tokens")
         if L == 0 or L % K or L > self.config.max_tokens:
             raise ValueError(f"decode takes a multiple of {K} tokens up to {self.config.max_tokens}, got {L}")
         logits = self.decode_logits(self.quantize.lookup(indices))
-        return logits, logits.argmax(-1), self.images_from_logits(logits)
+        return logits, None if self.config.base == "vae" else logits.argmax(-1), self.images_from_logits(logits)
 
     # --- loading the official checkpoints -----------------------------------------------------
 
     @classmethod
     def from_official(cls, path_or_state_dict, heads=None) -> "ALIT":
-        """Load an official ALIT checkpoint (with its fine-tuned VQGAN) into this code.
+        """Load an official ALIT checkpoint (with its fine-tuned VQGAN or VAE) into this code.
+
+        Over a VAE (alit_small_vae_*_latents.pth, adaptive_vae.py) the model computes what the
+        official code computes: config.official_vae_function is set (see ALITConfig).
 
         Accepts the checkpoint file (a dict with 'ema' and/or 'model'; 'ema' is preferred, as the
         official evaluation uses it) or a bare state dict. The architecture is read off the shapes;
@@ -521,11 +603,12 @@ class ALIT(nn.Module):
         except KeyError as missing:
             raise KeyError(f"{where}: not an official ALIT checkpoint, it lacks {missing}") from None
         model = cls(cfg)
-        prefix = "base_tokenizer.vqgan."
-        model.vqgan = VQGAN.from_official({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                          image_size=cfg.image_size)
+        prefix, base_class = f"base_tokenizer.{cfg.base}.", VAE if cfg.base == "vae" else VQGAN
+        base = base_class.from_official({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                        image_size=cfg.image_size)
+        setattr(model, cfg.base, base)
         ours = {_rename_official(k): v for k, v in state.items() if not k.startswith(prefix)}
-        ours.update({"vqgan." + k: v for k, v in model.vqgan.state_dict().items()})
+        ours.update({f"{cfg.base}.{k}": v for k, v in base.state_dict().items()})
         load_exact(model, ours, where)
         return model
 
@@ -604,13 +687,17 @@ def _official_config(state: dict, heads) -> ALITConfig:
     codebook_size, latent_dim = state["quantize.embedding.weight"].shape if quantized else (4096, 12)
     if factorized:
         latent_dim = state["pre_quantizer_mlp.weight"].shape[0]
-    vqgan_state = {k.split("base_tokenizer.vqgan.", 1)[1]: v for k, v in state.items()
-                   if k.startswith("base_tokenizer.vqgan.")}
-    vqgan_cfg = official_config(vqgan_state, image_size=grid * patch)
+    base = "vae" if any(k.startswith("base_tokenizer.vae.") for k in state) else "vqgan"
+    base_state = {k.split(f"base_tokenizer.{base}.", 1)[1]: v for k, v in state.items()
+                  if k.startswith(f"base_tokenizer.{base}.")}
+    if base == "vae":  # adaptive_vae.py: a VAE base, and its function reproduced (ALITConfig.official_vae_function)
+        bases = dict(base="vae", vae=vae_official_config(base_state, image_size=grid * patch), official_vae_function=True)
+    else:
+        bases = dict(vqgan=official_config(base_state, image_size=grid * patch))
     return ALITConfig(
         image_size=grid * patch, patch_size=patch, encoder_width=enc_width, encoder_layers=enc_layers,
         encoder_heads=enc_heads, decoder_width=dec_width, decoder_layers=dec_layers, decoder_heads=dec_heads,
         mlp_ratio=state["encoder.transformer.0.mlp.c_fc.weight"].shape[0] / enc_width,
         tokens_per_iter=K, rollout_iters=state["timestep_embedding"].shape[0], quantize_latent=quantized,
         factorize_latent=factorized, latent_dim=latent_dim, latent_codebook_size=codebook_size,
-        decoder_latent_positions=state["decoder.latent_token_positional_embedding"].shape[0], vqgan=vqgan_cfg)
+        decoder_latent_positions=state["decoder.latent_token_positional_embedding"].shape[0], **bases)

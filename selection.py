@@ -31,13 +31,18 @@ def token_accuracy_above(threshold: float):
     return criterion
 
 
-def code_error_below(threshold: float, codebook: torch.Tensor):
-    """Token-space criterion on a continuous scale: the mean squared distance between the
-    decoder's expected code (softmax(logits) @ codebook, what the VQGAN decoder would receive) and
-    the true code is below `threshold`. codebook: (codes, C), e.g. model.vqgan.quantize.codebook()."""
-    def criterion(gt_indices, logits):
-        expected = logits.float().softmax(-1) @ codebook
-        return (expected - codebook[gt_indices]).square().mean(dim=(1, 2)) < threshold
+def code_error_below(threshold: float, codebook: torch.Tensor | None = None):
+    """Token-space criterion on a continuous scale (no pixels decoded): the mean squared distance
+    between the decoder's predicted 2D token vectors and the true ones is below `threshold`.
+    Over a VQGAN, with its codebook (codes, C), e.g. model.vqgan.quantize.codebook(): the expected
+    code softmax(logits) @ codebook (what the VQGAN decoder would receive) against codebook[targets].
+    Over a VAE, without one: the regressed vectors against the VAE's tokens (targets (B, N, C))."""
+    def criterion(targets, prediction):  # (B, N) indices or (B, N, C) vectors; (B, N, codes or C) -> (B,) bool
+        if codebook is None:
+            predicted, true = prediction.float(), targets.float()
+        else:
+            predicted, true = prediction.float().softmax(-1) @ codebook, codebook[targets]
+        return (predicted - true).square().mean(dim=(1, 2)) < threshold
     criterion.__name__ = f"code_mse<{threshold:g}"
     return criterion
 

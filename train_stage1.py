@@ -6,9 +6,11 @@ reconstruction loss ... cross-entropy loss comparing predicted logits with the
 ground-truth VQGAN-codebook index at each 2D token position. We unroll the
 recurrent token allocation procedure for 8 iterations ... All the recurrent
 rollouts are trained end-to-end ... we perform dynamic halting of the image
-tokens in each iteration."
+tokens in each iteration." Over a VAE (--base vae): "we use mean-square
+reconstruction loss when using VAE as the base-tokenizer".
 
     python train_stage1.py                      # tiny preset on `shapes`, from out/vqgan/ckpt.pt
+    python train_stage1.py --base vae          # over the tiny VAE, from out/vae/ckpt.pt
     python train_stage1.py --dataset imagenet100 --data-dir /data/imagenet   # the paper's run (PAPER_RUN)
     torchrun --nproc_per_node=8 train_stage1.py ...   # DDP: gloo on CPU, nccl on CUDA
 """
@@ -35,6 +37,7 @@ from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRa
                       run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory,
                       stop_step, to_stderr, use_bf16, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
+from vae import VAE
 from vqgan import VQGAN, VQGANConfig, conv_memory_format
 from weights import find_weights, not_found
 
@@ -45,6 +48,7 @@ OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
 # at the lowest learning rates, are the least trained, and the official weights leave the longest
 # codes worse than shorter ones.
 CPU_ITERATION_WEIGHTS = "1.0,1.0,1.0,1.0,1.25,1.5,2.0,2.5"
+VAE_CKPT = "out/vae/ckpt.pt"  # --vqgan-ckpt's default with --base vae
 
 
 @dataclass
@@ -52,10 +56,13 @@ class TrainConfig(LoopConfig):
     out_dir: Annotated[str, "folder"] = "out/stage1"
     steps: Annotated[int, ">= 1"] = 1500
     batch_size: Annotated[int, ">= 1"] = 16
-    vqgan_ckpt: Annotated[str, "file"] = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint ...
+    vqgan_ckpt: Annotated[str, "file"] = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint (with --base vae, of --base vae: out/vae/ckpt.pt) ...
     # ... or the VQGAN of the official code (VQGAN.from_official): a path, or a name looked up in
     # $ALIT_WEIGHTS and the torch hub cache; default for the 256x256 presets: vqgan.ckpt found there
     vqgan_official: Annotated[str | None, "file"] = None
+    # --base vae: MAR's KL-16 (VAE.from_official), as --vqgan-official; default for the 256x256
+    # presets: vae.ckpt or kl16.ckpt found there
+    vae_official: Annotated[str | None, "file"] = None
     warmup_steps: Annotated[int, ">= 0"] = 50  # of linear LR warmup, then cosine decay (official: 20 of 200 epochs)
     # lr = base_lr * global batch / 256. Default: the official 1.5e-4 at 256x256 (the paper); below
     # that (the CPU presets) 3.2e-2, lr 2e-3 at batch 16, because a few thousand steps need large ones.
@@ -66,7 +73,7 @@ class TrainConfig(LoopConfig):
     # 0: loss at every iteration; n: at n random iterations per step (saves compute), the same on every rank
     loss_iters: Annotated[int, ">= 0"] = 0
     label_smoothing: Annotated[float, "in [0, 1)"] = 0.0  # the official criterion is named LabelSmoothing(0.1) but only its NLL term acts
-    code_loss_weight: Annotated[float, ">= 0"] = 1.0  # weight of the MSE between the softmax-expected code and the true code
+    code_loss_weight: Annotated[float, ">= 0"] = 1.0  # weight of the MSE between the softmax-expected code and the true code (VQGAN base)
     quantizer_loss_weight: Annotated[float, ">= 0"] = 1.0  # weight of the latent quantizer's codebook + commitment loss
     # The CPU recipe, not in the paper: each default is CPU_RECIPE's below 256x256, OFFICIAL_RECIPE's at 256.
 
@@ -141,7 +148,19 @@ def official_sized(model_cfg: ALITConfig) -> bool:
 def resolve_vqgan(train: TrainConfig, model_cfg: ALITConfig) -> TrainConfig:
     """Which VQGAN the run distils, found by name (load_base_vqgan loads it): --vqgan-official, else a
     --vqgan-ckpt given, else for the 256x256 presets the official one if it is in the weight folders
-    (weights.find_weights), else out/vqgan/ckpt.pt."""
+    (weights.find_weights), else out/vqgan/ckpt.pt. A VAE alike, with --vae-official."""
+    if model_cfg.base == "vae":
+        check_flags([(not train.vqgan_official, "--vqgan-official is a VQGAN; with --base vae pass --vae-official")])
+        default = train.vqgan_ckpt == TrainConfig.vqgan_ckpt
+        if default:  # where train_vqgan.py --base vae writes
+            train = dataclasses.replace(train, vqgan_ckpt=VAE_CKPT)
+        try:
+            found = find_weights("vae", "--vae-official", train.vae_official) if train.vae_official or (
+                paper_scale(model_cfg.image_size) and default) else None
+        except FileNotFoundError as error:
+            sys.exit(f"error: {error}")
+        return dataclasses.replace(train, vae_official=found and str(found))
+    check_flags([(not train.vae_official, "--vae-official needs --base vae")])
     if train.vqgan_official:
         try:
             return dataclasses.replace(train, vqgan_official=str(find_weights("vqgan", "--vqgan-official",
@@ -166,8 +185,31 @@ def iteration_weights(text: str, iters: int) -> list:
     return (weights + [1.0] * iters)[:iters]
 
 
+def load_base_vae(train, model_cfg: ALITConfig, log=print) -> VAE:
+    """The frozen VAE base (--base vae); its grid and token size must fit the preset."""
+    flag, path = ("--vae-official", train.vae_official) if train.vae_official else ("--vqgan-ckpt", train.vqgan_ckpt)
+    if not Path(path).is_file():
+        official = f"; or {not_found('vae', '--vae-official')}" if paper_scale(model_cfg.image_size) else ""
+        sys.exit(f"error: {flag} {path} not found; train one with python train_vqgan.py --base vae and pass it "
+                 f"as --vqgan-ckpt{official}")
+    try:
+        vae = VAE.from_official(path, image_size=model_cfg.image_size) if train.vae_official else VAE.from_checkpoint(path)
+    except (KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: {flag}: {error.args[0]}")
+    ours, theirs = model_cfg.vae, vae.config
+    if (theirs.image_size, theirs.grid_size, theirs.latent_channels) != (ours.image_size, ours.grid_size,
+                                                                         ours.latent_channels):
+        sys.exit(f"error: the VAE in {path} ({theirs.image_size}px -> {theirs.grid_size}x{theirs.grid_size} x "
+                 f"{theirs.latent_channels}) does not fit preset {train.preset!r} ({ours.image_size}px -> "
+                 f"{ours.grid_size}x{ours.grid_size} x {ours.latent_channels})")
+    log(f"base VAE: {flag} {path}")
+    return vae
+
+
 def load_base_vqgan(train, model_cfg: ALITConfig, log=print) -> VQGAN:
-    """The frozen base tokenizer; its grid and codebook must fit the preset."""
+    """The frozen base tokenizer; its grid and codebook must fit the preset (a VAE: load_base_vae)."""
+    if model_cfg.base == "vae":
+        return load_base_vae(train, model_cfg, log)
     if train.vqgan_official:
         flag, path = "--vqgan-official", train.vqgan_official
     else:
@@ -193,7 +235,8 @@ def load_base_vqgan(train, model_cfg: ALITConfig, log=print) -> VQGAN:
 
 def vqgan_targets(vqgan: VQGAN, images):
     """The frozen VQGAN's encoding of images, which stage 1 distils: latents (B, C, g, g) and the
-    nearest code of every grid cell (B, g*g). In float32 whatever the autocast, the nearest code in
+    nearest code of every grid cell (B, g*g); a VAE's: its tokens, a fresh posterior sample (the
+    official get_img_tokens), (B, C, g, g) and as targets (B, g*g, C). In float32 whatever the autocast, the nearest code in
     exact float32 (quantize.exact_float32), so that bf16 and float32 runs distil the same targets.
     (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs them by default: exact float32
     would make the encoder, 3% of a step's FLOPs, a fifth of its time on an H100.)"""
@@ -204,7 +247,11 @@ def vqgan_targets(vqgan: VQGAN, images):
 def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
     """Σ_t λ_t CE(logits_t, gt) + MSE(softmax-expected code, true code) + quantizer loss (§A.5 and the
     official code). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
-    1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right."""
+    1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right.
+    Over a VAE, gt_indices are the true tokens (B, N, C): Σ_t λ_t MSE(predicted, true tokens) +
+    quantizer loss (§A.5, adaptive_vae.py), logging [MSE, mean absolute error, 1]."""
+    if model.config.base == "vae":
+        return stage1_loss_vae(model, records, gt_indices, weights, quantizer_weight)
     target_codes = model.vqgan.quantize.lookup(gt_indices).float()  # (B, N, C)
     total = 0.0
     stats = torch.zeros(model.config.rollout_iters, 3, device=gt_indices.device)
@@ -217,6 +264,19 @@ def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code
             total = total + quantizer_weight * r.quantized.loss
         accuracy = (logits.argmax(-1) == gt_indices).float().mean()
         stats[r.index] = torch.stack([ce.detach(), accuracy, torch.ones_like(accuracy)])
+    return total, stats
+
+
+def stage1_loss_vae(model: ALIT, records, target_tokens, weights, quantizer_weight):
+    total = 0.0
+    stats = torch.zeros(model.config.rollout_iters, 3, device=target_tokens.device)
+    for r in records:
+        error = r.logits.float() - target_tokens.float()  # (B, N, C)
+        mse = error.square().mean()
+        total = total + weights[r.index] * mse
+        if r.quantized is not None:
+            total = total + quantizer_weight * r.quantized.loss
+        stats[r.index] = torch.stack([mse.detach(), error.detach().abs().mean(), torch.ones_like(mse)])
     return total, stats
 
 
@@ -243,14 +303,14 @@ def main(argv=None):
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
     vqgan = load_base_vqgan(train, model_cfg, ctx.log)
-    model_cfg = dataclasses.replace(model_cfg, vqgan=vqgan.config)  # the checkpoint's exact VQGAN
+    model_cfg = dataclasses.replace(model_cfg, **{model_cfg.base: vqgan.config})  # the checkpoint's exact base
     model = ALIT(model_cfg)
-    model.vqgan = vqgan
+    setattr(model, model_cfg.base, vqgan)
     frozen_vqgan(model)
     if not train.halting:
         model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
-    model.vqgan.to(memory_format=conv_memory_format(ctx.device))
+    model.base.to(memory_format=conv_memory_format(ctx.device))
     run = plan(train, lambda: model, ctx.device, ctx.device, ctx.log)
     lr, bf16, workers = run.lr, run.precision == "bf16", run.workers_per_rank
     model.set_grad_checkpointing(run.grad_checkpoint)
@@ -300,7 +360,7 @@ def main(argv=None):
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
 
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
-            log_stats(bar, stats, code_counts, first_nonfinite, train, ctx)
+            log_stats(bar, stats, code_counts, first_nonfinite, train, ctx, vae=model_cfg.base == "vae")
         if ctx.is_main and due(step, train.sample_every, stop):  # the VQGAN codes stage 1 predicts
             grid = model.rollout_images(val_images, soft_codes=False) + [val_images]
             save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png",
@@ -328,7 +388,7 @@ def train_step(model: ALIT, ddp_model, optimizer, ema: EMA, batches, step: int, 
     for micro in range(train.grad_accum):
         _, batch = next(batches)
         images = batch[0].to(ctx.device, non_blocking=True)
-        vqgan_latents, gt_indices = vqgan_targets(model.vqgan, images)
+        vqgan_latents, gt_indices = vqgan_targets(model.base, images)
         last_micro = micro == train.grad_accum - 1
         with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
             with autocast(ctx.device, bf16):
@@ -361,9 +421,9 @@ def loss_iterations(step: int, train: TrainConfig, iters: int) -> list:
 
 
 def frozen_vqgan(model: ALIT) -> ALIT:
-    """Stage 1 trains the latent-distillation modules only: the VQGAN gets no gradient, no optimizer
-    state, and stays outside the EMA."""
-    model.vqgan.requires_grad_(False).eval()
+    """Stage 1 trains the latent-distillation modules only: the VQGAN (or VAE) gets no gradient, no
+    optimizer state, and stays outside the EMA."""
+    model.base.requires_grad_(False).eval()
     return model
 
 
@@ -383,7 +443,7 @@ def step_memory_of(model: ALIT, train: TrainConfig, device, bf16: bool, checkpoi
 
     def forward_on(n):
         images = torch.rand(n, 3, model.config.image_size, model.config.image_size, device=device)
-        latents, gt = vqgan_targets(model.vqgan, images)
+        latents, gt = vqgan_targets(model.base, images)
         with autocast(device, bf16):
             stage1_loss(model, model(images, latents, gt, halting=True), gt, weights, 0.0, 1.0, 1.0)
 
@@ -407,7 +467,7 @@ def code_blend(step: int, train: TrainConfig) -> float:
     return 1.0 if end == 0 else min(1.0, max(0.0, (step + 1 - start) / max(1.0, end - start)))
 
 
-def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx):
+def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx, vae=False):
     """Cross-entropy, per-iteration token accuracy and the fraction of latent codes the longest codes
     used since the last log, over all ranks, on the progress bar; a non-finite loss ends the run
     before the checkpoint it would have spoiled."""
@@ -420,7 +480,10 @@ def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx):
     ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
     per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
     used = f"{(code_counts > 0).float().mean().item():.2f}" if len(code_counts) else "-"
-    bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration), codes_used=used)
+    if vae:  # the MSE and the per-iteration mean absolute code error
+        bar.set_postfix(mse=f"{ce:.4f}", err="/".join(f"{a:.3f}" for a in per_iteration), codes_used=used)
+    else:
+        bar.set_postfix(ce=f"{ce:.3f}", acc="/".join(f"{a:.2f}" for a in per_iteration), codes_used=used)
     stats.zero_()
     code_counts.zero_()
 

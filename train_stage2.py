@@ -11,7 +11,9 @@ the latent-distillation decoder and the base tokenizer decoder only once ...
 No dynamic halting is performed in this phase."
 
 Images are decoded differentiably: softmax(logits) @ VQGAN codebook gives a soft
-code grid that the (now trainable) VQGAN decoder turns into pixels.
+code grid that the (now trainable) VQGAN decoder turns into pixels; over a VAE the
+predicted 2D tokens go to the (now trainable) VAE decoder. The base comes with the
+checkpoint (its config's `base`).
 
     python train_stage2.py                      # tiny preset, from out/stage1/ckpt.pt
     torchrun --nproc_per_node=8 train_stage2.py --dataset imagenet100 --data-dir /data/imagenet  # PAPER_RUN
@@ -145,7 +147,8 @@ def load_start(train: TrainConfig) -> ALIT:
     cfg = model.config
     if train.preset is not None:
         try:  # the VQGAN may be the official one or our own: compare everything else
-            expected = make_config(train.preset, vqgan=cfg.vqgan).to_dict()
+            expected = make_config(train.preset, base=cfg.base, vqgan=cfg.vqgan, vae=cfg.vae,
+                                   official_vae_function=cfg.official_vae_function).to_dict()
         except ValueError:
             expected = None
         if expected != cfg.to_dict():
@@ -161,7 +164,8 @@ def trainable(model: ALIT) -> ALIT:
     """Everything trains except what no loss reaches here: the VQGAN codebook (the soft code reads it
     detached, as the official code does) and the halted token (halting is off)."""
     model.requires_grad_(True)
-    model.vqgan.quantize.requires_grad_(False)
+    if model.config.base == "vqgan":
+        model.vqgan.quantize.requires_grad_(False)
     model.halted_token.requires_grad_(False)
     return model
 
@@ -209,7 +213,7 @@ def main(argv=None):
     model = trainable(load_start(train))
     cfg = model.config
     model.to(ctx.device)
-    model.vqgan.to(memory_format=conv_memory_format(ctx.device))
+    model.base.to(memory_format=conv_memory_format(ctx.device))
     discriminators = torch.nn.ModuleList(
         PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
         for _ in range(cfg.rollout_iters if train.disc_per_iteration else 1)).to(ctx.device)
@@ -296,7 +300,7 @@ def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer
                 q = record.quantized
                 loss = rec_loss + train.quantizer_loss_weight * q.loss if q else rec_loss
                 if disc_weight > 0:
-                    loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.vqgan.decoder.last_layer,
+                    loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.base.decoder.last_layer,
                                                      disc_weight)
             (loss / train.grad_accum).backward()
         reals.append(images)

@@ -1,12 +1,14 @@
-"""Train the 2D tokenizer: the VQGAN that ALIT distils (the stage before stage 1).
+"""Train the 2D tokenizer: the VQGAN (or VAE) that ALIT distils (the stage before stage 1).
 
 Paper: ALIT, arXiv:2411.02393, §2 builds on a pre-trained VQGAN (Esser et al.
-2021). The paper downloads one; this script trains one from scratch, with the
+2021) or VAE. The paper downloads one; this script trains one from scratch, with the
 VQGAN losses: L1 + LPIPS reconstruction, the codebook loss, and a PatchGAN
 hinge loss whose weight is set adaptively (VQGAN eq. 7) and switched on at a
-discriminator start step.
+discriminator start step. With --base vae (vae.py) the codebook loss gives way
+to LDM's KL term (Rombach et al. 2022), with its weight.
 
     python train_vqgan.py                                  # tiny VQGAN on `shapes`, CPU ok
+    python train_vqgan.py --base vae                       # tiny VAE on `shapes`, in out/vae
     python train_vqgan.py --dataset imagenet100 --data-dir /data/imagenet   # the imagenet preset (PAPER_RUN)
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
@@ -14,7 +16,7 @@ import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 from pathlib import Path
 
 import torch
@@ -28,13 +30,18 @@ from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, 
                       finish, flag_error, keep_freed_memory, lr_at, paper_scale, parse_flags, planned_device,
                       print_dry_run, progress, resume, run_plan, save_training_state, schedule_in_epochs, set_lr,
                       setup_distributed, stop_step, use_bf16, wrap_ddp)
+from vae import PRESETS as VAE_PRESETS
+from vae import VAE, VAEConfig
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
 from weights import find_perceptual
 
 
 @dataclass
 class TrainConfig(LoopConfig):
-    out_dir: Annotated[str, "folder"] = "out/vqgan"
+    out_dir: Annotated[str, "folder"] = "out/vqgan"  # (--base vae: out/vae)
+    # The tokenizer: a VQGAN (codebook indices), or a KL autoencoder (vae.py: continuous tokens; the
+    # presets map to its own, imagenet -> kl16 (MAR's KL-16), tiny -> tiny; the codebook flags do not apply)
+    base: Literal["vqgan", "vae"] = "vqgan"
     # The VQGAN's size; default: imagenet (the official VQGAN's: 256x256 -> 16x16, 1024 codes) with
     # --dataset imagenet100/imagenet, else tiny (32x32 -> 8x8, 256 codes)
     preset: str | None = None
@@ -46,6 +53,9 @@ class TrainConfig(LoopConfig):
     l1_weight: Annotated[float, ">= 0"] = 1.0  # weight of the L1 term of the reconstruction loss
     perceptual_weight: Annotated[float, ">= 0"] = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
     codebook_weight: Annotated[float, ">= 0"] = 1.0  # weight of the quantizer's codebook + commitment loss
+    # --base vae: weight of the KL term against the per-pixel reconstruction loss (LDM's kl-f16 config:
+    # 1e-6 on sums over pixels and latents, the same ratio here on the means)
+    kl_weight: Annotated[float, ">= 0"] = 1e-6
     # Step at which the adversarial term switches on. It helps only once the autoencoder has
     # converged (taming starts it after ~250k steps), so by default it never starts.
     disc_start: Annotated[int, ">= 0"] = 10 ** 9
@@ -69,15 +79,27 @@ class TrainConfig(LoopConfig):
 PAPER_RUN = dict(preset="imagenet", disc_layers=3, batch_size=12, global_batch=96, epochs=200, warmup_epochs=20)
 
 
+# --base vae: the VAE preset of each --preset.
+VAE_PRESET = {"imagenet": "kl16", "tiny": "tiny"}
+
+
 def implied_defaults(given: dict) -> dict:
-    return PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}
+    where = {"out_dir": "out/vae"} if given.get("base") == "vae" else {}  # beside the VQGAN's out/vqgan
+    return {**(PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}), **where}
 
 
 def parse_args(argv=None):
     train, model_flags = parse_flags(argv, __doc__, TrainConfig, VQGANConfig, PRESETS, implied_defaults)
     check_flags(check_loop_flags(train, PRESETS))
+    if train.base == "vae":
+        vqgan_only = sorted(set(model_flags) - {f.name for f in dataclasses.fields(VAEConfig)})
+        check_flags([(not vqgan_only, f"--{(vqgan_only or ['x'])[0].replace('_', '-')} is a VQGAN flag; "
+                                      "--base vae has no codebook")])
     try:
-        model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
+        if train.base == "vae":
+            model_cfg = VAEConfig(**{**VAE_PRESETS[VAE_PRESET[train.preset]], **model_flags})
+        else:
+            model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
     except ValueError as error:  # its own checks (sizes that must divide), naming the flags
         sys.exit(flag_error(error, VQGANConfig))
     if train.lr is None:
@@ -95,7 +117,7 @@ def main(argv=None):
     train, model_cfg = parse_args(argv)
     if train.eval_only:
         try:
-            model = VQGAN.from_checkpoint(Path(train.out_dir) / "ckpt.pt")
+            model = (VAE if train.base == "vae" else VQGAN).from_checkpoint(Path(train.out_dir) / "ckpt.pt")
         except (FileNotFoundError, ValueError) as error:
             sys.exit(f"error: --eval-only: {error}")
         print(format_val_metrics(evaluate_vqgan(model, train)))
@@ -112,7 +134,7 @@ def main(argv=None):
     bf16, workers = run.precision == "bf16", run.workers_per_rank
     torch.manual_seed(train.seed)  # the same initial weights on every rank
 
-    model = VQGAN(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
+    model = (VAE if train.base == "vae" else VQGAN)(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
     # Outside DDP (losses.discriminator_step averages its gradients by hand): rank 0's start on every rank.
     discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(ctx.device)
     broadcast_parameters(discriminator, ctx)
@@ -126,14 +148,15 @@ def main(argv=None):
     stateful = {"model": model, "discriminator": discriminator, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
     # Each rank counts the codes its own batches use: dead-code restarts go on from every rank's count.
-    per_rank = {"code_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)}
+    per_rank = {"code_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)
+                } if train.base == "vqgan" else {}
     step = 0
     if train.resume:
         step = resume(Path(train.out_dir) / "ckpt.pt", dataclasses.asdict(model_cfg), stateful, ctx, per_rank)["step"]
     else:
         clear_out_dir(train, "recon_*.png", ctx)
         torch.manual_seed(train.seed + ctx.rank)  # the dead-code restarts' draws differ per rank
-    ctx.log(f"VQGAN {model_cfg}\ntraining {train}\n{run}")
+    ctx.log(f"{train.base.upper()} {model_cfg}\ntraining {train}\n{run}")
 
     ddp_model = wrap_ddp(model, ctx, bf16_gradients=run.all_reduce == "bf16")
     dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
@@ -155,7 +178,10 @@ def main(argv=None):
         if due(step, train.log_every, stop):
             average_over_ranks([logs])
             rec, vq, ppl, usage, dl = logs.tolist()
-            bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
+            if train.base == "vae":  # the KL term, the posterior's mean std and the tokens' std
+                bar.set_postfix(rec=f"{rec:.4f}", kl=f"{vq:.2e}", std=f"{ppl:.3f}", tokens=f"{usage:.2f}", d=f"{dl:.3f}")
+            else:
+                bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
         if ctx.is_main and due(step, train.sample_every, stop):
             save_reconstructions(model, val_images, Path(train.out_dir) / f"recon_{step:06d}.png")
         if due(step, train.save_every, stop):
@@ -177,7 +203,8 @@ def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer
     """One step over --grad-accum micro-batches: the autoencoder (L1 + LPIPS, the codebook loss, and
     from --disc-start the adaptively weighted GAN term), the dead-code restarts, then the discriminator.
     Returns [reconstruction loss, VQ loss, perplexity, codebook usage, discriminator loss] on the device,
-    without waiting for it."""
+    without waiting for it; a VAE: the KL term instead of the codebook loss, [reconstruction loss,
+    weighted KL term, the posterior's mean std, the tokens' std, discriminator loss]."""
     lr_scale = lr_at(step, 1.0, train.warmup_steps, train.steps, train.min_lr_ratio)
     set_lr(optimizer, train.lr * lr_scale)
     set_lr(disc_optimizer, train.disc_lr * lr_scale)
@@ -192,18 +219,26 @@ def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer
                 recon, q = ddp_model(images)
                 rec_loss = reconstruction_loss(recon.float(), images, perceptual, train.l1_weight,
                                                train.perceptual_weight)
-                loss = rec_loss + train.codebook_weight * q.loss
+                if train.base == "vae":  # q: the posterior. LDM sums both terms; over means the KL gets 1/pixels
+                    kl_loss = train.kl_weight * q.kl().mean() / images[0].numel()
+                    loss = rec_loss + kl_loss
+                else:
+                    loss = rec_loss + train.codebook_weight * q.loss
                 if gan_on:
                     loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.decoder.last_layer,
                                                      train.disc_weight)
             (loss / train.grad_accum).backward()
         reals.append(images)
         fakes.append(recon.detach())
-        logs += torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage])
+        if train.base == "vae":
+            logs += torch.stack([rec_loss.detach().float(), kl_loss.detach().float(), q.std.detach().float().mean(),
+                                 (q.mean * model.config.scale).detach().float().std()])
+        else:
+            logs += torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage])
     torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
+    if train.base == "vqgan" and train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
         model.quantize.restart_dead_codes()
     d_loss = discriminator_step(discriminator, disc_optimizer, reals, fakes, autocast(ctx.device, bf16)) if gan_on \
         else torch.zeros((), device=ctx.device)
@@ -212,7 +247,10 @@ def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer
 
 @torch.no_grad()
 def evaluate_vqgan(model: VQGAN, train: TrainConfig) -> dict:
-    """Val L1 and codebook usage over the first `val_images` val images."""
+    """Val L1 and codebook usage over the first `val_images` val images; a VAE: L1 from the posterior
+    mean (what ALIT's evaluation encodes) and the tokens' spread."""
+    if isinstance(model, VAE):
+        return evaluate_vae(model, train)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -231,7 +269,30 @@ def evaluate_vqgan(model: VQGAN, train: TrainConfig) -> dict:
             "codebook_size": len(counts), "perplexity": torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum()).item()}
 
 
+@torch.no_grad()
+def evaluate_vae(model: VAE, train: TrainConfig) -> dict:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dataset = build_dataset(train.dataset, "val", model.config.image_size, train.data_dir,
+                            num_images=train.val_images if train.dataset == "shapes" else None)
+    subset = torch.utils.data.Subset(dataset, range(min(train.val_images, len(dataset))))
+    l1, tokens = 0.0, []
+    for images, _ in torch.utils.data.DataLoader(subset, batch_size=100):
+        images = images.to(device)
+        batch_tokens, _ = model.encode(images, sample=False)
+        l1 += (model.decode_tokens(batch_tokens).float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)).sum().item()
+        tokens.append(batch_tokens.float().cpu())
+    model.train(was_training)
+    tokens = torch.cat(tokens)
+    return {"images": len(subset), "l1": l1 / len(subset), "token_std": tokens.std().item(),
+            "token_abs_mean": tokens.abs().mean().item()}
+
+
 def format_val_metrics(m: dict) -> str:
+    if "token_std" in m:
+        return (f"val: L1 {m['l1']:.4f} over {m['images']} images (posterior mean); tokens (x scale): std "
+                f"{m['token_std']:.3f}, mean |.| {m['token_abs_mean']:.3f}")
     return (f"val: L1 {m['l1']:.4f} over {m['images']} images; codebook usage {m['codes_used']}/{m['codebook_size']} "
             f"codes ({100 * m['codes_used'] / m['codebook_size']:.0f}%), perplexity {m['perplexity']:.1f}")
 
@@ -241,10 +302,10 @@ def save_reconstructions(model, images, path):
     """Row 1: originals; row 2: reconstructions through the codebook."""
     was_training = model.training
     model.eval()
-    recon, _ = model(images)
+    recon = model.decode_tokens(model.encode(images, sample=False)[0]) if isinstance(model, VAE) else model(images)[0]
     model.train(was_training)
     save_image_grid(torch.cat([images, recon.float().clamp(0, 1)]), path, nrow=len(images),
-                    row_labels=["original", "VQGAN"])
+                    row_labels=["original", "VAE" if isinstance(model, VAE) else "VQGAN"])
 
 
 if __name__ == "__main__":

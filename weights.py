@@ -1,13 +1,14 @@
 """Pretrained weight files: read them without executing code.
 
-The official ALIT and VQGAN checkpoints (the weights §2 builds on), torchvision's VGG16 and the
+The official ALIT, VQGAN and VAE checkpoints (the weights §2 builds on), torchvision's VGG16 and the
 LPIPS head (the perceptual loss of §A.5) and pytorch-fid's Inception (rFID, Table 1) are pickles
 written by other people's code. `torch.load(weights_only=True)` unpickles tensors and plain
 containers only, so opening one cannot run code. Each loader (`ALIT.from_official`,
-`VQGAN.from_official`, `LPIPS.from_pretrained`, `InceptionV3.from_pytorch_fid`) reads its file
-here, renames keys with its own written table, and loads them with `load_exact`. Our own
-checkpoints are read here too (`load_checkpoint`): by `ALIT.from_checkpoint`, `VQGAN.from_checkpoint`
-and `training.resume`, so that the models need nothing of the training machinery.
+`VQGAN.from_official`, `VAE.from_official`, `LPIPS.from_pretrained`, `InceptionV3.from_pytorch_fid`)
+reads its file here, renames keys with its own written table, and loads them with `load_exact`.
+Our own checkpoints are read here too (`load_checkpoint`): by `ALIT.from_checkpoint`,
+`VQGAN.from_checkpoint`, `VAE.from_checkpoint` and `training.resume`, so that the models need
+nothing of the training machinery.
 
 Where the files are: a flag names one (a path, or a bare file name looked up as below); without
 the flag, each file is looked up by its canonical name in $ALIT_WEIGHTS, then in the torch hub
@@ -116,9 +117,14 @@ PRETRAINED = {
     # vqgan_jax_strongaug.ckpt.
     "vqgan": Pretrained(("vqgan.ckpt", "vqgan_jax_strongaug.ckpt"), "MAGE's ImageNet VQGAN (the official ALIT code's)",
                         "MAGE (github.com/LTH14/mage): Google Drive file 13S_unB87n6KKuuMdyMnyExW0G1kplTbP"),
+    # MAR's KL-16 VAE: the official ALIT code saves it as base_tokenizers/pretrained_models/vae.ckpt,
+    # MAR as pretrained_models/vae/kl16.ckpt.
+    "vae": Pretrained(("vae.ckpt", "kl16.ckpt"), "MAR's KL-16 VAE (the official ALIT code's VAE base)",
+                      "MAR (github.com/LTH14/mar, util/download.py): www.dropbox.com/scl/fi/hhmuvaiacrarfg28qxhwz/"
+                      "kl16.ckpt, which the official ALIT code downloads as vae.ckpt"),
     "alit": Pretrained((), "an official ALIT checkpoint",
                        "the official README's table (github.com/ShivamDuggal4/adaptive-length-tokenizer), "
-                       "e.g. alit_small_vqgan_quantized_latents.pth"),
+                       "e.g. alit_small_vqgan_quantized_latents.pth, alit_small_vae_quantized_latents.pth"),
 }
 
 

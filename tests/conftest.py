@@ -13,6 +13,7 @@ import torch
 # Smallest settings the training scripts accept: every loop runs in seconds on 2 CPU cores.
 # float32 everywhere: exact comparisons (resume, 1 vs 2 processes) need it, whatever the CPU.
 SMALL_VQGAN = ["--channels", "16", "--norm-groups", "8", "--batch-size", "4", "--no-bf16"]
+SMALL_VAE = ["--base", "vae"] + SMALL_VQGAN  # train_vqgan.py's tiny VAE at the same width
 SMALL_ALIT = ["--encoder-width", "64", "--encoder-layers", "1", "--encoder-heads", "2", "--decoder-width", "64",
               "--decoder-layers", "1", "--decoder-heads", "2", "--log-every", "2", "--sample-every", "100",
               "--warmup-steps", "2", "--no-bf16"]
@@ -116,5 +117,22 @@ def stage1_ckpt(tmp_path_factory, vqgan_ckpt):
     import train_stage1
     out = tmp_path_factory.mktemp("stage1")
     train_stage1.main(SMALL_ALIT + ["--vqgan-ckpt", str(vqgan_ckpt), "--steps", "2", "--batch-size", "2",
+                                    "--out-dir", str(out)])
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def vae_ckpt(tmp_path_factory):
+    import train_vqgan
+    out = tmp_path_factory.mktemp("vae")
+    train_vqgan.main(SMALL_VAE + ["--steps", "2", "--out-dir", str(out), "--val-images", "8"])
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def vae_stage1_ckpt(tmp_path_factory, vae_ckpt):
+    import train_stage1
+    out = tmp_path_factory.mktemp("vae_stage1")
+    train_stage1.main(SMALL_ALIT + ["--base", "vae", "--vqgan-ckpt", str(vae_ckpt), "--steps", "2", "--batch-size", "2",
                                     "--out-dir", str(out)])
     return out / "ckpt.pt"

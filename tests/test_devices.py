@@ -253,3 +253,53 @@ def test_data_workers_start_once_for_the_whole_run():
     batches = train_batches(WorkerPid(), 4, 0, 1, seed=0, num_workers=1)
     pids = {int(pid) for _ in range(6) for pid in next(batches)[1][0]}  # 3 epochs of 2 batches
     assert len(pids) == 1 and pids != {os.getpid()}
+
+
+# ----------------------------------------------------------------------------- the VAE base
+
+def test_vae_steps_of_each_stage_and_an_evaluation_batch(vae_ckpt, vae_stage1_ckpt, monkeypatch):
+    """The VAE path: its own training step (the KL term, the GAN on), stage 1 (the MSE, halting on the
+    code error), stage 2 (the VAE decoder's last layer in the adaptive GAN weight) and evaluation."""
+    train, cfg = train_vqgan.parse_args(SMALL_VQGAN + ["--base", "vae", "--disc-start", "0"])
+    model = train_vqgan.VAE(cfg).to(META)
+    discriminator = PatchDiscriminator(base_channels=8, num_layers=2).to(META)
+    optimizer = adamw(model.parameters(), 1e-3, (0.5, 0.9), 0.0, META)
+    disc_optimizer = adamw(discriminator.parameters(), 1e-3, (0.5, 0.9), 0.0, META)
+    with device_generators_untouched(monkeypatch):
+        logs = train_vqgan.train_step(model, model, discriminator, optimizer, disc_optimizer, shapes_batches(2), 0,
+                                      train, Perceptual().to(META), CTX, bf16=True)
+    assert logs.shape == (5,) and on_meta([logs])
+
+    flags = SMALL_ALIT + ["--base", "vae", "--vqgan-ckpt", str(vae_ckpt), "--batch-size", "2",
+                          "--halting-code-error", "10"]
+    train, model_cfg = train_stage1.parse_args(flags)
+    vae = train_stage1.load_base_vqgan(train, model_cfg, log=lambda *a: None)
+    model = ALIT(dataclasses.replace(model_cfg, vae=vae.config))
+    model.vae = vae.requires_grad_(False).eval()
+    model.to(META)
+    optimizer = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, META)
+    ema = EMA(model, 0.999)
+    weights = train_stage1.iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
+    with device_generators_untouched(monkeypatch):
+        stats, counts, finite = train_stage1.train_step(model, model, optimizer, ema, shapes_batches(2), 200, 1e-3,
+                                                        train, weights, CTX, bf16=True)
+    assert stats.shape == (8, 3) and on_meta([stats, counts, finite, *ema.shadow.values()])
+
+    train = train_stage2.parse_args(["--stage1-ckpt", str(vae_stage1_ckpt)])
+    model = train_stage2.load_start(train)
+    model.halted_token.requires_grad_(False)
+    model.to(META)
+    discriminators = torch.nn.ModuleList([PatchDiscriminator(base_channels=8, num_layers=2)]).to(META)
+    optimizer = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, META)
+    disc_optimizer = adamw(discriminators.parameters(), 1e-4, (0.5, 0.9), 0.0, META)
+    ema = EMA(model, 0.999)
+    with device_generators_untouched(monkeypatch):
+        logs = train_stage2.train_step(model, model, discriminators, optimizer, disc_optimizer, ema, shapes_batches(2),
+                                       7, 1e-3, 0.1, train, Perceptual().to(META), CTX, bf16=True)
+    assert logs.shape == (5,) and on_meta([logs, *ema.shadow.values()])
+
+    model = ALIT.from_checkpoint(vae_stage1_ckpt).to(META)
+    stats = {"real": FeatureStats(), "vqgan": FeatureStats(), **{f"tokens_{8 * (t + 1)}": FeatureStats() for t in range(8)}}
+    arrays, recon, codes = evaluate_batch(model, torch.rand(3, 3, 32, 32, device=META), True, [], TinyFeatures().to(META),
+                                          stats)
+    assert arrays["code_mse"].shape == (8, 3) and on_meta([*arrays.values(), recon, codes])

@@ -4,7 +4,7 @@ import sys
 
 from conftest import ROOT
 
-MODELS = ["model", "vqgan", "quantize", "losses", "fid", "selection", "data", "weights", "probes"]
+MODELS = ["model", "vqgan", "vae", "quantize", "losses", "fid", "selection", "data", "weights", "probes"]
 
 
 def test_the_models_import_nothing_of_the_training_machinery():

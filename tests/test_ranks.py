@@ -47,11 +47,15 @@ evaluate.main(ARGS)
 """
 
 
-def test_evaluate_on_two_ranks_equals_one_process(tmp_path, stage1_ckpt):
+# Over a VQGAN, and (fewer images, no second checkpoint: the same code paths) over a VAE.
+@pytest.mark.parametrize("checkpoint, images", [("stage1_ckpt", 44), ("vae_stage1_ckpt", 20)])
+def test_evaluate_on_two_ranks_equals_one_process(tmp_path, checkpoint, images, request):
+    stage1_ckpt = request.getfixturevalue(checkpoint)
     fake_weights = tmp_path / "inception.pth"
     fake_weights.write_bytes(b"stand-in")
-    common = ["--ckpt", stage1_ckpt, "--compare", stage1_ckpt, "--num-images", 44, "--batch-size", 8,
-              "--speed-images", 8, "--halting", "--inception-weights", fake_weights]
+    common = ["--ckpt", stage1_ckpt, "--compare", stage1_ckpt if images == 44 else tmp_path / "none",
+              "--num-images", images, "--batch-size", 8, "--speed-images", 8, "--halting",
+              "--inception-weights", fake_weights]
     run(tmp_path, EVALUATE, common + ["--out-dir", tmp_path / "one"], ranks=None)
     _, result = run(tmp_path, EVALUATE, common + ["--out-dir", tmp_path / "two"], ranks=2)
     assert result.stdout.count("| tokens | L1 |") == 1  # rank 0 alone reports
@@ -62,7 +66,7 @@ def test_evaluate_on_two_ranks_equals_one_process(tmp_path, stage1_ckpt):
             one[key], two[key] = ({k: v for k, v in r[key].items() if k not in seconds} for r in (one, two))
         if key != "checkpoint":
             assert json.dumps(two[key]) == json.dumps(one[key]) or close(two[key], one[key]), key
-    assert one["per_token_count"][0]["rfid"] is not None and one["images"] == 44
+    assert one["per_token_count"][0]["rfid"] is not None and one["images"] == images
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
 
 
