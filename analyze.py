@@ -20,7 +20,8 @@ task of interest).
    tokens are selected by L1 < threshold, classifier top-X correct, depth error < threshold
    or token accuracy.
 5. Linear probing (§A.4): a linear classifier on the mean-pooled encoder output per iteration
-   and per prefix of latent tokens, against the pooled VQGAN grid and an untrained ALIT.
+   and per prefix of latent tokens, against the pooled VQGAN grid and an untrained ALIT; of a
+   shapes label, or of the class on photos with classes (imagenet100, imagenet), as §A.4 does.
 6. Familiarity (§A.2): `shapes` variants the model never saw (data.VARIANTS, and --ood-dir)
    against in-distribution images of the same complexity levels.
 7. Tab. 2's protocol: each of the first K latent tokens' maps thresholded at its top X% of
@@ -37,7 +38,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 import scipy.optimize
@@ -47,12 +48,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import BACKGROUND_DEPTH, DATASETS, LEVELS, VARIANTS, ShapesDataset, build_dataset, majority_pool
+from data import (BACKGROUND_DEPTH, DATASETS, LEVELS, VARIANTS, SceneItem, ShapesDataset, build_dataset, class_names,
+                  majority_pool)
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
-from probes import (bootstrap_se, encoder_outputs, mean_difference, pooled_blocks, prefix_features, probe_correct,
-                    segment_iou, top_mass_segment)
+from probes import (bootstrap_se, class_balanced, encoder_outputs, mean_difference, pooled_blocks, prefix_features,
+                    probe_correct, segment_iou, top_mass_segment)
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, depth_error, first_passing, l1_passes,
                        psnr)
 from training import (check_flags, choice_checks, keep_freed_memory, official_heads, paper_scale, parse_flags,
@@ -96,7 +98,9 @@ class AnalyzeConfig:
     # Thresholds of the depth criterion: the depth regressor's mean error on the reconstruction against its
     # prediction on the original (the paper's pseudo-ground truth), in layers; auto as --l1-thresholds.
     depth_thresholds: Annotated[str, "auto or list of float > 0"] = "auto"
-    probe_images: Annotated[int, ">= 2"] = 2000  # shapes train-split images the linear probes are fit on (§A.4); scored on the analysed images
+    # Train-split images the linear probes are fit on (§A.4; photos: spread evenly over the classes, read
+    # as the analysed images are), scored on the analysed images.
+    probe_images: Annotated[int, ">= 2"] = 2000
     familiarity_images: Annotated[int, ">= 2"] = 250  # images per unseen variant of shapes (§A.2), beside as many of the analysed ones
     ood_dir: Annotated[str | None, "existing folder"] = None  # your own out-of-distribution images, measured as the variants are
     top_mass: Annotated[str, "list of float in (0, 1]"] = "0.4,0.6,0.8"  # Tab. 2's thresholds: a segment is the top X of a map's attention mass
@@ -242,6 +246,17 @@ def class_of(label: str, level: int, num_shapes: int) -> int:
     return level if label == "level" else num_shapes - 1
 
 
+def probe_label(item, label: str) -> int:
+    """The linear probe's label of a dataset item: on shapes (a SceneItem) --label of the scene; on
+    photos the image's class, which §A.4 probes."""
+    return class_of(label, item.level, item.num_shapes) if isinstance(item, SceneItem) else item[1]
+
+
+def items_of(dataset, indices) -> list:
+    """The items at `indices`: shapes scenes with their masks, levels and depth; photos as (image, class)."""
+    return [dataset.with_masks(i) if isinstance(dataset, ShapesDataset) else dataset[i] for i in indices]
+
+
 class DepthNet(nn.Module):
     """A small CNN that sees 32x32 images (larger ones are resized) and gives each pixel's depth in
     layers from the front (data.Scene.depth), which it can only tell from occlusions: features on the
@@ -337,7 +352,8 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
     """Per image and token count: L1, MSE, token accuracy, the classifier's rank of the true label,
     the depth regressor's errors, binding scores, Tab. 2's segment scores (also of the untrained
     `control`) and the pooled encoder output for the linear probes (and Inception features); the
-    attention maps of the images in `keep`."""
+    attention maps of the images in `keep`. Photos get no shapes measure, and probe features only
+    with a `control` (main passes one when they have classes)."""
     mc = model.config
     N, K, T = mc.num_image_tokens, mc.tokens_per_iter, mc.rollout_iters
     shapes = isinstance(dataset, ShapesDataset)
@@ -355,7 +371,7 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
     n = min(cfg.num_images, len(dataset))
     for start in tqdm(range(0, n, cfg.batch_size), desc="analyze", dynamic_ncols=True):
         index = list(range(start, min(n, start + cfg.batch_size)))
-        items = [dataset.with_masks(i) if shapes else dataset[i] for i in index]
+        items = items_of(dataset, index)
         images = torch.stack([item[0] for item in items]).to(device)
         tokens_2d = model.base_tokens(images)
         targets = model.base_targets(tokens_2d)
@@ -387,16 +403,18 @@ def measure(model: ALIT, control: ALIT, dataset, cfg: AnalyzeConfig, nets: dict,
                 kept[i] = (images[j].cpu(), [m[j].cpu() for m in maps],
                            [image_to_latent(w[j:j + 1], N)[0].argmax(-1).cpu() for w in weights],
                            items[j][2] if shapes else None)
+        if control is not None:  # the linear probes' test features: shapes, and photos with classes
+            control_maps, control_passes = control_rollout(control, images)
+            for name, outputs in (("", passes), ("control_", control_passes)):
+                image, blocks = pooled_blocks(outputs, N, K)
+                probe[name + "image"].append(image)
+                probe[name + "blocks"].append(blocks)
+            probe["vqgan"].append(base_grid(model, images, tokens_2d).float().mean((2, 3)).cpu())  # the 2D tokenizer's grid, pooled
+            out["label"].append(torch.tensor([probe_label(item, cfg.label) for item in items]))
         if not shapes:
             continue
-        control_maps, control_passes = control_rollout(control, images)
-        for name, (image, blocks) in (("", pooled_blocks(passes, N, K)), ("control_", pooled_blocks(control_passes, N, K))):
-            probe[name + "image"].append(image)
-            probe[name + "blocks"].append(blocks)
-        probe["vqgan"].append(base_grid(model, images, tokens_2d).float().mean((2, 3)).cpu())  # the 2D tokenizer's grid, pooled
-        labels = torch.tensor([class_of(cfg.label, item.level, item.num_shapes) for item in items], device=device)
+        labels = out["label"][-1].to(device)
         out["level"].append(torch.tensor([item.level for item in items]))
-        out["label"].append(labels.cpu())
         out["rank"].append(true_label_rank(nets["classifier"](recon.flatten(0, 1)).view(T, len(images), -1), labels).cpu())
         out["rank_original"].append(true_label_rank(nets["classifier"](images), labels).cpu())
         # Depth, the second task of interest against the true depth, and the criterion against the
@@ -520,16 +538,46 @@ def fraction_reaching(rows: list, task: str, best: float, higher_is_better: bool
 # -----------------------------------------------------------------------------
 # 5. Linear probing (§A.4)
 
+class ProbeImages(NamedTuple):
+    """The linear probes' training images: `indices` of the train split `data`, labelled with one of
+    `classes` classes, which `label` names."""
+    data: object
+    indices: list
+    classes: int
+    label: str
+
+
+def probe_images(cfg: AnalyzeConfig, image_size: int) -> tuple:
+    """Where §A.4's probes train: (ProbeImages, None), or (None, why there is no probe). On shapes
+    --probe-images train-split scenes, labelled by --label. On photos with classes, as §A.4 on
+    ImageNet-100: the class of --probe-images train-split images spread evenly over the classes, read
+    as the analysed images are (the evaluation transform, no augmentation: one fixed view of each
+    image, like the test images)."""
+    if cfg.dataset == "shapes":
+        data = ShapesDataset("train", image_size, cfg.probe_images, seed=cfg.seed)
+        return ProbeImages(data, list(range(len(data))), num_classes(cfg.label), LABELS[cfg.label]), None
+    if cfg.dataset == "folder":
+        return None, "no classes either, so no linear probe"
+    try:
+        classes = class_names(cfg.dataset, "train", cfg.data_dir)
+        data = build_dataset(cfg.dataset, "train", image_size, cfg.data_dir, train=False, eval_protocol=cfg.protocol)
+    except (ValueError, FileNotFoundError) as error:
+        return None, f"no linear probe, it trains on the train split ({error})"
+    if classes != class_names(cfg.dataset, cfg.split, cfg.data_dir):  # targets are folder indices
+        return None, f"no linear probe: the class folders of train/ and {cfg.split}/ differ"
+    return ProbeImages(data, class_balanced(data.targets, cfg.probe_images), len(classes),
+                       "the image's class"), None
+
+
 @torch.no_grad()
-def probe_training_set(model: ALIT, control: ALIT, cfg: AnalyzeConfig, device) -> tuple:
+def probe_training_set(model: ALIT, control: ALIT, probe_set: ProbeImages, cfg: AnalyzeConfig, device) -> tuple:
     """The pooled encoder outputs of the trained model and the untrained control, and the pooled VQGAN
-    grid, of --probe-images shapes train-split images (probes.pooled_blocks), with their labels."""
+    grid, of the probe's training images (probes.pooled_blocks), with their labels."""
     N, K, T = model.config.num_image_tokens, model.config.tokens_per_iter, model.config.rollout_iters
-    data = ShapesDataset("train", model.config.image_size, cfg.probe_images, seed=cfg.seed)
     features, labels = {name: [] for name in ("image", "blocks", "control_image", "control_blocks", "vqgan")}, []
-    for start in tqdm(range(0, len(data), cfg.batch_size), desc="probe features", dynamic_ncols=True):
-        items = [data.with_masks(i) for i in range(start, min(len(data), start + cfg.batch_size))]
-        images = torch.stack([item.image for item in items]).to(device)
+    for start in tqdm(range(0, len(probe_set.indices), cfg.batch_size), desc="probe features", dynamic_ncols=True):
+        items = items_of(probe_set.data, probe_set.indices[start:start + cfg.batch_size])
+        images = torch.stack([item[0] for item in items]).to(device)
         for name, net in (("", model), ("control_", control)):
             with encoder_outputs(net) as passes:
                 net(images, iters=[T - 1])
@@ -537,7 +585,7 @@ def probe_training_set(model: ALIT, control: ALIT, cfg: AnalyzeConfig, device) -
             features[name + "image"].append(image)
             features[name + "blocks"].append(blocks)
         features["vqgan"].append(base_grid(model, images).float().mean((2, 3)).cpu())
-        labels += [class_of(cfg.label, item.level, item.num_shapes) for item in items]
+        labels += [probe_label(item, cfg.label) for item in items]
     return {k: torch.cat(v, dim=-2) for k, v in features.items()}, torch.tensor(labels)
 
 
@@ -786,14 +834,16 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: --dataset {cfg.dataset} / --data-dir: {error}")
     shapes = isinstance(dataset, ShapesDataset)
+    probe_set, probe_note = probe_images(cfg, mc.image_size)
     if not shapes:
-        print(f"--dataset {cfg.dataset}: no object masks, levels or labels: attention maps and the L1/PSNR/FID "
-              "selection only (binding, complexity and the classifier need --dataset shapes)")
+        print(f"--dataset {cfg.dataset}: no object masks or levels: attention maps, the L1/PSNR/FID selection"
+              f"{' and the linear probe of the classes' if probe_set else ''} only (binding, complexity and the "
+              f"classifier need --dataset shapes){'; ' + probe_note if probe_note else ''}")
     n = min(cfg.num_images, len(dataset))
     keep = spread_images(dataset, n, cfg.attention_images)
     nets = {task: task_net(cfg, task, mc.image_size, device) for task in ("classifier", "depth")} if shapes else None
     inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(device) if cfg.inception_weights else None
-    control = untrained_control(model, cfg.seed) if shapes else None
+    control = untrained_control(model, cfg.seed) if probe_set else None  # §A.4's and Tab. 2's control
 
     per_image, binding, kept = measure(model, control, dataset, cfg, nets, inception, keep, device)
     results = {"checkpoint": cfg.official or cfg.ckpt, "dataset": cfg.dataset, "images": n, "tokens": counts,
@@ -877,13 +927,14 @@ def main(argv=None):
     plot_selection(out / "selection.png", rows, tasks)
 
     # 5. Linear probing (§A.4), on a label the tokenizer never trained on (it trains on reconstruction).
-    if shapes:
-        train, train_labels = probe_training_set(model, control, cfg, device)
-        probes = linear_probes(train, train_labels, per_image["probe"], per_image["label"], num_classes(cfg.label), K)
+    if probe_set:
+        train, train_labels = probe_training_set(model, control, probe_set, cfg, device)
+        probes = linear_probes(train, train_labels, per_image["probe"], per_image["label"], probe_set.classes, K)
         probes["claims"] = probe_claims(probes, T, K)
         probes.pop("correct")
-        results["linear_probe"] = {"label": LABELS[cfg.label], "train_images": cfg.probe_images, "test_images": n,
-                                   **probes}
+        results["linear_probe"] = {"label": probe_set.label, "classes": probe_set.classes,
+                                   "train_images": len(probe_set.indices), "test_images": n,
+                                   "test_classes": len(per_image["label"].unique()), **probes}
         plot_probe(out / "probe.png", results["linear_probe"], counts)
 
     # 6. Familiarity (§A.2).
@@ -1178,7 +1229,8 @@ def report_experiments(r: dict) -> list:
                      + difference(t, "+.2f"))
     if "linear_probe" in r:
         p = r["linear_probe"]
-        lines += ["", f"Linear probe of {p['label']} ({p['train_images']} train images, {p['test_images']} test), "
+        lines += ["", f"Linear probe of {p['label']} ({p['classes']} classes; {p['train_images']} train images, "
+                  f"{p['test_images']} test of {p['test_classes']} classes), "
                   f"latents and image tokens pooled; rows: iteration, columns: first tokens pooled:", "",
                   "| iteration | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
         for t, row in p["trained"]["latents and image tokens"].items():

@@ -525,6 +525,12 @@ def check_layout(name: str, split: str, data_dir: str | None) -> None:
             raise _no_images(folder)
 
 
+def class_names(name: str, split: str, data_dir: str | None) -> list[str]:
+    """The class folder of each target of --dataset `name`'s `split`, in target order; [] for the
+    datasets without classes (shapes, folder)."""
+    return [] if name in ("shapes", "folder") else [f.name for f in _image_folders(name, split, data_dir)]
+
+
 def build_dataset(name: str, split: str, image_size: int, data_dir: str | None = None,
                   train: bool | None = None, eval_protocol: str = "crop", num_images: int | None = None,
                   seed: int = 0) -> Dataset:

@@ -7,6 +7,7 @@ output, mean pooled) and Tab. 2 (each latent token's attention map, thresholded 
 DINO does, scored against the true segments). analyze.py runs them on a checkpoint.
 """
 import contextlib
+import itertools
 
 import numpy as np
 import torch
@@ -75,6 +76,17 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int,
 def probe_correct(train_x, train_y, test_x, test_y, classes: int) -> torch.Tensor:
     """(test images,) bool: whether a probe fit on the training features classifies each test image."""
     return fit_linear_probe(train_x, train_y, classes)(test_x) == test_y
+
+
+def class_balanced(targets: list, n: int) -> list:
+    """The indices of n items spread evenly over the classes of `targets`: the first item of every
+    class, then the second, ... (a class short of items leaves its share to the others), in order.
+    §A.4 probes ImageNet-100's classes; the first n files would hold only the first classes."""
+    by_class = {}
+    for i, target in enumerate(targets):
+        by_class.setdefault(target, []).append(i)
+    rounds = itertools.zip_longest(*by_class.values())
+    return sorted([i for row in rounds for i in row if i is not None][:n])
 
 
 # -----------------------------------------------------------------------------

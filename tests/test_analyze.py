@@ -10,7 +10,7 @@ from PIL import Image
 import analyze
 from analyze import adjusted_rand_index, binding_scores, classifier_selection, matched_miou, token_labels, true_label_rank
 from conftest import TinyFeatures
-from data import LEVELS, PALETTE, ShapesDataset
+from data import IMAGENET100_CLASSES, LEVELS, PALETTE, ShapesDataset
 from model import ALIT, make_config
 from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGANConfig
@@ -162,6 +162,47 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     analyze.main(flags)  # the classifier and the depth regressor come from their caches
     printed = capsys.readouterr().out
     assert "classifier of level read from" in printed and "depth regressor read from" in printed
+
+
+def write_class_colours(folder, classes, seed: int):
+    """One small JPEG per class folder, a flat colour of its own (5 x 4 x 5 levels of R, G, B) under
+    noise: a probe that reads the class from train/ finds it in val/, where mislaid labels score chance."""
+    rng = np.random.default_rng(seed)
+    colours = [(r, g, b) for r in (0, 64, 128, 192, 255) for g in (0, 85, 170, 255) for b in (0, 64, 128, 192, 255)]
+    for colour, name in zip(colours, classes):
+        (folder / name).mkdir(parents=True)
+        pixels = np.clip(np.array(colour) + rng.normal(0, 4, (32, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / name / "0.JPEG")
+
+
+def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
+    for seed, split in enumerate(("train", "val")):  # a fake ImageNet-100; the tiny 32x32 model crops its images
+        write_class_colours(tmp_path / "in100" / split, IMAGENET100_CLASSES, seed)
+    ckpt = tmp_path / "ckpt.pt"
+    model = tiny_model(rollout_iters=2)  # 3 prefixes to probe per table
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
+    results = analyze.main(["--ckpt", str(ckpt), "--dataset", "imagenet100", "--data-dir", str(tmp_path / "in100"),
+                            "--num-images", "100", "--probe-images", "100", "--attention-images", "1",
+                            "--out-dir", str(tmp_path / "analyze")])
+    printed = capsys.readouterr().out
+    assert "the linear probe of the classes" in printed and "Linear probe of the image's class (100 classes" in printed
+    probe = json.loads((tmp_path / "analyze" / "analysis.json").read_text())["linear_probe"]
+    assert probe["label"] == "the image's class" and probe["classes"] == 100
+    assert (probe["train_images"], probe["test_images"], probe["test_classes"]) == (100, 100, 100)
+    accuracies = [v for source in ("trained", "untrained") for table in probe[source].values()
+                  for row in table.values() for v in row.values()]
+    assert len(accuracies) == 2 * 2 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
+    assert probe["chance"] == 0.01 and set(probe["claims"]) == {"latents", "latents and image tokens"}
+    # the colours are told apart (an untrained tokenizer's pooled tokens keep them): train and val labels agree
+    assert probe["vqgan grid"] > 0.5 and probe["trained"]["latents and image tokens"]["2"]["16"] > 0.5
+    assert (tmp_path / "analyze" / "probe.png").is_file() and "binding" not in results and "segments" not in results
+    # no classes, or no train split: the line says why there is no probe
+    write_class_colours(tmp_path / "mine" / "val", ["a", "b"], 0)
+    for dataset, why in (("folder", "no classes either, so no linear probe"),
+                         ("imagenet", "no linear probe, it trains on the train split")):
+        probe_set, note = analyze.probe_images(analyze.parse_args(["--dataset", dataset, "--data-dir",
+                                                                   str(tmp_path / "mine")]), 32)
+        assert probe_set is None and note.startswith(why), note
 
 
 def test_bad_arguments(tmp_path):

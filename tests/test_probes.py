@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from probes import (bootstrap_se, encoder_outputs, mean_difference, pooled_blocks, prefix_features, probe_correct,
-                    segment_iou, top_mass_segment)
+from probes import (bootstrap_se, class_balanced, encoder_outputs, mean_difference, pooled_blocks, prefix_features,
+                    probe_correct, segment_iou, top_mass_segment)
 from selection import depth_error, depth_error_below, first_passing
 
 
@@ -22,6 +22,13 @@ def test_probe_scores_one_on_separable_features_and_chance_on_shuffled_labels():
     shuffled = y[torch.randperm(800, generator=torch.Generator().manual_seed(1))]
     accuracy = probe_correct(x[:400], shuffled[:400], x[400:], shuffled[400:], 4).float().mean().item()
     assert abs(accuracy - 0.25) < 0.08  # chance, give or take 3.5 standard errors of 400 images
+
+
+def test_class_balanced_spreads_the_images_over_the_classes():
+    targets = [0] * 5 + [1] * 2 + [2] * 5  # sorted files: the first n would all be class 0
+    assert class_balanced(targets, 6) == [0, 1, 5, 6, 7, 8]  # two of each
+    assert class_balanced(targets, 9) == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # class 1 has two; 0 and 2 take its share
+    assert class_balanced(targets, 100) == list(range(12))
 
 
 def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
