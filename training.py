@@ -975,6 +975,7 @@ def check_shared_folder(folder, ctx: Distributed, flag: str, timeout: float):
         probe.unlink()
     blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(seen_by) if not ok]
     if blind:
+        dist.destroy_process_group()  # gloo's threads, left running at exit, abort the process
         sys.exit(f"error: {flag} {folder}: {', '.join(blind)} cannot see the files rank 0 writes there; every "
                  f"rank must see the same {flag}: on several machines, a folder on a filesystem they all share "
                  "(the same network path on each)")
