@@ -39,7 +39,7 @@ from model import ALIT
 from vqgan import conv_memory_format
 from quantize import count_codes
 from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
-# The criteria live in selection.py (analyze.py uses them too); bench.py and the README import them from here.
+# The criteria live in selection.py (analyze.py and bench.py import them from there too).
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
                        first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
 from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, data_workers, keep_freed_memory,

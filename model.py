@@ -12,7 +12,7 @@ again, so after iteration t the image is described by t*K tokens (32, 64, ...,
 12 dims) and quantized with one shared codebook; a decoder turns them, together
 with masked 2D tokens, back into logits over the VQGAN codebook ("reverse
 distillation"). Between iterations, dynamic halting replaces the image tokens
-the decoder already reconstructs well by a mask token, so later iterations spend
+the decoder already reconstructs well by the halted token, so later iterations spend
 their capacity on what is not yet reconstructed.
 
 The base tokenizer (§2, §A.5: "VQGAN or VAE") is `config.base`. It gives the 2D tokens
@@ -245,7 +245,7 @@ class Iteration:
     indices: torch.Tensor | None  # (B, t*K) latent codebook indices; None without quantization
     quantized: Quantized | None  # the latent quantizer's output (loss, usage) for training
     recon: torch.Tensor | None = None  # (B, 3, H, W) image decoded from the soft code, when asked for
-    halted: torch.Tensor | None = None  # (B, N) bool: image tokens replaced by the mask token after this iteration
+    halted: torch.Tensor | None = None  # (B, N) bool: image tokens replaced by the halted token after this iteration
 
     @property
     def num_tokens(self) -> int:
@@ -420,9 +420,10 @@ class ALIT(nn.Module):
         """Dynamic halting, the Mask operation of §2 (T -> T+1).
 
         p = predicted probability of each 2D token's true VQGAN index (targets (B, N)). A token with
-        p at or above the threshold is replaced, with probability p, by the mask token (plus its
+        p at or above the threshold is replaced, with probability p, by the halted token (plus its
         position), so the next iteration spends its capacity on what is not yet reconstructed. The
-        decision is taken afresh after every iteration from that iteration's prediction. Over a VAE
+        decision is taken afresh after every iteration from that iteration's prediction; a cell halted
+        before and not now keeps the encoder's processed halted token, not its image token. Over a VAE
         (targets: the true token vectors (B, N, C)) a token halts, without a draw, when its predicted
         vector is within halting_code_error mean absolute error of the true one (adaptive_vae.py).
         """

@@ -100,8 +100,8 @@ class VectorQuantizer(nn.Module):
                 z = F.normalize(z, dim=-1)
             codebook = self.codebook()
             flat = z.reshape(-1, self.code_dim)  # (M, d)
-            # argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): one (M, K) matrix from one product.
-            distances = torch.addmm(codebook.square().sum(1), flat, codebook.t(), alpha=-2.0)  # (M, K)
+            # argmin_c ||z - e_c||^2 = argmin_c (||e_c||^2 - 2 z.e_c): one (M, codes) matrix from one product.
+            distances = torch.addmm(codebook.square().sum(1), flat, codebook.t(), alpha=-2.0)  # (M, codes)
             indices = distances.argmin(dim=1)
             del distances
             chosen = F.embedding(indices, codebook).view_as(z)
