@@ -245,8 +245,10 @@ def vqgan_targets(vqgan: VQGAN, images):
 
 
 def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
-    """Σ_t λ_t CE(logits_t, gt) + MSE(softmax-expected code, true code) + quantizer loss (§A.5 and the
-    official code). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
+    """Σ_t [λ_t CE(logits_t, gt) + MSE(softmax-expected code_t, true code) + quantizer loss_t]: the
+    weights λ_t act on the cross-entropy only; the code MSE and the quantizer's codebook and commitment
+    terms are added at every decoded iteration, unweighted (§A.5 names the cross-entropy; the other two
+    terms are the official code's). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
     1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right.
     Over a VAE, gt_indices are the true tokens (B, N, C): Σ_t λ_t MSE(predicted, true tokens) +
     quantizer loss (§A.5, adaptive_vae.py), logging [MSE, mean absolute error, 1]."""
