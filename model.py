@@ -491,7 +491,8 @@ class ALIT(nn.Module):
         return records
 
     def rollout(self, images, halting=False, generator=None):
-        """Every iteration with its reconstruction: records[t] describes the image with (t+1)*K tokens."""
+        """Every iteration with its reconstruction: records[i] (Iteration.index i = t - 1) describes the
+        image with t*K tokens."""
         return self(images, halting=halting, reconstruct=True, generator=generator)
 
     # --- tokens in, tokens out ----------------------------------------------------------------

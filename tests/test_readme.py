@@ -1,0 +1,66 @@
+"""The README's walk through the code ("How it works, in the code") names only what the code has."""
+import ast
+import re
+
+from conftest import ROOT
+
+OWNER = {"self": "ALIT", "config": "ALITConfig"}  # how the walk names an ALIT and its config
+
+
+def how_it_works() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("## How it works, in the code", 1)[1].split("\n## ", 1)[0]
+
+
+def definitions():
+    """Per module: its top-level names; per class (in any module): its methods and attributes, and the
+    names defined anywhere in the project (functions, classes, assignments, self.x attributes, fields)."""
+    modules, classes, anywhere = {}, {}, set()
+    for path in ROOT.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                top.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                top |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                        if isinstance(t, ast.Name)}
+        modules[path.stem] = top
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                members = classes.setdefault(node.name, set())
+                for item in ast.walk(node):
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        members.add(item.name)
+                    elif isinstance(item, ast.Attribute) and isinstance(item.value, ast.Name) and item.value.id == "self":
+                        members.add(item.attr)
+                    elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                        members.add(item.target.id)
+                anywhere |= members | {node.name}
+            elif isinstance(node, ast.FunctionDef):
+                anywhere.add(node.name)
+        anywhere |= top
+    return modules, classes, anywhere
+
+
+def test_every_name_the_walk_cites_exists_where_it_says():
+    modules, classes, anywhere = definitions()
+    cited = re.findall(r"`([^`]+)`", how_it_works())
+    assert len(cited) > 20, cited
+    missing = []
+    for text in cited:
+        name = re.match(r"[A-Za-z_][\w.]*", text)
+        if name is None or " " in name[0].split("(")[0]:
+            continue
+        parts = name[0].split(".")
+        if parts[-1] == "py":  # a file
+            found = (ROOT / name[0]).is_file()
+        elif len(parts) == 1:  # a bare name: defined somewhere in the project
+            found = parts[0] in anywhere
+        elif parts[0] in modules:  # module.name
+            found = parts[1] in modules[parts[0]]
+        else:  # Class.member, self.member, config.field
+            found = parts[1] in classes.get(OWNER.get(parts[0], parts[0]), set())
+        if not found:
+            missing.append(text)
+    assert not missing, f"README's walk cites names the code does not have: {missing}"
