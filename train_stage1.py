@@ -35,7 +35,7 @@ from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRa
                       clear_out_dir, due, finish, flag_error, global_batch_of, grad_checkpointing, keep_freed_memory,
                       launched_ranks, lr_at, paper_scale, parse_flags, planned_device, print_dry_run, progress, resume,
                       run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory,
-                      stop_step, to_stderr, use_bf16, wrap_ddp)
+                      stop_step, to_stderr, use_bf16, with_recipe, wrap_ddp)
 from vqgan import PRESETS as VQGAN_PRESETS
 from vae import VAE
 from vqgan import VQGAN, VQGANConfig, conv_memory_format
@@ -125,8 +125,7 @@ def parse_args(argv=None):
         model_cfg = make_config(train.preset, **model_flags)
     except ValueError as error:  # its own checks (sizes that must divide), naming the flags
         sys.exit(flag_error(error, ALITConfig))
-    recipe = OFFICIAL_RECIPE if paper_scale(model_cfg.image_size) else CPU_RECIPE
-    train = dataclasses.replace(train, **{k: v for k, v in recipe.items() if getattr(train, k) is None})
+    train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
     check_flags([(train.continuous_until <= train.blend_until < 1 or train.blend_until == train.continuous_until == 0,
                   "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])

@@ -37,9 +37,9 @@ from model import ALIT, PRESETS, ALITConfig, make_config
 from training import (EMA, PAPER_DATASETS, LoopConfig, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
                       check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
                       finish, global_batch_of, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
-                      official_heads, paper_scale, parse_flags, planned_device, print_dry_run, progress, resume,
-                      run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory,
-                      stop_step, to_stderr, use_bf16, wrap_ddp)
+                      official_heads, parse_flags, planned_device, print_dry_run, progress, resume, run_plan,
+                      save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory, stop_step,
+                      to_stderr, use_bf16, with_recipe, wrap_ddp)
 from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
@@ -74,8 +74,8 @@ class TrainConfig(LoopConfig):
     steps: Annotated[int, ">= 1"] = 600
     batch_size: Annotated[int, ">= 1"] = 16
     warmup_steps: Annotated[int, ">= 0"] = 20
-    # lr = base_lr * global batch / 256. Default: the official 1e-4 at 256x256 (the paper); below that
-    # (the CPU presets) 8e-3, lr 5e-4 at batch 16.
+    # lr = base_lr * global batch / 256. Default: OFFICIAL_RECIPE's 1e-4 at 256x256 (the paper); below
+    # that (the CPU presets) CPU_RECIPE's 8e-3, lr 5e-4 at batch 16.
     base_lr: Annotated[float | None, "> 0"] = None
     weight_decay: Annotated[float, ">= 0"] = 0.05  # on weight matrices only
     ema_decay: Annotated[float, "in [0, 1)"] = 0.999  # of the weight average evaluation uses (warmed up: training.EMA)
@@ -99,6 +99,11 @@ class TrainConfig(LoopConfig):
     # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
     # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
     lpips_weights: Annotated[str | None, "file"] = None
+
+
+# What the recipe fields above default to, by the model's image size (training.with_recipe).
+OFFICIAL_RECIPE = dict(base_lr=1e-4)
+CPU_RECIPE = dict(base_lr=8e-3)
 
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
@@ -183,25 +188,23 @@ def model_for_plan(model_cfg: ALITConfig) -> ALIT:
     return trainable(ALIT(model_cfg))
 
 
-def plan(train: TrainConfig, model_of, image_size: int, perceptual, device, model_device, log=print) -> RunPlan:
-    """The run plan on `device`: lr = base lr x global batch / 256 (official 1e-4 at 256x256, 8e-3 on the
-    CPU presets), and gradient checkpointing where a step of model_of() (on model_device; made only if
-    the GPU's memory decides) would not fit."""
+def plan(train: TrainConfig, model_of, perceptual, device, model_device, log=print) -> RunPlan:
+    """The run plan on `device`: lr = base lr x global batch / 256, and gradient checkpointing where a
+    step of model_of() (on model_device; made only if the GPU's memory decides) would not fit."""
     bf16 = use_bf16(train.bf16, device)
     checkpointing = grad_checkpointing(
         train.grad_checkpoint, device,
         lambda on: step_memory_of(model_of(), train, perceptual, model_device, bf16, on), log)
-    base_lr = train.base_lr or (1e-4 if paper_scale(image_size) else 8e-3)
-    return run_plan(train, device, base_lr * global_batch_of(train) / 256, bf16, checkpointing)
+    return run_plan(train, device, train.base_lr * global_batch_of(train) / 256, bf16, checkpointing)
 
 
 def main(argv=None):
     train = parse_args(argv)
     if train.dry_run:  # a model only if the memory estimate is made, on the CPU
         model_cfg = config_for_plan(train)
+        train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        print_dry_run(plan(train, model_of, model_cfg.image_size, None, planned_device(train.device),
-                           torch.device("cpu"), to_stderr))
+        print_dry_run(plan(train, model_of, None, planned_device(train.device), torch.device("cpu"), to_stderr))
         return None
     train = check_out_dir(train, "rollout_*.png")
     ctx = setup_distributed(train.device, train.dist_timeout)
@@ -212,6 +215,7 @@ def main(argv=None):
 
     model = trainable(load_start(train))
     cfg = model.config
+    train = with_recipe(train, cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)  # the recipe of the checkpoint's size
     model.to(ctx.device)
     model.base.to(memory_format=conv_memory_format(ctx.device))
     discriminators = torch.nn.ModuleList(
@@ -222,7 +226,7 @@ def main(argv=None):
         perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
     except (KeyError, ValueError, RuntimeError) as error:
         sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
-    run = plan(train, lambda: model, cfg.image_size, perceptual, ctx.device, ctx.device, ctx.log)
+    run = plan(train, lambda: model, perceptual, ctx.device, ctx.device, ctx.log)
     lr, bf16, workers = run.lr, run.precision == "bf16", run.workers_per_rank
     model.set_grad_checkpointing(run.grad_checkpoint)
     # The discriminators' parameters live in their own optimizer only (the official code also

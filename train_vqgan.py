@@ -27,9 +27,9 @@ from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discri
 from quantize import count_codes
 from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
                       check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
-                      finish, flag_error, keep_freed_memory, lr_at, paper_scale, parse_flags, planned_device,
-                      print_dry_run, progress, resume, run_plan, save_training_state, schedule_in_epochs, set_lr,
-                      setup_distributed, stop_step, use_bf16, wrap_ddp)
+                      finish, flag_error, keep_freed_memory, lr_at, parse_flags, planned_device, print_dry_run,
+                      progress, resume, run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed,
+                      stop_step, use_bf16, with_recipe, wrap_ddp)
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
@@ -46,8 +46,9 @@ class TrainConfig(LoopConfig):
     # --dataset imagenet100/imagenet, else tiny (32x32 -> 8x8, 256 codes)
     preset: str | None = None
     steps: Annotated[int, ">= 1"] = 800
-    # AdamW's peak learning rate (betas 0.5, 0.9, as taming). Default: 4e-4 at 256x256; 1e-3 below,
-    # where 800 steps must do (the tiny VQGAN's val L1 after them: 0.047 at 1e-3, 0.056 at 4e-4)
+    # AdamW's peak learning rate (betas 0.5, 0.9, as taming). Default: OFFICIAL_RECIPE's 4e-4 at 256x256;
+    # CPU_RECIPE's 1e-3 below, where 800 steps must do (the tiny VQGAN's val L1 after them: 0.047 at
+    # 1e-3, 0.056 at 4e-4)
     lr: Annotated[float | None, "> 0"] = None
     weight_decay: Annotated[float, ">= 0"] = 0.0  # VQGAN training uses none
     l1_weight: Annotated[float, ">= 0"] = 1.0  # weight of the L1 term of the reconstruction loss
@@ -71,6 +72,11 @@ class TrainConfig(LoopConfig):
     # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
     # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
     lpips_weights: Annotated[str | None, "file"] = None
+
+
+# What the recipe fields above default to, by the image size (training.with_recipe).
+OFFICIAL_RECIPE = dict(lr=4e-4)
+CPU_RECIPE = dict(lr=1e-3)
 
 
 # Set by --dataset imagenet100/imagenet unless given: the official VQGAN's size, a 70x70 PatchGAN, and
@@ -102,8 +108,7 @@ def parse_args(argv=None):
             model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
     except ValueError as error:  # its own checks (sizes that must divide), naming the flags
         sys.exit(flag_error(error, VQGANConfig))
-    if train.lr is None:
-        train = dataclasses.replace(train, lr=4e-4 if paper_scale(model_cfg.image_size) else 1e-3)
+    train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
     check_data(train.dataset, train.data_dir)
     train = schedule_in_epochs(train)
     try:

@@ -731,6 +731,13 @@ def paper_scale(image_size: int) -> bool:
     return image_size >= 256
 
 
+def with_recipe(train, image_size: int, official: dict, cpu: dict):
+    """The recipe fields left unset (None): each script's OFFICIAL_RECIPE at the paper's 256x256, its
+    CPU_RECIPE below (the values a few thousand CPU steps need; README, "choices")."""
+    recipe = official if paper_scale(image_size) else cpu
+    return dataclasses.replace(train, **{k: v for k, v in recipe.items() if getattr(train, k) is None})
+
+
 def official_heads(text: str | None):
     """--heads "8" or "8,8" (encoder, decoder) -> ALIT.from_official's heads: None, 8 or (8, 8)."""
     if text is None:
