@@ -224,10 +224,15 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer_weight, max_weight=1e4):
     return weight.clamp(0.0, max_weight).detach()
 
 
-def adopt_weight(weight, global_step, threshold, value=0.0):
-    """`value` before step `threshold`, then `weight` (taming): the discriminator joins
-    after the reconstruction-only warm-up of §A.5."""
-    return value if global_step < threshold else weight
+def gan_weight_at(step: int, schedule) -> float:
+    """The adversarial term's weight at `step`: 0 before the schedule's first (first_step, weight) pair,
+    then the weight of the last pair reached. The discriminator joins after the reconstruction-only
+    warm-up of §A.5 (taming's adopt_weight is one pair; stage 2 raises the weight in steps)."""
+    weight = 0.0
+    for first_step, value in schedule:
+        if step >= first_step:
+            weight = value
+    return weight
 
 
 def generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight):

@@ -31,7 +31,8 @@ from typing import Annotated, Literal
 import torch
 
 from data import build_dataset, first_images, save_image_columns, train_batches
-from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, generator_gan_loss, load_perceptual,
+from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, gan_weight_at, generator_gan_loss,
+                    load_perceptual,
                     reconstruction_loss)
 from model import ALIT, PRESETS, ALITConfig, make_config
 from training import (EMA, PAPER_DATASETS, LoopConfig, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
@@ -125,14 +126,6 @@ def parse_args(argv=None):
         sys.exit(f"error: {error}")
     return dataclasses.replace(train, vgg16_weights=vgg16 and str(vgg16), lpips_weights=lpips and str(lpips),
                                official=official and str(official))
-
-
-def gan_weight_at(step: int, steps: int, schedule) -> float:
-    weight = 0.0
-    for fraction, value in schedule:
-        if step >= fraction * steps:
-            weight = value
-    return weight
 
 
 def load_start(train: TrainConfig) -> ALIT:
@@ -234,7 +227,7 @@ def main(argv=None):
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     disc_optimizer = adamw(discriminators.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
     ema = EMA(model, train.ema_decay)
-    schedule = parse_gan_schedule(train.gan_schedule)
+    schedule = [(fraction * train.steps, weight) for fraction, weight in parse_gan_schedule(train.gan_schedule)]
 
     stateful = {"model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
@@ -260,7 +253,7 @@ def main(argv=None):
     stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
     logs = torch.zeros(5, device=ctx.device)  # summed since the last log
     while step < stop:
-        disc_weight = gan_weight_at(step, train.steps, schedule)
+        disc_weight = gan_weight_at(step, schedule)
         logs += train_step(model, ddp_model, discriminators, optimizer, disc_optimizer, ema, batches, step, lr,
                            disc_weight, train, perceptual, ctx, bf16)
         step += 1

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from data import build_dataset, first_images, save_image_grid, train_batches
-from losses import (PatchDiscriminator, adopt_weight, average_over_ranks, discriminator_step, generator_gan_loss,
+from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, gan_weight_at, generator_gan_loss,
                     load_perceptual, reconstruction_loss)
 from quantize import count_codes
 from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
@@ -213,7 +213,7 @@ def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer
     lr_scale = lr_at(step, 1.0, train.warmup_steps, train.steps, train.min_lr_ratio)
     set_lr(optimizer, train.lr * lr_scale)
     set_lr(disc_optimizer, train.disc_lr * lr_scale)
-    gan_on = adopt_weight(1.0, step, train.disc_start) > 0
+    gan_on = gan_weight_at(step, [(train.disc_start, 1.0)]) > 0
     reals, fakes, logs = [], [], torch.zeros(4, device=ctx.device)
     for micro in range(train.grad_accum):
         _, (images, _) = next(batches)

@@ -48,10 +48,10 @@ TARGETS = {
     "quantize.py": ["count_codes", "unused_codes", "VectorQuantizer.__init__", "VectorQuantizer.codebook",
                     "VectorQuantizer.lookup", "VectorQuantizer.forward", "VectorQuantizer.restart_dead_codes"],
     "losses.py": ["LPIPS.to_vgg_input", "LPIPS.vgg_features", "LPIPS.forward", "reconstruction_loss", "hinge_d_loss",
-                  "generator_adversarial_loss", "adaptive_gan_weight", "adopt_weight", "generator_gan_loss",
+                  "generator_adversarial_loss", "adaptive_gan_weight", "gan_weight_at", "generator_gan_loss",
                   "average_over_ranks", "discriminator_step"],
     "train_stage1.py": ["stage1_loss", "rollout_length", "code_blend", "iteration_weights"],
-    "train_stage2.py": ["loss_iteration", "gan_weight_at", "parse_gan_schedule"],
+    "train_stage2.py": ["loss_iteration", "parse_gan_schedule"],
     "training.py": ["EMA", "lr_at"],
     "selection.py": ["*"],
 }
@@ -61,7 +61,7 @@ TARGETS = {
 GRADIENT_FUNCTIONS = {
     "model.py": TARGETS["model.py"],
     "quantize.py": ["VectorQuantizer.codebook", "VectorQuantizer.lookup", "VectorQuantizer.forward"],
-    "losses.py": [name for name in TARGETS["losses.py"] if name not in ("adopt_weight", "average_over_ranks")],
+    "losses.py": [name for name in TARGETS["losses.py"] if name not in ("gan_weight_at", "average_over_ranks")],
     "train_stage1.py": ["stage1_loss"],
 }
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import (LPIPS, VGG16_BLOCK_WIDTHS, VGG16_CONV_INDICES, PatchDiscriminator, adaptive_gan_weight,
-                    adopt_weight, generator_adversarial_loss, hinge_d_loss)
+                    gan_weight_at, generator_adversarial_loss, hinge_d_loss)
 from seeded import DATA, read_keys_tsv, seeded_state_dict
 
 # torchvision vgg16-397923af.pth: the conv stack at its real shapes. Its classifier
@@ -176,7 +176,6 @@ def test_adaptive_gan_weight_is_the_gradient_norm_ratio():
     (nll + weight * g_loss).backward()  # the graph survived both calls
 
 
-def test_adopt_weight():
-    assert adopt_weight(0.8, global_step=4, threshold=5) == 0.0
-    assert adopt_weight(0.8, global_step=5, threshold=5) == 0.8
-    assert adopt_weight(0.8, global_step=0, threshold=5, value=0.1) == 0.1
+def test_the_gan_joins_at_its_first_step():  # train_vqgan's --disc-start: taming's adopt_weight
+    assert gan_weight_at(4, [(5, 0.8)]) == 0.0
+    assert gan_weight_at(5, [(5, 0.8)]) == 0.8

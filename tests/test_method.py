@@ -14,7 +14,8 @@ import torch
 import selection
 from model import ALIT, make_config
 from train_stage1 import code_blend, iteration_weights, rollout_length
-from train_stage2 import gan_weight_at, loss_iteration, parse_gan_schedule
+from losses import gan_weight_at
+from train_stage2 import loss_iteration, parse_gan_schedule
 from training import EMA, lr_at
 
 # -----------------------------------------------------------------------------
@@ -283,9 +284,10 @@ def test_loss_iteration_cycles_or_is_drawn_from_seed_plus_step():
 def test_gan_weight_follows_the_schedule():
     schedule = parse_gan_schedule("0.75:0.2, 0.5:0.1")
     assert schedule == [(0.5, 0.1), (0.75, 0.2)]  # sorted by fraction
-    weights = {step: gan_weight_at(step, 100, schedule) for step in (0, 49, 50, 74, 75, 99)}
+    in_steps = [(fraction * 100, weight) for fraction, weight in schedule]  # as train_stage2 runs it, 100 steps
+    weights = {step: gan_weight_at(step, in_steps) for step in (0, 49, 50, 74, 75, 99)}
     assert weights == {0: 0.0, 49: 0.0, 50: 0.1, 74: 0.1, 75: 0.2, 99: 0.2}
-    assert gan_weight_at(0, 100, parse_gan_schedule("0:0.3")) == 0.3
+    assert gan_weight_at(0, [(0.0, 0.3)]) == 0.3
     assert parse_gan_schedule("1:0,0:0") == [(0.0, 0.0), (1.0, 0.0)]  # the bounds are allowed
 
 
