@@ -64,3 +64,24 @@ def test_every_name_the_walk_cites_exists_where_it_says():
         if not found:
             missing.append(text)
     assert not missing, f"README's walk cites names the code does not have: {missing}"
+
+
+def prose_sentences(markdown: str) -> list:
+    """The README's prose, sentence by sentence: code blocks, tables, headings and images left out, and
+    each list item a paragraph of its own."""
+    markdown = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    paragraphs, current = [], []
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("|", "#", "![", "<")) or re.match(r"([-*]|\d+\.) ", stripped):
+            paragraphs.append(" ".join(current))
+            current = [re.sub(r"^([-*]|\d+\.) ", "", stripped)] if re.match(r"([-*]|\d+\.) ", stripped) else []
+        else:
+            current.append(stripped)
+    paragraphs.append(" ".join(current))
+    return [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+(?=[A-Z`*(])", p) if s]
+
+
+def test_no_readme_sentence_runs_past_40_words():
+    long = [(len(s.split()), s[:80]) for s in prose_sentences((ROOT / "README.md").read_text()) if len(s.split()) > 40]
+    assert not long, f"{len(long)} README sentence(s) over 40 words: {long}"
