@@ -461,7 +461,7 @@ class ALIT(nn.Module):
         iters = sorted(set(range(cfg.rollout_iters) if iters is None else iters))
         if not iters or iters[0] < 0 or iters[-1] >= cfg.rollout_iters:
             raise ValueError(f"iters must be within 0..{cfg.rollout_iters - 1}, got {iters}")
-        B, first_latent = len(images), 1 + cfg.num_image_tokens
+        first_latent = 1 + cfg.num_image_tokens
 
         # What is computed once and what every iteration must recompute (§2, T -> T+1): the VQGAN
         # encoding and the 2D image tokens are made once, at T = 0. After that nothing stays the
@@ -469,26 +469,32 @@ class ALIT(nn.Module):
         # latent alike (residual updates, then the re-normalisation), so no keys or values can be
         # cached from one pass to the next; the decoder's input holds all latents, the earlier ones
         # updated, so it runs in full too. Only the decoder's masked 2D tokens are constant.
-        # T = 0: [K_2D ; K_1D] -> encoder_ln_pre.
-        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, tokens_2d),
-                                           self.new_latent_tokens(0, B)], dim=1))  # (B, 1+N+K, D)
+        x = self.first_sequence(images, tokens_2d)  # (B, 1+N+K, D)
         records = []
-        for t in range(iters[-1] + 1):
+        for index in range(iters[-1] + 1):  # index = t - 1
             # Enc: image tokens and all latent tokens so far; earlier latents get residual updates.
             x = self.encoder(x)  # (B, 1+N+t*K, D)
-            if t in iters:
+            if index in iters:
                 latents, q = self.factorize_and_quantize(x[:, first_latent:])
                 logits = self.decode_logits(latents)
-                record = Iteration(t, logits, latents, q.indices if q else None, q)
+                record = Iteration(index, logits, latents, q.indices if q else None, q)
                 if reconstruct:
                     record.recon = self.images_from_logits(logits)
-                if halting and t < iters[-1]:
+                if halting and index < iters[-1]:
                     x, record.halted = self.halt(x, logits, targets, generator)
                 records.append(record)
-            if t < iters[-1]:
-                # T -> T+1: append K new latent tokens and re-normalise the whole sequence.
-                x = self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(t + 1, B)], dim=1))
+            if index < iters[-1]:
+                x = self.next_sequence(x, index + 1)
         return records
+
+    def first_sequence(self, images, tokens_2d):
+        """T = 0: [2D image tokens; the first K latent tokens] -> encoder_ln_pre, (B, 1+N+K, D)."""
+        return self.encoder_ln_pre(torch.cat([self.image_tokens(images, tokens_2d),
+                                              self.new_latent_tokens(0, len(images))], dim=1))
+
+    def next_sequence(self, x, iteration: int):
+        """T -> T+1: append K new latent tokens and re-normalise the whole sequence (§2)."""
+        return self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(iteration, len(x))], dim=1))
 
     def rollout(self, images, halting=False, generator=None):
         """Every iteration with its reconstruction: records[i] (Iteration.index i = t - 1) describes the
@@ -526,13 +532,12 @@ class ALIT(nn.Module):
         active = torch.arange(len(images), device=images.device)  # which original images are still running
         choices = [None] * len(images)
         first_latent = 1 + cfg.num_image_tokens
-        x = self.encoder_ln_pre(torch.cat([self.image_tokens(images, tokens_2d),
-                                           self.new_latent_tokens(0, len(images))], dim=1))
-        for t in range(cfg.rollout_iters):
+        x = self.first_sequence(images, tokens_2d)
+        for index in range(cfg.rollout_iters):  # index = t - 1
             x = self.encoder(x)
             latents, q = self.factorize_and_quantize(x[:, first_latent:])
             logits = self.decode_logits(latents)
-            last = t == cfg.rollout_iters - 1
+            last = index == cfg.rollout_iters - 1
             if token_space:
                 done = criterion(targets[active], logits) | last
                 recon = self.images_from_logits(logits[done]) if done.any() else None
@@ -541,14 +546,14 @@ class ALIT(nn.Module):
                 done = criterion(images[active], recon) | last
                 recon = recon[done]
             for j, i in enumerate(active[done].tolist()):
-                choices[i] = Choice((t + 1) * cfg.tokens_per_iter, q.indices[done][j], recon[j])
+                choices[i] = Choice((index + 1) * cfg.tokens_per_iter, q.indices[done][j], recon[j])
             if last or done.all():
                 break
             keep = ~done
             x, active = x[keep], active[keep]
             if halting:
                 x, _ = self.halt(x, logits[keep], targets[active], generator)
-            x = self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(t + 1, len(x))], dim=1))
+            x = self.next_sequence(x, index + 1)
         return choices
 
     @torch.no_grad()
