@@ -442,8 +442,10 @@ def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict
             ckpt, path = load_checkpoint(previous), previous
         except ValueError as previous_error:
             sys.exit(f"error: --resume: {error}; and {previous_error}")
-    # Fields this code no longer has (grad_checkpoint became a training flag) do not make another model.
-    if {key: ckpt["model_config"].get(key) for key in model_config} != model_config:
+    # Fields this code no longer has (grad_checkpoint became a training flag) do not make another model,
+    # nor do fields it gained since the checkpoint was written (base, vae): their defaults are what ran.
+    saved = ckpt["model_config"]
+    if {key: saved.get(key, value) for key, value in model_config.items()} != model_config:
         sys.exit(f"error: {path} was trained with another model config: {ckpt['model_config']}")
     for key, obj in stateful.items():
         state = ckpt[key]

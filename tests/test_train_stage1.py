@@ -162,3 +162,18 @@ def test_cpu_recipe_keeps_the_latent_codebook_alive(tmp_path, vqgan_ckpt):
 def test_bad_flags_are_named(flags, message):
     with pytest.raises(SystemExit, match=message):
         train_stage1.parse_args(flags)
+
+
+def test_a_checkpoint_written_before_the_vae_base_resumes(tmp_path, vqgan_ckpt):
+    """Runs started before ALITConfig gained base/vae fields continue: a field the checkpoint lacks
+    takes its default, which is what ran; a field it holds with another value still refuses."""
+    stage1(tmp_path, vqgan_ckpt, "old", "--steps", "2", "--batch-size", "2")
+    path = tmp_path / "old" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("base", "vae", "halting_code_error", "official_vae_function"):
+        del ckpt["model_config"][key]
+    torch.save(ckpt, path)
+    stage1(tmp_path, vqgan_ckpt, "old", "--steps", "3", "--batch-size", "2", "--resume")
+    assert torch.load(path, weights_only=True)["step"] == 3
+    with pytest.raises(SystemExit, match="trained with another model config"):
+        stage1(tmp_path, vqgan_ckpt, "old", "--steps", "4", "--batch-size", "2", "--resume", "--latent-dim", "8")
