@@ -123,7 +123,8 @@ def test_vqgan(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     seconds, losses = timed_steps(monkeypatch, train_vqgan, lambda logs: logs[0].item())
     peak_memory_reset()
     model = train_vqgan.main(["--dataset", "imagenet100", "--data-dir", imagenet, *PRESET, "--steps", "30",
-                              "--batch-size", "8", "--disc-start", "15", "--val-images", "16", "--log-every", "5",
+                              "--batch-size", "8", "--grad-accum", "1", "--disc-start", "15", "--val-images", "16",
+                              "--log-every", "5",
                               "--vgg16-weights", weights["vgg16"], "--lpips-weights", weights["lpips"],
                               "--out-dir", str(out)])
     falls(losses[:15], "the VQGAN's reconstruction loss")
@@ -192,8 +193,8 @@ def test_stage2(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     seconds, rec = timed_steps(monkeypatch, train_stage2, lambda logs: logs[0].item())
     peak_memory_reset()
     model = train_stage2.main(["--dataset", "imagenet100", "--data-dir", imagenet, *PRESET, "--stage1-ckpt",
-                               str(RESULTS["stage1"]), "--steps", "32", "--batch-size", "4", "--warmup-steps", "4",
-                               "--base-lr", "8e-3", "--gan-schedule", "0.5:0.1", "--log-every", "4",
+                               str(RESULTS["stage1"]), "--steps", "32", "--batch-size", "4", "--grad-accum", "1",
+                               "--warmup-steps", "4", "--base-lr", "8e-3", "--gan-schedule", "0.5:0.1", "--log-every", "4",
                                "--vgg16-weights", weights["vgg16"], "--lpips-weights", weights["lpips"],
                                "--out-dir", str(out)])
     # the iterations take turns carrying the loss: the last round of 8 against the first
@@ -227,11 +228,11 @@ def test_two_gpus(imagenet, weights, tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for script, flags in [
             ("train_stage1.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--vqgan-ckpt",
-                                 str(RESULTS["vqgan"]), "--batch-size", "8", "--steps", "10",
+                                 str(RESULTS["vqgan"]), "--batch-size", "8", "--grad-accum", "1", "--steps", "10",
                                  "--out-dir", str(out / "stage1")]),
             ("train_stage2.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--stage1-ckpt",
-                                 str(out / "stage1" / "ckpt.pt"), "--batch-size", "4", "--steps", "8",
-                                 "--gan-schedule", "0.5:0.1", "--vgg16-weights", weights["vgg16"], "--lpips-weights",
+                                 str(out / "stage1" / "ckpt.pt"), "--batch-size", "4", "--grad-accum", "1",
+                                 "--steps", "8", "--gan-schedule", "0.5:0.1", "--vgg16-weights", weights["vgg16"], "--lpips-weights",
                                  weights["lpips"], "--out-dir", str(out / "stage2")]),
             ("evaluate.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--ckpt", str(out / "stage2" / "ckpt.pt"),
                              "--compare", str(out / "stage1" / "ckpt.pt"), "--inception-weights", weights["inception"],

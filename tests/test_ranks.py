@@ -164,16 +164,19 @@ def run_vqgan(tmp_path, flags):
 
 
 BF16_GRADIENTS = """
-import torch, training
+import gc, torch, training
 ctx = training.setup_distributed("cpu")
-grads = {}
-for bf16 in (False, True):
+def gradients(bf16):
     torch.manual_seed(ctx.rank)
     model = torch.nn.Linear(64, 8)
     ddp = training.wrap_ddp(model, ctx, bf16_gradients=bf16)
     ddp(torch.randn(4, 64) * (ctx.rank + 1) / 3).square().sum().backward()
-    grads[bf16] = model.weight.grad
-torch.save(grads, f"{RECORDS}/{ctx.rank}.pt")
+    return model.weight.grad
+torch.save({bf16: gradients(bf16) for bf16 in (False, True)}, f"{RECORDS}/{ctx.rank}.pt")
+# gloo's threads free the last all-reduce a moment after it ends, taking the GIL to do so; the
+# interpreter, exiting before, would abort them. With the DDPs gone, the group's end waits for them.
+gc.collect()
+torch.distributed.destroy_process_group()
 """
 
 
