@@ -22,13 +22,14 @@ from typing import Annotated
 
 import torch
 
+import memory
 import train_stage1
 import train_stage2
 from data import build_dataset, write_photo_folder
 from selection import code_error_below, first_passing, l1_below
-from losses import LPIPS, PatchDiscriminator
+from losses import LPIPS, PatchDiscriminator, stage1_loss
 from model import ALIT, ALITConfig, make_config
-from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
+from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights
 from training import adamw, autocast, check_flags, keep_freed_memory, native_bf16, parse_flags
 from vqgan import VQGAN
 
@@ -215,14 +216,13 @@ def paper_memory(cfg: ALITConfig, batches=PAPER_BATCH_PER_GPU) -> dict:
     torch.manual_seed(0)
     model = ALIT(cfg)
     model.vqgan.requires_grad_(False)
-    stage1 = train_stage1.TrainConfig(batch_size=batches[0])
-    result = {"stage1": {"batch": batches[0], **{("checkpointing" if on else "plain"): train_stage1.step_memory_of(
-        model, stage1, device, True, on) for on in (False, True)}}}
+    result = {"stage1": {"batch": batches[0], **{("checkpointing" if on else "plain"): memory.stage1_step_memory(
+        model, batches[0], device, True, on) for on in (False, True)}}}
     model.requires_grad_(True)  # stage 2 trains everything but the codebook and the halting token
     model.vqgan.quantize.requires_grad_(False)
     model.halted_token.requires_grad_(False)
     stage2 = train_stage2.TrainConfig(batch_size=batches[1])
-    result["stage2"] = {"batch": batches[1], **{("checkpointing" if on else "plain"): train_stage2.step_memory_of(
+    result["stage2"] = {"batch": batches[1], **{("checkpointing" if on else "plain"): memory.stage2_step_memory(
         model, stage2, LPIPS(), device, True, on) for on in (False, True)}}
     return result
 

@@ -1,9 +1,12 @@
-"""Perceptual and adversarial losses shared by train_vqgan.py and train_stage2.py.
+"""The losses the method trains with: stage 1's, on the base tokenizer's tokens, and the perceptual and
+adversarial losses train_vqgan.py and train_stage2.py share.
 
-Paper: ALIT, arXiv:2411.02393, §A.5 "Training Details": the full fine-tuning
-stage trains with "pixel-level reconstruction and adversarial losses (gan
-generator and discriminator losses) inspired from VQGAN (Esser et al., 2020)",
-reconstruction only for the first epochs, then both. Those VQGAN losses are
+Paper: ALIT, arXiv:2411.02393, §A.5 "Training Details": stage 1 uses "image token
+reconstruction loss ... cross-entropy loss comparing predicted logits with the
+ground-truth VQGAN-codebook index at each 2D token position" (over a VAE, "mean-square
+reconstruction loss"). The full fine-tuning stage trains with "pixel-level reconstruction and
+adversarial losses (gan generator and discriminator losses) inspired from VQGAN (Esser et al.,
+2020)", reconstruction only for the first epochs, then both. Those VQGAN losses are
 - LPIPS (Zhang et al. 2018), the perceptual part of VQGAN's L_rec;
 - a PatchGAN discriminator (pix2pix, Isola et al. 2017) with the hinge loss;
 - the adaptive GAN weight λ of VQGAN (Esser et al. 2021, Eq. 7).
@@ -13,6 +16,7 @@ Every image in and out of this file is float (N, 3, H, W) in [0, 1]. Each networ
 converts to the range it was trained on inside its forward, in one place.
 """
 import contextlib
+import sys
 
 import torch
 import torch.distributed as dist
@@ -20,6 +24,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weights import perceptual_missing, read_weights, source_name
+
+# -----------------------------------------------------------------------------
+# Stage 1: the base tokenizer's 2D tokens, predicted at every iteration
+
+
+def stage1_loss(model, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
+    """Σ_t [λ_t CE(logits_t, gt) + MSE(softmax-expected code_t, true code) + quantizer loss_t]: the
+    weights λ_t act on the cross-entropy only; the code MSE and the quantizer's codebook and commitment
+    terms are added at every decoded iteration, unweighted (§A.5 names the cross-entropy; the other two
+    terms are the official code's). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
+    1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right.
+    Over a VAE, gt_indices are the true tokens (B, N, C): Σ_t λ_t MSE(predicted, true tokens) +
+    quantizer loss (§A.5, adaptive_vae.py), logging [MSE, mean absolute error, 1]."""
+    if model.config.base == "vae":
+        return stage1_loss_vae(model, records, gt_indices, weights, quantizer_weight)
+    target_codes = model.vqgan.quantize.lookup(gt_indices).float()  # (B, N, C)
+    total = 0.0
+    stats = torch.zeros(model.config.rollout_iters, 3, device=gt_indices.device)
+    for r in records:
+        logits = r.logits.float()
+        ce = F.cross_entropy(logits.flatten(0, 1), gt_indices.flatten(), label_smoothing=label_smoothing)
+        code = F.mse_loss(model.soft_codes(logits), target_codes)
+        total = total + weights[r.index] * ce + code_weight * code
+        if r.quantized is not None:
+            total = total + quantizer_weight * r.quantized.loss
+        accuracy = (logits.argmax(-1) == gt_indices).float().mean()
+        stats[r.index] = torch.stack([ce.detach(), accuracy, torch.ones_like(accuracy)])
+    return total, stats
+
+
+def stage1_loss_vae(model, records, target_tokens, weights, quantizer_weight):
+    total = 0.0
+    stats = torch.zeros(model.config.rollout_iters, 3, device=target_tokens.device)
+    for r in records:
+        error = r.logits.float() - target_tokens.float()  # (B, N, C)
+        mse = error.square().mean()
+        total = total + weights[r.index] * mse
+        if r.quantized is not None:
+            total = total + quantizer_weight * r.quantized.loss
+        stats[r.index] = torch.stack([mse.detach(), error.detach().abs().mean(), torch.ones_like(mse)])
+    return total, stats
+
 
 # -----------------------------------------------------------------------------
 # LPIPS
@@ -143,12 +189,16 @@ class LPIPS(nn.Module):
 
 
 def load_perceptual(vgg16_weights, lpips_weights, device, log):
-    """LPIPS from the given files, or None when none are given: training then runs without it."""
+    """LPIPS from the files --vgg16-weights/--lpips-weights name, or None when none are given: training
+    then runs without it. Files of another kind end the run with one line naming the flags."""
     if not vgg16_weights:
         log(f"no --vgg16-weights/--lpips-weights given: training without the perceptual (LPIPS) loss; "
             f"{perceptual_missing()}")
         return None
-    return LPIPS.from_pretrained(vgg16_weights, lpips_weights).to(device)
+    try:
+        return LPIPS.from_pretrained(vgg16_weights, lpips_weights).to(device)
+    except (KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
 
 
 def reconstruction_loss(recon, images, perceptual, l1_weight, perceptual_weight):

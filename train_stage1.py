@@ -7,7 +7,7 @@ ground-truth VQGAN-codebook index at each 2D token position. We unroll the
 recurrent token allocation procedure for 8 iterations ... All the recurrent
 rollouts are trained end-to-end ... we perform dynamic halting of the image
 tokens in each iteration." Over a VAE (--base vae): "we use mean-square
-reconstruction loss when using VAE as the base-tokenizer".
+reconstruction loss when using VAE as the base-tokenizer". The loss: losses.stage1_loss.
 
     python train_stage1.py                      # tiny preset on `shapes`, from out/vqgan/ckpt.pt
     python train_stage1.py --base vae          # over the tiny VAE, from out/vae/ckpt.pt
@@ -23,32 +23,26 @@ from typing import Annotated
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from data import build_dataset, first_images, save_image_columns, train_batches
-from losses import average_over_ranks
+from data import build_dataset, first_images, train_batches
+from losses import average_over_ranks, stage1_loss
+from memory import stage1_plan
 from model import ALIT, ALITConfig, PRESETS, make_config
-from quantize import count_codes, exact_float32
-from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, RunPlan, StopSignal, adamw,
-                      autocast, check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder,
-                      clear_out_dir, due, finish, flag_error, global_batch_of, grad_checkpointing, keep_freed_memory,
-                      launched_ranks, lr_at, paper_scale, parse_flags, planned_device, print_dry_run, progress, resume,
-                      run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory,
-                      stop_step, to_stderr, use_bf16, with_recipe, wrap_ddp)
-from vqgan import PRESETS as VQGAN_PRESETS
-from vae import VAE
-from vqgan import VQGAN, VQGANConfig, conv_memory_format
-from weights import find_weights, not_found
+from pretrained import VQGAN_CKPT, base_targets, find_base, frozen_base, load_base
+from quantize import count_codes
+from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, StopSignal, adamw, autocast,
+                      check_data, check_finite, check_flags, check_loop_flags, check_out_dir, due,
+                      finish, flag_error, lr_at, parse_flags, planned_device, print_dry_run,
+                      progress, save_rollout, save_training_state, schedule_in_epochs, set_lr, setup_training, start_or_resume,
+                      stop_step, to_stderr, with_recipe, wrap_ddp)
+from vqgan import conv_memory_format
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,
 # shortest codes carry the most information per token, so they are weighted up.
 OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
-# The CPU recipe's mirror image: in a few thousand steps the last iterations, rolled out last and
-# at the lowest learning rates, are the least trained, and the official weights leave the longest
-# codes worse than shorter ones.
+# The CPU recipe's mirror image: in a few thousand steps the last iterations, rolled out last and at the
+# lowest learning rates, are the least trained, and the official weights leave the longest codes worse.
 CPU_ITERATION_WEIGHTS = "1.0,1.0,1.0,1.0,1.25,1.5,2.0,2.5"
-VAE_CKPT = "out/vae/ckpt.pt"  # --vqgan-ckpt's default with --base vae
 
 
 @dataclass
@@ -56,7 +50,7 @@ class TrainConfig(LoopConfig):
     out_dir: Annotated[str, "folder"] = "out/stage1"
     steps: Annotated[int, ">= 1"] = 1500
     batch_size: Annotated[int, ">= 1"] = 16
-    vqgan_ckpt: Annotated[str, "file"] = "out/vqgan/ckpt.pt"  # a train_vqgan.py checkpoint (with --base vae, of --base vae: out/vae/ckpt.pt) ...
+    vqgan_ckpt: Annotated[str, "file"] = VQGAN_CKPT  # a train_vqgan.py checkpoint (with --base vae, of --base vae: out/vae/ckpt.pt) ...
     # ... or the VQGAN of the official code (VQGAN.from_official): a path, or a name looked up in
     # $ALIT_WEIGHTS and the torch hub cache; default for the 256x256 presets: vqgan.ckpt found there
     vqgan_official: Annotated[str | None, "file"] = None
@@ -130,53 +124,7 @@ def parse_args(argv=None):
                   "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
     check_data(train.dataset, train.data_dir)
-    return resolve_vqgan(schedule_in_epochs(train), model_cfg), model_cfg
-
-
-def vqgan_fits(theirs: VQGANConfig, ours: VQGANConfig) -> bool:
-    """Whether a VQGAN's grid and codebook are those the model's config expects."""
-    return (theirs.image_size, theirs.grid_size, theirs.codebook_size, theirs.latent_channels) == (
-        ours.image_size, ours.grid_size, ours.codebook_size, ours.latent_channels)
-
-
-def official_sized(model_cfg: ALITConfig) -> bool:
-    """Whether the preset is built for the official VQGAN (the 256x256 ones)."""
-    return vqgan_fits(model_cfg.vqgan, VQGANConfig(**{**VQGAN_PRESETS["imagenet"], "image_size": model_cfg.image_size}))
-
-
-def resolve_vqgan(train: TrainConfig, model_cfg: ALITConfig) -> TrainConfig:
-    """Which VQGAN the run distils, found by name (load_base_vqgan loads it): --vqgan-official, else a
-    --vqgan-ckpt given, else for the 256x256 presets the official one if it is in the weight folders
-    (weights.find_weights), else out/vqgan/ckpt.pt. A VAE alike, with --vae-official."""
-    if model_cfg.base == "vae":
-        check_flags([(not train.vqgan_official, "--vqgan-official is a VQGAN; with --base vae pass --vae-official")])
-        default = train.vqgan_ckpt == TrainConfig.vqgan_ckpt
-        if default:  # where train_vqgan.py --base vae writes
-            train = dataclasses.replace(train, vqgan_ckpt=VAE_CKPT)
-        try:
-            found = find_weights("vae", "--vae-official", train.vae_official) if train.vae_official or (
-                paper_scale(model_cfg.image_size) and default) else None
-        except FileNotFoundError as error:
-            sys.exit(f"error: {error}")
-        return dataclasses.replace(train, vae_official=found and str(found))
-    check_flags([(not train.vae_official, "--vae-official needs --base vae")])
-    if train.vqgan_official:
-        try:
-            return dataclasses.replace(train, vqgan_official=str(find_weights("vqgan", "--vqgan-official",
-                                                                              train.vqgan_official)))
-        except FileNotFoundError as error:
-            sys.exit(f"error: {error}")
-    found = find_weights("vqgan", "--vqgan-official") if official_sized(model_cfg) else None
-    if found and train.vqgan_ckpt == TrainConfig.vqgan_ckpt:
-        return dataclasses.replace(train, vqgan_official=str(found))
-    return train
-
-
-def vqgan_ways_out(train: TrainConfig, model_cfg: ALITConfig) -> str:
-    if not official_sized(model_cfg):
-        return "train one with python train_vqgan.py (its tiny preset fits) and pass it as --vqgan-ckpt"
-    return (f"{not_found('vqgan', '--vqgan-official')}; or train one with python train_vqgan.py --preset imagenet "
-            f"--dataset {train.dataset} --data-dir {train.data_dir or 'DIR'} and pass it as --vqgan-ckpt")
+    return find_base(schedule_in_epochs(train), model_cfg), model_cfg
 
 
 def iteration_weights(text: str, iters: int) -> list:
@@ -184,154 +132,31 @@ def iteration_weights(text: str, iters: int) -> list:
     return (weights + [1.0] * iters)[:iters]
 
 
-def load_base_vae(train, model_cfg: ALITConfig, log=print) -> VAE:
-    """The frozen VAE base (--base vae); its grid and token size must fit the preset."""
-    flag, path = ("--vae-official", train.vae_official) if train.vae_official else ("--vqgan-ckpt", train.vqgan_ckpt)
-    if not Path(path).is_file():
-        official = f"; or {not_found('vae', '--vae-official')}" if paper_scale(model_cfg.image_size) else ""
-        sys.exit(f"error: {flag} {path} not found; train one with python train_vqgan.py --base vae and pass it "
-                 f"as --vqgan-ckpt{official}")
-    try:
-        vae = VAE.from_official(path, image_size=model_cfg.image_size) if train.vae_official else VAE.from_checkpoint(path)
-    except (KeyError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: {flag}: {error.args[0]}")
-    ours, theirs = model_cfg.vae, vae.config
-    if (theirs.image_size, theirs.grid_size, theirs.latent_channels) != (ours.image_size, ours.grid_size,
-                                                                         ours.latent_channels):
-        sys.exit(f"error: the VAE in {path} ({theirs.image_size}px -> {theirs.grid_size}x{theirs.grid_size} x "
-                 f"{theirs.latent_channels}) does not fit preset {train.preset!r} ({ours.image_size}px -> "
-                 f"{ours.grid_size}x{ours.grid_size} x {ours.latent_channels})")
-    log(f"base VAE: {flag} {path}")
-    return vae
-
-
-def load_base_vqgan(train, model_cfg: ALITConfig, log=print) -> VQGAN:
-    """The frozen base tokenizer; its grid and codebook must fit the preset (a VAE: load_base_vae)."""
-    if model_cfg.base == "vae":
-        return load_base_vae(train, model_cfg, log)
-    if train.vqgan_official:
-        flag, path = "--vqgan-official", train.vqgan_official
-    else:
-        flag, path = "--vqgan-ckpt", train.vqgan_ckpt
-        if not Path(path).is_file():
-            sys.exit(f"error: {flag} {path} not found; {vqgan_ways_out(train, model_cfg)}")
-    try:
-        if train.vqgan_official:
-            vqgan = VQGAN.from_official(path, image_size=model_cfg.image_size)
-        else:
-            vqgan = VQGAN.from_checkpoint(path)
-    except (KeyError, ValueError, RuntimeError) as error:  # not a VQGAN of that kind: one line naming the file
-        sys.exit(f"error: {flag}: {error.args[0]}")
-    ours, theirs = model_cfg.vqgan, vqgan.config
-    if not vqgan_fits(theirs, ours):
-        sys.exit(f"error: the VQGAN in {path} ({theirs.image_size}px -> {theirs.grid_size}x{theirs.grid_size}, "
-                 f"{theirs.codebook_size} codes x {theirs.latent_channels}) does not fit preset "
-                 f"{train.preset!r} ({ours.image_size}px -> {ours.grid_size}x{ours.grid_size}, "
-                 f"{ours.codebook_size} codes x {ours.latent_channels}): {vqgan_ways_out(train, model_cfg)}")
-    log(f"base VQGAN: {flag} {path}")
-    return vqgan
-
-
-def vqgan_targets(vqgan: VQGAN, images):
-    """The frozen VQGAN's encoding of images, which stage 1 distils: latents (B, C, g, g) and the
-    nearest code of every grid cell (B, g*g); a VAE's: its tokens, a fresh posterior sample (the
-    official get_img_tokens), (B, C, g, g) and as targets (B, g*g, C). In float32 whatever the autocast, the nearest code in
-    exact float32 (quantize.exact_float32), so that bf16 and float32 runs distil the same targets.
-    (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs them by default: exact float32
-    would make the encoder, 3% of a step's FLOPs, a fifth of its time on an H100.)"""
-    with torch.no_grad(), exact_float32(images.device.type):
-        return vqgan.encode(images.float())
-
-
-def stage1_loss(model: ALIT, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
-    """Σ_t [λ_t CE(logits_t, gt) + MSE(softmax-expected code_t, true code) + quantizer loss_t]: the
-    weights λ_t act on the cross-entropy only; the code MSE and the quantizer's codebook and commitment
-    terms are added at every decoded iteration, unweighted (§A.5 names the cross-entropy; the other two
-    terms are the official code's). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
-    1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right.
-    Over a VAE, gt_indices are the true tokens (B, N, C): Σ_t λ_t MSE(predicted, true tokens) +
-    quantizer loss (§A.5, adaptive_vae.py), logging [MSE, mean absolute error, 1]."""
-    if model.config.base == "vae":
-        return stage1_loss_vae(model, records, gt_indices, weights, quantizer_weight)
-    target_codes = model.vqgan.quantize.lookup(gt_indices).float()  # (B, N, C)
-    total = 0.0
-    stats = torch.zeros(model.config.rollout_iters, 3, device=gt_indices.device)
-    for r in records:
-        logits = r.logits.float()
-        ce = F.cross_entropy(logits.flatten(0, 1), gt_indices.flatten(), label_smoothing=label_smoothing)
-        code = F.mse_loss(model.soft_codes(logits), target_codes)
-        total = total + weights[r.index] * ce + code_weight * code
-        if r.quantized is not None:
-            total = total + quantizer_weight * r.quantized.loss
-        accuracy = (logits.argmax(-1) == gt_indices).float().mean()
-        stats[r.index] = torch.stack([ce.detach(), accuracy, torch.ones_like(accuracy)])
-    return total, stats
-
-
-def stage1_loss_vae(model: ALIT, records, target_tokens, weights, quantizer_weight):
-    total = 0.0
-    stats = torch.zeros(model.config.rollout_iters, 3, device=target_tokens.device)
-    for r in records:
-        error = r.logits.float() - target_tokens.float()  # (B, N, C)
-        mse = error.square().mean()
-        total = total + weights[r.index] * mse
-        if r.quantized is not None:
-            total = total + quantizer_weight * r.quantized.loss
-        stats[r.index] = torch.stack([mse.detach(), error.detach().abs().mean(), torch.ones_like(mse)])
-    return total, stats
-
-
-def plan(train: TrainConfig, model_of, device, model_device, log=print) -> RunPlan:
-    """The run plan on `device`: lr = base lr x global batch / 256, and gradient checkpointing where a
-    step of model_of() (on model_device; made only if the GPU's memory decides) would not fit."""
-    bf16 = use_bf16(train.bf16, device)
-    checkpointing = grad_checkpointing(train.grad_checkpoint, device,
-                                       lambda on: step_memory_of(model_of(), train, model_device, bf16, on), log)
-    return run_plan(train, device, train.base_lr * global_batch_of(train) / 256, bf16, checkpointing)
-
-
 def main(argv=None):
     train, model_cfg = parse_args(argv)
     train = check_out_dir(train, "rollout_*.png")
     if train.dry_run:  # a model only if the memory estimate is made, on the CPU
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        print_dry_run(plan(train, model_of, planned_device(train.device), torch.device("cpu"), to_stderr))
+        print_dry_run(stage1_plan(train, model_of, planned_device(train.device), torch.device("cpu"), to_stderr))
         return None
-    ctx = setup_distributed(train.device, train.dist_timeout)
-    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
-    if train.keep_freed_memory and ctx.device.type == "cpu":
-        keep_freed_memory()
+    ctx = setup_training(train)
     torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
-    vqgan = load_base_vqgan(train, model_cfg, ctx.log)
-    model_cfg = dataclasses.replace(model_cfg, **{model_cfg.base: vqgan.config})  # the checkpoint's exact base
-    model = ALIT(model_cfg)
-    setattr(model, model_cfg.base, vqgan)
-    frozen_vqgan(model)
-    if not train.halting:
-        model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
-    model.to(ctx.device)
-    model.base.to(memory_format=conv_memory_format(ctx.device))
-    run = plan(train, lambda: model, ctx.device, ctx.device, ctx.log)
-    lr, bf16, workers = run.lr, run.precision == "bf16", run.workers_per_rank
+    model = build_model(train, model_cfg, ctx)
+    model_cfg = model.config  # with the base tokenizer's exact config, from its checkpoint
+    run = stage1_plan(train, lambda: model, ctx.device, ctx.device, ctx.log)
+    lr, bf16 = run.lr, run.precision == "bf16"
     model.set_grad_checkpointing(run.grad_checkpoint)
     optimizer = adamw(model.parameters(), lr, (0.9, 0.95), train.weight_decay, ctx.device)
     ema = EMA(model, train.ema_decay)
     weights = iteration_weights(train.iteration_weights, model_cfg.rollout_iters)
-
     stateful = {"model": model, "ema": ema, "optimizer": optimizer}  # what a checkpoint saves and resume restores
     # Each rank counts the latent codes its own batches use: dead-code restarts go on from every rank's count.
     per_rank = {"latent_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)} \
         if model.quantize is not None else {}
-    step = 0
-    if train.resume:
-        step = resume(Path(train.out_dir) / "ckpt.pt", model_cfg.to_dict(), stateful, ctx, per_rank)["step"]
-    else:
-        clear_out_dir(train, "rollout_*.png", ctx)
-        torch.manual_seed(train.seed + ctx.rank)  # the halting draws differ per rank
+    step = start_or_resume(train, model_cfg.to_dict(), stateful, ctx, "rollout_*.png", per_rank)
     ctx.log(f"ALIT {model_cfg}\n{sum(p.numel() for p in model.alit_parameters()) / 1e6:.2f}M trainable "
             f"parameters\ntraining {train}\n{run}")
-
     if train.compile:
         model.compile_transformers()
     # Frozen params never get gradients; when only a subset of iterations is decoded, halting
@@ -341,7 +166,7 @@ def main(argv=None):
     val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
     val_images = val_images.to(ctx.device)
     batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step * train.grad_accum,
-                            workers, train.max_bad_images, pin_memory=ctx.device.type == "cuda")
+                            run.workers_per_rank, train.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
     bar = progress(train.steps, step, ctx.is_main)
     stats = torch.zeros(model_cfg.rollout_iters, 3, device=ctx.device)  # summed since the last log
@@ -359,17 +184,26 @@ def main(argv=None):
         bar.update(1)
         if stop_signal.requested():
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
-
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
             log_stats(bar, stats, code_counts, first_nonfinite, train, ctx, vae=model_cfg.base == "vae")
         if ctx.is_main and due(step, train.sample_every, stop):  # the VQGAN codes stage 1 predicts
-            grid = model.rollout_images(val_images, soft_codes=False) + [val_images]
-            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png",
-                               [*map(str, model.config.token_counts), "original"],
-                               [f"val {i}" for i in range(len(val_images))])
+            save_rollout(model, val_images, Path(train.out_dir) / f"rollout_{step:06d}.png", soft_codes=False)
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, model_cfg.to_dict(), ctx, per_rank)
     finish(ctx, train, bar, stop_signal, step)
+    return model
+
+
+def build_model(train: TrainConfig, model_cfg: ALITConfig, ctx) -> ALIT:
+    """ALIT around the frozen base tokenizer it distils (§3), on the run's device."""
+    base = load_base(train, model_cfg, ctx.log)
+    model = ALIT(dataclasses.replace(model_cfg, **{model_cfg.base: base.config}))
+    setattr(model, model_cfg.base, base)
+    frozen_base(model)
+    if not train.halting:
+        model.halted_token.requires_grad_(False)  # only halting uses it; DDP wants every trained param used
+    model.to(ctx.device)
+    model.base.to(memory_format=conv_memory_format(ctx.device))
     return model
 
 
@@ -389,7 +223,7 @@ def train_step(model: ALIT, ddp_model, optimizer, ema: EMA, batches, step: int, 
     for micro in range(train.grad_accum):
         _, batch = next(batches)
         images = batch[0].to(ctx.device, non_blocking=True)
-        vqgan_latents, gt_indices = vqgan_targets(model.base, images)
+        vqgan_latents, gt_indices = base_targets(model.base, images)
         last_micro = micro == train.grad_accum - 1
         with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
             with autocast(ctx.device, bf16):
@@ -421,38 +255,9 @@ def loss_iterations(step: int, train: TrainConfig, iters: int) -> list:
     return torch.randperm(rollout, generator=torch.Generator().manual_seed(train.seed + step))[:train.loss_iters].tolist()
 
 
-def frozen_vqgan(model: ALIT) -> ALIT:
-    """Stage 1 trains the latent-distillation modules only: the VQGAN (or VAE) gets no gradient, no
-    optimizer state, and stays outside the EMA."""
-    model.base.requires_grad_(False).eval()
-    return model
-
-
 def model_for_plan(model_cfg: ALITConfig) -> ALIT:
     """--dry-run's model, for the memory estimate only: of the preset, its VQGAN random."""
-    return frozen_vqgan(ALIT(model_cfg))
-
-
-def step_memory_of(model: ALIT, train: TrainConfig, device, bf16: bool, checkpointing: bool) -> int:
-    """Bytes a step holds at --batch-size (training.step_memory): the rollout with halting and the
-    loss at every iteration, on random images, with or without gradient checkpointing, on the
-    launched ranks."""
-    saved = model.quantize.restart_state() if model.quantize is not None else None  # the probes count codes too
-    was = model.encoder.grad_checkpoint
-    model.set_grad_checkpointing(checkpointing)
-    weights = [1.0] * model.config.rollout_iters
-
-    def forward_on(n):
-        images = torch.rand(n, 3, model.config.image_size, model.config.image_size, device=device)
-        latents, gt = vqgan_targets(model.base, images)
-        with autocast(device, bf16):
-            stage1_loss(model, model(images, latents, gt, halting=True), gt, weights, 0.0, 1.0, 1.0)
-
-    need = step_memory(model, forward_on, train.batch_size, device, launched_ranks())
-    model.set_grad_checkpointing(was)
-    if saved is not None:
-        model.quantize.load_restart_state(saved)
-    return need
+    return frozen_base(ALIT(model_cfg))
 
 
 def rollout_length(step: int, train: TrainConfig, iters: int) -> int:
@@ -473,11 +278,7 @@ def log_stats(bar, stats, code_counts, first_nonfinite, train, ctx, vae=False):
     used since the last log, over all ranks, on the progress bar; a non-finite loss ends the run
     before the checkpoint it would have spoiled."""
     average_over_ranks([stats, code_counts])
-    if ctx.enabled:
-        dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
-    if first_nonfinite.item() >= 0:
-        sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
-                 f"saving, so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
+    check_finite(first_nonfinite, train, ctx)
     ce, accuracy, _ = (stats.sum(0) / stats[:, 2].sum().clamp(min=1)).tolist()
     per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
     used = f"{(code_counts > 0).float().mean().item():.2f}" if len(code_counts) else "-"

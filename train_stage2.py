@@ -30,17 +30,16 @@ from typing import Annotated, Literal
 
 import torch
 
-from data import build_dataset, first_images, save_image_columns, train_batches
+from data import build_dataset, first_images, train_batches
 from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, gan_weight_at, generator_gan_loss,
-                    load_perceptual,
-                    reconstruction_loss)
+                    load_perceptual, reconstruction_loss)
+from memory import stage2_plan
 from model import ALIT, PRESETS, ALITConfig, make_config
-from training import (EMA, PAPER_DATASETS, LoopConfig, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
-                      check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
-                      finish, global_batch_of, grad_checkpointing, keep_freed_memory, launched_ranks, lr_at,
-                      official_heads, parse_flags, planned_device, print_dry_run, progress, resume, run_plan,
-                      save_training_state, schedule_in_epochs, set_lr, setup_distributed, step_memory, stop_step,
-                      to_stderr, use_bf16, with_recipe, wrap_ddp)
+from pretrained import load_stage1
+from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, autocast, broadcast_parameters, check_data,
+                      check_flags, check_loop_flags, check_out_dir, due, finish, lr_at, parse_flags, planned_device,
+                      print_dry_run, progress, save_rollout, save_training_state, schedule_in_epochs, set_lr,
+                      setup_training, start_or_resume, stop_step, to_stderr, with_recipe, wrap_ddp)
 from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
@@ -128,36 +127,6 @@ def parse_args(argv=None):
                                official=official and str(official))
 
 
-def load_start(train: TrainConfig) -> ALIT:
-    """The model fine-tuning starts from, with its raw weights (training continues from them, not from
-    the EMA): the stage-1 checkpoint or an official one. With --preset, it must hold a model of that
-    preset; with --dataset imagenet100/imagenet and no --preset, a 256x256 one (the paper's)."""
-    flag, path = ("--official", train.official) if train.official else ("--stage1-ckpt", train.stage1_ckpt)
-    if not Path(path).is_file():
-        sys.exit(f"error: --stage1-ckpt {path} not found; run train_stage1.py first, or pass --official CKPT")
-    try:
-        if train.official:
-            model = ALIT.from_official(path, heads=official_heads(train.heads)).train()
-        else:
-            model = ALIT.from_checkpoint(path, ema=False).train()
-    except (KeyError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: {flag}: {error.args[0]}")
-    cfg = model.config
-    if train.preset is not None:
-        try:  # the VQGAN may be the official one or our own: compare everything else
-            expected = make_config(train.preset, base=cfg.base, vqgan=cfg.vqgan, vae=cfg.vae,
-                                   official_vae_function=cfg.official_vae_function).to_dict()
-        except ValueError:
-            expected = None
-        if expected != cfg.to_dict():
-            sys.exit(f"error: {path} holds a model of another preset than --preset {train.preset!r}: {cfg}")
-    elif train.dataset in PAPER_DATASETS and cfg.image_size != make_config("small").image_size:
-        sys.exit(f"error: {flag} {path} holds a {cfg.image_size}x{cfg.image_size} model, not the paper's "
-                 f"256x256 one that --dataset {train.dataset} trains: pass {flag} of a --dataset {train.dataset} "
-                 "stage-1 run or --official CKPT (or --preset tiny to fine-tune a tiny model on these images)")
-    return model
-
-
 def trainable(model: ALIT) -> ALIT:
     """Everything trains except what no loss reaches here: the VQGAN codebook (the soft code reads it
     detached, as the official code does) and the halted token (halting is off)."""
@@ -172,7 +141,7 @@ def config_for_plan(train: TrainConfig) -> ALITConfig:
     """--dry-run's model: the start checkpoint's where it exists, else of --preset (by default the paper's
     with --dataset imagenet100/imagenet)."""
     if Path(train.official or train.stage1_ckpt).is_file():
-        return load_start(train).config
+        return load_stage1(train).config
     return make_config(train.preset or ("small" if train.dataset in PAPER_DATASETS else "tiny"))
 
 
@@ -181,45 +150,25 @@ def model_for_plan(model_cfg: ALITConfig) -> ALIT:
     return trainable(ALIT(model_cfg))
 
 
-def plan(train: TrainConfig, model_of, perceptual, device, model_device, log=print) -> RunPlan:
-    """The run plan on `device`: lr = base lr x global batch / 256, and gradient checkpointing where a
-    step of model_of() (on model_device; made only if the GPU's memory decides) would not fit."""
-    bf16 = use_bf16(train.bf16, device)
-    checkpointing = grad_checkpointing(
-        train.grad_checkpoint, device,
-        lambda on: step_memory_of(model_of(), train, perceptual, model_device, bf16, on), log)
-    return run_plan(train, device, train.base_lr * global_batch_of(train) / 256, bf16, checkpointing)
-
-
 def main(argv=None):
     train = parse_args(argv)
     if train.dry_run:  # a model only if the memory estimate is made, on the CPU
         model_cfg = config_for_plan(train)
         train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        print_dry_run(plan(train, model_of, None, planned_device(train.device), torch.device("cpu"), to_stderr))
+        print_dry_run(stage2_plan(train, model_of, None, planned_device(train.device), torch.device("cpu"), to_stderr))
         return None
     train = check_out_dir(train, "rollout_*.png")
-    ctx = setup_distributed(train.device, train.dist_timeout)
-    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
-    if train.keep_freed_memory and ctx.device.type == "cpu":
-        keep_freed_memory()
+    ctx = setup_training(train)
     torch.manual_seed(train.seed)
 
-    model = trainable(load_start(train))
+    model = trainable(load_stage1(train)).to(ctx.device)
+    model.base.to(memory_format=conv_memory_format(ctx.device))
     cfg = model.config
     train = with_recipe(train, cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)  # the recipe of the checkpoint's size
-    model.to(ctx.device)
-    model.base.to(memory_format=conv_memory_format(ctx.device))
-    discriminators = torch.nn.ModuleList(
-        PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
-        for _ in range(cfg.rollout_iters if train.disc_per_iteration else 1)).to(ctx.device)
-    broadcast_parameters(discriminators, ctx)  # outside DDP (losses.discriminator_step): rank 0's on every rank
-    try:
-        perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
-    except (KeyError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
-    run = plan(train, lambda: model, perceptual, ctx.device, ctx.device, ctx.log)
+    discriminators = build_discriminators(train, cfg.rollout_iters, ctx)
+    perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
+    run = stage2_plan(train, lambda: model, perceptual, ctx.device, ctx.device, ctx.log)
     lr, bf16, workers = run.lr, run.precision == "bf16", run.workers_per_rank
     model.set_grad_checkpointing(run.grad_checkpoint)
     # The discriminators' parameters live in their own optimizer only (the official code also
@@ -228,17 +177,10 @@ def main(argv=None):
     disc_optimizer = adamw(discriminators.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
     ema = EMA(model, train.ema_decay)
     schedule = [(fraction * train.steps, weight) for fraction, weight in parse_gan_schedule(train.gan_schedule)]
-
     stateful = {"model": model, "ema": ema, "discriminators": discriminators, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
-    step = 0
-    if train.resume:
-        step = resume(Path(train.out_dir) / "ckpt.pt", cfg.to_dict(), stateful, ctx)["step"]
-    else:
-        clear_out_dir(train, "rollout_*.png", ctx)
-        torch.manual_seed(train.seed + ctx.rank)
+    step = start_or_resume(train, cfg.to_dict(), stateful, ctx, "rollout_*.png")
     ctx.log(f"ALIT {cfg}\ntraining {train}\n{run}")
-
     if train.compile:
         model.compile_transformers()
     # At t = 0 the encoder never recurses, so encoder_ln_recursive gets no gradient that step.
@@ -260,18 +202,24 @@ def main(argv=None):
         bar.update(1)
         if stop_signal.requested():
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
-
         if due(step, train.log_every, stop) or due(step, train.save_every, stop):
             log_losses(bar, logs, disc_weight, step, train)
         if ctx.is_main and due(step, train.sample_every, stop):  # the pixels the loss sees
-            grid = model.rollout_images(val_images) + [val_images]
-            save_image_columns(grid, Path(train.out_dir) / f"rollout_{step:06d}.png",
-                               [*map(str, model.config.token_counts), "original"],
-                               [f"val {i}" for i in range(len(val_images))])
+            save_rollout(model, val_images, Path(train.out_dir) / f"rollout_{step:06d}.png")
         if due(step, train.save_every, stop):
             save_training_state(train, step, stateful, cfg.to_dict(), ctx)
     finish(ctx, train, bar, stop_signal, step)
     return model
+
+
+def build_discriminators(train: TrainConfig, iters: int, ctx) -> torch.nn.ModuleList:
+    """The PatchGAN (one per iteration with --disc-per-iteration), the same on every rank: trained
+    outside DDP (losses.discriminator_step), it starts from rank 0's weights."""
+    discriminators = torch.nn.ModuleList(
+        PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
+        for _ in range(iters if train.disc_per_iteration else 1)).to(ctx.device)
+    broadcast_parameters(discriminators, ctx)
+    return discriminators
 
 
 def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer, ema: EMA, batches, step: int,
@@ -313,24 +261,6 @@ def train_step(model: ALIT, ddp_model, discriminators, optimizer, disc_optimizer
         d_loss = discriminator_step(discriminator, disc_optimizer, reals, fakes, autocast(ctx.device, bf16))
     rec, usage, perplexity = logs / train.grad_accum
     return torch.stack([rec, d_loss, usage, perplexity, torch.ones_like(d_loss)])
-
-
-def step_memory_of(model: ALIT, train: TrainConfig, perceptual, device, bf16: bool, checkpointing: bool) -> int:
-    """Bytes a step holds at --batch-size (training.step_memory), at its largest: the loss at the last
-    iteration (the whole encoder rollout), through LPIPS when it is loaded, without the discriminator
-    (a few percent), with or without gradient checkpointing."""
-    was = model.encoder.grad_checkpoint
-    model.set_grad_checkpointing(checkpointing)
-
-    def forward_on(n):
-        images = torch.rand(n, 3, model.config.image_size, model.config.image_size, device=device)
-        with autocast(device, bf16):
-            (record,) = model(images, iters=[model.config.rollout_iters - 1], reconstruct=True)
-            reconstruction_loss(record.recon.float(), images, perceptual, train.l1_weight, train.perceptual_weight)
-
-    need = step_memory(model, forward_on, train.batch_size, device, launched_ranks())
-    model.set_grad_checkpointing(was)
-    return need
 
 
 def loss_iteration(step: int, iters: int, train: TrainConfig) -> int:

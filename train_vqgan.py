@@ -26,10 +26,10 @@ from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, 
                     load_perceptual, reconstruction_loss)
 from quantize import count_codes
 from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
-                      check_data, check_flags, check_loop_flags, check_out_dir, check_shared_folder, clear_out_dir, due,
-                      finish, flag_error, keep_freed_memory, lr_at, parse_flags, planned_device, print_dry_run,
-                      progress, resume, run_plan, save_training_state, schedule_in_epochs, set_lr, setup_distributed,
-                      stop_step, use_bf16, with_recipe, wrap_ddp)
+                      check_data, check_flags, check_loop_flags, check_out_dir, due, finish, flag_error, lr_at,
+                      parse_flags, planned_device, print_dry_run, progress, run_plan, save_training_state,
+                      schedule_in_epochs, set_lr, setup_training, start_or_resume, stop_step, use_bf16, with_recipe,
+                      wrap_ddp)
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
@@ -121,20 +121,12 @@ def parse_args(argv=None):
 def main(argv=None):
     train, model_cfg = parse_args(argv)
     if train.eval_only:
-        try:
-            model = (VAE if train.base == "vae" else VQGAN).from_checkpoint(Path(train.out_dir) / "ckpt.pt")
-        except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"error: --eval-only: {error}")
-        print(format_val_metrics(evaluate_vqgan(model, train)))
-        return model
+        return evaluate_checkpoint(train)
     if train.dry_run:  # no gradient checkpointing here, so no memory estimate
         print_dry_run(plan(train, planned_device(train.device)))
         return None
     train = check_out_dir(train, "recon_*.png")
-    ctx = setup_distributed(train.device, train.dist_timeout)
-    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
-    if train.keep_freed_memory and ctx.device.type == "cpu":
-        keep_freed_memory()
+    ctx = setup_training(train)
     run = plan(train, ctx.device)
     bf16, workers = run.precision == "bf16", run.workers_per_rank
     torch.manual_seed(train.seed)  # the same initial weights on every rank
@@ -143,10 +135,7 @@ def main(argv=None):
     # Outside DDP (losses.discriminator_step averages its gradients by hand): rank 0's start on every rank.
     discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(ctx.device)
     broadcast_parameters(discriminator, ctx)
-    try:
-        perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
-    except (KeyError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: --vgg16-weights/--lpips-weights: {error.args[0]}")
+    perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
     optimizer = adamw(model.parameters(), train.lr, (0.5, 0.9), train.weight_decay, ctx.device)
     disc_optimizer = adamw(discriminator.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
 
@@ -155,12 +144,7 @@ def main(argv=None):
     # Each rank counts the codes its own batches use: dead-code restarts go on from every rank's count.
     per_rank = {"code_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)
                 } if train.base == "vqgan" else {}
-    step = 0
-    if train.resume:
-        step = resume(Path(train.out_dir) / "ckpt.pt", dataclasses.asdict(model_cfg), stateful, ctx, per_rank)["step"]
-    else:
-        clear_out_dir(train, "recon_*.png", ctx)
-        torch.manual_seed(train.seed + ctx.rank)  # the dead-code restarts' draws differ per rank
+    step = start_or_resume(train, dataclasses.asdict(model_cfg), stateful, ctx, "recon_*.png", per_rank)
     ctx.log(f"{train.base.upper()} {model_cfg}\ntraining {train}\n{run}")
 
     ddp_model = wrap_ddp(model, ctx, bf16_gradients=run.all_reduce == "bf16")
@@ -181,12 +165,7 @@ def main(argv=None):
         if stop_signal.requested():
             stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
         if due(step, train.log_every, stop):
-            average_over_ranks([logs])
-            rec, vq, ppl, usage, dl = logs.tolist()
-            if train.base == "vae":  # the KL term, the posterior's mean std and the tokens' std
-                bar.set_postfix(rec=f"{rec:.4f}", kl=f"{vq:.2e}", std=f"{ppl:.3f}", tokens=f"{usage:.2f}", d=f"{dl:.3f}")
-            else:
-                bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
+            log_losses(bar, logs, train.base)
         if ctx.is_main and due(step, train.sample_every, stop):
             save_reconstructions(model, val_images, Path(train.out_dir) / f"recon_{step:06d}.png")
         if due(step, train.save_every, stop):
@@ -195,6 +174,26 @@ def main(argv=None):
     if ctx.is_main and step == train.steps:
         ctx.log(format_val_metrics(evaluate_vqgan(model, train)))
     return model
+
+
+def evaluate_checkpoint(train: TrainConfig):
+    """--eval-only: the metrics of the checkpoint in --out-dir, without training."""
+    try:
+        model = (VAE if train.base == "vae" else VQGAN).from_checkpoint(Path(train.out_dir) / "ckpt.pt")
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: --eval-only: {error}")
+    print(format_val_metrics(evaluate_vqgan(model, train)))
+    return model
+
+
+def log_losses(bar, logs, base: str):
+    """This step's losses, averaged over ranks, on the progress bar."""
+    average_over_ranks([logs])
+    rec, vq, ppl, usage, dl = logs.tolist()
+    if base == "vae":  # the KL term, the posterior's mean std and the tokens' std
+        bar.set_postfix(rec=f"{rec:.4f}", kl=f"{vq:.2e}", std=f"{ppl:.3f}", tokens=f"{usage:.2f}", d=f"{dl:.3f}")
+    else:
+        bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
 
 
 def plan(train: TrainConfig, device) -> RunPlan:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DATASETS, build_dataset, check_layout
+from data import DATASETS, build_dataset, check_layout, save_image_columns
 from weights import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -423,6 +423,17 @@ def save_training_state(train, step: int, stateful: dict, model_config: dict, ct
 
 
 OPTIMIZER_KERNEL_OPTIONS = ("fused", "foreach", "capturable")
+
+
+def start_or_resume(train, model_config: dict, stateful: dict, ctx, images: str, per_rank=None) -> int:
+    """The step a run starts at: with --resume the checkpoint's, with everything in `stateful` and
+    `per_rank` restored (resume); else 0, --out-dir cleared of an old run (--overwrite: its checkpoints
+    and its `images`) and each rank seeded apart, so that its random draws (halting, restarts) differ."""
+    if train.resume:
+        return resume(Path(train.out_dir) / "ckpt.pt", model_config, stateful, ctx, per_rank)["step"]
+    clear_out_dir(train, images, ctx)
+    torch.manual_seed(train.seed + ctx.rank)
+    return 0
 
 
 def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict:
@@ -957,6 +968,17 @@ def check_out_dir(train: LoopConfig, images: str) -> LoopConfig:
     return train
 
 
+def setup_training(train: LoopConfig) -> Distributed:
+    """A training script's ranks, device and process, before anything is built: the ranks meet
+    (setup_distributed), --out-dir must be one folder they all share (check_shared_folder), and on the
+    CPU freed memory stays in the process (keep_freed_memory)."""
+    ctx = setup_distributed(train.device, train.dist_timeout)
+    check_shared_folder(train.out_dir, ctx, "--out-dir", train.dist_timeout)
+    if train.keep_freed_memory and ctx.device.type == "cpu":
+        keep_freed_memory()
+    return ctx
+
+
 def check_shared_folder(folder, ctx: Distributed, flag: str, timeout: float):
     """Every rank must see `folder` as rank 0 writes it: rank 0 alone writes checkpoints, and every rank
     reads them on --resume. Rank 0 writes a file there; a rank that does not see it within 30 s (a
@@ -1047,6 +1069,23 @@ class StopSignal:
     def restore(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def save_rollout(model, images, path, soft_codes: bool = True):
+    """The images ALIT reconstructs from each token count, a column each, beside the originals."""
+    grid = model.rollout_images(images, soft_codes=soft_codes) + [images]
+    save_image_columns(grid, path, [*map(str, model.config.token_counts), "original"],
+                       [f"val {i}" for i in range(len(images))])
+
+
+def check_finite(first_nonfinite: torch.Tensor, train: LoopConfig, ctx: Distributed):
+    """A non-finite loss (the first step that had one, -1 if none, over all ranks) ends the run before
+    the checkpoint it would have spoiled."""
+    if ctx.enabled:
+        dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
+    if first_nonfinite.item() >= 0:
+        sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
+                 f"saving, so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
 
 
 def finish(ctx: Distributed, train: LoopConfig, bar, stop_signal: StopSignal | None = None, step: int = 0):

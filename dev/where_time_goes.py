@@ -94,14 +94,14 @@ def install(script):
     for name, part, opaque in [("train_batches", None, False), ("reconstruction_loss", "loss", False),
                                ("stage1_loss", "loss", False), ("generator_gan_loss", "GAN generator loss", True),
                                ("discriminator_step", "discriminator step", True), ("log_stats", "logging", True),
-                               ("log_losses", "logging", True), ("save_image_columns", "image grids", True),
+                               ("log_losses", "logging", True), ("save_image_columns", "image grids", True), ("save_rollout", "image grids", True),
                                ("save_reconstructions", "image grids", True),
                                ("save_training_state", "checkpoints", True),
-                               ("evaluate_vqgan", "end-of-run evaluation", True), ("load_base_vqgan", "loading", True),
-                               ("load_start", "loading", True), ("load_model", "loading", True),
+                               ("evaluate_vqgan", "end-of-run evaluation", True), ("load_base", "loading", True),
+                               ("load_stage1", "loading", True), ("load_model", "loading", True),
                                ("time_early_exit", "early-exit timing", True), ("plot_sweep", "figures", True),
                                ("save_fig2_grid", "figures", True), ("save_halting_figure", "figures", True),
-                               ("vqgan_targets", "VQGAN targets", True)]:
+                               ("base_targets", "VQGAN targets", True)]:
         if not hasattr(module, name):
             continue
         if name == "train_batches":

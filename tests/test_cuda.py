@@ -14,7 +14,6 @@ convolutions change, and, with two GPUs, the same scripts under torchrun.
 ALIT_TEST_CUDA=cpu runs the same path on the CPU at the tiny preset (nothing it prints means anything
 there: it checks that this file works).
 """
-import dataclasses
 import os
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import torch
 
 import bench
 import evaluate
+import memory
+import pretrained
 import train_stage1
 import train_stage2
 import train_vqgan
@@ -138,7 +139,7 @@ def test_vqgan(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
 
 
 def test_vqgan_layout_and_tf32_targets():
-    """What vqgan.conv_memory_format and train_stage1.vqgan_targets decide, measured on this GPU."""
+    """What vqgan.conv_memory_format and pretrained.base_targets decide, measured on this GPU."""
     vqgan = VQGAN.from_checkpoint(RESULTS["vqgan"]).to(DEVICE)
     images = torch.rand(16, 3, vqgan.config.image_size, vqgan.config.image_size, device=DEVICE)
     seconds = {}
@@ -160,7 +161,7 @@ def test_vqgan_layout_and_tf32_targets():
     with saved_torch_flags():
         for allowed in (True, False):
             torch.backends.cudnn.allow_tf32 = allowed
-            indices[allowed] = train_stage1.vqgan_targets(vqgan.eval(), images)[1]
+            indices[allowed] = pretrained.base_targets(vqgan.eval(), images)[1]
     print(f"stage-1 targets: TF32 convolutions change {100 * (indices[True] != indices[False]).float().mean():.2f}% "
           "of the tokens of exact float32")
 
@@ -175,7 +176,7 @@ def test_stage1(imagenet, tmp_path_factory, monkeypatch, bf16_peak):
     falls(ce, "stage 1's cross-entropy")
     batch_flops = bench.stage1_flops(model.config, 8, bench.vqgan_encoder_flops(model))
     train, _ = train_stage1.parse_args(flags)
-    estimate = train_stage1.step_memory_of(model, dataclasses.replace(train, batch_size=8), DEVICE, True, False)
+    estimate = memory.stage1_step_memory(model, 8, DEVICE, True, False)
     plain = report("train_stage1.py (small, batch 8, halting, bf16)", seconds, batch_flops, bf16_peak, peak_memory(),
                    estimate)
     assert DRY_RUN or 0.5 < peak_memory() / estimate < 1.5, "training.step_memory is off: fix its model"

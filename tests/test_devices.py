@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+import memory
+import pretrained
 import quantize
 import train_stage1
 import train_stage2
@@ -91,7 +93,7 @@ def test_stage1_step_with_halting_after_resume(stage1_ckpt, vqgan_ckpt, monkeypa
     flags = SMALL_ALIT + ["--vqgan-ckpt", str(vqgan_ckpt), "--batch-size", "2", "--grad-accum", "2",
                           "--latent-restart-every", "1", "--loss-iters", "3"]
     train, model_cfg = train_stage1.parse_args(flags)
-    vqgan = train_stage1.load_base_vqgan(train, model_cfg, log=lambda *a: None)
+    vqgan = pretrained.load_base(train, model_cfg, log=lambda *a: None)
     model = ALIT(dataclasses.replace(model_cfg, vqgan=vqgan.config))
     model.vqgan = vqgan
     model.vqgan.requires_grad_(False).eval()
@@ -113,7 +115,7 @@ def test_stage1_step_with_halting_after_resume(stage1_ckpt, vqgan_ckpt, monkeypa
 
 def test_stage2_step_with_the_gan_and_a_perceptual_loss(stage1_ckpt, monkeypatch):
     train = train_stage2.parse_args(["--stage1-ckpt", str(stage1_ckpt), "--iteration-order", "random"])
-    model = train_stage2.load_start(train)
+    model = pretrained.load_stage1(train)
     model.vqgan.quantize.requires_grad_(False)
     model.halted_token.requires_grad_(False)
     model.to(META)
@@ -148,7 +150,7 @@ def test_the_memory_estimate_runs_where_the_model_is():
     model.vqgan.requires_grad_(False)
     train, _ = train_stage1.parse_args(["--batch-size", "4"])
     # meta storages have no address: every saved tensor counts as one, so only the weights are pinned
-    assert train_stage1.step_memory_of(model, train, META, False, False) >= \
+    assert memory.stage1_step_memory(model, train.batch_size, META, False, False) >= \
         sum(p.numel() for p in model.alit_parameters()) * training.TRAINED_PARAMETER_BYTES
 
 
@@ -195,7 +197,7 @@ def test_the_memory_estimate_counts_weights_and_activations_per_image():
     for batch in (1, 3):
         train, _ = train_stage1.parse_args(["--batch-size", str(batch)])
         for on in (False, True):
-            estimate[batch, on] = train_stage1.step_memory_of(model, train, torch.device("cpu"), False, on)
+            estimate[batch, on] = memory.stage1_step_memory(model, train.batch_size, torch.device("cpu"), False, on)
     weights = sum(p.numel() for p in model.alit_parameters()) * training.TRAINED_PARAMETER_BYTES
     for on in (False, True):
         per_image = (estimate[3, on] - estimate[1, on]) / 2
@@ -234,9 +236,9 @@ def test_stage1_targets_are_float32_whatever_the_autocast():
     torch.manual_seed(0)
     vqgan = ALIT(make_config("tiny")).vqgan.eval()
     images = torch.rand(4, 3, 32, 32)
-    latents, indices = train_stage1.vqgan_targets(vqgan, images)
+    latents, indices = pretrained.base_targets(vqgan, images)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop runs under it; the token cache does not
-        under_autocast = train_stage1.vqgan_targets(vqgan, images)
+        under_autocast = pretrained.base_targets(vqgan, images)
     assert latents.dtype == torch.float32 and torch.equal(under_autocast[0], latents)
     assert torch.equal(under_autocast[1], indices)
 
@@ -273,7 +275,7 @@ def test_vae_steps_of_each_stage_and_an_evaluation_batch(vae_ckpt, vae_stage1_ck
     flags = SMALL_ALIT + ["--base", "vae", "--vqgan-ckpt", str(vae_ckpt), "--batch-size", "2",
                           "--halting-code-error", "10"]
     train, model_cfg = train_stage1.parse_args(flags)
-    vae = train_stage1.load_base_vqgan(train, model_cfg, log=lambda *a: None)
+    vae = pretrained.load_base(train, model_cfg, log=lambda *a: None)
     model = ALIT(dataclasses.replace(model_cfg, vae=vae.config))
     model.vae = vae.requires_grad_(False).eval()
     model.to(META)
@@ -286,7 +288,7 @@ def test_vae_steps_of_each_stage_and_an_evaluation_batch(vae_ckpt, vae_stage1_ck
     assert stats.shape == (8, 3) and on_meta([stats, counts, finite, *ema.shadow.values()])
 
     train = train_stage2.parse_args(["--stage1-ckpt", str(vae_stage1_ckpt)])
-    model = train_stage2.load_start(train)
+    model = pretrained.load_stage1(train)
     model.halted_token.requires_grad_(False)
     model.to(META)
     discriminators = torch.nn.ModuleList([PatchDiscriminator(base_channels=8, num_layers=2)]).to(META)

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import memory
+import pretrained
 import train_stage1
 import train_stage2
 import train_vqgan
@@ -53,8 +55,8 @@ def test_the_paper_run_is_200_epochs_at_the_paper_batch_on_any_number_of_gpus(sc
     estimated = []  # the memory estimate at `small` takes a minute on a CPU: stood in for here (test below)
     for module in (train_stage1, train_stage2):
         monkeypatch.setattr(module, "model_for_plan", lambda config: config)
-        monkeypatch.setattr(module, "step_memory_of", lambda model, *args: estimated.append((model.image_size, args[-1]))
-                            or 30e9)
+    for name in ("stage1_step_memory", "stage2_step_memory"):
+        monkeypatch.setattr(memory, name, lambda model, *args: estimated.append((model.image_size, args[-1])) or 30e9)
     plan = dry_run(script, ["--dataset", "imagenet100", "--data-dir", imagenet100, "--device", "cuda",
                             "--stage1-ckpt" if script == "train_stage2" else "--out-dir", tmp_path / "none"], capsys)
     assert (plan["device"], plan["world_size"], plan["nodes"]) == ("cuda", ranks, -(-ranks // per_node))
@@ -89,10 +91,10 @@ def test_the_plan_of_the_cpu_run_and_its_memory_estimate(monkeypatch, capsys):
     launched(monkeypatch, 2, 2)
     plan = dry_run("train_stage1", ["--device", "cuda", "--batch-size", "3", "--no-bf16"], capsys)
     torch.manual_seed(0)
-    model = train_stage1.frozen_vqgan(train_stage1.ALIT(train_stage1.make_config("tiny")))
+    model = pretrained.frozen_base(train_stage1.ALIT(train_stage1.make_config("tiny")))
     train, _ = train_stage1.parse_args(["--batch-size", "3"])
     # within 1%: which cells halt (random weights, random draws) changes a few saved tensors
-    assert plan["memory_gb"] == pytest.approx(train_stage1.step_memory_of(model, train, torch.device("cpu"), False,
+    assert plan["memory_gb"] == pytest.approx(memory.stage1_step_memory(model, train.batch_size, torch.device("cpu"), False,
                                                                          False) / 1e9, rel=0.01)
     assert plan["grad_checkpoint"] is False and plan["precision"] == "float32"
     monkeypatch.setattr(training, "PLANNED_GPU_MEMORY", 2e9 + plan["memory_gb"] * 1e9)  # no room left: on
