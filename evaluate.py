@@ -7,7 +7,7 @@ The paper judges a tokenizer by how well each token count reconstructs the
 image: reconstruction FID (rFID, Table 1, computed by fid.py) and L1 loss
 (Fig. 2) at 32 ... 256 tokens, and the token-selection-criterion plots (Fig. 7)
 that pick a token count per image by thresholding the reconstruction loss. This
-file holds the evaluation run and its report; the criteria are in selection.py.
+file holds the evaluation run (the criteria: selection.py, figures: plots.py, table and csv: report.py).
 
     python evaluate.py                          # out/stage2/ckpt.pt on `shapes`
     python evaluate.py --official alit_small_vqgan_quantized_latents.pth --dataset imagenet100 \
@@ -18,7 +18,6 @@ The base tokenizer (VQGAN or VAE) comes with the checkpoint. Over a VAE the toke
 the code error (the mean squared error of the predicted 2D token vectors, selection.code_error_below),
 in place of the token accuracy, and the base's own row is the VAE's (posterior mean, decoded).
 """
-import csv
 import dataclasses
 import json
 import math
@@ -33,12 +32,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DATASETS, build_dataset, save_image_columns
+from data import DATASETS, build_dataset
 from fid import FeatureStats, InceptionV3, fid_from_stats
 from model import ALIT
 from vqgan import conv_memory_format
 from quantize import count_codes
-from plots import COLOURS, FRACTION_TICKS, Panel, Series, draw_panels
+from plots import plot_sweep, save_fig2_grid, save_halting_figure, spread_rows
+from report import markdown_report, write_sweep_csv
 # The criteria live in selection.py (analyze.py and bench.py import them from there too).
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
                        first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
@@ -252,12 +252,15 @@ def allocation_summary(chosen: torch.Tensor, per_image: dict, model: ALIT) -> di
 
 
 def main(argv=None):
+    # Setup: the flags, the ranks, the seed and the output folder.
     cfg = parse_args(argv)
     ctx = setup_distributed(cfg.device)
     if cfg.keep_freed_memory and ctx.device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
+
+    # Model: the checkpoint, then the criterion defaults of its image size (flags left unset only).
     model = load_model(cfg, ctx.device)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced:
@@ -267,45 +270,72 @@ def main(argv=None):
     mc = model.config
     defaults = DEFAULT_CRITERION_OFFICIAL if paper_scale(mc.image_size) else DEFAULT_CRITERION_CPU
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    K, T = mc.tokens_per_iter, mc.rollout_iters
-    counts = mc.token_counts
+
+    # Data: the images, cut to the model size as --protocol says, and the Inception network for rFID.
     ctx.log(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
     dataset = build_dataset(cfg.dataset, cfg.split, mc.image_size, cfg.data_dir, train=False,
                             eval_protocol="resize" if cfg.protocol == "resize" else "crop", num_images=cfg.num_images)
     workers = data_workers(cfg.num_workers, ctx.device)
-    inception = None
-    if cfg.inception_weights:
-        try:
-            inception = InceptionV3.from_pytorch_fid(cfg.inception_weights).to(ctx.device)
-        except (KeyError, ValueError, RuntimeError) as error:
-            sys.exit(f"error: --inception-weights: {error.args[0]}")
-    else:
+    inception = load_inception(cfg, ctx)
+
+    # Evaluate: one pass over the images; every measurement below is computed from its per-image arrays.
+    per_image, stats, keep = evaluate(model, dataset, cfg, ctx, inception, workers)
+    fid = (lambda name: fid_from_stats(stats["real"], stats[name])) if inception else (lambda name: None)
+    # 1. Every token count (Table 1, Fig. 2), beside --compare's and the base tokenizer's own.
+    rows = per_count_rows(per_image, mc.token_counts, fid)
+    compare = compare_checkpoint(cfg, dataset, ctx, workers, mc)
+    base_row = {"base": mc.base, "tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
+                "mse": per_image["vqgan_mse"].mean().item(), "psnr": psnr(per_image["vqgan_mse"]).mean().item(),
+                "rfid": fid("vqgan")}
+    # 2. Adaptive allocation (Fig. 7): per image, the fewest tokens that pass a criterion.
+    sweeps, pixel_choice, matched_threshold = adaptive_sweeps(per_image, cfg, model, fid)
+    # 3. Early exit: the batched adaptive encode against running every iteration for every image.
+    speed = time_early_exit(model, dataset, cfg, matched_threshold, ctx)
+    # 4. Complexity (§3): does a more complex image get more tokens? (`shapes` records how complex.)
+    complexity = complexity_vs_tokens(per_image, pixel_choice, cfg, model) if cfg.dataset == "shapes" else None
+
+    # Results: the same on every rank; rank 0 alone writes them.
+    results = {"protocol": cfg.protocol, "images": per_image["l1"].shape[1], "dataset": cfg.dataset,
+               "checkpoint": cfg.official or cfg.ckpt, "halting": cfg.halting, "per_token_count": rows,
+               "vqgan": base_row, "codebook": per_image["codebook"], "compare": compare,
+               **sweeps, "early_exit": speed, "complexity": complexity}
+    if ctx.enabled:
+        dist.destroy_process_group()
+    if ctx.is_main:
+        write_outputs(results, model, per_image, keep, cfg, ctx.device, with_fid=inception is not None)
+    return results
+
+
+def load_inception(cfg: EvalConfig, ctx):
+    """pytorch-fid's Inception on the device, or None (logging where its weights are looked for): no rFID."""
+    if not cfg.inception_weights:
         ctx.log("no --inception-weights given: reporting everything but FID; "
                 + not_found("inception", "--inception-weights"))
+        return None
+    try:
+        return InceptionV3.from_pytorch_fid(cfg.inception_weights).to(ctx.device)
+    except (KeyError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: --inception-weights: {error.args[0]}")
 
-    per_image, stats, keep = evaluate(model, dataset, cfg, ctx, inception, workers)
-    n = per_image["l1"].shape[1]
-    fid = (lambda name: fid_from_stats(stats["real"], stats[name])) if inception else (lambda name: None)
 
-    # 1. Every token count (Table 1, Fig. 2).
-    rows = per_count_rows(per_image, counts, fid)
-    compare = None
-    if cfg.compare and not cfg.official and Path(cfg.compare).is_file() and \
-            Path(cfg.compare).resolve() != Path(cfg.ckpt).resolve():
-        other = load_model(EvalConfig(ckpt=cfg.compare, use_ema=cfg.use_ema), ctx.device, flag="--compare")
-        if other.config.rollout_iters == T and other.config.tokens_per_iter == K:
-            other_images = evaluate(other, dataset, cfg, ctx, None, workers)[0]
-            compare = {"checkpoint": cfg.compare, "per_token_count": per_count_rows(other_images, counts),
-                       "codebook": other_images["codebook"]}
-        del other
-    vqgan_row = {"base": mc.base, "tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
-                 "mse": per_image["vqgan_mse"].mean().item(), "psnr": psnr(per_image["vqgan_mse"]).mean().item(),
-                 "rfid": fid("vqgan")}
+def compare_checkpoint(cfg: EvalConfig, dataset, ctx, workers: int, mc) -> dict | None:
+    """--compare's rows per token count and codebook usage, or None: missing, --ckpt itself, or other counts."""
+    if not cfg.compare or cfg.official or not Path(cfg.compare).is_file() or \
+            Path(cfg.compare).resolve() == Path(cfg.ckpt).resolve():
+        return None
+    other = load_model(EvalConfig(ckpt=cfg.compare, use_ema=cfg.use_ema), ctx.device, flag="--compare")
+    if other.config.rollout_iters != mc.rollout_iters or other.config.tokens_per_iter != mc.tokens_per_iter:
+        return None
+    other_images = evaluate(other, dataset, cfg, ctx, None, workers)[0]
+    return {"checkpoint": cfg.compare, "per_token_count": per_count_rows(other_images, mc.token_counts),
+            "codebook": other_images["codebook"]}
 
-    # 2. Adaptive allocation, pixel criterion (Fig. 7): per image, the fewest tokens with L1 < threshold.
-    thresholds = [float(v) for v in cfg.thresholds.split(",")]
+
+def adaptive_sweeps(per_image: dict, cfg: EvalConfig, model: ALIT, fid) -> tuple:
+    """Per --thresholds L1 (rFID too), the same saturated, and the token-space criterion beside the default pixel
+    one: their four entries of metrics.json, the default's choices and the matched token criterion's threshold."""
     sweep, saturated_sweep = [], []
-    for thr in thresholds:
+    for thr in [float(v) for v in cfg.thresholds.split(",")]:
         chosen = first_passing(per_image["l1"] < thr)
         sweep.append({"criterion": f"l1<{thr:g}", "threshold": thr, **allocation_summary(chosen, per_image, model),
                       "rfid": fid(f"l1<{thr:g}")})
@@ -313,11 +343,10 @@ def main(argv=None):
             chosen = first_passing(l1_passes(per_image["l1"], thr, cfg.saturation))
             saturated_sweep.append({"criterion": criterion_name(thr, cfg.saturation), "threshold": thr,
                                     **allocation_summary(chosen, per_image, model)})
-    # The cheaper token-space criterion, side by side: its choices vs the default pixel criterion's,
-    # matched by the token threshold whose mean token count is closest.
+    # The cheaper token-space criterion beside the default pixel one, matched by the closest mean token count.
     pixel_choice = first_passing(l1_passes(per_image["l1"], cfg.default_threshold, cfg.saturation))
     token_sweep = []
-    if mc.base == "vae":  # the code error, thresholds in multiples of the longest code's mean
+    if model.config.base == "vae":  # the code error, thresholds in multiples of the longest code's mean
         longest = per_image["code_mse"][-1].mean().item()
         token_criteria = [(f"code_mse<{m * longest:.3g}", m * longest, per_image["code_mse"] < m * longest)
                           for m in (float(v) for v in cfg.code_thresholds.split(","))]
@@ -326,56 +355,46 @@ def main(argv=None):
                           for thr in (float(v) for v in cfg.token_thresholds.split(","))]
     for name, thr, passes in token_criteria:
         chosen = first_passing(passes)
-        token_sweep.append({"criterion": name, "threshold": thr,
-                            **allocation_summary(chosen, per_image, model),
+        token_sweep.append({"criterion": name, "threshold": thr, **allocation_summary(chosen, per_image, model),
                             "same_count_as_pixel_default": (chosen == pixel_choice).float().mean().item()})
     pixel_default = allocation_summary(pixel_choice, per_image, model)
     matched = min(token_sweep, key=lambda r: abs(r["mean_tokens"] - pixel_default["mean_tokens"]))
+    versus = {"pixel": criterion_name(cfg.default_threshold, cfg.saturation), **pixel_default,
+              "token": matched["criterion"], "token_mean_tokens": matched["mean_tokens"],
+              "same_count": matched["same_count_as_pixel_default"]}
+    return ({"adaptive_l1": sweep, "adaptive_l1_saturated": saturated_sweep, "adaptive_token_accuracy": token_sweep,
+             "pixel_vs_token_criterion": versus}, pixel_choice, matched["threshold"])
 
-    # 3. Early exit: the batched adaptive encode against running every iteration for every image.
-    speed = time_early_exit(model, dataset, cfg, matched["threshold"], ctx)
 
-    # 4. Complexity (§3): does a more complex image get more tokens?
-    complexity = None
-    if cfg.dataset == "shapes":
-        level = per_image["target"]
-        varies = len(level.unique()) > 1 and len(pixel_choice.unique()) > 1  # else Spearman is undefined
-        complexity = {
-            "spearman_complexity_vs_tokens":
-                float(scipy.stats.spearmanr(level.numpy(), pixel_choice.numpy())[0]) if varies else None,
-            "criterion": criterion_name(cfg.default_threshold, cfg.saturation),
-            "lengths_chosen_for_5pct": int(sum(v >= 0.05 * n for v in pixel_default["histogram"].values())),
-            "mean_tokens_per_level": {int(c): ((pixel_choice[level == c] + 1) * K).float().mean().item()
-                                      for c in level.unique()},
+def complexity_vs_tokens(per_image: dict, chosen: torch.Tensor, cfg: EvalConfig, model: ALIT) -> dict:
+    """Per complexity level, the mean token count the default criterion chose (`chosen`) and the L1 at
+    every count, and how the level and the count rank together (Spearman)."""
+    K, T, counts = model.config.tokens_per_iter, model.config.rollout_iters, model.config.token_counts
+    level = per_image["target"]
+    levels = level.unique()
+    varies = len(levels) > 1 and len(chosen.unique()) > 1  # else Spearman is undefined
+    rho = float(scipy.stats.spearmanr(level.numpy(), chosen.numpy())[0]) if varies else None
+    histogram = allocation_summary(chosen, per_image, model)["histogram"]
+    return {"spearman_complexity_vs_tokens": rho, "criterion": criterion_name(cfg.default_threshold, cfg.saturation),
+            "lengths_chosen_for_5pct": int(sum(v >= 0.05 * len(chosen) for v in histogram.values())),
+            "mean_tokens_per_level": {int(c): ((chosen[level == c] + 1) * K).float().mean().item() for c in levels},
             "l1_per_level_per_tokens": {int(c): {counts[t]: per_image["l1"][t][level == c].mean().item()
-                                                 for t in range(T)} for c in level.unique()},
-        }
+                                                 for t in range(T)} for c in levels}}
 
-    results = {"protocol": cfg.protocol, "images": n, "dataset": cfg.dataset, "checkpoint": cfg.official or cfg.ckpt,
-               "halting": cfg.halting, "per_token_count": rows, "vqgan": vqgan_row,
-               "codebook": per_image["codebook"], "compare": compare,
-               "adaptive_l1": sweep, "adaptive_l1_saturated": saturated_sweep, "adaptive_token_accuracy": token_sweep,
-               "pixel_vs_token_criterion": {"pixel": criterion_name(cfg.default_threshold, cfg.saturation),
-                                            **pixel_default,
-                                            "token": matched["criterion"],
-                                            "token_mean_tokens": matched["mean_tokens"],
-                                            "same_count": matched["same_count_as_pixel_default"]},
-               "early_exit": speed, "complexity": complexity}
-    if ctx.enabled:
-        dist.destroy_process_group()
-    if not ctx.is_main:  # every rank holds the results; rank 0 alone writes them
-        return results
+
+def write_outputs(results: dict, model: ALIT, per_image: dict, keep, cfg: EvalConfig, device, with_fid: bool):
+    """Rank 0's part: OUTPUTS into --out-dir, and the markdown report printed."""
+    out, T = Path(cfg.out_dir), model.config.rollout_iters
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + token_sweep)
-    fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(rows)]
-    plot_sweep(out / "adaptive_sweep.png", sweep, saturated_sweep, fixed, inception is not None)
+    sweep, saturated_sweep = results["adaptive_l1"], results["adaptive_l1_saturated"]
+    write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + results["adaptive_token_accuracy"])
+    fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(results["per_token_count"])]
+    plot_sweep(out / "adaptive_sweep.png", sweep, saturated_sweep, fixed, with_fid)
     order, labels = spread_rows(keep, per_image, cfg.grid_images, cfg.dataset == "shapes")
-    save_fig2_grid(keep, per_image, out / "reconstructions.png", order, labels, counts)
-    save_halting_figure(model, keep[0][order].to(ctx.device), labels, out / "halting.png", cfg.seed)
+    save_fig2_grid(keep, per_image, out / "reconstructions.png", order, labels, model.config.token_counts)
+    save_halting_figure(model, keep[0][order].to(device), labels, out / "halting.png", cfg.seed)
     print(markdown_report(results))
-    print(f"wrote {out / 'metrics.json'}, {out / 'adaptive_sweep.csv'}, {out / 'adaptive_sweep.png'}, "
-          f"{out / 'reconstructions.png'}, {out / 'halting.png'}")
-    return results
+    print("wrote " + ", ".join(str(out / name) for name in OUTPUTS))
 
 
 def criterion_name(threshold: float, saturation: float) -> str:
@@ -424,127 +443,6 @@ def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: floa
             "same_counts_as_exhaustive": (tokens[1] == tokens[0]).float().mean().item(),
             "mean_tokens_pixel": tokens[1].float().mean().item(),
             "mean_tokens_token": tokens[2].float().mean().item()}
-
-
-def write_sweep_csv(path, rows):
-    fields = ["criterion", "threshold", "mean_tokens", "dataset_representation", "l1", "psnr", "rfid"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot_sweep(path, sweep, saturated_sweep, fixed, with_fid: bool):
-    """Fig. 7: dataset representation (fraction of the maximum tokens, x) against L1 (and rFID) of
-    the adaptive allocation at each threshold (with and without saturation), beside every image at
-    the same count (fixed)."""
-    panels = []
-    for key, label in [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else []):
-        series = [Series("every image at one count", [(r["dataset_representation"], r[key]) for r in fixed], COLOURS[0]),
-                  Series("adaptive, L1 < threshold (label)", [(r["dataset_representation"], r[key]) for r in sweep],
-                         COLOURS[3], labels=[f"{r['threshold']:g}" for r in sweep])]
-        if saturated_sweep and key == "l1":
-            series.append(Series("adaptive, below threshold or saturated",
-                                 [(r["dataset_representation"], r[key]) for r in saturated_sweep], COLOURS[2],
-                                 labels=[f"{r['threshold']:g}" for r in saturated_sweep]))
-        panels.append(Panel(f"{label} against dataset representation (Fig. 7)", "fraction of the maximum tokens",
-                            label, series, xticks=FRACTION_TICKS))
-    draw_panels(path, panels)
-
-
-def spread_rows(keep, per_image, rows: int, by_complexity: bool):
-    """Indices into the first batch of `rows` images from simple to complex (by recorded complexity on
-    `shapes`, else by the L1 at the fewest tokens), spread evenly over the range, and their row labels."""
-    images, _, targets = keep
-    difficulty = targets.float() if by_complexity else per_image["l1"][0, :len(images)]
-    order = difficulty.argsort(stable=True)
-    order = order[torch.linspace(0, len(order) - 1, min(rows, len(order))).round().long()]
-    labels = [f"level {int(targets[i])}" if by_complexity else f"image {int(i)}" for i in order]
-    return order, labels
-
-
-def save_fig2_grid(keep, per_image, path, order, labels, counts: list):
-    """Fig. 2: rows are the images `order` picks (spread_rows: simple to complex), columns are the token
-    counts, then the original; each reconstruction's L1 under it."""
-    images, recon, _ = keep
-    l1 = per_image["l1"][:, order]  # (T, rows)
-    captions = [text for i in range(len(order)) for text in [f"{v:.3f}" for v in l1[:, i].tolist()] + [""]]
-    save_image_columns([recon[t, order] for t in range(recon.shape[0])] + [images[order]], path,
-                       [str(c) for c in counts] + ["original"], labels, captions)
-
-
-@torch.no_grad()
-def save_halting_figure(model: ALIT, images, row_labels, path, seed: int):
-    """Dynamic halting at work (§2, T -> T+1): per iteration (columns) the reconstruction from its
-    tokens, with the 2D tokens halted after it tinted red (the next iteration sees the mask token
-    there, as in training: the same random draws, seeded), its L1 and how many tokens halted."""
-    cfg = model.config
-    records = model.rollout(images, halting=True, generator=torch.Generator(images.device).manual_seed(seed))
-    red = torch.tensor([1.0, 0.0, 0.0], device=images.device).view(1, 3, 1, 1)
-    columns, captions = [], [[] for _ in images]
-    for r in records:
-        recon = r.recon.float().clamp(0, 1)
-        l1 = (recon - images).abs().mean(dim=(1, 2, 3))
-        halted = torch.zeros(len(images), cfg.num_image_tokens, device=images.device) if r.halted is None \
-            else r.halted.float()
-        mask = halted.view(-1, 1, cfg.grid_size, cfg.grid_size).repeat_interleave(cfg.patch_size, 2) \
-            .repeat_interleave(cfg.patch_size, 3)
-        columns.append(recon * (1 - 0.45 * mask) + 0.45 * mask * red)
-        for i in range(len(images)):
-            captions[i].append(f"L1: {l1[i]:.3f}" + (f"\n{int(halted[i].sum())} halt" if r.halted is not None else ""))
-    save_image_columns(columns + [images], path, [str(r.num_tokens) for r in records] + ["original"], row_labels,
-                       [text for row in captions for text in row + [""]])
-
-
-def markdown_report(r: dict) -> str:
-    def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    lines = [f"## {r['dataset']} {r['images']} images, protocol {r['protocol']}, {r['checkpoint']}", "",
-             f"| tokens | L1 | PSNR | {'code MSE' if r['vqgan']['base'] == 'vae' else 'token acc.'} | rFID |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
-    for row in r["per_token_count"]:
-        space = f"{row['code_mse']:.4f}" if "code_mse" in row else f"{row['token_accuracy']:.3f}"
-        lines.append(f"| {row['tokens']} | {row['l1']:.4f} | {row['psnr']:.2f} | {space} | {num(row['rfid'], '.2f')} |")
-    v = r["vqgan"]
-    lines.append(f"| {v['base'].upper()} ({v['tokens']} 2D) | {v['l1']:.4f} | {v['psnr']:.2f} | - | "
-                 f"{num(v['rfid'], '.2f')} |")
-    if r["compare"]:
-        rows = {"this": r["per_token_count"], "compare": r["compare"]["per_token_count"]}
-        lines += ["", f"L1 per token count, {r['checkpoint']} against {r['compare']['checkpoint']}:", "",
-                  "| checkpoint | " + " | ".join(str(row["tokens"]) for row in rows["this"]) + " |",
-                  "| --- |" + " ---: |" * len(rows["this"])]
-        for name, path in (("this", r["checkpoint"]), ("compare", r["compare"]["checkpoint"])):
-            lines.append(f"| {path} | " + " | ".join(f"{row['l1']:.4f}" for row in rows[name]) + " |")
-    for name, usage in (("", r["codebook"]), (" (compare)", (r["compare"] or {}).get("codebook"))):
-        if usage:
-            lines.append(f"\nlatent codebook{name} at the longest code: {usage['codes_used']}/{usage['codebook_size']} "
-                         f"codes used ({100 * usage['fraction_used']:.0f}%), perplexity {usage['perplexity']:.1f}")
-    lines += ["", "| adaptive criterion | mean tokens | dataset repr. | L1 | PSNR | rFID |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in r["adaptive_l1"] + r["adaptive_l1_saturated"] + r["adaptive_token_accuracy"]:
-        lines.append(f"| {row['criterion']} | {row['mean_tokens']:.1f} | {row['dataset_representation']:.3f} | "
-                     f"{row['l1']:.4f} | {row['psnr']:.2f} | {num(row.get('rfid'), '.2f')} |")
-    c, s = r["pixel_vs_token_criterion"], r["early_exit"]
-    lines += ["", f"{c['pixel']} (mean {c['mean_tokens']:.1f} tokens) vs {c['token']} (mean "
-              f"{c['token_mean_tokens']:.1f}): same token count for {100 * c['same_count']:.0f}% of images",
-              f"early exit on {s['images']} images: pixel criterion {s['speedup_pixel']:.2f}x, token criterion "
-              f"{s['speedup_token']:.2f}x faster than running every iteration; same counts as the exhaustive "
-              f"search for {100 * s['same_counts_as_exhaustive']:.0f}% of images"]
-    if r["complexity"]:
-        cx = r["complexity"]
-        counts = list(next(iter(cx["l1_per_level_per_tokens"].values())))
-        lines += ["", "| complexity level | " + " | ".join(f"L1 @ {c}" for c in counts) + " |",
-                  "| ---: |" + " ---: |" * len(counts)]
-        for level, row in cx["l1_per_level_per_tokens"].items():
-            lines.append(f"| {level} | " + " | ".join(f"{row[c]:.4f}" for c in counts) + " |")
-        lines.append("")
-        rho = cx["spearman_complexity_vs_tokens"]
-        lines.append(f"complexity vs chosen tokens ({cx['criterion']}): Spearman "
-                     f"{'undefined (one count for all)' if rho is None else format(rho, '.3f')}; mean tokens per level "
-                     + ", ".join(f"{k}: {v:.1f}" for k, v in cx["mean_tokens_per_level"].items())
-                     + f"; {cx['lengths_chosen_for_5pct']} lengths chosen for >= 5% of images")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

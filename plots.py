@@ -1,6 +1,7 @@
 """Charts drawn with PIL, so the figures need no plotting library: line charts (Fig. 4/5, 7/8)
 and grouped bar charts (histograms), one or more panels to a PNG, each with a title,
-labelled axes and a legend under the axes, where it cannot cover a curve.
+labelled axes and a legend under the axes, where it cannot cover a curve. Then evaluate.py's
+figures: the adaptive sweep (Fig. 7), reconstructions per token count (Fig. 2) and halting.
 
     draw_panels("sweep.png", [Panel("L1 against tokens", "tokens", "L1",
                                     [Series("level 0", [(8, 0.09), (16, 0.08)], COLOURS[0])])])
@@ -8,7 +9,10 @@ labelled axes and a legend under the axes, where it cannot cover a curve.
 import math
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from data import save_image_columns
 
 # matplotlib's tab10, which stays apart for colour-blind readers
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -155,3 +159,69 @@ def _vertical_text(canvas, centre, text, font):
     ImageDraw.Draw(label).text((1, 1), text, fill="black", font=font)
     label = label.rotate(90, expand=True)
     canvas.paste(label, (int(centre[0] - label.width / 2), int(centre[1] - label.height / 2)))
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py's figures
+
+def plot_sweep(path, sweep, saturated_sweep, fixed, with_fid: bool):
+    """Fig. 7: dataset representation (fraction of the maximum tokens, x) against L1 (and rFID) of
+    the adaptive allocation at each threshold (with and without saturation), beside every image at
+    the same count (fixed)."""
+    panels = []
+    for key, label in [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else []):
+        series = [Series("every image at one count", [(r["dataset_representation"], r[key]) for r in fixed], COLOURS[0]),
+                  Series("adaptive, L1 < threshold (label)", [(r["dataset_representation"], r[key]) for r in sweep],
+                         COLOURS[3], labels=[f"{r['threshold']:g}" for r in sweep])]
+        if saturated_sweep and key == "l1":
+            series.append(Series("adaptive, below threshold or saturated",
+                                 [(r["dataset_representation"], r[key]) for r in saturated_sweep], COLOURS[2],
+                                 labels=[f"{r['threshold']:g}" for r in saturated_sweep]))
+        panels.append(Panel(f"{label} against dataset representation (Fig. 7)", "fraction of the maximum tokens",
+                            label, series, xticks=FRACTION_TICKS))
+    draw_panels(path, panels)
+
+
+def spread_rows(keep, per_image, rows: int, by_complexity: bool):
+    """Indices into the first batch of `rows` images from simple to complex (by recorded complexity on
+    `shapes`, else by the L1 at the fewest tokens), spread evenly over the range, and their row labels."""
+    images, _, targets = keep
+    difficulty = targets.float() if by_complexity else per_image["l1"][0, :len(images)]
+    order = difficulty.argsort(stable=True)
+    order = order[torch.linspace(0, len(order) - 1, min(rows, len(order))).round().long()]
+    labels = [f"level {int(targets[i])}" if by_complexity else f"image {int(i)}" for i in order]
+    return order, labels
+
+
+def save_fig2_grid(keep, per_image, path, order, labels, counts: list):
+    """Fig. 2: rows are the images `order` picks (spread_rows: simple to complex), columns are the token
+    counts, then the original; each reconstruction's L1 under it."""
+    images, recon, _ = keep
+    l1 = per_image["l1"][:, order]  # (T, rows)
+    captions = [text for i in range(len(order)) for text in [f"{v:.3f}" for v in l1[:, i].tolist()] + [""]]
+    save_image_columns([recon[t, order] for t in range(recon.shape[0])] + [images[order]], path,
+                       [str(c) for c in counts] + ["original"], labels, captions)
+
+
+@torch.no_grad()
+def save_halting_figure(model, images, row_labels, path, seed: int):
+    """Dynamic halting at work in `model`, an ALIT (§2, T -> T+1): per iteration (columns) the
+    reconstruction from its tokens, with the 2D tokens halted after it tinted red (the next iteration
+    sees the mask token there, as in training: the same random draws, seeded), its L1 and how many
+    tokens halted."""
+    cfg = model.config
+    records = model.rollout(images, halting=True, generator=torch.Generator(images.device).manual_seed(seed))
+    red = torch.tensor([1.0, 0.0, 0.0], device=images.device).view(1, 3, 1, 1)
+    columns, captions = [], [[] for _ in images]
+    for r in records:
+        recon = r.recon.float().clamp(0, 1)
+        l1 = (recon - images).abs().mean(dim=(1, 2, 3))
+        halted = torch.zeros(len(images), cfg.num_image_tokens, device=images.device) if r.halted is None \
+            else r.halted.float()
+        mask = halted.view(-1, 1, cfg.grid_size, cfg.grid_size).repeat_interleave(cfg.patch_size, 2) \
+            .repeat_interleave(cfg.patch_size, 3)
+        columns.append(recon * (1 - 0.45 * mask) + 0.45 * mask * red)
+        for i in range(len(images)):
+            captions[i].append(f"L1: {l1[i]:.3f}" + (f"\n{int(halted[i].sum())} halt" if r.halted is not None else ""))
+    save_image_columns(columns + [images], path, [str(r.num_tokens) for r in records] + ["original"], row_labels,
+                       [text for row in captions for text in row + [""]])
