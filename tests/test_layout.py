@@ -1,4 +1,5 @@
 """The project's shape: the modules a reader of the method meets stand alone."""
+import ast
 import subprocess
 import sys
 
@@ -20,3 +21,18 @@ def test_ci_runs_the_readme_test_command_in_a_new_virtual_environment():
     assert command.startswith("python -m venv .venv && . .venv/bin/activate && pip install ")
     assert command.endswith("python -m pytest -q tests")
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+# A training script reads like nanoGPT's train.py: main() setup -> data -> model -> optimizer -> loop -> save on
+# one screen, the machinery (finding weights, memory probes, flags) in the modules it imports.
+LONGEST_MAIN = 60
+LONGEST_FILE = {"train_stage1.py": 300, "train_stage2.py": 300, "train_vqgan.py": 350, "evaluate.py": 450}
+
+
+def test_each_script_main_fits_a_screen_and_each_script_its_budget():
+    for name, budget in LONGEST_FILE.items():
+        source = (ROOT / name).read_text()
+        assert len(source.splitlines()) <= budget, f"{name}: {len(source.splitlines())} lines, budget {budget}"
+        (main,) = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+        length = main.end_lineno - main.lineno + 1
+        assert length <= LONGEST_MAIN, f"{name}: main() runs {length} lines, at most {LONGEST_MAIN}"

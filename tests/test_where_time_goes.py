@@ -23,8 +23,8 @@ def test_stage1_passes_are_counted_per_iteration_and_the_parts_add_up(tmp_path):
     assert vqgan["end-of-run evaluation"][2] == 1 and "encoder passes" not in vqgan
     stage1 = where_time_goes("train_stage1.py", "--steps", 3, "--batch-size", 2, "--rollout-warmup", 0,
                              "--vqgan-ckpt", tmp_path / "vq" / "ckpt.pt", "--out-dir", tmp_path / "s1", "--no-bf16")
-    # Eight encoder passes and eight decodes a step; the grid's rollout is the grid's (two calls: rollout, PNG).
+    # Eight encoder passes and eight decodes a step; the grid's rollout is the grid's (one call: save_rollout).
     assert stage1["encoder passes"][2] == stage1["decoder passes (+ head)"][2] == 3 * 8
-    assert stage1["halting"][2] == 3 * 7 and stage1["image grids"][2] == 2 and stage1["EMA"][2] == 3
+    assert stage1["halting"][2] == 3 * 7 and stage1["image grids"][2] == 1 and stage1["EMA"][2] == 3
     assert stage1["other (setup, the loop, small ops)"][0] >= 0
     assert abs(sum(share for _, share, _ in stage1.values()) - 100) < 0.5
