@@ -10,16 +10,15 @@ adversarial losses (gan generator and discriminator losses) inspired from VQGAN 
 - LPIPS (Zhang et al. 2018), the perceptual part of VQGAN's L_rec;
 - a PatchGAN discriminator (pix2pix, Isola et al. 2017) with the hinge loss;
 - the adaptive GAN weight λ of VQGAN (Esser et al. 2021, Eq. 7).
-This file holds the pieces; each stage script composes them.
+This file holds the pieces; each stage script composes them (the discriminator's update outside DDP:
+training.discriminator_step).
 
 Every image in and out of this file is float (N, 3, H, W) in [0, 1]. Each network
 converts to the range it was trained on inside its forward, in one place.
 """
-import contextlib
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -292,35 +291,3 @@ def generator_gan_loss(discriminator, recon, rec_loss, last_layer, disc_weight):
     g_loss = generator_adversarial_loss(discriminator(recon))
     discriminator.requires_grad_(True)
     return disc_weight * adaptive_gan_weight(rec_loss, g_loss, last_layer) * g_loss
-
-
-def average_over_ranks(tensors):
-    """Average tensors across DDP ranks in place (nothing to do in one process): the discriminator's
-    gradients here, the values the training scripts log."""
-    if dist.is_available() and dist.is_initialized():
-        for tensor in tensors:
-            dist.all_reduce(tensor)
-            tensor.div_(dist.get_world_size())
-
-
-def discriminator_step(discriminator, optimizer, images, recon, precision=contextlib.nullcontext()):
-    """One hinge-loss update on real images vs the (detached) reconstructions, under `precision` (the
-    training script's autocast). With gradient accumulation `images` and `recon` are lists of
-    micro-batches: each goes through on its own, their mean loss makes the one update.
-
-    The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
-    keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
-    one-backward-per-forward bookkeeping does not allow.
-    """
-    if torch.is_tensor(images):
-        images, recon = [images], [recon]
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for real, fake in zip(images, recon):
-        with precision:
-            loss = hinge_d_loss(discriminator(real), discriminator(fake.detach())) / len(images)
-        loss.backward()
-        total = total + loss.detach()
-    average_over_ranks([p.grad for p in discriminator.parameters()])
-    optimizer.step()
-    return total

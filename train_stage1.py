@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from data import build_dataset, first_images, train_batches
-from losses import average_over_ranks, stage1_loss
+from losses import stage1_loss
 from memory import stage1_plan
 from model import ALIT, ALITConfig, PRESETS, make_config
 from pretrained import VQGAN_CKPT, base_targets, find_base, frozen_base, load_base
 from quantize import count_codes
 from training import (EMA, PAPER_DATASETS, PAPER_GLOBAL_BATCH, LoopConfig, PerRank, StopSignal, adamw, autocast,
-                      check_data, check_finite, check_flags, check_loop_flags, check_out_dir, due,
-                      finish, flag_error, lr_at, parse_flags, planned_device, print_dry_run,
-                      progress, save_rollout, save_training_state, schedule_in_epochs, set_lr, setup_training, start_or_resume,
-                      stop_step, to_stderr, with_recipe, wrap_ddp)
+                      average_over_ranks, check_data, check_finite, check_flags, check_loop_flags, check_out_dir, due,
+                      finish, flag_error, lr_at, parse_flags, planned_device, print_dry_run, progress, save_rollout,
+                      save_training_state, schedule_in_epochs, set_lr, setup_training, start_or_resume, stop_step,
+                      to_stderr, with_recipe, wrap_ddp)
 from vqgan import conv_memory_format
 
 # Per-iteration weights of the cross-entropy (official code, not in the paper): the first,

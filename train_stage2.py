@@ -31,15 +31,15 @@ from typing import Annotated, Literal
 import torch
 
 from data import build_dataset, first_images, train_batches
-from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, gan_weight_at, generator_gan_loss,
-                    load_perceptual, reconstruction_loss)
+from losses import PatchDiscriminator, gan_weight_at, generator_gan_loss, load_perceptual, reconstruction_loss
 from memory import stage2_plan
 from model import ALIT, PRESETS, ALITConfig, make_config
 from pretrained import load_stage1
-from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, autocast, broadcast_parameters, check_data,
-                      check_flags, check_loop_flags, check_out_dir, due, finish, lr_at, parse_flags, planned_device,
-                      print_dry_run, progress, save_rollout, save_training_state, schedule_in_epochs, set_lr,
-                      setup_training, start_or_resume, stop_step, to_stderr, with_recipe, wrap_ddp)
+from training import (EMA, PAPER_DATASETS, LoopConfig, StopSignal, adamw, autocast, average_over_ranks,
+                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir,
+                      discriminator_step, due, finish, lr_at, parse_flags, planned_device, print_dry_run, progress,
+                      save_rollout, save_training_state, schedule_in_epochs, set_lr, setup_training, start_or_resume,
+                      stop_step, to_stderr, with_recipe, wrap_ddp)
 from vqgan import conv_memory_format
 from weights import find_perceptual, find_weights
 
@@ -214,7 +214,7 @@ def main(argv=None):
 
 def build_discriminators(train: TrainConfig, iters: int, ctx) -> torch.nn.ModuleList:
     """The PatchGAN (one per iteration with --disc-per-iteration), the same on every rank: trained
-    outside DDP (losses.discriminator_step), it starts from rank 0's weights."""
+    outside DDP (training.discriminator_step), it starts from rank 0's weights."""
     discriminators = torch.nn.ModuleList(
         PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers)
         for _ in range(iters if train.disc_per_iteration else 1)).to(ctx.device)

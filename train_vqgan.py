@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 from data import build_dataset, first_images, save_image_grid, train_batches
-from losses import (PatchDiscriminator, average_over_ranks, discriminator_step, gan_weight_at, generator_gan_loss,
-                    load_perceptual, reconstruction_loss)
+from losses import PatchDiscriminator, gan_weight_at, generator_gan_loss, load_perceptual, reconstruction_loss
 from quantize import count_codes
-from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, broadcast_parameters,
-                      check_data, check_flags, check_loop_flags, check_out_dir, due, finish, flag_error, lr_at,
-                      parse_flags, planned_device, print_dry_run, progress, run_plan, save_training_state,
-                      schedule_in_epochs, set_lr, setup_training, start_or_resume, stop_step, use_bf16, with_recipe,
-                      wrap_ddp)
+from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, average_over_ranks,
+                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir,
+                      discriminator_step, due, finish, flag_error, lr_at, parse_flags, planned_device, print_dry_run,
+                      progress, run_plan, save_training_state, schedule_in_epochs, set_lr, setup_training,
+                      start_or_resume, stop_step, use_bf16, with_recipe, wrap_ddp)
 from vae import PRESETS as VAE_PRESETS
 from vae import VAE, VAEConfig
 from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
@@ -132,7 +131,7 @@ def main(argv=None):
     torch.manual_seed(train.seed)  # the same initial weights on every rank
 
     model = (VAE if train.base == "vae" else VQGAN)(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
-    # Outside DDP (losses.discriminator_step averages its gradients by hand): rank 0's start on every rank.
+    # Outside DDP (training.discriminator_step averages its gradients by hand): rank 0's start on every rank.
     discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(ctx.device)
     broadcast_parameters(discriminator, ctx)
     perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)

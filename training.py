@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DATASETS, build_dataset, check_layout, save_image_columns
+from losses import hinge_d_loss
 from weights import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -161,6 +162,38 @@ def broadcast_parameters(module, ctx: Distributed):
     if ctx.enabled:
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def average_over_ranks(tensors):
+    """Average tensors across DDP ranks in place (nothing to do in one process): the discriminator's
+    gradients (discriminator_step), the values the training scripts log."""
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+            tensor.div_(dist.get_world_size())
+
+
+def discriminator_step(discriminator, optimizer, images, recon, precision=contextlib.nullcontext()):
+    """One hinge-loss (losses.hinge_d_loss) update on real images vs the (detached) reconstructions, under `precision` (the
+    training script's autocast). With gradient accumulation `images` and `recon` are lists of
+    micro-batches: each goes through on its own, their mean loss makes the one update.
+
+    The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
+    keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
+    one-backward-per-forward bookkeeping does not allow.
+    """
+    if torch.is_tensor(images):
+        images, recon = [images], [recon]
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for real, fake in zip(images, recon):
+        with precision:
+            loss = hinge_d_loss(discriminator(real), discriminator(fake.detach())) / len(images)
+        loss.backward()
+        total = total + loss.detach()
+    average_over_ranks([p.grad for p in discriminator.parameters()])
+    optimizer.step()
+    return total
 
 
 def data_workers(num_workers: int | None, device: torch.device) -> int:

@@ -47,12 +47,12 @@ TARGETS = {
                  "ALIT.soft_codes", "ALIT.images_from_logits", "ALIT.new_latent_tokens", "ALIT.image_tokens"],
     "quantize.py": ["count_codes", "unused_codes", "VectorQuantizer.__init__", "VectorQuantizer.codebook",
                     "VectorQuantizer.lookup", "VectorQuantizer.forward", "VectorQuantizer.restart_dead_codes"],
-    "losses.py": ["stage1_loss", "stage1_loss_vae", "LPIPS.to_vgg_input", "LPIPS.vgg_features", "LPIPS.forward", "reconstruction_loss", "hinge_d_loss",
-                  "generator_adversarial_loss", "adaptive_gan_weight", "gan_weight_at", "generator_gan_loss",
-                  "average_over_ranks", "discriminator_step"],
+    "losses.py": ["stage1_loss", "stage1_loss_vae", "LPIPS.to_vgg_input", "LPIPS.vgg_features", "LPIPS.forward",
+                  "reconstruction_loss", "hinge_d_loss", "generator_adversarial_loss", "adaptive_gan_weight",
+                  "gan_weight_at", "generator_gan_loss"],
     "train_stage1.py": ["rollout_length", "code_blend", "iteration_weights"],
     "train_stage2.py": ["loss_iteration", "parse_gan_schedule"],
-    "training.py": ["EMA", "lr_at"],
+    "training.py": ["EMA", "lr_at", "average_over_ranks", "discriminator_step"],
     "selection.py": ["*"],
 }
 
@@ -61,7 +61,8 @@ TARGETS = {
 GRADIENT_FUNCTIONS = {
     "model.py": TARGETS["model.py"],
     "quantize.py": ["VectorQuantizer.codebook", "VectorQuantizer.lookup", "VectorQuantizer.forward"],
-    "losses.py": [name for name in TARGETS["losses.py"] if name not in ("gan_weight_at", "average_over_ranks")],
+    "losses.py": [name for name in TARGETS["losses.py"] if name != "gan_weight_at"],
+    "training.py": ["discriminator_step"],
 }
 
 # The fast test files that concern these targets, the new ones first (-x stops at the first failure).

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (adaptive_gan_weight, discriminator_step, generator_adversarial_loss, generator_gan_loss,
+from losses import (adaptive_gan_weight, generator_adversarial_loss, generator_gan_loss,
                     hinge_d_loss, reconstruction_loss)
 from model import ALIT, Iteration, make_config
 from quantize import Quantized, VectorQuantizer
@@ -369,13 +369,13 @@ def test_generator_gan_loss_is_disc_weight_times_lambda_times_gan_loss():
 def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeypatch):
     """The step's gradients are averaged over ranks before the update: here as with a second rank
     whose gradients are zero, so the update is half the local one."""
-    import losses
+    import training
 
     def average_with_a_zero_rank(tensors):
         for t in tensors:
             t.div_(2)
 
-    monkeypatch.setattr(losses, "average_over_ranks", average_with_a_zero_rank)
+    monkeypatch.setattr(training, "average_over_ranks", average_with_a_zero_rank)
     torch.manual_seed(0)
     disc = torch.nn.Conv2d(3, 1, 1)
     w0, b0 = disc.weight.detach()[0, :, 0, 0].clone(), disc.bias.detach().clone()
@@ -384,7 +384,7 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
     for p in disc.parameters():
         p.grad = torch.full_like(p, 100.0)  # stale gradients are cleared first
     optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
-    loss = discriminator_step(disc, optimizer, images, recon)
+    loss = training.discriminator_step(disc, optimizer, images, recon)
 
     def logits(x):
         return torch.einsum("c,nchw->nhw", w0, x) + b0
@@ -403,9 +403,9 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
 
 def test_discriminator_gradients_are_averaged_over_ranks(monkeypatch):
     """Under DDP: the sum over ranks (all_reduce) divided by the number of ranks; in one process, untouched."""
-    import losses
+    import training
     grads = [torch.tensor([1.0, -2.0]), torch.tensor([[4.0]])]
-    losses.average_over_ranks(grads)  # no process group
+    training.average_over_ranks(grads)  # no process group
     assert grads[0].tolist() == [1.0, -2.0] and grads[1].tolist() == [[4.0]]
 
     class TwoRanks:  # torch.distributed as seen by rank 0 of 2; rank 1's gradients are all 3
@@ -417,8 +417,8 @@ def test_discriminator_gradients_are_averaged_over_ranks(monkeypatch):
         def all_reduce(tensor):
             tensor.add_(3.0)
 
-    monkeypatch.setattr(losses, "dist", TwoRanks)
-    losses.average_over_ranks(grads)
+    monkeypatch.setattr(training, "dist", TwoRanks)
+    training.average_over_ranks(grads)
     assert grads[0].tolist() == [2.0, 0.5] and grads[1].tolist() == [[3.5]]
 
 

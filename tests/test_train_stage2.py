@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train_stage2
-from losses import PatchDiscriminator, discriminator_step, generator_gan_loss
+from losses import PatchDiscriminator, generator_gan_loss
+from training import discriminator_step
 from model import ALIT
 from training import load_checkpoint, setup_distributed
 
