@@ -42,8 +42,8 @@ from report import markdown_report, write_sweep_csv
 # The criteria live in selection.py (analyze.py and bench.py import them from there too).
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
                        first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
-from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, data_workers, keep_freed_memory,
-                      official_heads, paper_scale, parse_flags, setup_distributed)
+from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, data_workers, end_distributed,
+                      keep_freed_memory, official_heads, paper_scale, parse_flags, setup_distributed)
 from weights import find_weights, not_found
 
 # -----------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def main(argv=None):
                "vqgan": base_row, "codebook": per_image["codebook"], "compare": compare,
                **sweeps, "early_exit": speed, "complexity": complexity}
     if ctx.enabled:
-        dist.destroy_process_group()
+        end_distributed()
     if ctx.is_main:
         write_outputs(results, model, per_image, keep, cfg, ctx.device, with_fid=inception is not None)
     return results

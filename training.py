@@ -1039,7 +1039,7 @@ def check_shared_folder(folder, ctx: Distributed, flag: str, timeout: float):
         probe.unlink()
     blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(seen_by) if not ok]
     if blind:
-        dist.destroy_process_group()  # gloo's threads, left running at exit, abort the process
+        end_distributed()
         sys.exit(f"error: {flag} {folder}: {', '.join(blind)} cannot see the files rank 0 writes there; every "
                  f"rank must see the same {flag}: on several machines, a folder on a filesystem they all share "
                  "(the same network path on each)")
@@ -1117,8 +1117,20 @@ def check_finite(first_nonfinite: torch.Tensor, train: LoopConfig, ctx: Distribu
     if ctx.enabled:
         dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
     if first_nonfinite.item() >= 0:
+        if ctx.enabled:
+            end_distributed()
         sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
                  f"saving, so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
+
+
+def end_distributed():
+    """The process group's end, before the process's. gloo's worker threads free each finished collective
+    a moment after it completes, taking the GIL to do so; an interpreter already exiting makes such a
+    thread die inside a destructor, and the process aborts ("terminate called without an active
+    exception", SIGABRT, about one 2-rank run in three when the exit follows the last collective at
+    once). A tenth of a second with the GIL released lets them finish first."""
+    dist.destroy_process_group()
+    time.sleep(0.1)
 
 
 def finish(ctx: Distributed, train: LoopConfig, bar, stop_signal: StopSignal | None = None, step: int = 0):
@@ -1126,7 +1138,7 @@ def finish(ctx: Distributed, train: LoopConfig, bar, stop_signal: StopSignal | N
     if stop_signal is not None:
         stop_signal.restore()
     if ctx.enabled:
-        dist.destroy_process_group()
+        end_distributed()
     ckpt = Path(train.out_dir) / "ckpt.pt"
     if stop_signal is not None and stop_signal.stopped and step < train.steps:
         ctx.log(f"stopped by {stop_signal.received or 'a signal to another rank'} after step {step}: "

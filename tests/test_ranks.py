@@ -164,7 +164,7 @@ def run_vqgan(tmp_path, flags):
 
 
 BF16_GRADIENTS = """
-import gc, torch, training
+import torch, training
 ctx = training.setup_distributed("cpu")
 def gradients(bf16):
     torch.manual_seed(ctx.rank)
@@ -173,10 +173,7 @@ def gradients(bf16):
     ddp(torch.randn(4, 64) * (ctx.rank + 1) / 3).square().sum().backward()
     return model.weight.grad
 torch.save({bf16: gradients(bf16) for bf16 in (False, True)}, f"{RECORDS}/{ctx.rank}.pt")
-# gloo's threads free the last all-reduce a moment after it ends, taking the GIL to do so; the
-# interpreter, exiting before, would abort them. With the DDPs gone, the group's end waits for them.
-gc.collect()
-torch.distributed.destroy_process_group()
+training.end_distributed()  # as the scripts end: an exit right after the last all-reduce could abort
 """
 
 
