@@ -299,8 +299,7 @@ def main(argv=None):
                "checkpoint": cfg.official or cfg.ckpt, "halting": cfg.halting, "per_token_count": rows,
                "vqgan": base_row, "codebook": per_image["codebook"], "compare": compare,
                **sweeps, "early_exit": speed, "complexity": complexity}
-    if ctx.enabled:
-        end_distributed()
+    end_distributed()
     if ctx.is_main:
         write_outputs(results, model, per_image, keep, cfg, ctx.device, with_fid=inception is not None)
     return results
@@ -374,9 +373,9 @@ def complexity_vs_tokens(per_image: dict, chosen: torch.Tensor, cfg: EvalConfig,
     levels = level.unique()
     varies = len(levels) > 1 and len(chosen.unique()) > 1  # else Spearman is undefined
     rho = float(scipy.stats.spearmanr(level.numpy(), chosen.numpy())[0]) if varies else None
-    histogram = allocation_summary(chosen, per_image, model)["histogram"]
+    images_per_length = torch.bincount(chosen, minlength=T)
     return {"spearman_complexity_vs_tokens": rho, "criterion": criterion_name(cfg.default_threshold, cfg.saturation),
-            "lengths_chosen_for_5pct": int(sum(v >= 0.05 * len(chosen) for v in histogram.values())),
+            "lengths_chosen_for_5pct": int((images_per_length >= 0.05 * len(chosen)).sum()),
             "mean_tokens_per_level": {int(c): ((chosen[level == c] + 1) * K).float().mean().item() for c in levels},
             "l1_per_level_per_tokens": {int(c): {counts[t]: per_image["l1"][t][level == c].mean().item()
                                                  for t in range(T)} for c in levels}}

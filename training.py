@@ -174,9 +174,9 @@ def average_over_ranks(tensors):
 
 
 def discriminator_step(discriminator, optimizer, images, recon, precision=contextlib.nullcontext()):
-    """One hinge-loss (losses.hinge_d_loss) update on real images vs the (detached) reconstructions, under `precision` (the
-    training script's autocast). With gradient accumulation `images` and `recon` are lists of
-    micro-batches: each goes through on its own, their mean loss makes the one update.
+    """One hinge-loss update (losses.hinge_d_loss) on real images vs the (detached) reconstructions,
+    under `precision` (the training script's autocast). With gradient accumulation `images` and `recon`
+    are lists of micro-batches: each goes through on its own, their mean loss makes the one update.
 
     The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
     keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
@@ -1117,8 +1117,7 @@ def check_finite(first_nonfinite: torch.Tensor, train: LoopConfig, ctx: Distribu
     if ctx.enabled:
         dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
     if first_nonfinite.item() >= 0:
-        if ctx.enabled:
-            end_distributed()
+        end_distributed()
         sys.exit(f"error: non-finite loss at step {int(first_nonfinite.item()) + 1}; stopped without "
                  f"saving, so {Path(train.out_dir) / 'ckpt.pt'} is the last good checkpoint")
 
@@ -1128,17 +1127,17 @@ def end_distributed():
     a moment after it completes, taking the GIL to do so; an interpreter already exiting makes such a
     thread die inside a destructor, and the process aborts ("terminate called without an active
     exception", SIGABRT, about one 2-rank run in three when the exit follows the last collective at
-    once). A tenth of a second with the GIL released lets them finish first."""
-    dist.destroy_process_group()
-    time.sleep(0.1)
+    once). A tenth of a second with the GIL released lets them finish first. In one process: nothing."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        time.sleep(0.1)
 
 
 def finish(ctx: Distributed, train: LoopConfig, bar, stop_signal: StopSignal | None = None, step: int = 0):
     bar.close()
     if stop_signal is not None:
         stop_signal.restore()
-    if ctx.enabled:
-        end_distributed()
+    end_distributed()
     ckpt = Path(train.out_dir) / "ckpt.pt"
     if stop_signal is not None and stop_signal.stopped and step < train.steps:
         ctx.log(f"stopped by {stop_signal.received or 'a signal to another rank'} after step {step}: "
