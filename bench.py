@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import memory
 import train_stage1
 import train_stage2
 from data import build_dataset, write_photo_folder
-from selection import code_error_below, first_passing, l1_below
+from pretrained import base_targets
+from selection import code_error, code_error_below, first_passing, l1_below
 from losses import LPIPS, PatchDiscriminator, stage1_loss
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights
@@ -104,17 +106,25 @@ def conv_flops(module, *inputs) -> float:
     return total
 
 
-def vqgan_encoder_flops(model: ALIT) -> float:
-    """Forward FLOPs of the VQGAN encoder for one image."""
-    return conv_flops(model.vqgan.encoder, torch.zeros(1, 3, model.config.image_size, model.config.image_size))
+def base_encoder_flops(model: ALIT) -> float:
+    """Forward FLOPs of the base tokenizer's encoding of one image, what stage 1 runs for its targets: the
+    encoder, then the VQGAN's nearest-code search or the VAE's posterior; counted by torch on the model's
+    device (meta tensors will do), as the VAE's encoder attends at its token grid."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.base.encode(torch.zeros(1, 3, model.config.image_size, model.config.image_size,
+                                      device=next(model.parameters()).device))
+    return counter.get_total_flops()
 
 
 def alit_forward_flops(cfg: ALITConfig, attention=True, iters=None) -> float:
     """Forward FLOPs of one image decoding iterations `iters` (0-based; default all, as stage 1), the
     encoder run up to the last. At iteration t (1-based) both transformers see 1 + N + t*K tokens;
-    t*K latents are factorized, quantized and embedded; the head's logits give the expected code."""
+    t*K latents are factorized, quantized and embedded; the head's logits give the expected code (over
+    a VAE the head regresses the C numbers of each 2D token)."""
     N, K, D, E = cfg.num_image_tokens, cfg.tokens_per_iter, cfg.encoder_width, cfg.decoder_width
-    codes, C = cfg.vqgan.codebook_size, cfg.vqgan.latent_channels
+    C = cfg.base_config.latent_channels
+    codes = C if cfg.base == "vae" else cfg.vqgan.codebook_size
     decoded = {t + 1 for t in (range(cfg.rollout_iters) if iters is None else iters)}
     flops = 2 * N * 3 * cfg.patch_size ** 2 * (D - C)  # patch embedding
     for t in range(1, max(decoded) + 1):
@@ -125,13 +135,14 @@ def alit_forward_flops(cfg: ALITConfig, attention=True, iters=None) -> float:
             flops += 2 * latents * (D * cfg.latent_dim + cfg.latent_dim * E)  # factorize + decoder_embed
             flops += 2 * latents * cfg.latent_codebook_size * cfg.latent_dim  # codebook distances
             flops += 2 * N * (E * 2 * E + 2 * E * codes)  # the head
-            flops += 2 * N * codes * C  # expected code
+            if cfg.base == "vqgan":
+                flops += 2 * N * codes * C  # expected code
     return flops
 
 
-def stage1_flops(cfg: ALITConfig, batch: int, vqgan_flops: float) -> float:
-    """One stage-1 step: backward = 2 x forward for ALIT; the frozen VQGAN encoder runs forward only."""
-    return batch * (3 * alit_forward_flops(cfg) + vqgan_flops)
+def stage1_flops(cfg: ALITConfig, batch: int, base_flops: float) -> float:
+    """One stage-1 step: backward = 2 x forward for ALIT; the frozen base encoder runs forward only."""
+    return batch * (3 * alit_forward_flops(cfg) + base_flops)
 
 
 def stage2_flops(cfg: ALITConfig, vqgan_flops: float, lpips_flops: float, disc_flops: float) -> float:
@@ -227,11 +238,8 @@ def paper_memory(cfg: ALITConfig, batches=PAPER_BATCH_PER_GPU) -> dict:
     return result
 
 
-def stage1_step(model, optimizer, images, bf16, weights, precomputed=None):  # train_stage1.py's, its loss
-    if precomputed is None:
-        with torch.no_grad(), autocast(images.device, bf16):
-            precomputed = model.vqgan.encode(images)
-    latents, gt = precomputed
+def stage1_step(model, optimizer, images, bf16, weights):  # train_stage1.py's, its loss
+    latents, gt = base_targets(model.base, images)
     with autocast(images.device, bf16):
         loss, _ = stage1_loss(model, model(images, latents, gt, halting=True), gt, weights, 0.0, 1.0, 1.0)
     loss.backward()
@@ -242,21 +250,20 @@ def stage1_step(model, optimizer, images, bf16, weights, precomputed=None):  # t
 def bench_stage1(name, cfg, batch, reps, ceilings, device) -> dict:
     torch.manual_seed(0)
     model = ALIT(cfg).to(device)
-    model.vqgan.requires_grad_(False)
+    model.base.requires_grad_(False)
     optimizer = adamw(model.alit_parameters(), 1e-4, (0.9, 0.95), 0.05, device)  # as train_stage1.py
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
-    flops = stage1_flops(cfg, batch, vqgan_encoder_flops(model))
-    row = {"config": name, "batch": batch, "flops_per_step": flops,
-           "vqgan_flop_share": batch * vqgan_encoder_flops(model) / flops}
+    flops = stage1_flops(cfg, batch, base_encoder_flops(model))
+    row = {"config": name, "base": cfg.base, "batch": batch, "flops_per_step": flops,
+           "base_flop_share": batch * base_encoder_flops(model) / flops}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for precision in ceilings:  # two warm-ups: with keep_freed_memory the CPU heap settles in the second
         seconds = timed(lambda: stage1_step(model, optimizer, images, precision == "bf16", weights), reps, 2, device)
         row[precision] = {"seconds": seconds, "fraction_of_ceiling": flops / seconds / ceilings[precision]}
-    # What precomputing the frozen VQGAN's targets would save of a step (a token cache): its encoder's share
-    with torch.no_grad():
-        row["vqgan_share"] = timed(lambda: model.vqgan.encode(images), reps, 1, device) / row["float32"]["seconds"]
+    # What precomputing the frozen base's targets would save of a step (a token cache): its encoder's share
+    row["base_share"] = timed(lambda: base_targets(model.base, images), reps, 1, device) / row["float32"]["seconds"]
     # CUDA: the allocator's peak; CPU: the process's peak resident size (KiB on Linux), which only grows
     row["peak_memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
@@ -274,16 +281,15 @@ def bench_adaptive(name, cfg, batch, reps, device) -> dict:
     torch.manual_seed(0)
     model = ALIT(cfg).to(device).eval()
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    codebook = model.vqgan.quantize.codebook().detach()
+    codebook = model.vqgan.quantize.codebook().detach() if cfg.base == "vqgan" else None  # a VAE's: its vectors
     runs = []  # the timed exhaustive rollouts: their reconstructions set the thresholds
     with torch.no_grad():
-        _, gt = model.vqgan.encode(images)
+        gt = model.base_targets(model.base_tokens(images))
         every = timed(lambda: runs.append(model.rollout(images)), reps, 0, device)
     records = runs[-1]
     tables = {"pixel": torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in records]),
-              "token": torch.stack([(r.logits.float().softmax(-1) @ codebook - codebook[gt]).square().mean(dim=(1, 2))
-                                    for r in records])}
-    result = {"config": name, "batch": batch, "every_iteration_seconds": every}
+              "token": torch.stack([code_error(gt, r.logits, codebook) for r in records])}
+    result = {"config": name, "base": cfg.base, "batch": batch, "every_iteration_seconds": every}
     for kind, table in tables.items():
         thr = threshold_for(table.cpu(), 0.5)
         criterion = l1_below(thr) if kind == "pixel" else code_error_below(thr, codebook)
@@ -310,12 +316,16 @@ def main(argv=None):
     report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "quick": cfg.quick, "matrix_size": n, "ceiling_flops": ceilings}
     # smallest first: the CPU's peak resident size only grows
-    configs = ([("tiny", make_config("tiny"), 16, reps)] if cfg.quick else
-               [("mid", make_config("small", **MID), 4, reps), ("small", make_config("small"), 2, cfg.reps or 1)])
+    # Over each base (the VQGAN; the VAE, MAR's KL-16 at 256x256)
+    sizes = [("tiny", make_config("tiny"), make_config("tiny", base="vae"))] if cfg.quick else \
+        [("mid", make_config("small", **MID), make_config("small", base="vae", **MID))]
+    configs = [(name, model_cfg, 16 if cfg.quick else 4, reps) for name, *both in sizes for model_cfg in both]
+    if not cfg.quick:
+        configs.append(("small", make_config("small"), 2, cfg.reps or 1))
     report["stage1"] = [bench_stage1(*c, ceilings, device) for c in configs]
     # A `mid` rollout decodes 8 reconstructions an image at 256x256: each encode runs once there.
-    report["adaptive"] = bench_adaptive(*(("tiny", make_config("tiny"), 32, reps) if cfg.quick else
-                                          ("mid", make_config("small", **MID), 8, 1)), device)
+    report["adaptive"] = [bench_adaptive(name, model_cfg, *((32, reps) if cfg.quick else (8, 1)), device)
+                          for name, *both in sizes for model_cfg in both]
     report["paper"] = paper_cost(cfg.utilisation)
     report["data_loading"] = bench_data_loading(16 if cfg.quick else 64, reps)
     report["workers_per_gpu"] = workers_per_gpu(report["data_loading"], report["paper"])
@@ -334,18 +344,20 @@ def format_report(r: dict) -> str:
     d, w, m, g = r["data_loading"], r["workers_per_gpu"], r["memory"], r["gradient_all_reduce"]
     lines = [f"device {r['device']}, {r['threads']} threads, torch {r['torch']}; matmul ceiling ({r['matrix_size']}^3, "
              "fastest of 10): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in c.items()), "",
-             "| stage-1 step | batch | GFLOP/step | precision | s/step | of the ceiling | VQGAN share (of FLOPs) | peak memory |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| stage-1 step | base | batch | GFLOP/step | precision | s/step | of the ceiling | base share (of FLOPs) "
+             "| peak memory |", "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for s in r["stage1"]:
-        share = f"{100 * s['vqgan_share']:.0f}% ({100 * s['vqgan_flop_share']:.1f}%)"
-        lines += [f"| {s['config']} | {s['batch']} | {s['flops_per_step'] / 1e9:.0f} | {k} | {s[k]['seconds']:.2f} | "
-                  f"{100 * s[k]['fraction_of_ceiling']:.0f}% | {share} | {s['peak_memory_gb']:.1f} GB |" for k in c]
-    exits = [f"{k} criterion {a[k]['seconds']:.2f} s at {a[k]['fraction_of_tokens']:.2f} of the tokens, "
-             f"{a[k]['speedup']:.2f}x" for k in ("pixel", "token")]
+        share = f"{100 * s['base_share']:.0f}% ({100 * s['base_flop_share']:.1f}%)"
+        lines += [f"| {s['config']} | {s['base']} | {s['batch']} | {s['flops_per_step'] / 1e9:.0f} | {k} | "
+                  f"{s[k]['seconds']:.2f} | {100 * s[k]['fraction_of_ceiling']:.0f}% | {share} | "
+                  f"{s['peak_memory_gb']:.1f} GB |" for k in c]
+    exits = [f"adaptive encode, {e['config']} over the {e['base'].upper()}, batch {e['batch']}, untrained: every "
+             f"iteration {e['every_iteration_seconds']:.2f} s; early exit, " + "; ".join(
+                 f"{k} criterion {e[k]['seconds']:.2f} s at {e[k]['fraction_of_tokens']:.2f} of the tokens, "
+                 f"{e[k]['speedup']:.2f}x" for k in ("pixel", "token")) for e in a]
     return "\n".join(lines + [
         f"(peak memory: {'CUDA allocator' if r['device'] == 'cuda' else 'peak resident size of the process'})", "",
-        f"adaptive encode, {a['config']}, batch {a['batch']}, untrained: every iteration "
-        f"{a['every_iteration_seconds']:.2f} s; early exit, " + "; ".join(exits), "",
+        *exits, "",
         f"the paper's runs of `small` on ImageNet-100 ({p['images']:,} images, {p['epochs']} epochs a stage as in the "
         f"official scripts; stage 2 with GAN terms on half the steps) on one H100 at {100 * p['utilisation']:.0f}% of "
         f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s: stage 1 {p['stage1_tflop_per_image']:.2f} TFLOP/image, "

@@ -40,7 +40,7 @@ from quantize import count_codes
 from plots import plot_sweep, save_fig2_grid, save_halting_figure, spread_rows
 from report import markdown_report, write_sweep_csv
 # The criteria live in selection.py (analyze.py and bench.py import them from there too).
-from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error_below,  # noqa: F401
+from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error, code_error_below,  # noqa: F401
                        first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
 from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, data_workers, end_distributed,
                       keep_freed_memory, official_heads, paper_scale, parse_flags, setup_distributed)
@@ -192,7 +192,7 @@ def evaluate_batch(model: ALIT, images, halting: bool, thresholds, inception=Non
         targets = model.base_targets(tokens)
         records = model(images, tokens, targets, halting=halting, reconstruct=True, generator=generator)
         vqgan_recon = model.vae.decode_tokens(tokens).float().clamp(0, 1)
-        token_space = {"code_mse": torch.stack([(r.logits.float() - targets).square().mean(dim=(1, 2)) for r in records])}
+        token_space = {"code_mse": torch.stack([code_error(targets, r.logits) for r in records])}
     else:
         latents = model.vqgan.encoder(images)  # once, for the rollout, its token accuracy and the VQGAN alone
         vqgan = model.vqgan.quantize_latents(latents)

@@ -31,18 +31,23 @@ def token_accuracy_above(threshold: float):
     return criterion
 
 
-def code_error_below(threshold: float, codebook: torch.Tensor | None = None):
-    """Token-space criterion on a continuous scale (no pixels decoded): the mean squared distance
-    between the decoder's predicted 2D token vectors and the true ones is below `threshold`.
+def code_error(targets, prediction, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean squared distance between the decoder's predicted 2D token vectors and the true ones.
     Over a VQGAN, with its codebook (codes, C), e.g. model.vqgan.quantize.codebook(): the expected
-    code softmax(logits) @ codebook (what the VQGAN decoder would receive) against codebook[targets].
-    Over a VAE, without one: the regressed vectors against the VAE's tokens (targets (B, N, C))."""
+    code softmax(logits) @ codebook (what the VQGAN decoder would receive) against codebook[targets]
+    (targets (B, N) indices). Over a VAE, without one: the regressed vectors against the VAE's tokens
+    (targets (B, N, C))."""
+    if codebook is None:
+        predicted, true = prediction.float(), targets.float()
+    else:
+        predicted, true = prediction.float().softmax(-1) @ codebook, codebook[targets]
+    return (predicted - true).square().mean(dim=(1, 2))
+
+
+def code_error_below(threshold: float, codebook: torch.Tensor | None = None):
+    """Token-space criterion on a continuous scale (no pixels decoded): code_error < threshold."""
     def criterion(targets, prediction):  # (B, N) indices or (B, N, C) vectors; (B, N, codes or C) -> (B,) bool
-        if codebook is None:
-            predicted, true = prediction.float(), targets.float()
-        else:
-            predicted, true = prediction.float().softmax(-1) @ codebook, codebook[targets]
-        return (predicted - true).square().mean(dim=(1, 2)) < threshold
+        return code_error(targets, prediction, codebook) < threshold
     criterion.__name__ = f"code_mse<{threshold:g}"
     return criterion
 

@@ -20,10 +20,34 @@ def test_flop_formula_matches_counted_flops():
         for record in model(images, latents, gt):
             model.soft_codes(record.logits)
     assert counter.get_total_flops() == bench.alit_forward_flops(cfg, attention=False)
-    vqgan = FlopCounterMode(display=False)
-    with vqgan, torch.no_grad():
-        model.vqgan.encoder(images)
-    assert vqgan.get_total_flops() == bench.vqgan_encoder_flops(model)
+
+
+def test_flop_formula_matches_counted_flops_over_a_vae():
+    """Over a VAE the head regresses each 2D token's C numbers; there is no expected code."""
+    cfg = make_config("tiny", base="vae", encoder_width=64, decoder_width=96, encoder_layers=1, decoder_layers=2)
+    torch.manual_seed(0)
+    model = ALIT(cfg).eval()
+    images = torch.rand(1, 3, 32, 32)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(images)  # the VAE's encoding (its posterior mean in eval mode), then the rollout
+    assert counter.get_total_flops() == bench.alit_forward_flops(cfg, attention=False) + bench.base_encoder_flops(model)
+    # the encoder's convolutions, its two attention blocks at the token grid (the last level's and the
+    # middle's: QK^T and AV) and the posterior's 1x1 convolution
+    C, cells = 32 * 2, cfg.grid_size ** 2
+    attention, quant_conv = 2 * 2 * 2 * cells ** 2 * C, 2 * (2 * cfg.vae.latent_channels) ** 2 * cells
+    assert bench.base_encoder_flops(model) == bench.conv_flops(model.vae.encoder, images) + attention + quant_conv
+
+
+def test_bench_times_both_bases():
+    """bench.py's stage-1 step and early-exit encode run over the VAE as over the VQGAN."""
+    ceilings = {"float32": 1e9}
+    for base in ("vqgan", "vae"):
+        cfg = make_config("tiny", base=base)
+        row = bench.bench_stage1("tiny", cfg, 2, 1, ceilings, torch.device("cpu"))
+        assert row["base"] == base and row["float32"]["seconds"] > 0 and 0 < row["base_flop_share"] < 1
+        adaptive = bench.bench_adaptive("tiny", cfg, 4, 1, torch.device("cpu"))
+        assert adaptive["base"] == base and 0 < adaptive["token"]["fraction_of_tokens"] <= 1
 
 
 def test_flop_formula_of_one_decoded_iteration_and_of_convolutions_on_meta_tensors():
@@ -36,7 +60,7 @@ def test_flop_formula_of_one_decoded_iteration_and_of_convolutions_on_meta_tenso
     with counter, torch.no_grad():
         (record,) = model(images, model.vqgan.encoder(images), iters=[2])
         model.soft_codes(record.logits)
-    vqgan_encoder = bench.vqgan_encoder_flops(model)
+    vqgan_encoder = bench.conv_flops(model.vqgan.encoder, images)
     assert counter.get_total_flops() == bench.alit_forward_flops(cfg, attention=False, iters=[2]) + vqgan_encoder
     for make, inputs in [(LPIPS, (images, images)), (lambda: PatchDiscriminator(num_layers=2), (images,))]:
         real = FlopCounterMode(display=False)
@@ -93,5 +117,5 @@ def test_a_token_cache_would_save_under_a_tenth_of_a_paper_sized_step():
     VQGAN encoder is 3% of the step's FLOPs (the cache would need 66 GB for ImageNet-100)."""
     cfg = make_config("small")
     with torch.device("meta"):
-        encoder = bench.vqgan_encoder_flops(ALIT(cfg))
+        encoder = bench.base_encoder_flops(ALIT(cfg))
     assert 0.02 < encoder / bench.stage1_flops(cfg, 1, encoder) < 0.1

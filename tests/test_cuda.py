@@ -174,7 +174,7 @@ def test_stage1(imagenet, tmp_path_factory, monkeypatch, bf16_peak):
     peak_memory_reset()
     model = train_stage1.main(flags + ["--steps", "40", "--out-dir", str(out)])
     falls(ce, "stage 1's cross-entropy")
-    batch_flops = bench.stage1_flops(model.config, 8, bench.vqgan_encoder_flops(model))
+    batch_flops = bench.stage1_flops(model.config, 8, bench.base_encoder_flops(model))
     train, _ = train_stage1.parse_args(flags)
     estimate = memory.stage1_step_memory(model, 8, DEVICE, True, False)
     plain = report("train_stage1.py (small, batch 8, halting, bf16)", seconds, batch_flops, bf16_peak, peak_memory(),
