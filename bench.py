@@ -24,7 +24,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import memory
-import train_stage1
 import train_stage2
 from data import build_dataset, write_photo_folder
 from pretrained import base_targets
@@ -32,7 +31,7 @@ from selection import code_error, code_error_below, first_passing, l1_below
 from losses import LPIPS, PatchDiscriminator, stage1_loss
 from model import ALIT, ALITConfig, make_config
 from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights
-from training import adamw, autocast, check_flags, keep_freed_memory, native_bf16, parse_flags
+from training import adamw, autocast, keep_freed_memory, native_bf16, parse_flags
 from vqgan import VQGAN
 
 H100_BF16_FLOPS = 989e12  # NVIDIA's H100 SXM datasheet: dense bf16 tensor-core peak, without sparsity
