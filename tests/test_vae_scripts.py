@@ -66,6 +66,18 @@ def test_stage1_loss_is_the_weighted_mse_of_the_predicted_tokens():
     torch.testing.assert_close(stats[:, 1], torch.stack([(r.logits - targets).abs().mean() for r in records]))
 
 
+def test_the_cpu_recipe_over_a_vae_weights_the_mse_by_how_far_it_falls(tmp_path, vae_ckpt):
+    """train_stage1.py --base vae gets the VAE's iteration weights by default; a flag given wins; at the
+    paper's size both bases keep the official weights."""
+    def weights(*flags):
+        train, cfg = train_stage1.parse_args(list(flags) + ["--vqgan-ckpt", str(vae_ckpt)])
+        return train_stage1.iteration_weights(train.iteration_weights, cfg.rollout_iters)
+    assert weights("--base", "vae") == [1.0, 1.6, 2.4, 3.2, 4.8, 6.4, 8.6, 10.8]
+    assert weights("--base", "vae", "--iteration-weights", "1,1,1,1,1.25,1.5,2,2.5")[-1] == 2.5
+    official = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
+    assert weights("--base", "vae", "--preset", "small", "--vae-official", str(vae_ckpt)) == official
+
+
 def test_stage1_over_a_vae_and_the_wrong_base_refused(vae_stage1_ckpt, vqgan_ckpt, vae_ckpt):
     model = ALIT.from_checkpoint(vae_stage1_ckpt)
     assert model.config.base == "vae" and model.vae.config == VAE.from_checkpoint(vae_ckpt).config
