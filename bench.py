@@ -1,12 +1,12 @@
 """Speed and memory of training and encoding, and what the paper's runs cost (nanoGPT's bench.py).
 
 In one run, on the device present: the stage-1 step (§A.5: 8 iterations, halting on) of the paper's
-`small` and a `mid` model, in seconds and as a fraction of the matmul ceiling (FLOPs counted from
-the config), float32 and bf16 where native; the frozen VQGAN's share of it; adaptive encoding with
-early exit against every iteration; peak memory; the paper's runs on ImageNet-100 in H100-hours;
-data loading (JPEG decoding and cropping, per DataLoader worker) against what an H100 consumes, so
-how many workers a GPU needs; and each stage's memory per GPU at the paper's batch, with and
-without gradient checkpointing.
+`small` and a `mid` model (`mid` over both bases, the VQGAN and the VAE), in seconds and as a fraction
+of the matmul ceiling (FLOPs counted from the config), float32 and bf16 where native; the frozen base's
+share of it; adaptive encoding with early exit against every iteration, over each base; peak memory;
+the paper's runs on ImageNet-100 in H100-hours; data loading (JPEG decoding and cropping, per
+DataLoader worker) against what an H100 consumes, so how many workers a GPU needs; and each stage's
+memory per GPU at the paper's batch, with and without gradient checkpointing.
 
     python bench.py            # several minutes on 2 CPU cores: a `small` step alone takes ~30 s
     python bench.py --quick    # about a minute: tiny sizes
