@@ -253,9 +253,10 @@ def bench_stage1(name, cfg, batch, reps, ceilings, device) -> dict:
     optimizer = adamw(model.alit_parameters(), 1e-4, (0.9, 0.95), 0.05, device)  # as train_stage1.py
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     weights = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, cfg.rollout_iters)
-    flops = stage1_flops(cfg, batch, base_encoder_flops(model))
+    base_flops = base_encoder_flops(model)
+    flops = stage1_flops(cfg, batch, base_flops)
     row = {"config": name, "base": cfg.base, "batch": batch, "flops_per_step": flops,
-           "base_flop_share": batch * base_encoder_flops(model) / flops}
+           "base_flop_share": batch * base_flops / flops}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for precision in ceilings:  # two warm-ups: with keep_freed_memory the CPU heap settles in the second
@@ -314,17 +315,17 @@ def main(argv=None):
         ceilings["bf16"] = matmul_flops(torch.bfloat16, n, device)
     report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "quick": cfg.quick, "matrix_size": n, "ceiling_flops": ceilings}
+    # `mid` (or `tiny`) over each base: the VQGAN, and the VAE (at 256x256 MAR's KL-16)
+    name, size = ("tiny", {}) if cfg.quick else ("mid", MID)
+    over_each_base = [make_config("tiny" if cfg.quick else "small", base=base, **size) for base in ("vqgan", "vae")]
     # smallest first: the CPU's peak resident size only grows
-    # Over each base (the VQGAN; the VAE, MAR's KL-16 at 256x256)
-    sizes = [("tiny", make_config("tiny"), make_config("tiny", base="vae"))] if cfg.quick else \
-        [("mid", make_config("small", **MID), make_config("small", base="vae", **MID))]
-    configs = [(name, model_cfg, 16 if cfg.quick else 4, reps) for name, *both in sizes for model_cfg in both]
+    configs = [(name, model_cfg, 16 if cfg.quick else 4, reps) for model_cfg in over_each_base]
     if not cfg.quick:
         configs.append(("small", make_config("small"), 2, cfg.reps or 1))
     report["stage1"] = [bench_stage1(*c, ceilings, device) for c in configs]
     # A `mid` rollout decodes 8 reconstructions an image at 256x256: each encode runs once there.
     report["adaptive"] = [bench_adaptive(name, model_cfg, *((32, reps) if cfg.quick else (8, 1)), device)
-                          for name, *both in sizes for model_cfg in both]
+                          for model_cfg in over_each_base]
     report["paper"] = paper_cost(cfg.utilisation)
     report["data_loading"] = bench_data_loading(16 if cfg.quick else 64, reps)
     report["workers_per_gpu"] = workers_per_gpu(report["data_loading"], report["paper"])

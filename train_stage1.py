@@ -103,6 +103,7 @@ class TrainConfig(LoopConfig):
 # hundreds of steps. The official run needs none of them.
 CPU_RECIPE = dict(base_lr=3.2e-2, iteration_weights=CPU_ITERATION_WEIGHTS, rollout_warmup=0.15, continuous_until=0.3,
                   blend_until=0.5, latent_restart_every=25)
+CPU_VAE_RECIPE = {**CPU_RECIPE, "iteration_weights": CPU_VAE_ITERATION_WEIGHTS}  # --base vae
 OFFICIAL_RECIPE = dict(base_lr=1.5e-4, iteration_weights=OFFICIAL_ITERATION_WEIGHTS, rollout_warmup=0.0,
                        continuous_until=0.0, blend_until=0.0, latent_restart_every=0)
 
@@ -124,8 +125,8 @@ def parse_args(argv=None):
         model_cfg = make_config(train.preset, **model_flags)
     except ValueError as error:  # its own checks (sizes that must divide), naming the flags
         sys.exit(flag_error(error, ALITConfig))
-    cpu = {**CPU_RECIPE, "iteration_weights": CPU_VAE_ITERATION_WEIGHTS} if model_cfg.base == "vae" else CPU_RECIPE
-    train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE, cpu)
+    train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE,
+                        CPU_VAE_RECIPE if model_cfg.base == "vae" else CPU_RECIPE)
     check_flags([(train.continuous_until <= train.blend_until < 1 or train.blend_until == train.continuous_until == 0,
                   "--blend-until must lie between --continuous-until and 1: the model is saved quantized")])
     check_flags([(train.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")])
