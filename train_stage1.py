@@ -43,10 +43,9 @@ OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
 # The CPU recipe's mirror image: in a few thousand steps the last iterations, rolled out last and at the
 # lowest learning rates, are the least trained, and the official weights leave the longest codes worse.
 CPU_ITERATION_WEIGHTS = "1.0,1.0,1.0,1.0,1.25,1.5,2.0,2.5"
-# Over a VAE they weight a mean-square error, which falls 4.3x from the first iteration to the last
-# where the cross-entropy falls by a sixth: with the weights above the last iterations had a quarter of
-# the pull. So each is multiplied by the first iteration's code MSE over its own (0.092 ... 0.021, the
-# tiny VAE's seed-0 run with the weights above), and the longest codes go on improving for longer.
+# Over a VAE they weight an MSE falling 4.3x from the first iteration to the last (the cross-entropy: by a
+# sixth), leaving the last iterations a quarter of the pull; so each is multiplied by the first iteration's
+# code MSE over its own (0.092 ... 0.021, the tiny VAE's seed-0 run with the weights above).
 CPU_VAE_ITERATION_WEIGHTS = "1.0,1.6,2.4,3.2,4.8,6.4,8.6,10.8"
 
 
