@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, default_collate
 
 DATASETS = ("shapes", "imagenet100", "imagenet", "folder")
@@ -565,76 +565,10 @@ def build_dataset(name: str, split: str, image_size: int, data_dir: str | None =
     return ImageFiles(files, targets, image_size, train, eval_protocol)
 
 
-def write_photo_folder(root, classes, images_per_class: int, size=(500, 375), seed: int = 0) -> list:
-    """Photo-like JPEGs in ImageNet's layout, <root>/<class>/<i>.JPEG, at ImageNet's most common size
-    (500x375; quality 95: ~100 KB each, about ImageNet's mean): smooth colour fields, a few shapes
-    and sensor noise, so that decoding one costs what a photo costs. For benchmarks and the GPU smoke test,
-    which cannot download ImageNet. Returns the files written."""
-    rng, files = np.random.default_rng(seed), []
-    width, height = size
-    for c in classes:
-        for i in range(images_per_class):
-            field = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-            draw = ImageDraw.Draw(field)
-            for _ in range(int(rng.integers(2, 6))):
-                x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
-                draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=_rgb(_colour(rng)))
-            pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (height, width, 3))
-            path = Path(root) / c / f"{i}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=95)
-            files.append(path)
-    return files
-
-
-def save_image_grid(images: torch.Tensor | list, path, nrow: int, column_labels=None, row_labels=None,
-                    captions=None, min_cell: int = 64, padding: int = 2) -> None:
-    """Write (N, 3, H, W) images in [0, 1] as one PNG, nrow images per row: each enlarged by the
-    smallest whole factor that makes it at least `min_cell` pixels (nearest neighbour: pixels stay
-    pixels, so what differs between token counts shows), labelled above its column and left of its
-    row, and `captions[i]` under image i."""
-    images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
-    images = images.detach().float().cpu().clamp(0, 1)
-    scale = max(1, math.ceil(min_cell / min(images.shape[-2:])))
-    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    n, _, h, w = images.shape
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    font = ImageFont.load_default(size=11)
-    caption = 13 * max(c.count("\n") + 1 for c in captions) + 2 if captions else 0  # the strip under each image
-    top = 16 if column_labels else 0
-    left = 8 + max((int(font.getlength(label)) for label in row_labels), default=0) if row_labels else 0
-    canvas = Image.new("RGB", (left + cols * (w + padding) + padding, top + rows * (h + caption + padding) + padding),
-                       "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, image in enumerate(images):
-        x = left + padding + (i % nrow) * (w + padding)
-        y = top + padding + (i // nrow) * (h + caption + padding)
-        canvas.paste(Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), (x, y))
-        if captions:
-            draw.multiline_text((x + w / 2, y + h + 1), captions[i], fill="black", font=font, anchor="ma",
-                                align="center", spacing=1)
-    for c, label in enumerate(column_labels or []):
-        draw.text((left + padding + c * (w + padding) + w / 2, 2), label, fill="black", font=font, anchor="ma")
-    for r, label in enumerate(row_labels or []):
-        draw.text((4, top + padding + r * (h + caption + padding) + h / 2), label, fill="black", font=font, anchor="lm")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash mid-write never leaves a half PNG
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def first_images(dataset: Dataset, n: int) -> torch.Tensor:
     """The first n images of `dataset` as one (n, 3, S, S) batch, e.g. the fixed images a training
     run draws its grids of."""
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
-
-
-def save_image_columns(columns: list, path, column_labels=None, row_labels=None, captions=None) -> None:
-    """Write one row per image and one column per entry of `columns` (each (N, 3, H, W)), e.g. the
-    reconstruction at every token count, then the original (Fig. 2's layout); captions row by row."""
-    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns), column_labels=column_labels,
-                    row_labels=row_labels, captions=captions)
 
 
 # -----------------------------------------------------------------------------

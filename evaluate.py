@@ -18,33 +18,31 @@ The base tokenizer (VQGAN or VAE) comes with the checkpoint. Over a VAE the toke
 the code error (the mean squared error of the predicted 2D token vectors, selection.code_error_below),
 in place of the token accuracy, and the base's own row is the VAE's (posterior mean, decoded).
 """
-import dataclasses
+import argparse
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import scipy.stats
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import distributed
+import flags
 from data import DATASETS, build_dataset
+from distributed import conv_memory_format
 from fid import FeatureStats, InceptionV3, fid_from_stats
+from flags import EXISTING_FOLDER, FILE, FOLDER, PAPER_DATASETS, Number, Numbers
 from model import ALIT
-from vqgan import conv_memory_format
-from quantize import count_codes
 from plots import plot_sweep, save_fig2_grid, save_halting_figure, spread_rows
+from quantize import count_codes
 from report import markdown_report, write_sweep_csv
-# The criteria live in selection.py (analyze.py and bench.py import them from there too).
-from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, code_error, code_error_below,  # noqa: F401
-                       first_passing, l1_below, l1_passes, psnr, token_accuracy_above)
-from training import (PAPER_DATASETS, check_data, check_flags, choice_checks, data_workers, end_distributed,
-                      keep_freed_memory, official_heads, paper_scale, parse_flags, setup_distributed)
-from weights import find_weights, not_found
+from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, first_passing, l1_below, l1_passes, psnr,
+                       token_score_passes)
+from weights import find_weights, load_model, not_found
 
 # -----------------------------------------------------------------------------
 # The evaluation run: every token count, adaptive allocation, complexity
@@ -55,84 +53,80 @@ PROTOCOLS = {
 }
 
 
-@dataclass
-class EvalConfig:
-    ckpt: Annotated[str, "file"] = "out/stage2/ckpt.pt"  # a train_stage1.py / train_stage2.py checkpoint ...
-    # A second checkpoint reported beside --ckpt, per token count (default: stage 1, which stage 2 must
-    # not undo); skipped when it is missing or is --ckpt itself.
-    compare: Annotated[str | None, "file"] = "out/stage1/ckpt.pt"
-    # ... or an official ALIT checkpoint (ALIT.from_official): a path, or a name looked up in
-    # $ALIT_WEIGHTS and the torch hub cache
-    official: Annotated[str | None, "file"] = None
-    heads: Annotated[str | None, "list of int >= 1"] = None  # official checkpoints of non-preset sizes: "8" or "8,8" (encoder, decoder)
-    use_ema: bool = True  # evaluate the EMA weights of our checkpoints
-    dataset: Literal[DATASETS] = "shapes"  # shapes is drawn on the fly; the others read --data-dir
-    data_dir: Annotated[str | None, "existing folder"] = None  # root of the image folder (imagenet: <root>/val/<wnid>/*)
-    split: Literal["train", "val"] = "val"  # the images evaluated
-    num_images: Annotated[int | None, ">= 1"] = None  # default: the whole split (shapes: 1000)
-    protocol: Literal[tuple(PROTOCOLS)] = "crop"  # how images are cut to the model size (PROTOCOLS)
-    batch_size: Annotated[int, ">= 1"] = 50  # images per forward pass
-    # pytorch-fid's Inception; default: pt_inception-2015-12-05-6726825d.pth if it is in $ALIT_WEIGHTS or
-    # the torch hub cache (where pytorch-fid downloads it), else no FID
-    inception_weights: Annotated[str | None, "file"] = None
-    # L1 thresholds of the adaptive allocation sweep (Fig. 7). Default: 0.03,0.05,0.07,0.1,0.15 at
-    # 256x256; 0.03,0.04,0.05,0.07 below
-    thresholds: Annotated[str | None, "list of float > 0"] = None
-    token_thresholds: Annotated[str, "list of float in [0, 1]"] = "0.3,0.5,0.7,0.8,0.9"  # token-accuracy thresholds of the cheaper criterion
-    # VAE base: code-error thresholds of the token-space criterion, in multiples of the mean code MSE at
-    # the longest code (the predicted vectors' scale is the VAE's own)
-    code_thresholds: Annotated[str, "list of float > 0"] = "1.1,1.25,1.5,2,3,5"
-    # The default criterion (allocation summary, complexity vs tokens): L1 below --default-threshold,
-    # or within --saturation of the image's L1 at the longest code. Default: the official encode's
-    # 0.07 and no saturation at 256x256; below that 0.04 and 0.03: the simple shapes scenes get
-    # below 0.04, the complex ones never do, and they stop where more tokens stop helping instead of
-    # all taking the longest code (early exit times the threshold alone: saturation needs the longest).
-    default_threshold: Annotated[float | None, "> 0"] = None
-    saturation: Annotated[float | None, "in [0, 1]"] = None  # a fraction: 0.02 stops an image once it is within 2% of its longest code's L1
-    halting: bool = False  # the official code halts in eval too, which makes reconstructions random
-    grid_images: Annotated[int, ">= 1"] = 8  # rows of reconstructions.png and halting.png, from simple to complex images
-    speed_images: Annotated[int, ">= 1"] = 64  # images timed for early exit vs running every iteration
-    out_dir: Annotated[str, "folder"] = "out/eval"  # metrics.json, the sweep's CSV and plot, reconstructions.png, halting.png
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
-    # DataLoader processes per rank; default: on CUDA the CPUs this process may use shared by the ranks, less
-    # one each; 0 on the CPU
-    num_workers: Annotated[int | None, ">= 0"] = None
-    seed: Annotated[int, ">= 0"] = 0  # of the halting draws (with --halting)
-    keep_freed_memory: bool = True  # on the CPU, keep freed memory in the process (training.keep_freed_memory)
+DEFAULT_CKPT = "out/stage2/ckpt.pt"
 
 
-def parse_args(argv=None) -> EvalConfig:
-    cfg, _ = parse_flags(argv, __doc__, EvalConfig)
-    check_flags(choice_checks(cfg))
-    check_data(cfg.dataset, cfg.data_dir, (cfg.split,))
+def parser() -> flags.Parser:
+    p = flags.Parser(__doc__)
+    p.add("--ckpt", DEFAULT_CKPT, FILE, "a train_stage1.py / train_stage2.py checkpoint ...")
+    p.add("--compare", "out/stage1/ckpt.pt", FILE, "a second checkpoint reported beside --ckpt, per token count "
+          "(stage 1, which stage 2 must not undo); skipped when it is missing or is --ckpt itself")
+    p.add("--official", None, FILE, "... or an official ALIT checkpoint (ALIT.from_official): a path, or a name "
+          "looked up in $ALIT_WEIGHTS and the torch hub cache")
+    p.add("--heads", None, Numbers(Number(int, 1)), "official checkpoints of non-preset sizes: 8 or 8,8 (encoder, "
+          "decoder)")
+    p.add("--use-ema", True, bool, "evaluate the EMA weights of our checkpoints")
+    p.add("--dataset", "shapes", str, "shapes is drawn on the fly; the others read --data-dir", choices=DATASETS)
+    p.add("--data-dir", None, EXISTING_FOLDER, "root of the image folder (imagenet: <root>/val/<wnid>/*)")
+    p.add("--split", "val", str, "the images evaluated", choices=("train", "val"))
+    p.add("--num-images", None, Number(int, 1), "the first so many images", default_text="the whole split "
+          "(shapes: 1000)")
+    p.add("--protocol", "crop", str, "how images are cut to the model size (PROTOCOLS)", choices=tuple(PROTOCOLS))
+    p.add("--batch-size", 50, Number(int, 1), "images per forward pass")
+    p.add("--inception-weights", None, FILE, "pytorch-fid's Inception",
+          default_text="pt_inception-2015-12-05-6726825d.pth if it is in $ALIT_WEIGHTS or the torch hub cache, "
+                       "else no FID")
+    p.add("--thresholds", None, Numbers(Number(float, 0, ends="(]")), "L1 thresholds of the adaptive allocation "
+          "sweep (Fig. 7)", default_text="0.03,0.05,0.07,0.1,0.15 at 256x256; 0.03,0.04,0.05,0.07 below")
+    p.add("--token-thresholds", "0.3,0.5,0.7,0.8,0.9", Numbers(Number(float, 0, 1)), "token-accuracy thresholds of "
+          "the cheaper criterion (VQGAN)")
+    p.add("--code-thresholds", "1.1,1.25,1.5,2,3,5", Numbers(Number(float, 0, ends="(]")), "VAE: code-error "
+          "thresholds of the token-space criterion, in multiples of the mean code MSE at the longest code")
+    p.add("--default-threshold", None, Number(float, 0, ends="(]"), "the default criterion (allocation summary, "
+          "complexity vs tokens): L1 below this, or within --saturation of the image's L1 at the longest code",
+          default_text="the official encode's 0.07 at 256x256; 0.04 below, where complex scenes never get there")
+    p.add("--saturation", None, Number(float, 0, 1), "a fraction: 0.02 stops an image once it is within 2%% of its "
+          "longest code's L1", default_text="none at 256x256; 0.03 below")
+    p.add("--halting", False, bool, "the official code halts in eval too, which makes reconstructions random")
+    p.add("--grid-images", 8, Number(int, 1), "rows of reconstructions.png and halting.png, simple to complex")
+    p.add("--speed-images", 64, Number(int, 1), "images timed for early exit vs running every iteration")
+    p.add("--out-dir", "out/eval", FOLDER, "metrics.json, the sweep's CSV and plot, reconstructions.png, halting.png")
+    p.add("--device", "auto", str, "auto: CUDA when available", choices=("auto", "cuda", "cpu"))
+    p.add("--num-workers", None, Number(int, 0), "DataLoader processes per rank", default_text="on CUDA the CPUs "
+          "this process may use shared by the ranks, less one each; 0 on the CPU")
+    p.add("--seed", 0, Number(int, 0), "of the halting draws (with --halting)")
+    p.add("--keep-freed-memory", True, bool, "on the CPU, keep freed memory in the process "
+          "(distributed.keep_freed_memory)")
+    return p
+
+
+def parse_args(argv=None):
+    args, _ = parser().parse(argv)
+    flags.check_data(args.dataset, args.data_dir, (args.split,))
     try:
-        official = find_weights("alit", "--official", cfg.official) if cfg.official else None
-        inception = find_weights("inception", "--inception-weights", cfg.inception_weights)
+        official = find_weights("alit", "--official", args.official) if args.official else None
+        inception = find_weights("inception", "--inception-weights", args.inception_weights)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
-    return dataclasses.replace(cfg, official=official and str(official), inception_weights=inception and str(inception))
+    args.official, args.inception_weights = official and str(official), inception and str(inception)
+    return args
 
 
-def load_model(cfg: EvalConfig, device, flag="--ckpt") -> ALIT:
+def load_alit(args, device, flag="--ckpt") -> ALIT:
     """--official or --ckpt, in eval mode. With --dataset imagenet100/imagenet, the default --ckpt must
     hold a 256x256 model (the paper's): the shapes pipeline's 32x32 one is not evaluated on ImageNet unasked."""
-    try:
-        if cfg.official:
-            flag = "--official"
-            model = ALIT.from_official(cfg.official, heads=official_heads(cfg.heads)).eval()
-        elif not Path(cfg.ckpt).is_file():
-            sys.exit(f"error: {flag} {cfg.ckpt} not found (train it, or pass --official PATH)")
-        else:
-            model = ALIT.from_checkpoint(cfg.ckpt, ema=cfg.use_ema)
-    except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: one line naming it
-        sys.exit(f"error: {flag}: {error.args[0]}")
+    if args.official:
+        model = load_model("--official", args.official, lambda p: ALIT.from_official(
+            p, heads=flags.official_heads(args.heads)).eval())
+    else:
+        model = load_model(flag, args.ckpt, lambda p: ALIT.from_checkpoint(p, ema=args.use_ema),
+                           "train it, or pass --official PATH")
     model.to(device).base.to(memory_format=conv_memory_format(device))
-    if cfg.official:
-        return model
     size = model.config.image_size
-    if cfg.dataset in PAPER_DATASETS and cfg.ckpt == EvalConfig.ckpt and not paper_scale(size):
-        sys.exit(f"error: {flag} {cfg.ckpt} holds a {size}x{size} model, not one of the paper's 256x256 models "
-                 f"--dataset {cfg.dataset} is evaluated with: pass --ckpt of an ImageNet run, or --official CKPT "
+    if not args.official and args.dataset in PAPER_DATASETS and args.ckpt == DEFAULT_CKPT and \
+            not flags.paper_scale(size):
+        sys.exit(f"error: {flag} {args.ckpt} holds a {size}x{size} model, not one of the paper's 256x256 models "
+                 f"--dataset {args.dataset} is evaluated with: pass --ckpt of an ImageNet run, or --official CKPT "
                  f"(a --ckpt given explicitly is evaluated whatever its size)")
     return model
 
@@ -142,8 +136,8 @@ OUTPUTS = ("metrics.json", "adaptive_sweep.csv", "adaptive_sweep.png", "reconstr
 
 
 @torch.no_grad()
-def evaluate(model: ALIT, dataset, cfg: EvalConfig, ctx, inception=None, workers: int = 0):
-    """One pass over the data: every token count, the base VQGAN, and the inputs of every criterion.
+def evaluate(model: ALIT, dataset, args, ctx, inception=None, workers: int = 0):
+    """One pass over the data: every token count, the base tokenizer alone, and the inputs of every criterion.
 
     Under torchrun each rank evaluates every world_size-th batch; the per-image arrays come back
     on every rank in the dataset's order and the FID statistics are summed over ranks, so the
@@ -151,19 +145,19 @@ def evaluate(model: ALIT, dataset, cfg: EvalConfig, ctx, inception=None, workers
     the FID statistics and, on rank 0, the first batch (for the Fig. 2 grid).
     """
     T, K = model.config.rollout_iters, model.config.tokens_per_iter
-    thresholds = [float(t) for t in cfg.thresholds.split(",")]
+    thresholds = [float(t) for t in args.thresholds.split(",")]
     code_counts = torch.zeros(model.config.latent_codebook_size if model.quantize else 0, device=ctx.device)
-    stats = {"real": FeatureStats(), "vqgan": FeatureStats(), **{f"tokens_{(t + 1) * K}": FeatureStats() for t in range(T)},
+    stats = {"real": FeatureStats(), "base": FeatureStats(), **{f"tokens_{(t + 1) * K}": FeatureStats() for t in range(T)},
              **{f"l1<{thr:g}": FeatureStats() for thr in thresholds}} if inception else None
-    mine = range(ctx.rank, math.ceil(len(dataset) / cfg.batch_size), ctx.world_size)  # this rank's batches
-    rows = [i for b in mine for i in range(b * cfg.batch_size, min(len(dataset), (b + 1) * cfg.batch_size))]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), cfg.batch_size, num_workers=workers)
+    mine = range(ctx.rank, math.ceil(len(dataset) / args.batch_size), ctx.world_size)  # this rank's batches
+    rows = [i for b in mine for i in range(b * args.batch_size, min(len(dataset), (b + 1) * args.batch_size))]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), args.batch_size, num_workers=workers)
     batches, keep = [], None
     for b, (images, targets) in zip(mine, tqdm(loader, desc="evaluate", dynamic_ncols=True, disable=not ctx.is_main)):
         images = images.to(ctx.device)
         # The halting draws (--halting) depend on the batch alone, not on which rank runs it.
-        generator = torch.Generator(ctx.device).manual_seed(cfg.seed + b)
-        arrays, recon, codes = evaluate_batch(model, images, cfg.halting, thresholds, inception, stats, generator)
+        generator = torch.Generator(ctx.device).manual_seed(args.seed + b)
+        arrays, recon, codes = evaluate_batch(model, images, args.halting, thresholds, inception, stats, generator)
         batches.append((b, {**{k: v.cpu() for k, v in arrays.items()}, "target": targets}))
         if codes is not None:
             code_counts += count_codes(codes, len(code_counts))
@@ -182,31 +176,26 @@ def evaluate(model: ALIT, dataset, cfg: EvalConfig, ctx, inception=None, workers
 
 
 def evaluate_batch(model: ALIT, images, halting: bool, thresholds, inception=None, stats=None, generator=None):
-    """Every token count of one batch, on its device: ({"l1", "mse", "token_acc"} (T, B) and
-    {"vqgan_l1", "vqgan_mse"} (B,)), the reconstructions (T, B, 3, H, W), and the latent indices of
-    the longest code (None without quantization); Inception features go into `stats`. Over a VAE
-    "code_mse" (T, B) replaces "token_acc", and the "vqgan_*" arrays are the VAE's."""
+    """Every token count of one batch, on its device: ({"l1", "mse", the base's token score} (T, B) and
+    {"base_l1", "base_mse"} (B,), the base tokenizer alone), the reconstructions (T, B, 3, H, W), and the
+    latent indices of the longest code (None without quantization); Inception features go into `stats`.
+    The token score is the token accuracy over a VQGAN ("token_acc"), the code MSE over a VAE ("code_mse")."""
     T, K, B = model.config.rollout_iters, model.config.tokens_per_iter, len(images)
-    if model.config.base == "vae":  # the posterior mean (eval mode), once, for the rollout and the VAE alone
-        tokens = model.base_tokens(images)
-        targets = model.base_targets(tokens)
-        records = model(images, tokens, targets, halting=halting, reconstruct=True, generator=generator)
-        vqgan_recon = model.vae.decode_tokens(tokens).float().clamp(0, 1)
-        token_space = {"code_mse": torch.stack([code_error(targets, r.logits) for r in records])}
-    else:
-        latents = model.vqgan.encoder(images)  # once, for the rollout, its token accuracy and the VQGAN alone
-        vqgan = model.vqgan.quantize_latents(latents)
-        records = model(images, latents, vqgan.indices, halting=halting, reconstruct=True, generator=generator)
-        vqgan_recon = model.vqgan.decode(vqgan.codes).float().clamp(0, 1)
-        token_space = {"token_acc": torch.stack([(r.logits.argmax(-1) == vqgan.indices).float().mean(1) for r in records])}
+    # The base's 2D tokens once (a VAE's: the posterior mean, eval mode), for the rollout, its token score and
+    # the base alone.
+    tokens = model.base_tokens(images)
+    targets = model.base_targets(tokens)
+    records = model(images, tokens, targets, halting=halting, reconstruct=True, generator=generator)
+    base_recon = model.base.reconstruct(tokens).float().clamp(0, 1)
+    scores = torch.stack([model.base.token_score(r.prediction, targets) for r in records])
     recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
     l1 = (recon - images).abs().mean(dim=(2, 3, 4))  # (T, B)
-    arrays = {"l1": l1, "mse": (recon - images).square().mean(dim=(2, 3, 4)), **token_space,
-              "vqgan_l1": (vqgan_recon - images).abs().mean(dim=(1, 2, 3)),
-              "vqgan_mse": (vqgan_recon - images).square().mean(dim=(1, 2, 3))}
+    arrays = {"l1": l1, "mse": (recon - images).square().mean(dim=(2, 3, 4)), model.base.token_score_name: scores,
+              "base_l1": (base_recon - images).abs().mean(dim=(1, 2, 3)),
+              "base_mse": (base_recon - images).square().mean(dim=(1, 2, 3))}
     if inception is not None:
         stats["real"].update(inception(images))
-        stats["vqgan"].update(inception(vqgan_recon))
+        stats["base"].update(inception(base_recon))
         features = inception(recon.flatten(0, 1)).view(T, B, -1)
         for t in range(T):
             stats[f"tokens_{(t + 1) * K}"].update(features[t])
@@ -253,119 +242,119 @@ def allocation_summary(chosen: torch.Tensor, per_image: dict, model: ALIT) -> di
 
 def main(argv=None):
     # Setup: the flags, the ranks, the seed and the output folder.
-    cfg = parse_args(argv)
-    ctx = setup_distributed(cfg.device)
-    if cfg.keep_freed_memory and ctx.device.type == "cpu":
-        keep_freed_memory()
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
+    args = parse_args(argv)
+    ctx = distributed.setup(args.device, keep_freed=args.keep_freed_memory)
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
 
     # Model: the checkpoint, then the criterion defaults of its image size (flags left unset only).
-    model = load_model(cfg, ctx.device)
+    model = load_alit(args, ctx.device)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced:
         ctx.log(f"replacing {', '.join(replaced)} in {out} (another --out-dir keeps them)")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     mc = model.config
-    defaults = DEFAULT_CRITERION_OFFICIAL if paper_scale(mc.image_size) else DEFAULT_CRITERION_CPU
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    flags.with_recipe(args, mc.image_size, DEFAULT_CRITERION_OFFICIAL, DEFAULT_CRITERION_CPU)
 
     # Data: the images, cut to the model size as --protocol says, and the Inception network for rFID.
-    ctx.log(f"protocol {cfg.protocol!r}: {PROTOCOLS[cfg.protocol]}")
-    dataset = build_dataset(cfg.dataset, cfg.split, mc.image_size, cfg.data_dir, train=False,
-                            eval_protocol="resize" if cfg.protocol == "resize" else "crop", num_images=cfg.num_images)
-    workers = data_workers(cfg.num_workers, ctx.device)
-    inception = load_inception(cfg, ctx)
+    ctx.log(f"protocol {args.protocol!r}: {PROTOCOLS[args.protocol]}")
+    dataset = build_dataset(args.dataset, args.split, mc.image_size, args.data_dir, train=False,
+                            eval_protocol="resize" if args.protocol == "resize" else "crop", num_images=args.num_images)
+    workers = distributed.data_workers(args.num_workers, ctx.device)
+    inception = load_inception(args, ctx)
 
     # Evaluate: one pass over the images; every measurement below is computed from its per-image arrays.
-    per_image, stats, keep = evaluate(model, dataset, cfg, ctx, inception, workers)
+    per_image, stats, keep = evaluate(model, dataset, args, ctx, inception, workers)
     fid = (lambda name: fid_from_stats(stats["real"], stats[name])) if inception else (lambda name: None)
     # 1. Every token count (Table 1, Fig. 2), beside --compare's and the base tokenizer's own.
     rows = per_count_rows(per_image, mc.token_counts, fid)
-    compare = compare_checkpoint(cfg, dataset, ctx, workers, mc)
-    base_row = {"base": mc.base, "tokens": mc.num_image_tokens, "l1": per_image["vqgan_l1"].mean().item(),
-                "mse": per_image["vqgan_mse"].mean().item(), "psnr": psnr(per_image["vqgan_mse"]).mean().item(),
-                "rfid": fid("vqgan")}
+    compare = compare_checkpoint(args, dataset, ctx, workers, mc)
+    base_row = {"base": mc.base, "tokens": mc.num_image_tokens, "l1": per_image["base_l1"].mean().item(),
+                "mse": per_image["base_mse"].mean().item(), "psnr": psnr(per_image["base_mse"]).mean().item(),
+                "rfid": fid("base")}
     # 2. Adaptive allocation (Fig. 7): per image, the fewest tokens that pass a criterion.
-    sweeps, pixel_choice, matched_threshold = adaptive_sweeps(per_image, cfg, model, fid)
+    sweeps, pixel_choice, matched_threshold = adaptive_sweeps(per_image, args, model, fid)
     # 3. Early exit: the batched adaptive encode against running every iteration for every image.
-    speed = time_early_exit(model, dataset, cfg, matched_threshold, ctx)
+    speed = time_early_exit(model, dataset, args, matched_threshold, ctx)
     # 4. Complexity (§3): does a more complex image get more tokens? (`shapes` records how complex.)
-    complexity = complexity_vs_tokens(per_image, pixel_choice, cfg, model) if cfg.dataset == "shapes" else None
+    complexity = complexity_vs_tokens(per_image, pixel_choice, args, model) if args.dataset == "shapes" else None
 
     # Results: the same on every rank; rank 0 alone writes them.
-    results = {"protocol": cfg.protocol, "images": per_image["l1"].shape[1], "dataset": cfg.dataset,
-               "checkpoint": cfg.official or cfg.ckpt, "halting": cfg.halting, "per_token_count": rows,
-               "vqgan": base_row, "codebook": per_image["codebook"], "compare": compare,
+    results = {"protocol": args.protocol, "images": per_image["l1"].shape[1], "dataset": args.dataset,
+               "checkpoint": args.official or args.ckpt, "halting": args.halting, "per_token_count": rows,
+               "vqgan": base_row,  # the base tokenizer alone ("base" says which), under metrics.json's name
+               "codebook": per_image["codebook"], "compare": compare,
                **sweeps, "early_exit": speed, "complexity": complexity}
-    end_distributed()
+    distributed.end()
     if ctx.is_main:
-        write_outputs(results, model, per_image, keep, cfg, ctx.device, with_fid=inception is not None)
+        write_outputs(results, model, per_image, keep, args, ctx.device, with_fid=inception is not None)
     return results
 
 
-def load_inception(cfg: EvalConfig, ctx):
+def load_inception(args, ctx):
     """pytorch-fid's Inception on the device, or None (logging where its weights are looked for): no rFID."""
-    if not cfg.inception_weights:
+    if not args.inception_weights:
         ctx.log("no --inception-weights given: reporting everything but FID; "
                 + not_found("inception", "--inception-weights"))
         return None
     try:
-        return InceptionV3.from_pytorch_fid(cfg.inception_weights).to(ctx.device)
+        return InceptionV3.from_pytorch_fid(args.inception_weights).to(ctx.device)
     except (KeyError, ValueError, RuntimeError) as error:
         sys.exit(f"error: --inception-weights: {error.args[0]}")
 
 
-def compare_checkpoint(cfg: EvalConfig, dataset, ctx, workers: int, mc) -> dict | None:
+def compare_checkpoint(args, dataset, ctx, workers: int, mc) -> dict | None:
     """--compare's rows per token count and codebook usage, or None: missing, --ckpt itself, or other counts."""
-    if not cfg.compare or cfg.official or not Path(cfg.compare).is_file() or \
-            Path(cfg.compare).resolve() == Path(cfg.ckpt).resolve():
+    if not args.compare or args.official or not Path(args.compare).is_file() or \
+            Path(args.compare).resolve() == Path(args.ckpt).resolve():
         return None
-    other = load_model(EvalConfig(ckpt=cfg.compare, use_ema=cfg.use_ema), ctx.device, flag="--compare")
+    other = load_alit(argparse.Namespace(**{**vars(args), "ckpt": args.compare, "official": None}), ctx.device,
+                      flag="--compare")
     if other.config.rollout_iters != mc.rollout_iters or other.config.tokens_per_iter != mc.tokens_per_iter:
         return None
-    other_images = evaluate(other, dataset, cfg, ctx, None, workers)[0]
-    return {"checkpoint": cfg.compare, "per_token_count": per_count_rows(other_images, mc.token_counts),
+    other_images = evaluate(other, dataset, args, ctx, None, workers)[0]
+    return {"checkpoint": args.compare, "per_token_count": per_count_rows(other_images, mc.token_counts),
             "codebook": other_images["codebook"]}
 
 
-def adaptive_sweeps(per_image: dict, cfg: EvalConfig, model: ALIT, fid) -> tuple:
+def adaptive_sweeps(per_image: dict, args, model: ALIT, fid) -> tuple:
     """Per --thresholds L1 (rFID too), the same saturated, and the token-space criterion beside the default pixel
     one: their four entries of metrics.json, the default's choices and the matched token criterion's threshold."""
     sweep, saturated_sweep = [], []
-    for thr in [float(v) for v in cfg.thresholds.split(",")]:
+    for thr in [float(v) for v in args.thresholds.split(",")]:
         chosen = first_passing(per_image["l1"] < thr)
         sweep.append({"criterion": f"l1<{thr:g}", "threshold": thr, **allocation_summary(chosen, per_image, model),
                       "rfid": fid(f"l1<{thr:g}")})
-        if cfg.saturation:  # the same thresholds, saturated images stopping early (no FID: not cached)
-            chosen = first_passing(l1_passes(per_image["l1"], thr, cfg.saturation))
-            saturated_sweep.append({"criterion": criterion_name(thr, cfg.saturation), "threshold": thr,
+        if args.saturation:  # the same thresholds, saturated images stopping early (no FID: not cached)
+            chosen = first_passing(l1_passes(per_image["l1"], thr, args.saturation))
+            saturated_sweep.append({"criterion": criterion_name(thr, args.saturation), "threshold": thr,
                                     **allocation_summary(chosen, per_image, model)})
     # The cheaper token-space criterion beside the default pixel one, matched by the closest mean token count.
-    pixel_choice = first_passing(l1_passes(per_image["l1"], cfg.default_threshold, cfg.saturation))
+    pixel_choice = first_passing(l1_passes(per_image["l1"], args.default_threshold, args.saturation))
     token_sweep = []
-    if model.config.base == "vae":  # the code error, thresholds in multiples of the longest code's mean
-        longest = per_image["code_mse"][-1].mean().item()
-        token_criteria = [(f"code_mse<{m * longest:.3g}", m * longest, per_image["code_mse"] < m * longest)
-                          for m in (float(v) for v in cfg.code_thresholds.split(","))]
-    else:
-        token_criteria = [(f"token_acc>={thr:g}", thr, per_image["token_acc"] >= thr)
-                          for thr in (float(v) for v in cfg.token_thresholds.split(","))]
+    name, scores = model.base.token_score_name, per_image[model.base.token_score_name]
+    if model.base.higher_score_is_better:  # a score in [0, 1] (token accuracy): the thresholds as given
+        token_criteria = [(f"{name}>={thr:g}", thr, scores >= thr)
+                          for thr in (float(v) for v in args.token_thresholds.split(","))]
+    else:  # an error on the base's own scale (code MSE): thresholds in multiples of the longest code's mean
+        longest = scores[-1].mean().item()
+        token_criteria = [(f"{name}<{m * longest:.3g}", m * longest, scores < m * longest)
+                          for m in (float(v) for v in args.code_thresholds.split(","))]
     for name, thr, passes in token_criteria:
         chosen = first_passing(passes)
         token_sweep.append({"criterion": name, "threshold": thr, **allocation_summary(chosen, per_image, model),
                             "same_count_as_pixel_default": (chosen == pixel_choice).float().mean().item()})
     pixel_default = allocation_summary(pixel_choice, per_image, model)
     matched = min(token_sweep, key=lambda r: abs(r["mean_tokens"] - pixel_default["mean_tokens"]))
-    versus = {"pixel": criterion_name(cfg.default_threshold, cfg.saturation), **pixel_default,
+    versus = {"pixel": criterion_name(args.default_threshold, args.saturation), **pixel_default,
               "token": matched["criterion"], "token_mean_tokens": matched["mean_tokens"],
               "same_count": matched["same_count_as_pixel_default"]}
     return ({"adaptive_l1": sweep, "adaptive_l1_saturated": saturated_sweep, "adaptive_token_accuracy": token_sweep,
              "pixel_vs_token_criterion": versus}, pixel_choice, matched["threshold"])
 
 
-def complexity_vs_tokens(per_image: dict, chosen: torch.Tensor, cfg: EvalConfig, model: ALIT) -> dict:
+def complexity_vs_tokens(per_image: dict, chosen: torch.Tensor, args, model: ALIT) -> dict:
     """Per complexity level, the mean token count the default criterion chose (`chosen`) and the L1 at
     every count, and how the level and the count rank together (Spearman)."""
     K, T, counts = model.config.tokens_per_iter, model.config.rollout_iters, model.config.token_counts
@@ -374,24 +363,24 @@ def complexity_vs_tokens(per_image: dict, chosen: torch.Tensor, cfg: EvalConfig,
     varies = len(levels) > 1 and len(chosen.unique()) > 1  # else Spearman is undefined
     rho = float(scipy.stats.spearmanr(level.numpy(), chosen.numpy())[0]) if varies else None
     images_per_length = torch.bincount(chosen, minlength=T)
-    return {"spearman_complexity_vs_tokens": rho, "criterion": criterion_name(cfg.default_threshold, cfg.saturation),
+    return {"spearman_complexity_vs_tokens": rho, "criterion": criterion_name(args.default_threshold, args.saturation),
             "lengths_chosen_for_5pct": int((images_per_length >= 0.05 * len(chosen)).sum()),
             "mean_tokens_per_level": {int(c): ((chosen[level == c] + 1) * K).float().mean().item() for c in levels},
             "l1_per_level_per_tokens": {int(c): {counts[t]: per_image["l1"][t][level == c].mean().item()
                                                  for t in range(T)} for c in levels}}
 
 
-def write_outputs(results: dict, model: ALIT, per_image: dict, keep, cfg: EvalConfig, device, with_fid: bool):
+def write_outputs(results: dict, model: ALIT, per_image: dict, keep, args, device, with_fid: bool):
     """Rank 0's part: OUTPUTS into --out-dir, and the markdown report printed."""
-    out, T = Path(cfg.out_dir), model.config.rollout_iters
+    out, T = Path(args.out_dir), model.config.rollout_iters
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     sweep, saturated_sweep = results["adaptive_l1"], results["adaptive_l1_saturated"]
     write_sweep_csv(out / "adaptive_sweep.csv", sweep + saturated_sweep + results["adaptive_token_accuracy"])
     fixed = [{**row, "dataset_representation": (t + 1) / T} for t, row in enumerate(results["per_token_count"])]
     plot_sweep(out / "adaptive_sweep.png", sweep, saturated_sweep, fixed, with_fid)
-    order, labels = spread_rows(keep, per_image, cfg.grid_images, cfg.dataset == "shapes")
+    order, labels = spread_rows(keep, per_image, args.grid_images, args.dataset == "shapes")
     save_fig2_grid(keep, per_image, out / "reconstructions.png", order, labels, model.config.token_counts)
-    save_halting_figure(model, keep[0][order].to(device), labels, out / "halting.png", cfg.seed)
+    save_halting_figure(model, keep[0][order].to(device), labels, out / "halting.png", args.seed)
     print(markdown_report(results))
     print("wrote " + ", ".join(str(out / name) for name in OUTPUTS))
 
@@ -400,16 +389,16 @@ def criterion_name(threshold: float, saturation: float) -> str:
     return f"l1<{threshold:g}" + (f" or <={1 + saturation:g}x longest" if saturation else "")
 
 
-def time_early_exit(model: ALIT, dataset, cfg: EvalConfig, token_threshold: float, ctx) -> dict:
+def time_early_exit(model: ALIT, dataset, args, token_threshold: float, ctx) -> dict:
     """Seconds to encode `speed_images` images adaptively (pixel and token criterion, early exit)
     against running every iteration and decoding every reconstruction for every image (what the
     official encode does), and whether early exit picks the same counts as the exhaustive search.
     Under torchrun each rank times its share of the images; the seconds are the slowest rank's."""
-    n = min(cfg.speed_images, len(dataset))
+    n = min(args.speed_images, len(dataset))
     share = range(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
     images = torch.stack([dataset[i][0] for i in share]).to(ctx.device)
-    pixel = l1_below(cfg.default_threshold)
-    token = code_error_below(token_threshold) if model.config.base == "vae" else token_accuracy_above(token_threshold)
+    pixel = l1_below(args.default_threshold)
+    token = token_score_passes(model.base, token_threshold)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else lambda: None  # the GPU's work, not its queueing
 
     def exhaustive():

@@ -10,60 +10,58 @@ adversarial losses (gan generator and discriminator losses) inspired from VQGAN 
 - LPIPS (Zhang et al. 2018), the perceptual part of VQGAN's L_rec;
 - a PatchGAN discriminator (pix2pix, Isola et al. 2017) with the hinge loss;
 - the adaptive GAN weight λ of VQGAN (Esser et al. 2021, Eq. 7).
-This file holds the pieces; each stage script composes them (the discriminator's update outside DDP:
-training.discriminator_step).
+This file holds the pieces, each stage script composes them; the discriminator's update
+(discriminator_step) runs outside DDP.
 
 Every image in and out of this file is float (N, 3, H, W) in [0, 1]. Each network
 converts to the range it was trained on inside its forward, in one place.
 """
+import contextlib
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quantize import exact_float32
 from weights import perceptual_missing, read_weights, source_name
 
 # -----------------------------------------------------------------------------
 # Stage 1: the base tokenizer's 2D tokens, predicted at every iteration
 
 
-def stage1_loss(model, records, gt_indices, weights, label_smoothing, code_weight, quantizer_weight):
-    """Σ_t [λ_t CE(logits_t, gt) + MSE(softmax-expected code_t, true code) + quantizer loss_t]: the
-    weights λ_t act on the cross-entropy only; the code MSE and the quantizer's codebook and commitment
-    terms are added at every decoded iteration, unweighted (§A.5 names the cross-entropy; the other two
-    terms are the official code's). Returns the loss and, for logging, a (iterations, 3) tensor of [CE, token accuracy,
-    1] rows for the decoded iterations (zeros elsewhere), so sums over steps and ranks average right.
-    Over a VAE, gt_indices are the true tokens (B, N, C): Σ_t λ_t MSE(predicted, true tokens) +
-    quantizer loss (§A.5, adaptive_vae.py), logging [MSE, mean absolute error, 1]."""
-    if model.config.base == "vae":
-        return stage1_loss_vae(model, records, gt_indices, weights, quantizer_weight)
-    target_codes = model.vqgan.quantize.lookup(gt_indices).float()  # (B, N, C)
+def stage1_loss(model, images, *, iteration_weights, forward=None, halting=True, iters=None,
+                label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0, generator=None):
+    """Stage 1's forward and loss (§A.5), the base frozen: the rollout over `images` with halting, and
+    Σ_t [λ_t token loss_t + its unweighted part + quantizer loss_t] over the decoded iterations (`iters`,
+    default all). Over a VQGAN the token loss is the cross-entropy against the base's indices (§A.5) and
+    the unweighted part the MSE of the expected code (official code); over a VAE the MSE of the predicted
+    tokens (base.token_loss). λ_t = iteration_weights[t]; the quantizer's codebook and commitment terms
+    count at every iteration, unweighted. `forward` is the module to call (the DDP wrapper in training;
+    default `model`).
+
+    Returns the loss, a (iterations, 3) tensor of [token loss, token accuracy (VAE: mean absolute error),
+    1] rows for the decoded iterations (zeros elsewhere, so that sums over steps and ranks average
+    right), and the rollout's records."""
+    # The targets in float32 whatever the autocast, the nearest code in exact float32, so that bf16 and
+    # float32 runs distil the same targets. (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs
+    # them by default: exact float32 would make the encoder, 3% of a step's FLOPs, a fifth of its time.)
+    with torch.no_grad(), exact_float32(images.device.type):
+        tokens, targets = model.base.encode(images.float(), sample=True)  # a VAE's: a fresh posterior sample
+    records = (forward or model)(images, tokens, targets, halting=halting, iters=iters, generator=generator)
     total = 0.0
-    stats = torch.zeros(model.config.rollout_iters, 3, device=gt_indices.device)
+    stats = torch.zeros(model.config.rollout_iters, 3, device=images.device)
     for r in records:
-        logits = r.logits.float()
-        ce = F.cross_entropy(logits.flatten(0, 1), gt_indices.flatten(), label_smoothing=label_smoothing)
-        code = F.mse_loss(model.soft_codes(logits), target_codes)
-        total = total + weights[r.index] * ce + code_weight * code
+        weighted, unweighted, logged = model.base.token_loss(r.prediction, targets, label_smoothing=label_smoothing,
+                                                            code_weight=code_weight)
+        total = total + iteration_weights[r.index] * weighted
+        if unweighted is not None:
+            total = total + unweighted
         if r.quantized is not None:
             total = total + quantizer_weight * r.quantized.loss
-        accuracy = (logits.argmax(-1) == gt_indices).float().mean()
-        stats[r.index] = torch.stack([ce.detach(), accuracy, torch.ones_like(accuracy)])
-    return total, stats
-
-
-def stage1_loss_vae(model, records, target_tokens, weights, quantizer_weight):
-    total = 0.0
-    stats = torch.zeros(model.config.rollout_iters, 3, device=target_tokens.device)
-    for r in records:
-        error = r.logits.float() - target_tokens.float()  # (B, N, C)
-        mse = error.square().mean()
-        total = total + weights[r.index] * mse
-        if r.quantized is not None:
-            total = total + quantizer_weight * r.quantized.loss
-        stats[r.index] = torch.stack([mse.detach(), error.detach().abs().mean(), torch.ones_like(mse)])
-    return total, stats
+        stats[r.index] = torch.cat([logged, torch.ones_like(logged[:1])])
+    return total, stats, records
 
 
 # -----------------------------------------------------------------------------
@@ -271,6 +269,32 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer_weight, max_weight=1e4):
     g_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def discriminator_step(discriminator, optimizer, images, recon, precision=contextlib.nullcontext()):
+    """One hinge-loss update (losses.hinge_d_loss) on real images vs the (detached) reconstructions,
+    under `precision` (the training script's autocast). With gradient accumulation `images` and `recon`
+    are lists of micro-batches: each goes through on its own, their mean loss makes the one update.
+
+    The gradients are averaged across ranks by hand: two forward passes per step (real, fake)
+    keep the BatchNorm statistics of real and fake batches apart, as in taming, which DDP's
+    one-backward-per-forward bookkeeping does not allow.
+    """
+    if torch.is_tensor(images):
+        images, recon = [images], [recon]
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for real, fake in zip(images, recon):
+        with precision:
+            loss = hinge_d_loss(discriminator(real), discriminator(fake.detach())) / len(images)
+        loss.backward()
+        total = total + loss.detach()
+    if dist.is_available() and dist.is_initialized():
+        for p in discriminator.parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
+    optimizer.step()
+    return total
 
 
 def gan_weight_at(step: int, schedule) -> float:

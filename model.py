@@ -15,13 +15,13 @@ distillation"). Between iterations, dynamic halting replaces the image tokens
 the decoder already reconstructs well by the halted token, so later iterations spend
 their capacity on what is not yet reconstructed.
 
-The base tokenizer (§2, §A.5: "VQGAN or VAE") is `config.base`. It gives the 2D tokens
-and the decoder's targets from images (`base_tokens`, `base_targets`) and images from the
-decoder's prediction (`images_from_logits`). Over a VQGAN the targets are codebook
-indices and the head predicts logits over the codebook; over a VAE (vae.py) the targets
-are the continuous 2D tokens themselves and the head regresses them. The rest of the
-method is the same; the two differ in the head, halting's test, decoding, and stage 1's
-loss (train_stage1.py).
+The base tokenizer (§2, §A.5: "VQGAN or VAE") is `config.base`, built by `make_base`. ALIT asks
+it for a few things, which vqgan.VQGAN and vae.VAE each answer: the 2D tokens of images and the
+targets its decoder predicts (`tokens`, `targets`), how many numbers the prediction has per cell
+(`prediction_size`), images from a prediction (`decode_prediction`) and halting's test (`halts`);
+stage 1 asks for its loss term (`token_loss`, losses.stage1_loss). Over a VQGAN the targets are
+codebook indices and the head predicts logits over the codebook; over a VAE the targets are the
+continuous 2D tokens themselves and the head regresses them. Nothing below asks which it is.
 
 The module layout follows our own names; `ALIT.from_official` maps the official
 checkpoints onto it with a written key table, and reproduces the official
@@ -32,7 +32,7 @@ t iterations so far (1-based), L = t*K latent tokens, D width.
 """
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal
 
 import torch
@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from quantize import Quantized, VectorQuantizer
-from vae import PRESETS as VAE_PRESETS
+import vae
+import vqgan
 from vae import VAE, VAEConfig
-from vae import official_config as vae_official_config
-from vqgan import PRESETS as VQGAN_PRESETS
-from vqgan import VQGAN, VQGANConfig, official_config
+from vqgan import VQGAN, VQGANConfig
 from weights import load_checkpoint, load_exact, read_weights, source_name
 
 
@@ -78,8 +77,8 @@ class ALITConfig:
     # as the identity (not the official init; see the tiny preset for why it matters there).
     zero_init_encoder_residuals: bool = False
     base: Literal["vqgan", "vae"] = "vqgan"  # the base 2D tokenizer (§2, §A.5): a VQGAN (codebook indices) or a VAE (continuous vectors)
-    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**VQGAN_PRESETS["imagenet"]))  # the base when base = vqgan
-    vae: VAEConfig = field(default_factory=lambda: VAEConfig(**VAE_PRESETS["kl16"]))  # the base when base = vae
+    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**vqgan.PRESETS["imagenet"]))  # the base when base = vqgan
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig(**vae.PRESETS["kl16"]))  # the base when base = vae
     # VAE base: compute what the official adaptive_vae.py computes rather than what it evidently means
     # (set when loading its checkpoints): its halting never masks a cell (it writes the mask into the copy
     # that boolean indexing returns), and it decodes the predicted tokens without dividing by the 0.2325
@@ -88,8 +87,12 @@ class ALITConfig:
 
     @property
     def base_config(self):
-        """The base tokenizer's config: `vqgan` or `vae`."""
-        return self.vae if self.base == "vae" else self.vqgan
+        """The base tokenizer's config: the field named by `base`, `vqgan` or `vae`."""
+        return getattr(self, self.base)
+
+    def with_base(self, base_config) -> "ALITConfig":
+        """This config over a base tokenizer of `base_config` (the one a checkpoint holds)."""
+        return replace(self, **{self.base: base_config})
 
     @property
     def grid_size(self) -> int:
@@ -118,8 +121,8 @@ class ALITConfig:
             self.vqgan = VQGANConfig(**self.vqgan)
         if isinstance(self.vae, dict):
             self.vae = VAEConfig(**self.vae)
-        if self.base not in ("vqgan", "vae"):
-            raise ValueError(f"ALITConfig: base must be vqgan or vae, got {self.base!r}")
+        if self.base not in BASES:
+            raise ValueError(f"ALITConfig: base must be one of {', '.join(BASES)}, got {self.base!r}")
         name, base = self.base.upper(), self.base_config
         checks = [
             (base.image_size == self.image_size, f"{name} image_size {base.image_size} != {self.image_size}"),
@@ -163,10 +166,19 @@ PRESETS = {
     # hundreds of steps; 0.1 (about 1/sqrt(width)) does not, and zero output projections then start
     # each pass of the shared encoder as the identity (as in ReZero).
     "tiny": dict(image_size=32, patch_size=4, tokens_per_iter=8, latent_codebook_size=256,
-                 decoder_latent_positions=64, vqgan=VQGANConfig(**VQGAN_PRESETS["tiny"]),
-                 vae=VAEConfig(**VAE_PRESETS["tiny"]), init_std=0.1,
+                 decoder_latent_positions=64, vqgan=VQGANConfig(**vqgan.PRESETS["tiny"]),
+                 vae=VAEConfig(**vae.PRESETS["tiny"]), init_std=0.1,
                  zero_init_encoder_residuals=True, **_paper(128, 1, 4)),
 }
+
+
+# The base tokenizers, by ALITConfig.base: the one place that names them.
+BASES = {"vqgan": VQGAN, "vae": VAE}
+
+
+def make_base(config: ALITConfig) -> nn.Module:
+    """The base tokenizer of `config`, randomly initialised (a trained one replaces it: ALIT.replace_base)."""
+    return BASES[config.base](config.base_config)
 
 
 def make_config(preset: str, **overrides) -> ALITConfig:
@@ -238,13 +250,13 @@ class Transformer(nn.ModuleList):
 @dataclass
 class Iteration:
     index: int  # t - 1: 0 for the first iteration
-    # The decoder's prediction of every 2D token: (B, N, VQGAN codes) logits, or over a VAE the
-    # (B, N, E) token vectors themselves
-    logits: torch.Tensor
+    # The decoder's prediction of every 2D token, (B, N, base.prediction_size): logits over the VQGAN's
+    # codes, or over a VAE the token vectors themselves
+    prediction: torch.Tensor
     latents: torch.Tensor  # (B, t*K, code_dim): what the decoder received (quantized codes, or continuous)
     indices: torch.Tensor | None  # (B, t*K) latent codebook indices; None without quantization
     quantized: Quantized | None  # the latent quantizer's output (loss, usage) for training
-    recon: torch.Tensor | None = None  # (B, 3, H, W) image decoded from the soft code, when asked for
+    recon: torch.Tensor | None = None  # (B, 3, H, W) image decoded from the prediction, when asked for
     halted: torch.Tensor | None = None  # (B, N) bool: image tokens replaced by the halted token after this iteration
 
     @property
@@ -259,11 +271,9 @@ class ALIT(nn.Module):
         D, E = cfg.encoder_width, cfg.decoder_width
         N, K = cfg.num_image_tokens, cfg.tokens_per_iter
 
-        # The base tokenizer (§2): a VQGAN or a VAE whose grid cells are the 2D image tokens.
-        if cfg.base == "vae":
-            self.vae = VAE(cfg.vae)
-        else:
-            self.vqgan = VQGAN(cfg.vqgan)
+        # The base tokenizer (§2): a VQGAN or a VAE whose grid cells are the 2D image tokens; its
+        # state-dict keys begin with its kind (vqgan.*, vae.*), as in the official checkpoints.
+        setattr(self, cfg.base, make_base(cfg))
         C = cfg.base_config.latent_channels
 
         # 2D image tokens: the base's features joined with a learned patch embedding of the pixels.
@@ -289,8 +299,8 @@ class ALIT(nn.Module):
         self.quantize = (VectorQuantizer(cfg.latent_codebook_size, cfg.latent_dim, cfg.beta, l2_normalize=True)
                          if cfg.quantize_latent else None)
 
-        # Latent-distillation decoder, Dec: masked 2D tokens + latent tokens -> logits over VQGAN codes,
-        # or over a VAE the C numbers of each 2D token (a regression head: §A.5's mean-square loss).
+        # Latent-distillation decoder, Dec: masked 2D tokens + latent tokens -> the base's prediction of
+        # every 2D token: logits over the VQGAN's codes, or a VAE's C numbers (§A.5's mean-square loss).
         self.mask_class_token = nn.Parameter(torch.empty(1, E))
         self.mask_token = nn.Parameter(torch.empty(1, 1, E))
         self.mask_positions = nn.Parameter(torch.empty(1 + N, E))
@@ -299,8 +309,7 @@ class ALIT(nn.Module):
         self.decoder_ln_pre = nn.LayerNorm(E)
         self.decoder = Transformer(E, cfg.decoder_layers, cfg.decoder_heads, cfg.mlp_ratio)
         self.decoder_ln_post = nn.LayerNorm(E)
-        outputs = C if cfg.base == "vae" else cfg.vqgan.codebook_size
-        self.head = nn.Sequential(nn.Linear(E, 2 * E), nn.Tanh(), nn.Linear(2 * E, outputs))
+        self.head = nn.Sequential(nn.Linear(E, 2 * E), nn.Tanh(), nn.Linear(2 * E, self.base.prediction_size))
 
         self._init_weights()
 
@@ -309,7 +318,7 @@ class ALIT(nn.Module):
         for name, p in self.named_parameters(recurse=False):
             nn.init.normal_(p, std=p.shape[-1] ** -0.5)
         for name, m in self.named_modules():
-            if name.startswith(("vqgan", "vae", "quantize")):
+            if name.startswith((self.config.base, "quantize")):
                 continue  # the base is loaded or trained separately; the quantizer has its own init
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=self.config.init_std)
@@ -338,29 +347,28 @@ class ALIT(nn.Module):
 
     def alit_parameters(self):
         """Every parameter except the base tokenizer's: what stage 1 trains."""
-        return [p for name, p in self.named_parameters() if not name.startswith(("vqgan.", "vae."))]
+        frozen = {id(p) for p in self.base.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
 
     @property
     def base(self) -> nn.Module:
-        """The base tokenizer: self.vqgan or self.vae."""
-        return self.vae if self.config.base == "vae" else self.vqgan
+        """The base tokenizer (self.vqgan or self.vae, by config.base)."""
+        return getattr(self, self.config.base)
 
-    # --- the base tokenizer's interface -------------------------------------------------------
+    def replace_base(self, base: nn.Module) -> "ALIT":
+        """Put a trained base tokenizer in the place of the one built from the config (stage 1)."""
+        setattr(self, self.config.base, base)
+        return self
 
     def base_tokens(self, images):
-        """Images -> the base's 2D tokens (B, C, g, g): the VQGAN's latents before quantization (the
-        official code's), or the VAE's scaled posterior sample (the official get_img_tokens; the
-        posterior mean in eval mode, so that evaluation is deterministic)."""
-        if self.config.base == "vae":
-            return self.vae.encode(images, sample=self.training)[0]
-        return self.vqgan.encoder(images)
+        """Images -> the base's 2D tokens (B, C, g, g). A VAE's are a posterior sample in training and its
+        mean in eval mode (the official code samples in both), so that evaluation is deterministic."""
+        return self.base.tokens(images, sample=self.training)
 
     def base_targets(self, tokens):
-        """2D tokens (B, C, g, g) -> what the decoder must predict: the VQGAN's codebook indices
-        (B, N), or the VAE's token vectors (B, N, C), row-major."""
-        if self.config.base == "vae":
-            return tokens.detach().flatten(2).transpose(1, 2)
-        return self.vqgan.quantize_latents(tokens.detach()).indices
+        """2D tokens (B, C, g, g) -> what the decoder must predict: the VQGAN's codebook indices (B, N), or
+        the VAE's token vectors (B, N, C), row-major."""
+        return self.base.targets(tokens)
 
     # --- the pieces of one iteration ----------------------------------------------------------
 
@@ -386,55 +394,35 @@ class ALIT(nn.Module):
         q = self.quantize(codes)
         return q.codes, q
 
-    def decode_logits(self, latents):
-        """Reverse distillation: latents (B, L, code_dim) -> logits over the VQGAN codebook (B, N, codes),
-        or over a VAE the predicted 2D tokens (B, N, C)."""
+    def predict_image_tokens(self, latents):
+        """Reverse distillation: latents (B, L, code_dim) -> the prediction of every 2D token,
+        (B, N, base.prediction_size): logits over the VQGAN's codes, or a VAE's token vectors."""
         B, L, _ = latents.shape
         N = self.config.num_image_tokens
         masked = torch.cat([self.mask_class_token.expand(B, 1, -1), self.mask_token.expand(B, N, -1)], dim=1)
         latents = self.decoder_embed(latents) + self.decoder_latent_positions[:L]
         x = self.decoder_ln_pre(torch.cat([masked + self.mask_positions, latents], dim=1))  # (B, 1+N+L, E)
         x = self.decoder(x)
-        return self.head(self.decoder_ln_post(x[:, 1:1 + N]))  # (B, N, codes)
+        return self.head(self.decoder_ln_post(x[:, 1:1 + N]))  # (B, N, base.prediction_size)
 
-    def soft_codes(self, logits):
-        """softmax(logits) @ VQGAN codebook, (B, N, C): the expected code at every grid cell.
+    def images_from_prediction(self, prediction, hard: bool = False):
+        """The prediction of every 2D token -> images (B, 3, H, W), through the base's decoder: the VQGAN's
+        expected codes (its most likely ones if hard), or a VAE's predicted tokens."""
+        return self.base.decode_prediction(prediction, self.config, hard=hard)
 
-        The official code reads the codebook through `.data`, so neither stage trains it through
-        this product; we detach it for the same function.
-        """
-        return logits.float().softmax(-1) @ self.vqgan.quantize.codebook().detach()
-
-    def images_from_logits(self, logits):
-        """Decode the soft code grid through the VQGAN decoder (not re-quantized), (B, 3, H, W); over a
-        VAE, decode the predicted 2D tokens (B, N, C) with the VAE's decoder."""
-        g = self.config.grid_size
-        if self.config.base == "vae":
-            if self.config.official_vae_function:  # adaptive_vae.py decodes the scaled tokens as they are
-                return self.vae.decode(logits.view(len(logits), g, g, -1).permute(0, 3, 1, 2))
-            return self.vae.decode_tokens(logits)  # tokens / 0.2325: the latents the decoder was trained on
-        codes = self.soft_codes(logits).view(len(logits), g, g, -1).permute(0, 3, 1, 2)
-        return self.vqgan.decode(codes)
-
-    def halt(self, x, logits, targets, generator=None):
+    def halt(self, x, prediction, targets, generator=None):
         """Dynamic halting, the Mask operation of §2 (T -> T+1).
 
-        p = predicted probability of each 2D token's true VQGAN index (targets (B, N)). A token with
-        p at or above the threshold is replaced, with probability p, by the halted token (plus its
-        position), so the next iteration spends its capacity on what is not yet reconstructed. The
-        decision is taken afresh after every iteration from that iteration's prediction; a cell halted
-        before and not now keeps the encoder's processed halted token, not its image token. Over a VAE
-        (targets: the true token vectors (B, N, C)) a token halts, without a draw, when its predicted
-        vector is within halting_code_error mean absolute error of the true one (adaptive_vae.py).
+        The base's test (`halts`) picks the 2D tokens the decoder already predicts well: over a VQGAN a
+        cell whose true index has probability p >= 0.55 halts with probability p; over a VAE a cell whose
+        vector is within 0.025 mean absolute error of the true one. Halted tokens are replaced by the
+        halted token (plus its position), so the next iteration spends its capacity on what is not yet
+        reconstructed. The decision is taken afresh after every iteration from that iteration's
+        prediction; a cell halted before and not now keeps the encoder's processed halted token, not its
+        image token.
         """
-        cfg, N = self.config, self.config.num_image_tokens
-        if cfg.base == "vae":
-            error = (logits.detach().float() - targets.float()).abs().mean(-1)  # (B, N)
-            # official_vae_function: adaptive_vae.py's mask stays zero (written into a copy), nothing halts.
-            halted = (error < cfg.halting_code_error) & (not cfg.official_vae_function)
-        else:
-            p = logits.detach().float().softmax(-1).gather(-1, targets[..., None])[..., 0]  # (B, N)
-            halted = (p >= cfg.halting_threshold) & (torch.rand(p.shape, generator=generator, device=p.device) < p)
+        N = self.config.num_image_tokens
+        halted = self.base.halts(prediction, targets, self.config, generator)  # (B, N) bool
         replacement = (self.halted_token + self.image_positions[1:]).to(x.dtype)  # (1, N, D)
         image = torch.where(halted[..., None], replacement, x[:, 1:1 + N])
         return torch.cat([x[:, :1], image, x[:, 1 + N:]], dim=1), halted
@@ -451,7 +439,7 @@ class ALIT(nn.Module):
         no_grad or read from a cache). iters: the iterations (0-based) to decode, default all;
         the encoder only runs up to the last of them. Halting needs the decoder's prediction, so it
         acts after decoded iterations only (as in the official code). reconstruct: also decode
-        pixels from the soft code.
+        pixels from the prediction (images_from_prediction).
         """
         cfg = self.config
         if tokens_2d is None:
@@ -463,7 +451,7 @@ class ALIT(nn.Module):
             raise ValueError(f"iters must be within 0..{cfg.rollout_iters - 1}, got {iters}")
         first_latent = 1 + cfg.num_image_tokens
 
-        # What is computed once and what every iteration must recompute (§2, T -> T+1): the VQGAN
+        # What is computed once and what every iteration must recompute (§2, T -> T+1): the base's
         # encoding and the 2D image tokens are made once, at T = 0. After that nothing stays the
         # same: every pass of the encoder updates every token of the carried sequence, image and
         # latent alike (residual updates, then the re-normalisation), so no keys or values can be
@@ -476,12 +464,12 @@ class ALIT(nn.Module):
             x = self.encoder(x)  # (B, 1+N+t*K, D)
             if index in iters:
                 latents, q = self.factorize_and_quantize(x[:, first_latent:])
-                logits = self.decode_logits(latents)
-                record = Iteration(index, logits, latents, q.indices if q else None, q)
+                prediction = self.predict_image_tokens(latents)
+                record = Iteration(index, prediction, latents, q.indices if q else None, q)
                 if reconstruct:
-                    record.recon = self.images_from_logits(logits)
+                    record.recon = self.images_from_prediction(prediction)
                 if halting and index < iters[-1]:
-                    x, record.halted = self.halt(x, logits, targets, generator)
+                    x, record.halted = self.halt(x, prediction, targets, generator)
                 records.append(record)
             if index < iters[-1]:
                 x = self.next_sequence(x, index + 1)
@@ -523,7 +511,7 @@ class ALIT(nn.Module):
         """Early-exit rollout; returns one `Choice` per image (see `encode`).
 
         criterion(images, reconstructions) -> (B,) bool on pixels, or with token_space=True
-        criterion(targets, logits) -> (B,) bool on the base's token grid (base_targets and the
+        criterion(targets, prediction) -> (B,) bool on the base's token grid (base_targets and the
         decoder's prediction; no pixel decoding at all until the final reconstruction).
         """
         cfg = self.config
@@ -536,13 +524,13 @@ class ALIT(nn.Module):
         for index in range(cfg.rollout_iters):  # index = t - 1
             x = self.encoder(x)
             latents, q = self.factorize_and_quantize(x[:, first_latent:])
-            logits = self.decode_logits(latents)
+            prediction = self.predict_image_tokens(latents)
             last = index == cfg.rollout_iters - 1
             if token_space:
-                done = criterion(targets[active], logits) | last
-                recon = self.images_from_logits(logits[done]) if done.any() else None
+                done = criterion(targets[active], prediction) | last
+                recon = self.images_from_prediction(prediction[done]) if done.any() else None
             else:
-                recon = self.images_from_logits(logits)
+                recon = self.images_from_prediction(prediction)
                 done = criterion(images[active], recon) | last
                 recon = recon[done]
             for j, i in enumerate(active[done].tolist()):
@@ -552,36 +540,35 @@ class ALIT(nn.Module):
             keep = ~done
             x, active = x[keep], active[keep]
             if halting:
-                x, _ = self.halt(x, logits[keep], targets[active], generator)
+                x, _ = self.halt(x, prediction[keep], targets[active], generator)
             x = self.next_sequence(x, index + 1)
         return choices
 
     @torch.no_grad()
-    def rollout_images(self, images, soft_codes=True):
+    def rollout_images(self, images, hard: bool = False):
         """The image after every iteration, T tensors (B, 3, H, W) in [0, 1], run in eval mode: decoded
-        from the soft code (the pixels stage 2 trains on) or, with soft_codes=False, through the VQGAN
-        from the predicted indices (the targets of stage 1's cross-entropy, §A.5). Over a VAE both are
-        the predicted 2D tokens decoded."""
-        modes = {module: module.training for module in self.modules()}  # stage 1's frozen VQGAN stays in eval
+        from the prediction (the pixels stage 2 trains on) or, hard, from the VQGAN's most likely codes
+        (what stage 1's cross-entropy aims at, §A.5; over a VAE the same as not hard)."""
+        modes = {module: module.training for module in self.modules()}  # stage 1's frozen base stays in eval
         self.eval()
-        soft_codes = soft_codes or self.config.base == "vae"
-        records = self(images, reconstruct=soft_codes)
+        records = self(images)
+        images = [self.images_from_prediction(r.prediction, hard=hard).float().clamp(0, 1) for r in records]
         for module, training in modes.items():
             module.train(training)
-        return [(r.recon if soft_codes else self.vqgan.decode_indices(r.logits.argmax(-1))).float().clamp(0, 1)
-                for r in records]
+        return images
 
     @torch.no_grad()
     def decode(self, indices):
-        """Latent token indices (B, k*K) of any length k = 1..T -> (logits, VQGAN indices, images); over
-        a VAE (predicted 2D tokens (B, N, C), None, images)."""
+        """Latent token indices (B, k*K) of any length k = 1..T -> (the prediction of every 2D token,
+        images): over a VQGAN its logits (B, N, codes), whose argmax are the predicted VQGAN indices; over a
+        VAE the predicted token vectors (B, N, C)."""
         L, K = indices.shape[1], self.config.tokens_per_iter
         if self.quantize is None:
             raise ValueError("decode takes codebook indices; this model has continuous latent tokens")
         if L == 0 or L % K or L > self.config.max_tokens:
             raise ValueError(f"decode takes a multiple of {K} tokens up to {self.config.max_tokens}, got {L}")
-        logits = self.decode_logits(self.quantize.lookup(indices))
-        return logits, None if self.config.base == "vae" else logits.argmax(-1), self.images_from_logits(logits)
+        prediction = self.predict_image_tokens(self.quantize.lookup(indices))
+        return prediction, self.images_from_prediction(prediction)
 
     # --- loading the official checkpoints -----------------------------------------------------
 
@@ -610,10 +597,10 @@ class ALIT(nn.Module):
         except KeyError as missing:
             raise KeyError(f"{where}: not an official ALIT checkpoint, it lacks {missing}") from None
         model = cls(cfg)
-        prefix, base_class = f"base_tokenizer.{cfg.base}.", VAE if cfg.base == "vae" else VQGAN
-        base = base_class.from_official({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                        image_size=cfg.image_size)
-        setattr(model, cfg.base, base)
+        prefix = f"base_tokenizer.{cfg.base}."
+        base = BASES[cfg.base].from_official({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                             image_size=cfg.image_size)
+        model.replace_base(base)
         ours = {_rename_official(k): v for k, v in state.items() if not k.startswith(prefix)}
         ours.update({f"{cfg.base}.{k}": v for k, v in base.state_dict().items()})
         load_exact(model, ours, where)
@@ -674,6 +661,11 @@ def _rename_official(key: str) -> str:
     return key
 
 
+# Per base of an official checkpoint: how its config is read off its weights, and what ALITConfig it implies.
+# Over a VAE (adaptive_vae.py) the official function is reproduced (ALITConfig.official_vae_function).
+OFFICIAL_BASES = {"vqgan": (vqgan.official_config, {}), "vae": (vae.official_config, {"official_vae_function": True})}
+
+
 def _official_config(state: dict, heads) -> ALITConfig:
     def layers(prefix):
         return len({k.split(".")[2] for k in state if k.startswith(prefix + ".transformer.")})
@@ -694,13 +686,11 @@ def _official_config(state: dict, heads) -> ALITConfig:
     codebook_size, latent_dim = state["quantize.embedding.weight"].shape if quantized else (4096, 12)
     if factorized:
         latent_dim = state["pre_quantizer_mlp.weight"].shape[0]
-    base = "vae" if any(k.startswith("base_tokenizer.vae.") for k in state) else "vqgan"
+    base = next((name for name in BASES if any(k.startswith(f"base_tokenizer.{name}.") for k in state)), "vqgan")
     base_state = {k.split(f"base_tokenizer.{base}.", 1)[1]: v for k, v in state.items()
                   if k.startswith(f"base_tokenizer.{base}.")}
-    if base == "vae":  # adaptive_vae.py: a VAE base, and its function reproduced (ALITConfig.official_vae_function)
-        bases = dict(base="vae", vae=vae_official_config(base_state, image_size=grid * patch), official_vae_function=True)
-    else:
-        bases = dict(vqgan=official_config(base_state, image_size=grid * patch))
+    official_base_config, implied = OFFICIAL_BASES[base]
+    bases = {"base": base, base: official_base_config(base_state, image_size=grid * patch), **implied}
     return ALITConfig(
         image_size=grid * patch, patch_size=patch, encoder_width=enc_width, encoder_layers=enc_layers,
         encoder_heads=enc_heads, decoder_width=dec_width, decoder_layers=dec_layers, decoder_heads=dec_heads,

@@ -1,18 +1,77 @@
-"""Charts drawn with PIL, so the figures need no plotting library: line charts (Fig. 4/5, 7/8)
-and grouped bar charts (histograms), one or more panels to a PNG, each with a title,
-labelled axes and a legend under the axes, where it cannot cover a curve. Then evaluate.py's
-figures: the adaptive sweep (Fig. 7), reconstructions per token count (Fig. 2) and halting.
+"""Figures drawn with PIL, so that they need no plotting library: image grids (a training run's
+reconstructions, Fig. 2's token counts, halting), and charts: line charts (Fig. 4/5, 7/8) and grouped
+bar charts (histograms), one or more panels to a PNG, each with a title, labelled axes and a legend
+under the axes, where it cannot cover a curve. Then evaluate.py's figures: the adaptive sweep (Fig. 7),
+reconstructions per token count (Fig. 2) and halting.
 
     draw_panels("sweep.png", [Panel("L1 against tokens", "tokens", "L1",
                                     [Series("level 0", [(8, 0.09), (16, 0.08)], COLOURS[0])])])
 """
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import save_image_columns
+# -----------------------------------------------------------------------------
+# Image grids
+
+def save_image_grid(images: torch.Tensor | list, path, nrow: int, column_labels=None, row_labels=None,
+                    captions=None, min_cell: int = 64, padding: int = 2) -> None:
+    """Write (N, 3, H, W) images in [0, 1] as one PNG, nrow images per row: each enlarged by the
+    smallest whole factor that makes it at least `min_cell` pixels (nearest neighbour: pixels stay
+    pixels, so what differs between token counts shows), labelled above its column and left of its
+    row, and `captions[i]` under image i."""
+    images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+    images = images.detach().float().cpu().clamp(0, 1)
+    scale = max(1, math.ceil(min_cell / min(images.shape[-2:])))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    n, _, h, w = images.shape
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    font = ImageFont.load_default(size=11)
+    caption = 13 * max(c.count("\n") + 1 for c in captions) + 2 if captions else 0  # the strip under each image
+    top = 16 if column_labels else 0
+    left = 8 + max((int(font.getlength(label)) for label in row_labels), default=0) if row_labels else 0
+    canvas = Image.new("RGB", (left + cols * (w + padding) + padding, top + rows * (h + caption + padding) + padding),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, image in enumerate(images):
+        x = left + padding + (i % nrow) * (w + padding)
+        y = top + padding + (i // nrow) * (h + caption + padding)
+        canvas.paste(Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), (x, y))
+        if captions:
+            draw.multiline_text((x + w / 2, y + h + 1), captions[i], fill="black", font=font, anchor="ma",
+                                align="center", spacing=1)
+    for c, label in enumerate(column_labels or []):
+        draw.text((left + padding + c * (w + padding) + w / 2, 2), label, fill="black", font=font, anchor="ma")
+    for r, label in enumerate(row_labels or []):
+        draw.text((4, top + padding + r * (h + caption + padding) + h / 2), label, fill="black", font=font, anchor="lm")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash mid-write never leaves a half PNG
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_image_columns(columns: list, path, column_labels=None, row_labels=None, captions=None) -> None:
+    """Write one row per image and one column per entry of `columns` (each (N, 3, H, W)), e.g. the
+    reconstruction at every token count, then the original (Fig. 2's layout); captions row by row."""
+    save_image_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=len(columns), column_labels=column_labels,
+                    row_labels=row_labels, captions=captions)
+
+
+def save_rollout(model, images, path, hard: bool = False):
+    """The images ALIT reconstructs from each token count, a column each, beside the originals (a
+    training run's grids: hard=True shows the VQGAN codes stage 1 predicts, ALIT.rollout_images)."""
+    grid = model.rollout_images(images, hard=hard) + [images]
+    save_image_columns(grid, path, [*map(str, model.config.token_counts), "original"],
+                       [f"val {i}" for i in range(len(images))])
+
+
+# -----------------------------------------------------------------------------
+# Charts
 
 # matplotlib's tab10, which stays apart for colour-blind readers
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),

@@ -52,6 +52,17 @@ def code_error_below(threshold: float, codebook: torch.Tensor | None = None):
     return criterion
 
 
+def token_score_passes(base, threshold: float):
+    """The base tokenizer's own token-space criterion (no pixels decoded): its token_score at or above
+    `threshold` where higher is better (a VQGAN's token accuracy), below it where lower is (a VAE's code
+    MSE). For model.encode_adaptive(..., token_space=True)."""
+    def criterion(targets, prediction):  # (B, N) indices or (B, N, C) vectors; (B, N, codes or C) -> (B,) bool
+        score = base.token_score(prediction, targets)
+        return score >= threshold if base.higher_score_is_better else score < threshold
+    criterion.__name__ = f"{base.token_score_name}{'>=' if base.higher_score_is_better else '<'}{threshold:g}"
+    return criterion
+
+
 def depth_error(depth_net, images, reconstructions) -> torch.Tensor:
     """(B,) mean |depth_net(x̂) - depth_net(x)| over the pixels: the depth estimated on the
     reconstruction against the estimate on the original, the paper's pseudo-ground truth (Fig. 6, 9:

@@ -12,303 +12,277 @@ to LDM's KL term (Rombach et al. 2022), with its weight.
     python train_vqgan.py --dataset imagenet100 --data-dir /data/imagenet   # the imagenet preset (PAPER_RUN)
     torchrun --nproc_per_node=8 train_vqgan.py ...         # DDP: gloo on CPU, nccl on CUDA
 """
-import contextlib
 import dataclasses
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Literal
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from data import build_dataset, first_images, save_image_grid, train_batches
-from losses import PatchDiscriminator, gan_weight_at, generator_gan_loss, load_perceptual, reconstruction_loss
-from quantize import count_codes
-from training import (PAPER_DATASETS, LoopConfig, PerRank, RunPlan, StopSignal, adamw, autocast, average_over_ranks,
-                      broadcast_parameters, check_data, check_flags, check_loop_flags, check_out_dir,
-                      discriminator_step, due, finish, flag_error, lr_at, parse_flags, planned_device, print_dry_run,
-                      progress, run_plan, save_training_state, schedule_in_epochs, set_lr, setup_training,
-                      start_or_resume, stop_step, use_bf16, with_recipe, wrap_ddp)
-from vae import PRESETS as VAE_PRESETS
+import checkpoint
+import distributed
+import flags
+import plan
+import vae
+import vqgan
+from data import build_dataset, first_images, train_batches
+from distributed import autocast, conv_memory_format
+from flags import FILE, Number, Numbers
+from losses import (PatchDiscriminator, discriminator_step, gan_weight_at, generator_gan_loss, load_perceptual,
+                    reconstruction_loss)
+from optim import adamw, lr_at, set_lr
+from plots import save_image_grid
+from quantize import VectorQuantizer, count_codes
 from vae import VAE, VAEConfig
-from vqgan import PRESETS, VQGAN, VQGANConfig, conv_memory_format
-from weights import find_perceptual
+from vqgan import VQGAN, VQGANConfig
+from weights import find_perceptual, load_model
 
+# The tokenizers this script trains, by --base: the class, its config, its presets by --preset, and the flag
+# weighting the term its training adds to the reconstruction loss (latent_loss: the codebook's, the KL).
+BASES = {"vqgan": (VQGAN, VQGANConfig, vqgan.PRESETS, "codebook_weight"),
+         "vae": (VAE, VAEConfig, {"imagenet": vae.PRESETS["kl16"], "tiny": vae.PRESETS["tiny"]}, "kl_weight")}
 
-@dataclass
-class TrainConfig(LoopConfig):
-    out_dir: Annotated[str, "folder"] = "out/vqgan"  # (--base vae: out/vae)
-    # The tokenizer: a VQGAN (codebook indices), or a KL autoencoder (vae.py: continuous tokens; the
-    # presets map to its own, imagenet -> kl16 (MAR's KL-16), tiny -> tiny; the codebook flags do not apply)
-    base: Literal["vqgan", "vae"] = "vqgan"
-    # The VQGAN's size; default: imagenet (the official VQGAN's: 256x256 -> 16x16, 1024 codes) with
-    # --dataset imagenet100/imagenet, else tiny (32x32 -> 8x8, 256 codes)
-    preset: str | None = None
-    steps: Annotated[int, ">= 1"] = 800
-    # AdamW's peak learning rate (betas 0.5, 0.9, as taming). Default: OFFICIAL_RECIPE's 4e-4 at 256x256;
-    # CPU_RECIPE's 1e-3 below, where 800 steps must do (the tiny VQGAN's val L1 after them: 0.047 at
-    # 1e-3, 0.056 at 4e-4)
-    lr: Annotated[float | None, "> 0"] = None
-    weight_decay: Annotated[float, ">= 0"] = 0.0  # VQGAN training uses none
-    l1_weight: Annotated[float, ">= 0"] = 1.0  # weight of the L1 term of the reconstruction loss
-    perceptual_weight: Annotated[float, ">= 0"] = 1.0  # applies only when --vgg16-weights/--lpips-weights are given
-    codebook_weight: Annotated[float, ">= 0"] = 1.0  # weight of the quantizer's codebook + commitment loss
-    # --base vae: weight of the KL term against the per-pixel reconstruction loss (LDM's kl-f16 config:
-    # 1e-6 on sums over pixels and latents, the same ratio here on the means)
-    kl_weight: Annotated[float, ">= 0"] = 1e-6
-    # Step at which the adversarial term switches on. It helps only once the autoencoder has
-    # converged (taming starts it after ~250k steps), so by default it never starts.
-    disc_start: Annotated[int, ">= 0"] = 10 ** 9
-    disc_weight: Annotated[float, ">= 0"] = 0.5  # scales the adaptive weight (taming: disc_weight)
-    disc_channels: Annotated[int, ">= 1"] = 64  # width of the PatchGAN's first layer
-    disc_layers: Annotated[int, ">= 1"] = 2  # PatchGAN depth: 3 for 256x256 (70x70 patches); 2 keeps a 32x32 image at 2x2 patches
-    disc_lr: Annotated[float, "> 0"] = 4e-4  # the discriminator's AdamW learning rate
-    restart_every: Annotated[int, ">= 0"] = 50  # move codes unused for so many steps onto recent encoder outputs (0: never)
-    eval_only: bool = False  # only report val L1 and codebook usage of <out_dir>/ckpt.pt
-    val_images: Annotated[int, ">= 1"] = 1000  # images of the val split measured at the end of training
-    # torchvision's VGG16; default: vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache
-    vgg16_weights: Annotated[str | None, "file"] = None
-    # The LPIPS v0.1 VGG head (or with --vgg16-weights alone, a combined LPIPS state dict); default:
-    # vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache
-    lpips_weights: Annotated[str | None, "file"] = None
-
-
-# What the recipe fields above default to, by the image size (training.with_recipe).
+# What --lr defaults to, by the image size (flags.with_recipe).
 OFFICIAL_RECIPE = dict(lr=4e-4)
 CPU_RECIPE = dict(lr=1e-3)
 
-
 # Set by --dataset imagenet100/imagenet unless given: the official VQGAN's size, a 70x70 PatchGAN, and
-# (not in the paper, whose VQGAN comes pretrained) stage 2's schedule: 200 epochs, 20 of them warmup,
+# (not in the paper, whose VQGAN comes pretrained) stage 2's schedule: 200 epochs, 20 of them warm-up,
 # at a global batch of 96 (12 images per GPU on 8 GPUs) on however many ranks.
 PAPER_RUN = dict(preset="imagenet", disc_layers=3, batch_size=12, global_batch=96, epochs=200, warmup_epochs=20)
 
 
-# --base vae: the VAE preset of each --preset.
-VAE_PRESET = {"imagenet": "kl16", "tiny": "tiny"}
-
-
-def implied_defaults(given: dict) -> dict:
-    where = {"out_dir": "out/vae"} if given.get("base") == "vae" else {}  # beside the VQGAN's out/vqgan
-    return {**(PAPER_RUN if given.get("dataset") in PAPER_DATASETS else {"preset": "tiny"}), **where}
+def parser() -> flags.Parser:
+    p = flags.Parser(__doc__)
+    flags.add_run_flags(p, out_dir="out/vqgan", steps=800, batch_size=32, warmup_steps=100)
+    p.add("--base", "vqgan", str, "the tokenizer: a VQGAN (codebook indices), or a KL autoencoder (vae.py: "
+          "continuous tokens; the presets map to its own, imagenet -> kl16, tiny -> tiny)", choices=tuple(BASES))
+    p.add("--eval-only", False, bool, "only report val L1 (and codebook usage) of <out-dir>/ckpt.pt")
+    p.add("--val-images", 1000, Number(int, 1), "images of the val split measured at the end of training")
+    p.add("--lr", None, Number(float, 0, ends="(]"), "AdamW's peak learning rate (betas 0.5, 0.9, as taming)",
+          default_text="4e-4 at 256x256; below, 1e-3, where 800 steps must do (val L1 0.047 vs 0.056 at 4e-4)")
+    p.add("--weight-decay", 0.0, Number(float, 0), "VQGAN training uses none")
+    p.add("--l1-weight", 1.0, Number(float, 0), "of the L1 term of the reconstruction loss")
+    p.add("--perceptual-weight", 1.0, Number(float, 0), "of LPIPS (only with --vgg16-weights/--lpips-weights)")
+    p.add("--codebook-weight", 1.0, Number(float, 0), "of the quantizer's codebook + commitment loss")
+    p.add("--kl-weight", 1e-6, Number(float, 0), "--base vae: of the KL term against the per-pixel loss (LDM's "
+          "kl-f16: 1e-6 on sums over pixels and latents, the same ratio here on the means)")
+    p.add("--disc-start", 10 ** 9, Number(int, 0), "the step the adversarial term switches on: it helps once the "
+          "autoencoder has converged (taming: after ~250k steps); by default never")
+    p.add("--disc-weight", 0.5, Number(float, 0), "scales the adaptive GAN weight (taming: disc_weight)")
+    p.add("--disc-channels", 64, Number(int, 1), "width of the PatchGAN's first layer")
+    p.add("--disc-layers", 2, Number(int, 1), "PatchGAN depth: 3 for 256x256 (70x70 patches); 2 keeps a 32x32 "
+          "image at 2x2 patches")
+    p.add("--disc-lr", 4e-4, Number(float, 0, ends="(]"), "the discriminator's AdamW learning rate")
+    p.add("--restart-every", 50, Number(int, 0), "move codes unused for so many steps onto recent encoder outputs "
+          "(0: never)")
+    p.add("--vgg16-weights", None, FILE, "torchvision's VGG16 (the LPIPS trunk)",
+          default_text="vgg16-397923af.pth if it is in $ALIT_WEIGHTS or the torch hub cache")
+    p.add("--lpips-weights", None, FILE, "the LPIPS v0.1 VGG head (with --vgg16-weights alone: a combined LPIPS "
+          "state dict)", default_text="vgg.pth if it is in $ALIT_WEIGHTS or the torch hub cache")
+    # The tokenizer's size: VQGANConfig's (or VAEConfig's) fields, each default the preset's.
+    preset, int_1 = "the preset's", Number(int, 1)
+    p.add("--preset", None, str, "the tokenizer's size", choices=sorted(vqgan.PRESETS),
+          default_text="imagenet (the official VQGAN's: 256x256 -> 16x16, 1024 codes) with --dataset "
+                       "imagenet100/imagenet, else tiny (32x32 -> 8x8, 256 codes)")
+    for name, kind, help in [
+            ("image-size", int_1, "images are this size square"),
+            ("channels", int_1, "width of the first level; level i has channels x channel-mult[i]"),
+            ("channel-mult", Numbers(int_1, as_tuple=True), "one entry per resolution level; each after the first "
+                                                              "halves the size"),
+            ("num-res-blocks", int_1, "residual blocks per level"),
+            ("latent-channels", int_1, "the size of a 2D token (VQGAN: a code)"),
+            ("codebook-size", Number(int, 2), "codes a 2D token can point to (VQGAN)"),
+            ("attn-resolutions", Numbers(int_1, empty_ok=True, as_tuple=True), "feature-map sizes with a "
+                                                                                "self-attention block"),
+            ("norm-groups", int_1, "GroupNorm groups; every channel count must be a multiple of it"),
+            ("beta", Number(float, 0), "commitment weight of the quantizer (VQGAN)"),
+            ("l2-normalize", bool, "cosine lookup on unit codes (VQGAN; ViT-VQGAN)")]:
+        p.add(f"--{name}", None, kind, help, default_text=preset)
+    return p
 
 
 def parse_args(argv=None):
-    train, model_flags = parse_flags(argv, __doc__, TrainConfig, VQGANConfig, PRESETS, implied_defaults)
-    check_flags(check_loop_flags(train, PRESETS))
-    if train.base == "vae":
-        vqgan_only = sorted(set(model_flags) - {f.name for f in dataclasses.fields(VAEConfig)})
-        check_flags([(not vqgan_only, f"--{(vqgan_only or ['x'])[0].replace('_', '-')} is a VQGAN flag; "
-                                      "--base vae has no codebook")])
+    args, given = flags.parse_run_args(parser(), argv, PAPER_RUN, {"preset": "tiny"})
+    if "out_dir" not in given:  # beside the VQGAN's out/vqgan, a VAE in out/vae
+        args.out_dir = f"out/{args.base}"
+    _, config_class, presets, _ = BASES[args.base]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    model_flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(VQGANConfig) if f.name in given}
+    for name in sorted(set(model_flags) - fields):
+        sys.exit(f"error: --{name.replace('_', '-')} does not apply to --base {args.base}: it has no codebook")
     try:
-        if train.base == "vae":
-            model_cfg = VAEConfig(**{**VAE_PRESETS[VAE_PRESET[train.preset]], **model_flags})
-        else:
-            model_cfg = VQGANConfig(**{**PRESETS[train.preset], **model_flags})
+        model_cfg = config_class(**{**presets[args.preset], **model_flags})
     except ValueError as error:  # its own checks (sizes that must divide), naming the flags
-        sys.exit(flag_error(error, VQGANConfig))
-    train = with_recipe(train, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
-    check_data(train.dataset, train.data_dir)
-    train = schedule_in_epochs(train)
+        sys.exit(flags.config_error(error, config_class))
+    flags.with_recipe(args, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
+    flags.check_data(args.dataset, args.data_dir)
+    plan.schedule_in_epochs(args)
     try:
-        vgg16, lpips = find_perceptual(train.vgg16_weights, train.lpips_weights)
+        vgg16, lpips = find_perceptual(args.vgg16_weights, args.lpips_weights)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
-    return dataclasses.replace(train, vgg16_weights=vgg16 and str(vgg16), lpips_weights=lpips and str(lpips)), model_cfg
+    args.vgg16_weights, args.lpips_weights = vgg16 and str(vgg16), lpips and str(lpips)
+    return args, model_cfg
+
+
+def schedule(step: int, args) -> tuple:
+    """The learning rates' scale at `step` (the same warm-up and cosine decay for both networks) and whether
+    the adversarial terms are on (from --disc-start: taming's adopt_weight)."""
+    return lr_at(step, 1.0, args.warmup_steps, args.steps, args.min_lr_ratio), gan_weight_at(step, [(args.disc_start, 1.0)]) > 0
 
 
 def main(argv=None):
-    train, model_cfg = parse_args(argv)
-    if train.eval_only:
-        return evaluate_checkpoint(train)
-    if train.dry_run:  # no gradient checkpointing here, so no memory estimate
-        print_dry_run(plan(train, planned_device(train.device)))
+    args, model_cfg = parse_args(argv)
+    cls, _, _, latent_weight = BASES[args.base]
+    if args.eval_only:  # the metrics of the checkpoint in --out-dir, without training
+        model = load_model("--eval-only", Path(args.out_dir) / "ckpt.pt", cls.from_checkpoint)
+        print(format_val_metrics(val_metrics(model, args)))
+        return model
+    if args.dry_run:  # no gradient checkpointing here, so no memory estimate
+        plan.print_dry_run(run_plan(args, distributed.planned_device(args.device)))
         return None
-    train = check_out_dir(train, "recon_*.png")
-    ctx = setup_training(train)
-    run = plan(train, ctx.device)
-    bf16, workers = run.precision == "bf16", run.workers_per_rank
-    torch.manual_seed(train.seed)  # the same initial weights on every rank
+    checkpoint.check_out_dir(args, "recon_*.png")
+    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir, keep_freed=args.keep_freed_memory)
+    run = run_plan(args, ctx.device)
+    bf16 = run.precision == "bf16"
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
 
-    model = (VAE if train.base == "vae" else VQGAN)(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
-    # Outside DDP (training.discriminator_step averages its gradients by hand): rank 0's start on every rank.
-    discriminator = PatchDiscriminator(base_channels=train.disc_channels, num_layers=train.disc_layers).to(ctx.device)
-    broadcast_parameters(discriminator, ctx)
-    perceptual = load_perceptual(train.vgg16_weights, train.lpips_weights, ctx.device, ctx.log)
-    optimizer = adamw(model.parameters(), train.lr, (0.5, 0.9), train.weight_decay, ctx.device)
-    disc_optimizer = adamw(discriminator.parameters(), train.disc_lr, (0.5, 0.9), 0.0, ctx.device)
-
+    # The tokenizer and its discriminator, outside DDP (losses.discriminator_step averages its gradients
+    # by hand): rank 0's start on every rank.
+    model = cls(model_cfg).to(ctx.device, memory_format=conv_memory_format(ctx.device))
+    discriminator = PatchDiscriminator(base_channels=args.disc_channels, num_layers=args.disc_layers).to(ctx.device)
+    distributed.broadcast_parameters(discriminator, ctx)
+    perceptual = load_perceptual(args.vgg16_weights, args.lpips_weights, ctx.device, ctx.log)
+    optimizer = adamw(model.parameters(), args.lr, (0.5, 0.9), args.weight_decay, ctx.device)
+    disc_optimizer = adamw(discriminator.parameters(), args.disc_lr, (0.5, 0.9), 0.0, ctx.device)
     stateful = {"model": model, "discriminator": discriminator, "optimizer": optimizer,
                 "disc_optimizer": disc_optimizer}  # what a checkpoint saves and resume restores
-    # Each rank counts the codes its own batches use: dead-code restarts go on from every rank's count.
-    per_rank = {"code_restarts": PerRank(model.quantize.restart_state, model.quantize.load_restart_state)
-                } if train.base == "vqgan" else {}
-    step = start_or_resume(train, dataclasses.asdict(model_cfg), stateful, ctx, "recon_*.png", per_rank)
-    ctx.log(f"{train.base.upper()} {model_cfg}\ntraining {train}\n{run}")
+    # A VQGAN's codebook restarts its dead codes (a VAE has none). Each rank counts the codes its own batches
+    # use: restarts go on from every rank's count.
+    codebooks = [m for m in model.modules() if isinstance(m, VectorQuantizer)]
+    per_rank = {"code_restarts": checkpoint.PerRank(c.restart_state, c.load_restart_state) for c in codebooks}
+    step = checkpoint.start_or_resume(args, dataclasses.asdict(model_cfg), stateful, ctx, "recon_*.png", per_rank)
+    ctx.log(f"{args.base.upper()} {model_cfg}\ntraining {vars(args)}\n{run}")
+    ddp_model = distributed.wrap_ddp(model, ctx, bf16_gradients=run.all_reduce == "bf16")
 
-    ddp_model = wrap_ddp(model, ctx, bf16_gradients=run.all_reduce == "bf16")
-    dataset = build_dataset(train.dataset, "train", model_cfg.image_size, train.data_dir, num_images=train.train_images)
-    val_images = first_images(build_dataset(train.dataset, "val", model_cfg.image_size, train.data_dir), 8)
+    dataset = build_dataset(args.dataset, "train", model_cfg.image_size, args.data_dir, num_images=args.train_images)
+    val_images = first_images(build_dataset(args.dataset, "val", model_cfg.image_size, args.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, train.batch_size, ctx.rank, ctx.world_size, train.seed, step * train.grad_accum,
-                            workers, train.max_bad_images, pin_memory=ctx.device.type == "cuda")
+    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed, step * args.grad_accum,
+                            run.workers_per_rank, args.max_bad_images, pin_memory=ctx.device.type == "cuda")
 
-    bar = progress(train.steps, step, ctx.is_main)
-    stop = stop_step(train, step)
-    stop_signal = StopSignal(ctx, train.dist_timeout)  # SIGTERM/SIGINT: stop after this step, with a checkpoint
+    # The loop: the autoencoder's step (L1 + LPIPS, its latent term, from --disc-start the adaptively
+    # weighted GAN term), the dead-code restarts, then the discriminator's step; logs, grids, checkpoints.
+    bar = tqdm(total=args.steps, initial=step, disable=not ctx.is_main, dynamic_ncols=True, smoothing=0.1)
+    stop = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
+    stop_signal = distributed.StopSignal(ctx, args.dist_timeout)  # SIGTERM/SIGINT: stop after this step, saved
     while step < stop:
-        logs = train_step(model, ddp_model, discriminator, optimizer, disc_optimizer, batches, step, train, perceptual,
-                          ctx, bf16)
+        lr_scale, gan_on = schedule(step, args)
+        set_lr(optimizer, args.lr * lr_scale)
+        set_lr(disc_optimizer, args.disc_lr * lr_scale)
+        reals, fakes, logs = [], [], None
+        for micro in range(args.grad_accum):
+            _, (images, _) = next(batches)
+            images = images.to(ctx.device, non_blocking=True)
+            with ctx.no_sync(ddp_model, last_micro_step=micro == args.grad_accum - 1):
+                with autocast(ctx.device, bf16):
+                    recon, aux = ddp_model(images)  # aux: the VQGAN's Quantized, the VAE's Posterior
+                    rec_loss = reconstruction_loss(recon.float(), images, perceptual, args.l1_weight,
+                                                   args.perceptual_weight)
+                    latent_loss, latent_logs = model.latent_loss(aux, images, getattr(args, latent_weight))
+                    loss = rec_loss + latent_loss
+                    if gan_on:
+                        loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.decoder.last_layer,
+                                                         args.disc_weight)
+                (loss / args.grad_accum).backward()
+            reals.append(images)
+            fakes.append(recon.detach())
+            micro_logs = torch.stack([rec_loss.detach().float(), *latent_logs.values()])
+            logs = micro_logs if logs is None else logs + micro_logs
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.restart_every and (step + 1) % args.restart_every == 0 and step + 1 < args.steps:
+            for codebook in codebooks:
+                codebook.restart_dead_codes()
+        d_loss = discriminator_step(discriminator, disc_optimizer, reals, fakes, autocast(ctx.device, bf16)) \
+            if gan_on else torch.zeros((), device=ctx.device)
         step += 1
         bar.update(1)
+
         if stop_signal.requested():
-            stop = step  # every due() below fires: logs, grid and checkpoint at this step, then the loop ends
-        if due(step, train.log_every, stop):
-            log_losses(bar, logs, train.base)
-        if ctx.is_main and due(step, train.sample_every, stop):
-            save_reconstructions(model, val_images, Path(train.out_dir) / f"recon_{step:06d}.png")
-        if due(step, train.save_every, stop):
-            save_training_state(train, step, stateful, dataclasses.asdict(model_cfg), ctx, per_rank)
-    finish(ctx, train, bar, stop_signal, step)
-    if ctx.is_main and step == train.steps:
-        ctx.log(format_val_metrics(evaluate_vqgan(model, train)))
+            stop = step  # every check below fires: logs, grid and checkpoint at this step, then the loop ends
+        if step % args.log_every == 0 or step == stop:  # this step's losses, averaged over the ranks
+            logs = torch.cat([logs / args.grad_accum, d_loss[None]])
+            distributed.average_over_ranks([logs])
+            names = ["rec", *latent_logs, "d"]
+            bar.set_postfix({name: f"{value:.4g}" for name, value in zip(names, logs.tolist())})
+        if ctx.is_main and (step % args.sample_every == 0 or step == stop):
+            save_reconstructions(model, val_images, Path(args.out_dir) / f"recon_{step:06d}.png", args.base)
+        if step % args.save_every == 0 or step == stop:
+            checkpoint.save(args, step, stateful, dataclasses.asdict(model_cfg), ctx, per_rank)
+    bar.close()
+    distributed.finish(ctx, stop_signal, step, args.steps, args.out_dir)
+    if ctx.is_main and step == args.steps:
+        ctx.log(format_val_metrics(val_metrics(model, args)))
     return model
 
 
-def evaluate_checkpoint(train: TrainConfig):
-    """--eval-only: the metrics of the checkpoint in --out-dir, without training."""
-    try:
-        model = (VAE if train.base == "vae" else VQGAN).from_checkpoint(Path(train.out_dir) / "ckpt.pt")
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: --eval-only: {error}")
-    print(format_val_metrics(evaluate_vqgan(model, train)))
-    return model
-
-
-def log_losses(bar, logs, base: str):
-    """This step's losses, averaged over ranks, on the progress bar."""
-    average_over_ranks([logs])
-    rec, vq, ppl, usage, dl = logs.tolist()
-    if base == "vae":  # the KL term, the posterior's mean std and the tokens' std
-        bar.set_postfix(rec=f"{rec:.4f}", kl=f"{vq:.2e}", std=f"{ppl:.3f}", tokens=f"{usage:.2f}", d=f"{dl:.3f}")
-    else:
-        bar.set_postfix(rec=f"{rec:.4f}", vq=f"{vq:.4f}", ppl=f"{ppl:.1f}", used=f"{usage:.2f}", d=f"{dl:.3f}")
-
-
-def plan(train: TrainConfig, device) -> RunPlan:
+def run_plan(args, device) -> plan.RunPlan:
     """The run plan on `device` (the peak lr is --lr whatever the batch, as taming's)."""
-    bf16 = use_bf16(train.bf16, device)
-    return run_plan(train, device, train.lr, bf16)
-
-
-def train_step(model: VQGAN, ddp_model, discriminator, optimizer, disc_optimizer, batches, step: int,
-               train: TrainConfig, perceptual, ctx, bf16: bool) -> torch.Tensor:
-    """One step over --grad-accum micro-batches: the autoencoder (L1 + LPIPS, the codebook loss, and
-    from --disc-start the adaptively weighted GAN term), the dead-code restarts, then the discriminator.
-    Returns [reconstruction loss, VQ loss, perplexity, codebook usage, discriminator loss] on the device,
-    without waiting for it; a VAE: the KL term instead of the codebook loss, [reconstruction loss,
-    weighted KL term, the posterior's mean std, the tokens' std, discriminator loss]."""
-    lr_scale = lr_at(step, 1.0, train.warmup_steps, train.steps, train.min_lr_ratio)
-    set_lr(optimizer, train.lr * lr_scale)
-    set_lr(disc_optimizer, train.disc_lr * lr_scale)
-    gan_on = gan_weight_at(step, [(train.disc_start, 1.0)]) > 0
-    reals, fakes, logs = [], [], torch.zeros(4, device=ctx.device)
-    for micro in range(train.grad_accum):
-        _, (images, _) = next(batches)
-        images = images.to(ctx.device, non_blocking=True)
-        last_micro = micro == train.grad_accum - 1
-        with (ddp_model.no_sync() if ctx.enabled and not last_micro else contextlib.nullcontext()):
-            with autocast(ctx.device, bf16):
-                recon, q = ddp_model(images)
-                rec_loss = reconstruction_loss(recon.float(), images, perceptual, train.l1_weight,
-                                               train.perceptual_weight)
-                if train.base == "vae":  # q: the posterior. LDM sums both terms; over means the KL gets 1/pixels
-                    kl_loss = train.kl_weight * q.kl().mean() / images[0].numel()
-                    loss = rec_loss + kl_loss
-                else:
-                    loss = rec_loss + train.codebook_weight * q.loss
-                if gan_on:
-                    loss = loss + generator_gan_loss(discriminator, recon, rec_loss, model.decoder.last_layer,
-                                                     train.disc_weight)
-            (loss / train.grad_accum).backward()
-        reals.append(images)
-        fakes.append(recon.detach())
-        if train.base == "vae":
-            logs += torch.stack([rec_loss.detach().float(), kl_loss.detach().float(), q.std.detach().float().mean(),
-                                 (q.mean * model.config.scale).detach().float().std()])
-        else:
-            logs += torch.stack([rec_loss.detach().float(), q.loss.detach(), q.perplexity, q.usage])
-    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if train.base == "vqgan" and train.restart_every and (step + 1) % train.restart_every == 0 and step + 1 < train.steps:
-        model.quantize.restart_dead_codes()
-    d_loss = discriminator_step(discriminator, disc_optimizer, reals, fakes, autocast(ctx.device, bf16)) if gan_on \
-        else torch.zeros((), device=ctx.device)
-    return torch.cat([logs / train.grad_accum, d_loss[None]])
+    return plan.run_plan(args, device, args.lr, distributed.use_bf16(args.bf16, device))
 
 
 @torch.no_grad()
-def evaluate_vqgan(model: VQGAN, train: TrainConfig) -> dict:
-    """Val L1 and codebook usage over the first `val_images` val images; a VAE: L1 from the posterior
-    mean (what ALIT's evaluation encodes) and the tokens' spread."""
-    if isinstance(model, VAE):
-        return evaluate_vae(model, train)
+def val_metrics(model, args) -> dict:
+    """Val L1 of the tokenizer alone over the first --val-images val images (a VAE's tokens: the posterior
+    mean, what ALIT's evaluation encodes), the 2D tokens' spread, and the codebook's usage where it has one."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    dataset = build_dataset(train.dataset, "val", model.config.image_size, train.data_dir,
-                            num_images=train.val_images if train.dataset == "shapes" else None)
-    subset = torch.utils.data.Subset(dataset, range(min(train.val_images, len(dataset))))
-    l1, counts = 0.0, torch.zeros(model.config.codebook_size, device=device)
-    for images, _ in torch.utils.data.DataLoader(subset, batch_size=100):
-        images = images.to(device)
-        recon, q = model(images)
-        l1 += (recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)).sum().item()
-        counts += count_codes(q.indices, len(counts))
-    model.train(was_training)
-    probs = counts / counts.sum()
-    return {"images": len(subset), "l1": l1 / len(subset), "codes_used": int((counts > 0).sum()),
-            "codebook_size": len(counts), "perplexity": torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum()).item()}
-
-
-@torch.no_grad()
-def evaluate_vae(model: VAE, train: TrainConfig) -> dict:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    dataset = build_dataset(train.dataset, "val", model.config.image_size, train.data_dir,
-                            num_images=train.val_images if train.dataset == "shapes" else None)
-    subset = torch.utils.data.Subset(dataset, range(min(train.val_images, len(dataset))))
+    dataset = build_dataset(args.dataset, "val", model.config.image_size, args.data_dir,
+                            num_images=args.val_images if args.dataset == "shapes" else None)
+    subset = torch.utils.data.Subset(dataset, range(min(args.val_images, len(dataset))))
+    codebooks = [m for m in model.modules() if isinstance(m, VectorQuantizer)]
+    counts = torch.zeros(codebooks[0].codebook_size if codebooks else 0, device=device)
     l1, tokens = 0.0, []
     for images, _ in torch.utils.data.DataLoader(subset, batch_size=100):
         images = images.to(device)
-        batch_tokens, _ = model.encode(images, sample=False)
-        l1 += (model.decode_tokens(batch_tokens).float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)).sum().item()
+        batch_tokens = model.tokens(images, sample=False)
+        l1 += (model.reconstruct(batch_tokens).float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)).sum().item()
         tokens.append(batch_tokens.float().cpu())
+        if codebooks:
+            counts += count_codes(model.targets(batch_tokens), len(counts))
     model.train(was_training)
     tokens = torch.cat(tokens)
-    return {"images": len(subset), "l1": l1 / len(subset), "token_std": tokens.std().item(),
-            "token_abs_mean": tokens.abs().mean().item()}
+    metrics = {"images": len(subset), "l1": l1 / len(subset), "token_std": tokens.std().item(),
+               "token_abs_mean": tokens.abs().mean().item()}
+    if codebooks:
+        probs = counts / counts.sum()
+        metrics |= {"codes_used": int((counts > 0).sum()), "codebook_size": len(counts),
+                    "perplexity": torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum()).item()}
+    return metrics
 
 
 def format_val_metrics(m: dict) -> str:
-    if "token_std" in m:
-        return (f"val: L1 {m['l1']:.4f} over {m['images']} images (posterior mean); tokens (x scale): std "
-                f"{m['token_std']:.3f}, mean |.| {m['token_abs_mean']:.3f}")
-    return (f"val: L1 {m['l1']:.4f} over {m['images']} images; codebook usage {m['codes_used']}/{m['codebook_size']} "
-            f"codes ({100 * m['codes_used'] / m['codebook_size']:.0f}%), perplexity {m['perplexity']:.1f}")
+    line = (f"val: L1 {m['l1']:.4f} over {m['images']} images; 2D tokens: std {m['token_std']:.3f}, mean |.| "
+            f"{m['token_abs_mean']:.3f}")
+    if "codes_used" in m:
+        line += (f"; codebook usage {m['codes_used']}/{m['codebook_size']} codes "
+                 f"({100 * m['codes_used'] / m['codebook_size']:.0f}%), perplexity {m['perplexity']:.1f}")
+    return line
 
 
 @torch.no_grad()
-def save_reconstructions(model, images, path):
-    """Row 1: originals; row 2: reconstructions through the codebook."""
+def save_reconstructions(model, images, path, base: str):
+    """Row 1: the originals; row 2: the tokenizer's reconstructions (a VQGAN's through its codebook)."""
     was_training = model.training
     model.eval()
-    recon = model.decode_tokens(model.encode(images, sample=False)[0]) if isinstance(model, VAE) else model(images)[0]
+    recon = model.reconstruct(model.tokens(images, sample=False))
     model.train(was_training)
     save_image_grid(torch.cat([images, recon.float().clamp(0, 1)]), path, nrow=len(images),
-                    row_labels=["original", "VAE" if isinstance(model, VAE) else "VQGAN"])
+                    row_labels=["original", base.upper()])
 
 
 if __name__ == "__main__":

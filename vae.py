@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 import torch.nn as nn
 
-from vqgan import Decoder, Encoder
+from convnet import Decoder, Encoder
 from weights import load_checkpoint, load_exact, read_weights, source_name
 
 
@@ -45,6 +45,10 @@ class VAEConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // self.downsample
+
+    def describe(self) -> str:
+        """What ALIT's shapes depend on: the grid and the tokens' size."""
+        return f"{self.image_size}px -> {self.grid_size}x{self.grid_size} x {self.latent_channels}"
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -105,32 +109,102 @@ class VAE(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)  # 2 x (B, E, g, g)
         return Posterior(mean, logvar.clamp(-30.0, 20.0))
 
-    def encode(self, images: torch.Tensor, sample: bool = True, noise=None, generator=None):
-        """-> (2D tokens (N, E, g, g), the same as targets (N, g*g, E) in row-major order).
-
-        The tokens are a posterior sample times the scale (the official get_img_tokens), or with
-        sample=False the posterior mean times the scale. The pair mirrors VQGAN.encode's (features
-        for ALIT's image tokens, what ALIT's decoder must predict): here both are the tokens."""
-        posterior = self.posterior(images)
-        z = posterior.sample(noise, generator) if sample or noise is not None else posterior.mean
-        tokens = z * self.config.scale
-        return tokens, tokens.flatten(2).transpose(1, 2)
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N, E, g, g) unscaled latents (a posterior sample or mean) -> images, trained to lie in [0, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, E, g, g) or (N, g*g, E) 2D tokens (scaled, as encode returns them) -> images."""
+        """(N, E, g, g) or (N, g*g, E) 2D tokens (scaled, as `tokens` returns them) -> images."""
         if tokens.dim() == 3:  # row-major (N, g*g, E)
             g = math.isqrt(tokens.shape[1])
             tokens = tokens.transpose(1, 2).reshape(len(tokens), -1, g, g)
         return self.decode(tokens / self.config.scale)
 
     def forward(self, images: torch.Tensor, generator=None):
-        """Training pass: -> (reconstructions from a posterior sample, Posterior)."""
+        """Training pass (train_vqgan.py --base vae): -> (reconstructions from a posterior sample, Posterior)."""
         posterior = self.posterior(images)
         return self.decode(posterior.sample(generator=generator)), posterior
+
+    def latent_loss(self, posterior: Posterior, images, weight: float) -> tuple:
+        """What train_vqgan.py adds to the reconstruction loss: the KL term times weight (--kl-weight), and
+        what it logs: that term, the posterior's mean std and the tokens' std. LDM sums both terms over
+        the pixels and the latents; here both are means, so the KL gets 1 / the pixels of an image."""
+        kl = weight * posterior.kl().mean() / images[0].numel()
+        return kl, {"kl": kl.detach().float(), "std": posterior.std.detach().float().mean(),
+                    "tokens": (posterior.mean * self.config.scale).detach().float().std()}
+
+    # --- the base tokenizer's side of ALIT: what model.py asks of a vqgan.VQGAN and of a VAE alike -----
+    # The 2D tokens are continuous vectors: ALIT's decoder regresses each cell's vector (§A.5: "mean-square
+    # reconstruction loss when using VAE as the base-tokenizer"), and decoding divides the scale back out.
+
+    def tokens(self, images: torch.Tensor, sample: bool = True, noise=None, generator=None) -> torch.Tensor:
+        """Images -> the 2D tokens ALIT distils, (N, E, g, g): a posterior sample times the scale (the
+        official get_img_tokens), or with sample=False the posterior mean times the scale (ALIT's
+        evaluation: deterministic)."""
+        posterior = self.posterior(images)
+        z = posterior.sample(noise, generator) if sample or noise is not None else posterior.mean
+        return z * self.config.scale
+
+    def targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """2D tokens -> what ALIT's decoder predicts: the tokens themselves, (N, g*g, E) row-major."""
+        return tokens.detach().flatten(2).transpose(1, 2)
+
+    def encode(self, images: torch.Tensor, sample: bool = True, noise=None, generator=None) -> tuple:
+        """-> (tokens (N, E, g, g), targets (N, g*g, E)): for ALIT's image tokens and its decoder, both
+        the tokens."""
+        tokens = self.tokens(images, sample, noise, generator)
+        return tokens, tokens.flatten(2).transpose(1, 2)
+
+    @property
+    def prediction_size(self) -> int:
+        """The numbers ALIT's decoder head gives a cell: its token vector."""
+        return self.config.latent_channels
+
+    def decode_prediction(self, prediction: torch.Tensor, config, hard: bool = False) -> torch.Tensor:
+        """ALIT's predicted 2D tokens (N, g*g, E) -> images, divided by the scale (the latents the decoder
+        was trained on). With config.official_vae_function, as the official adaptive_vae.py does: not
+        divided. `hard` is for bases with discrete codes."""
+        if config.official_vae_function:
+            g = self.config.grid_size
+            return self.decode(prediction.view(len(prediction), g, g, -1).permute(0, 3, 1, 2))
+        return self.decode_tokens(prediction)
+
+    def halts(self, prediction, targets, config, generator=None) -> torch.Tensor:
+        """Dynamic halting's test (§2), (N, g*g) bool, without a draw: the predicted vector within
+        config.halting_code_error mean absolute error of the true one (official configs/adaptive_vae.yaml,
+        not in the paper). With config.official_vae_function nothing halts: adaptive_vae.py writes its
+        mask into the copy boolean indexing returns."""
+        error = (prediction.detach().float() - targets.float()).abs().mean(-1)  # (N, g*g)
+        return (error < config.halting_code_error) & (not config.official_vae_function)
+
+    def token_loss(self, prediction, targets, label_smoothing: float = 0.0, code_weight: float = 1.0) -> tuple:
+        """Stage 1's loss at one iteration (§A.5, adaptive_vae.py): (the mean-square error of the predicted
+        tokens, which the caller weights per iteration; nothing unweighted; [MSE, mean absolute error] to
+        log). The VQGAN's label smoothing and code weight do not apply."""
+        error = prediction.float() - targets.float()  # (N, g*g, E)
+        mse = error.square().mean()
+        return mse, None, torch.stack([mse.detach(), error.detach().abs().mean()])
+
+    token_loss_names = ("mse", "err")  # how a training log names token_loss's two figures
+
+    def correct_cells(self, prediction, targets, config) -> torch.Tensor:
+        """(N, g*g) bool: the cells whose vector is within halting's tolerance of the true one."""
+        return (prediction.float() - targets).abs().mean(-1) < config.halting_code_error
+
+    # The token-space criterion (§A.2's selection without decoding pixels): the code error.
+    token_score_name, higher_score_is_better = "code_mse", False
+
+    def token_score(self, prediction, targets) -> torch.Tensor:
+        """(N,) the mean-square error of the predicted token vectors."""
+        return (prediction.float() - targets.float()).square().mean(dim=(1, 2))
+
+    def code_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's own grid of its 2D tokens, (N, E, g, g): the tokens, as ALIT sees them."""
+        return tokens
+
+    def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokenizer alone: its 2D tokens decoded, images (N, 3, H, W)."""
+        return self.decode_tokens(tokens)
 
     @classmethod
     def from_official(cls, path_or_state_dict, image_size: int | None = None) -> "VAE":

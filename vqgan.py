@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from convnet import Decoder, Encoder
 from quantize import Quantized, VectorQuantizer
 from weights import load_checkpoint, load_exact, read_weights, source_name
 
@@ -48,6 +49,11 @@ class VQGANConfig:
     def grid_size(self) -> int:
         return self.image_size // self.downsample
 
+    def describe(self) -> str:
+        """What ALIT's shapes depend on: the grid, the codes and their size."""
+        return (f"{self.image_size}px -> {self.grid_size}x{self.grid_size}, {self.codebook_size} codes x "
+                f"{self.latent_channels}")
+
     def __post_init__(self):
         self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
         if self.image_size % self.downsample:
@@ -68,194 +74,6 @@ PRESETS = {
 }
 
 
-def Normalize(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    """Two 3x3 convolutions with a residual path, in either layout of the trunk (see Encoder)."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int, layout: str = "maskgit"):
-        super().__init__()
-        ldm = layout == "ldm"  # LDM's convolutions have biases, MaskGIT's inside the blocks do not
-        self.shortcut_from_input = ldm
-        self.norm1 = Normalize(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=ldm)
-        self.norm2 = Normalize(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=ldm)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels if ldm else out_channels, out_channels, 1, bias=ldm)
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            if self.shortcut_from_input:  # LDM: the usual projection of the input x (in -> out channels)
-                return self.nin_shortcut(x) + h
-            # Checkpoint quirk of the MaskGIT VQGAN: when the width changes, the shortcut is taken
-            # from the block's own output h (out -> out channels) and the input x is discarded.
-            return self.nin_shortcut(h) + h
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions (taming's AttnBlock)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = Normalize(channels, groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(h)
-
-
-class Level(nn.Module):
-    """One resolution level: residual blocks (each optionally followed by attention)."""
-
-    def __init__(self, in_channels, out_channels, num_blocks, attention, groups, layout="maskgit"):
-        super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, layout) for i in range(num_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_channels, groups) for _ in range(num_blocks if attention else 0))
-
-    def forward(self, x):
-        for i, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        return x
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Downsample(nn.Module):
-    """LDM's learned downsampling: zero-pad right and bottom by one, then a 3x3 stride-2 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Middle(nn.Module):
-    def __init__(self, channels, attention, groups, layout="maskgit"):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups, layout)
-        if attention:
-            self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups, layout)
-
-    def forward(self, x):
-        x = self.block_1(x)
-        if hasattr(self, "attn_1"):
-            x = self.attn_1(x)
-        return self.block_2(x)
-
-
-# The two layouts of one convolutional trunk (taming's Encoder/Decoder, Esser et al. 2021):
-# - "maskgit", the VQGAN the official ALIT code ships (see the module docstring);
-# - "ldm", LDM's AutoencoderKL (Rombach et al. 2022) as MAR's KL-16 VAE has it, the VAE base of
-#   the official adaptive_vae.py: biases on every conv, the shortcut projects the block's input,
-#   a padded stride-2 conv downsamples, a 3x3 encoder conv_out, attention always in the middle,
-#   num_res_blocks + 1 blocks per decoder level.
-LAYOUTS = ("maskgit", "ldm")
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg, layout: str = "maskgit", out_channels: int | None = None):
-        """cfg: a VQGANConfig or a vae.VAEConfig (the trunk's fields); out_channels: default latent_channels."""
-        super().__init__()
-        ldm = layout == "ldm"
-        widths = [cfg.channels * m for m in cfg.channel_mult]
-        groups = cfg.norm_groups
-        self.conv_in = nn.Conv2d(3, cfg.channels, 3, padding=1, bias=ldm)
-        self.down = nn.ModuleList()
-        resolution = cfg.image_size
-        for i, width in enumerate(widths):
-            self.down.append(Level(cfg.channels if i == 0 else widths[i - 1], width, cfg.num_res_blocks,
-                                   resolution in cfg.attn_resolutions, groups, layout))
-            if ldm and i < len(widths) - 1:
-                self.down[i].downsample = Downsample(width)
-            resolution //= 1 if i == len(widths) - 1 else 2
-        self.mid = Middle(widths[-1], ldm or resolution in cfg.attn_resolutions, groups, layout)
-        self.norm_out = Normalize(widths[-1], groups)
-        self.conv_out = nn.Conv2d(widths[-1], out_channels or cfg.latent_channels, 3 if ldm else 1, padding=int(ldm))
-
-    def forward(self, images):
-        h = self.conv_in(images)
-        for i, level in enumerate(self.down):
-            h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-            elif i < len(self.down) - 1:
-                h = F.avg_pool2d(h, 2)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg, layout: str = "maskgit", attn_resolutions: tuple | None = None):
-        """attn_resolutions: where the decoder's levels attend, default cfg.attn_resolutions."""
-        super().__init__()
-        ldm = layout == "ldm"
-        attn_resolutions = cfg.attn_resolutions if attn_resolutions is None else attn_resolutions
-        widths = [cfg.channels * m for m in cfg.channel_mult]
-        groups = cfg.norm_groups
-        resolution = cfg.grid_size
-        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
-        self.mid = Middle(widths[-1], ldm or resolution in attn_resolutions, groups, layout)
-        # up[i] is level i (same numbering as the encoder); the forward pass runs them from the last to 0.
-        levels = {}
-        for i in reversed(range(len(widths))):
-            in_width = widths[i + 1] if i + 1 < len(widths) else widths[-1]
-            levels[i] = Level(in_width, widths[i], cfg.num_res_blocks + int(ldm), resolution in attn_resolutions,
-                              groups, layout)
-            if i > 0:
-                levels[i].upsample = Upsample(widths[i])
-                resolution *= 2
-        self.up = nn.ModuleList(levels[i] for i in range(len(widths)))
-        self.norm_out = Normalize(widths[0], groups)
-        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
-
-    def forward(self, latents):
-        h = self.mid(self.conv_in(latents))
-        for level in reversed(self.up):
-            h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The weight the adaptive GAN weight differentiates through (VQGAN eq. 7)."""
-        return self.conv_out.weight
-
-
-def conv_memory_format(device: torch.device) -> torch.memory_format:
-    """The layout the VQGAN's weights (hence its activations) should have on `device`: channels-last,
-    fastest for oneDNN's and cuDNN's convolutions, where GroupNorm keeps it; where GroupNorm has no
-    channels-last kernel (CUDA, in some PyTorch versions) it would copy every activation to
-    channels-first and back around each of its ~40 calls, so the contiguous layout is used there.
-    Asked of the device itself: one GroupNorm on a 2x2 map."""
-    probe = torch.zeros(1, 2, 2, 2, device=device).to(memory_format=torch.channels_last)
-    keeps = F.group_norm(probe, 1).is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if keeps else torch.contiguous_format
-
-
 class VQGAN(nn.Module):
     """Images (N, 3, H, W) in [0, 1] <-> a (N, g, g) grid of codebook indices, g = H / downsample."""
 
@@ -266,18 +84,13 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(cfg)
         self.quantize = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta, cfg.l2_normalize)
         # Channels-last conv weights make every convolution run channels-last, the layout oneDNN (CPU)
-        # and cuDNN (GPU) convolve fastest; conv_memory_format says where it pays.
+        # and cuDNN (GPU) convolve fastest; distributed.conv_memory_format says where it pays.
         self.to(memory_format=torch.channels_last)
 
     def quantize_latents(self, latents: torch.Tensor) -> Quantized:
         """(N, C, g, g) continuous latents -> codes (N, C, g, g), indices (N, g*g) in row-major order."""
         q = self.quantize(latents.permute(0, 2, 3, 1))
         return Quantized(q.codes.permute(0, 3, 1, 2), q.indices.flatten(1), q.loss, q.perplexity, q.usage)
-
-    def encode(self, images: torch.Tensor):
-        """-> (continuous pre-quantization latents (N, C, g, g), indices (N, g*g))."""
-        latents = self.encoder(images)
-        return latents, self.quantize_latents(latents).indices
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, g, g) code grid (quantized, or any soft mixture of codes) -> images, trained to lie in [0, 1]."""
@@ -294,9 +107,89 @@ class VQGAN(nn.Module):
         return self.decode(self.codes_from_indices(indices))
 
     def forward(self, images: torch.Tensor):
-        """Training pass: -> (reconstructions, Quantized)."""
+        """Training pass (train_vqgan.py): -> (reconstructions, Quantized)."""
         q = self.quantize_latents(self.encoder(images))
         return self.decode(q.codes), q
+
+    def latent_loss(self, q: Quantized, images, weight: float) -> tuple:
+        """What train_vqgan.py adds to the reconstruction loss: the codebook and commitment terms times
+        weight (--codebook-weight), and what it logs of them."""
+        return weight * q.loss, {"vq": q.loss.detach(), "ppl": q.perplexity, "used": q.usage}
+
+    # --- the base tokenizer's side of ALIT: what model.py asks of a VQGAN and of a vae.VAE alike -----
+    # ALIT distils the 2D tokens into 1D ones, and its decoder predicts, for every grid cell, the
+    # index of the cell's nearest code: a distribution over the codebook (logits).
+
+    def tokens(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Images -> the 2D tokens ALIT distils, (N, C, g, g): the encoder's latents before quantization
+        (the official code's). `sample` is for bases with a posterior; a VQGAN's tokens are fixed."""
+        return self.encoder(images)
+
+    def targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """2D tokens -> what ALIT's decoder predicts: each cell's nearest code, (N, g*g) indices."""
+        return self.quantize_latents(tokens.detach()).indices
+
+    def encode(self, images: torch.Tensor, sample: bool = False) -> tuple:
+        """-> (tokens (N, C, g, g), targets (N, g*g))."""
+        tokens = self.tokens(images, sample)
+        return tokens, self.targets(tokens)
+
+    @property
+    def prediction_size(self) -> int:
+        """The numbers ALIT's decoder head gives a cell: a logit per code."""
+        return self.config.codebook_size
+
+    def expected_codes(self, prediction: torch.Tensor) -> torch.Tensor:
+        """softmax(logits) @ codebook, (N, g*g, C): the expected code at every cell. The official code
+        reads the codebook through `.data`, so no stage trains it through this product: detached."""
+        return prediction.float().softmax(-1) @ self.quantize.codebook().detach()
+
+    def decode_prediction(self, prediction: torch.Tensor, config=None, hard: bool = False) -> torch.Tensor:
+        """ALIT's prediction (N, g*g, codes) -> images: each cell's expected code through the decoder,
+        not re-quantized (the pixels stage 2 trains on); hard=True: the most likely codes instead
+        (what stage 1's cross-entropy aims at)."""
+        if hard:
+            return self.decode_indices(prediction.argmax(-1))
+        g = self.config.grid_size
+        return self.decode(self.expected_codes(prediction).view(len(prediction), g, g, -1).permute(0, 3, 1, 2))
+
+    def halts(self, prediction, targets, config, generator=None) -> torch.Tensor:
+        """Dynamic halting's test (§2, the Mask of T -> T+1), (N, g*g) bool: p, the predicted probability
+        of the cell's true code; at p >= config.halting_threshold (0.55: official code, not in the
+        paper) the cell halts with probability p."""
+        p = prediction.detach().float().softmax(-1).gather(-1, targets[..., None])[..., 0]  # (N, g*g)
+        return (p >= config.halting_threshold) & (torch.rand(p.shape, generator=generator, device=p.device) < p)
+
+    def token_loss(self, prediction, targets, label_smoothing: float = 0.0, code_weight: float = 1.0) -> tuple:
+        """Stage 1's loss at one iteration (§A.5): (the cross-entropy against the true indices, which the
+        caller weights per iteration; code_weight x the MSE of the expected code against the true code,
+        unweighted (official code, not in the paper); [CE, token accuracy] to log)."""
+        logits = prediction.float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing)
+        code = F.mse_loss(self.expected_codes(logits), self.quantize.lookup(targets).float())
+        accuracy = self.correct_cells(logits, targets).float().mean()
+        return ce, code_weight * code, torch.stack([ce.detach(), accuracy])
+
+    token_loss_names = ("ce", "acc")  # how a training log names token_loss's two figures
+
+    def correct_cells(self, prediction, targets, config=None) -> torch.Tensor:
+        """(N, g*g) bool: the cells whose most likely code is the true one."""
+        return prediction.argmax(-1) == targets
+
+    # The token-space criterion (§A.2's selection without decoding pixels): token accuracy.
+    token_score_name, higher_score_is_better = "token_acc", True
+
+    def token_score(self, prediction, targets) -> torch.Tensor:
+        """(N,) the fraction of cells whose true code is the most likely one."""
+        return self.correct_cells(prediction, targets).float().mean(1)
+
+    def code_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's own code grid of its 2D tokens, (N, C, g, g): their nearest codes."""
+        return self.quantize_latents(tokens).codes
+
+    def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokenizer alone: its 2D tokens quantized and decoded, images (N, 3, H, W)."""
+        return self.decode(self.code_grid(tokens))
 
     @classmethod
     def from_official(cls, path_or_state_dict, image_size: int | None = None) -> "VQGAN":

@@ -18,6 +18,7 @@ and pytorch-fid keep their downloads. Nothing is downloaded.
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +184,63 @@ def perceptual_missing() -> str:
     return "; ".join(not_found(kind, flag) for kind, flag in (("vgg16", "--vgg16-weights"),
                                                               ("lpips", "--lpips-weights"))
                      if find_weights(kind, flag) is None)
+
+
+# -----------------------------------------------------------------------------
+# The models a run starts from, by the flag that names them
+
+
+def load_model(flag: str, path, load, missing: str = ""):
+    """load(path), with a missing file or one of another kind ending the run in one `error:` line that
+    names the flag (and, for a missing file, says `missing`: what to do)."""
+    if not Path(path).is_file():
+        sys.exit(f"error: {flag} {path} not found{'; ' + missing if missing else ''}")
+    try:
+        return load(path)
+    except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: its one-line reason
+        sys.exit(f"error: {flag}: {error.args[0]}")
+
+
+# Stage 1's frozen base tokenizer, per ALITConfig.base: train_vqgan.py's out-dir, and the flag of the
+# official code's file (PRETRAINED: MAGE's VQGAN, MAR's KL-16).
+BASE_FILES = {"vqgan": ("out/vqgan/ckpt.pt", "--vqgan-official"), "vae": ("out/vae/ckpt.pt", "--vae-official")}
+
+
+def find_base(args, base: str, official_fits: bool):
+    """Which file stage 1 distils (load_base loads it): the official one its flag names, else a --base-ckpt
+    given, else the official one found by name where it fits the preset (`official_fits`: the 256x256
+    presets), else train_vqgan.py's out/<base>/ckpt.pt. Sets args.base_ckpt and args.official_base."""
+    own_checkpoint, own_flag = BASE_FILES[base]
+    for other, (_, flag) in BASE_FILES.items():
+        if other != base and getattr(args, flag[2:].replace("-", "_")):
+            sys.exit(f"error: {flag} is the official {other.upper()}; with --base {base} pass {own_flag}")
+    given = getattr(args, own_flag[2:].replace("-", "_"))
+    try:
+        found = find_weights(base, own_flag, given) if given or (official_fits and args.base_ckpt is None) else None
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    args.official_base = found and str(found)
+    args.base_ckpt = args.base_ckpt or own_checkpoint
+    return args
+
+
+def load_base(args, base: str, cls, expected, log=print):
+    """The base tokenizer find_base named, of class `cls` (VQGAN or VAE); its grid and tokens must be those
+    the preset's base config `expected` describes."""
+    own_checkpoint, own_flag = BASE_FILES[base]
+    paper = expected.image_size >= 256
+    command = f"python train_vqgan.py --base {base}" + (
+        f" --dataset {args.dataset} --data-dir {args.data_dir or 'DIR'}" if paper else "")
+    train = f"train one with {command} and pass it as --base-ckpt" + (
+        f"; or {not_found(base, own_flag)}" if paper else "")
+    if args.official_base:
+        flag, path = own_flag, args.official_base
+        model = load_model(flag, path, lambda p: cls.from_official(p, image_size=expected.image_size))
+    else:
+        flag, path = "--base-ckpt", args.base_ckpt
+        model = load_model(flag, path, cls.from_checkpoint, train)
+    if model.config.describe() != expected.describe():
+        sys.exit(f"error: the {base.upper()} in {path} ({model.config.describe()}) does not fit preset "
+                 f"{args.preset!r} ({expected.describe()}): {train}")
+    log(f"base {base.upper()}: {flag} {path}")
+    return model
