@@ -11,28 +11,31 @@ memory per GPU at the paper's batch, with and without gradient checkpointing.
     python bench.py            # several minutes on 2 CPU cores: a `small` step alone takes ~30 s
     python bench.py --quick    # about a minute: tiny sizes
 """
+import argparse
 import json
 import math
 import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Annotated
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
-import memory
-import train_stage2
-from data import build_dataset, write_photo_folder
-from pretrained import base_targets
-from selection import code_error, code_error_below, first_passing, l1_below
-from losses import LPIPS, PatchDiscriminator, stage1_loss
-from model import ALIT, ALITConfig, make_config
-from train_stage1 import OFFICIAL_ITERATION_WEIGHTS, iteration_weights
-from training import adamw, autocast, keep_freed_memory, native_bf16, parse_flags
-from vqgan import VQGAN
+import flags
+import plan
+from data import PALETTE, build_dataset
+from distributed import autocast, keep_freed_memory, native_bf16
+from flags import FILE, Number
+from losses import (LPIPS, OFFICIAL_ITERATION_WEIGHTS, PatchDiscriminator, base_targets, iteration_weights,
+                    stage1_loss)
+from model import ALIT, BASES, ALITConfig, make_base, make_config
+from optim import adamw
+from quantize import VectorQuantizer
+from selection import first_passing, l1_below, token_score_passes
 
 H100_BF16_FLOPS = 989e12  # NVIDIA's H100 SXM datasheet: dense bf16 tensor-core peak, without sparsity
 H100_MEMORY = 80e9  # bytes, the H100 SXM's HBM3
@@ -45,13 +48,16 @@ NVLINK_BUS_BYTES_PER_SECOND = 360e9
 NODE_LINK_BYTES_PER_SECOND = 50e9
 
 
-@dataclass
-class BenchConfig:
-    quick: bool = False  # tiny sizes and fewer repetitions: about a minute
-    out: Annotated[str | None, "file"] = None  # also write the numbers as JSON here
-    reps: Annotated[int | None, ">= 1"] = None  # timed runs per measurement; default: 2, `small` 1 (~30 s a step on a CPU), --quick 5
-    utilisation: Annotated[float, "in (0, 1]"] = 0.4  # share of the H100's dense bf16 peak the paper's runs are costed at
-    keep_freed_memory: bool = True  # on the CPU, as the training scripts do (training.keep_freed_memory)
+def parser() -> flags.Parser:
+    p = flags.Parser(__doc__)
+    p.add("--quick", False, bool, "tiny sizes and fewer repetitions: about a minute")
+    p.add("--out", None, FILE, "also write the numbers as JSON here")
+    p.add("--reps", None, Number(int, 1), "timed runs per measurement",
+          default_text="2, `small` 1 (~30 s a step on a CPU), --quick 5")
+    p.add("--utilisation", 0.4, Number(float, 0, 1, "(]"), "share of the H100's dense bf16 peak the paper's runs "
+          "are costed at")
+    p.add("--keep-freed-memory", True, bool, "on the CPU, as the training scripts do (distributed.keep_freed_memory)")
+    return p
 
 
 # `mid`: 256x256 over the imagenet VQGAN like `small`, at a size whose step a CPU times in seconds
@@ -122,8 +128,7 @@ def alit_forward_flops(cfg: ALITConfig, attention=True, iters=None) -> float:
     t*K latents are factorized, quantized and embedded; the head's logits give the expected code (over
     a VAE the head regresses the C numbers of each 2D token)."""
     N, K, D, E = cfg.num_image_tokens, cfg.tokens_per_iter, cfg.encoder_width, cfg.decoder_width
-    C = cfg.base_config.latent_channels
-    codes = C if cfg.base == "vae" else cfg.vqgan.codebook_size
+    C, codes = cfg.base_config.latent_channels, cfg.base_config.prediction_size
     decoded = {t + 1 for t in (range(cfg.rollout_iters) if iters is None else iters)}
     flops = 2 * N * 3 * cfg.patch_size ** 2 * (D - C)  # patch embedding
     for t in range(1, max(decoded) + 1):
@@ -134,8 +139,8 @@ def alit_forward_flops(cfg: ALITConfig, attention=True, iters=None) -> float:
             flops += 2 * latents * (D * cfg.latent_dim + cfg.latent_dim * E)  # factorize + decoder_embed
             flops += 2 * latents * cfg.latent_codebook_size * cfg.latent_dim  # codebook distances
             flops += 2 * N * (E * 2 * E + 2 * E * codes)  # the head
-            if cfg.base == "vqgan":
-                flops += 2 * N * codes * C  # expected code
+            if cfg.base_config.discrete:
+                flops += 2 * N * codes * C  # the expected code: softmax(logits) @ codebook
     return flops
 
 
@@ -158,10 +163,10 @@ def paper_cost(utilisation: float) -> dict:
     the official scripts, which the FLOPs do not depend on); convolutions counted on meta tensors."""
     cfg = make_config("small")
     with torch.device("meta"):
-        vqgan, lpips, disc = VQGAN(cfg.vqgan), LPIPS(), PatchDiscriminator(num_layers=3)
+        base, lpips, disc = make_base(cfg), LPIPS(), PatchDiscriminator(num_layers=3)
         image = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
-        latents = torch.zeros(1, cfg.vqgan.latent_channels, cfg.grid_size, cfg.grid_size)
-    encoder, decoder = conv_flops(vqgan.encoder, image), conv_flops(vqgan.decoder, latents)
+        latents = torch.zeros(1, cfg.base_config.latent_channels, cfg.grid_size, cfg.grid_size)
+    encoder, decoder = conv_flops(base.encoder, image), conv_flops(base.decoder, latents)
     stage2 = stage2_flops(cfg, encoder + decoder, conv_flops(lpips, image, image), conv_flops(disc, image))
     per_image = {"stage1": stage1_flops(cfg, 1, encoder), "stage2": stage2}
     rate = utilisation * H100_BF16_FLOPS
@@ -169,6 +174,28 @@ def paper_cost(utilisation: float) -> dict:
     return {"utilisation": utilisation, "epochs": PAPER_EPOCHS, "images": IMAGENET100_TRAIN_IMAGES,
             **{f"{k}_tflop_per_image": v / 1e12 for k, v in per_image.items()},
             **{f"{k}_gpu_hours": v / 3600 for k, v in seconds.items()}}
+
+
+def write_photo_folder(root, classes, images_per_class: int, size=(500, 375), seed: int = 0) -> list:
+    """Photo-like JPEGs in ImageNet's layout, <root>/<class>/<i>.JPEG, at ImageNet's most common size
+    (500x375; quality 95: ~100 KB each, about ImageNet's mean): smooth colour fields, a few shapes
+    and sensor noise, so that decoding one costs what a photo costs. For benchmarks and the GPU smoke test,
+    which cannot download ImageNet. Returns the files written."""
+    rng, files = np.random.default_rng(seed), []
+    width, height = size
+    for c in classes:
+        for i in range(images_per_class):
+            field = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            draw = ImageDraw.Draw(field)
+            for _ in range(int(rng.integers(2, 6))):
+                x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
+                draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=tuple(PALETTE[rng.integers(len(PALETTE))].tolist()))
+            pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (height, width, 3))
+            path = Path(root) / c / f"{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=95)
+            files.append(path)
+    return files
 
 
 def bench_data_loading(images: int, reps: int) -> dict:
@@ -204,8 +231,9 @@ def gradient_all_reduce(cfg: ALITConfig, paper: dict) -> dict:
     with torch.device("meta"):
         model = ALIT(cfg)
     stage1 = sum(p.numel() for p in model.alit_parameters())
-    stage2 = sum(p.numel() for p in model.parameters()) - model.vqgan.quantize.embedding.weight.numel() - \
-        model.halted_token.numel()
+    # stage 2 trains all but the base's codebook and the halted token (train_stage2.trainable)
+    frozen = [p for m in model.base.modules() if isinstance(m, VectorQuantizer) for p in m.parameters()]
+    stage2 = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in frozen) - model.halted_token.numel()
     rate = paper["utilisation"] * H100_BF16_FLOPS
     result = {}
     for stage, parameters, batch in (("stage1", stage1, PAPER_BATCH_PER_GPU[0]), ("stage2", stage2, PAPER_BATCH_PER_GPU[1])):
@@ -225,22 +253,23 @@ def paper_memory(cfg: ALITConfig, batches=PAPER_BATCH_PER_GPU) -> dict:
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = ALIT(cfg)
-    model.vqgan.requires_grad_(False)
-    result = {"stage1": {"batch": batches[0], **{("checkpointing" if on else "plain"): memory.stage1_step_memory(
+    model.base.requires_grad_(False)
+    result = {"stage1": {"batch": batches[0], **{("checkpointing" if on else "plain"): plan.stage1_step_memory(
         model, batches[0], device, True, on) for on in (False, True)}}}
-    model.requires_grad_(True)  # stage 2 trains everything but the codebook and the halting token
-    model.vqgan.quantize.requires_grad_(False)
+    model.requires_grad_(True)  # stage 2 trains everything but the base's codebook and the halting token
+    for module in model.base.modules():
+        if isinstance(module, VectorQuantizer):
+            module.requires_grad_(False)
     model.halted_token.requires_grad_(False)
-    stage2 = train_stage2.TrainConfig(batch_size=batches[1])
-    result["stage2"] = {"batch": batches[1], **{("checkpointing" if on else "plain"): memory.stage2_step_memory(
+    stage2 = argparse.Namespace(batch_size=batches[1], l1_weight=1.0, perceptual_weight=1.0)  # train_stage2's
+    result["stage2"] = {"batch": batches[1], **{("checkpointing" if on else "plain"): plan.stage2_step_memory(
         model, stage2, LPIPS(), device, True, on) for on in (False, True)}}
     return result
 
 
 def stage1_step(model, optimizer, images, bf16, weights):  # train_stage1.py's, its loss
-    latents, gt = base_targets(model.base, images)
     with autocast(images.device, bf16):
-        loss, _ = stage1_loss(model, model(images, latents, gt, halting=True), gt, weights, 0.0, 1.0, 1.0)
+        loss, _, _ = stage1_loss(model, images, iteration_weights=weights, halting=True)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -270,10 +299,12 @@ def bench_stage1(name, cfg, batch, reps, ceilings, device) -> dict:
     return row
 
 
-def threshold_for(table, fraction):
-    """The threshold on a (T, B) table (images stop at a value below it) stopping them at `fraction` of T."""
+def threshold_for(table, fraction, higher_is_better=False):
+    """The threshold on a (T, B) table (images stop at a value below it, or at or above it where higher is
+    better) stopping them at `fraction` of T."""
     values = table.flatten().sort().values
-    stops = lambda thr: (first_passing(table < thr) + 1).float().mean().item() / len(table)
+    passes = (lambda thr: table >= thr) if higher_is_better else (lambda thr: table < thr)  # noqa: E731
+    stops = lambda thr: (first_passing(passes(thr)) + 1).float().mean().item() / len(table)
     return min(((values[1:] + values[:-1]) / 2).tolist(), key=lambda thr: abs(stops(thr) - fraction))
 
 
@@ -281,60 +312,61 @@ def bench_adaptive(name, cfg, batch, reps, device) -> dict:
     torch.manual_seed(0)
     model = ALIT(cfg).to(device).eval()
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    codebook = model.vqgan.quantize.codebook().detach() if cfg.base == "vqgan" else None  # a VAE's: its vectors
     runs = []  # the timed exhaustive rollouts: their reconstructions set the thresholds
     with torch.no_grad():
         gt = model.base_targets(model.base_tokens(images))
         every = timed(lambda: runs.append(model.rollout(images)), reps, 0, device)
     records = runs[-1]
+    # the pixel criterion (L1) and the base's token-space one (token accuracy, a VAE's code MSE)
     tables = {"pixel": torch.stack([(r.recon.float().clamp(0, 1) - images).abs().mean(dim=(1, 2, 3)) for r in records]),
-              "token": torch.stack([code_error(gt, r.logits, codebook) for r in records])}
+              "token": torch.stack([model.base.token_score(r.prediction, gt) for r in records])}
     result = {"config": name, "base": cfg.base, "batch": batch, "every_iteration_seconds": every}
     for kind, table in tables.items():
-        thr = threshold_for(table.cpu(), 0.5)
-        criterion = l1_below(thr) if kind == "pixel" else code_error_below(thr, codebook)
+        higher = kind == "token" and model.base.higher_score_is_better
+        thr = threshold_for(table.cpu(), 0.5, higher)
+        criterion = l1_below(thr) if kind == "pixel" else token_score_passes(model.base, thr)
         seconds = timed(lambda: model.encode_adaptive(images, criterion, token_space=kind == "token"), reps, 0, device)
-        stop = (first_passing(table.cpu() < thr) + 1).float().mean().item() / cfg.rollout_iters
+        passes = table.cpu() >= thr if higher else table.cpu() < thr
+        stop = (first_passing(passes) + 1).float().mean().item() / cfg.rollout_iters
         result[kind] = {"fraction_of_tokens": stop, "seconds": seconds, "speedup": every / seconds}
     return result
 
 
-def parse_args(argv=None) -> BenchConfig:
-    cfg, _ = parse_flags(argv, __doc__, BenchConfig)
-    return cfg
+def parse_args(argv=None):
+    return parser().parse(argv)[0]
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.keep_freed_memory and device.type == "cpu":
+    if args.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
-    reps, n = cfg.reps or (5 if cfg.quick else 2), 1024 if cfg.quick else 2048
+    reps, n = args.reps or (5 if args.quick else 2), 1024 if args.quick else 2048
     ceilings = {"float32": matmul_flops(torch.float32, n, device)}
     if native_bf16(device):  # emulated bf16 runs several times slower than float32: not timed
         ceilings["bf16"] = matmul_flops(torch.bfloat16, n, device)
     report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "quick": cfg.quick, "matrix_size": n, "ceiling_flops": ceilings}
+              "quick": args.quick, "matrix_size": n, "ceiling_flops": ceilings}
     # `mid` (or `tiny`) over each base: the VQGAN, and the VAE (at 256x256 MAR's KL-16)
-    name, size = ("tiny", {}) if cfg.quick else ("mid", MID)
-    over_each_base = [make_config("tiny" if cfg.quick else "small", base=base, **size) for base in ("vqgan", "vae")]
+    name, size = ("tiny", {}) if args.quick else ("mid", MID)
+    over_each_base = [make_config("tiny" if args.quick else "small", base=base, **size) for base in BASES]
     # smallest first: the CPU's peak resident size only grows
-    configs = [(name, model_cfg, 16 if cfg.quick else 4, reps) for model_cfg in over_each_base]
-    if not cfg.quick:
-        configs.append(("small", make_config("small"), 2, cfg.reps or 1))
+    configs = [(name, model_cfg, 16 if args.quick else 4, reps) for model_cfg in over_each_base]
+    if not args.quick:
+        configs.append(("small", make_config("small"), 2, args.reps or 1))
     report["stage1"] = [bench_stage1(*c, ceilings, device) for c in configs]
     # A `mid` rollout decodes 8 reconstructions an image at 256x256: each encode runs once there.
-    report["adaptive"] = [bench_adaptive(name, model_cfg, *((32, reps) if cfg.quick else (8, 1)), device)
+    report["adaptive"] = [bench_adaptive(name, model_cfg, *((32, reps) if args.quick else (8, 1)), device)
                           for model_cfg in over_each_base]
-    report["paper"] = paper_cost(cfg.utilisation)
-    report["data_loading"] = bench_data_loading(16 if cfg.quick else 64, reps)
+    report["paper"] = paper_cost(args.utilisation)
+    report["data_loading"] = bench_data_loading(16 if args.quick else 64, reps)
     report["workers_per_gpu"] = workers_per_gpu(report["data_loading"], report["paper"])
     report["gradient_all_reduce"] = gradient_all_reduce(make_config("small"), report["paper"])
-    report["memory"] = paper_memory(*((make_config("tiny"), (16, 16)) if cfg.quick else (make_config("small"),)))
-    report["memory"]["config"] = "tiny" if cfg.quick else "small"
+    report["memory"] = paper_memory(*((make_config("tiny"), (16, 16)) if args.quick else (make_config("small"),)))
+    report["memory"]["config"] = "tiny" if args.quick else "small"
     print(format_report(report))
-    if cfg.out:
-        with open(cfg.out, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     return report
 

@@ -110,15 +110,16 @@ FILE, FOLDER, EXISTING_FOLDER = PathKind("file"), PathKind("folder"), PathKind("
 
 
 class Custom:
-    """A flag's type from a function text -> value that raises ValueError saying what is wrong; its
-    docstring's first line says what the flag takes."""
+    """A flag's type checked by a function of its text that raises ValueError saying what is wrong (the flag
+    keeps its text); the function's docstring's first line says what the flag takes."""
 
     def __init__(self, parse):
         self.parse = parse
 
     def __call__(self, text):
         try:
-            return self.parse(text)
+            self.parse(text)
+            return text
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 

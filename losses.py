@@ -31,6 +31,26 @@ from weights import perceptual_missing, read_weights, source_name
 # Stage 1: the base tokenizer's 2D tokens, predicted at every iteration
 
 
+# Per-iteration weights λ_t of the token loss (official code, not in the paper): the first, shortest codes
+# carry the most information per token, so they are weighted up.
+OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
+
+
+def iteration_weights(text: str, iters: int) -> list:
+    """λ_1..λ_T from the comma-separated text of --iteration-weights, padded with 1."""
+    weights = [float(w) for w in text.split(",")]
+    return (weights + [1.0] * iters)[:iters]
+
+
+def base_targets(base, images) -> tuple:
+    """What stage 1 distils, from the frozen base: its 2D tokens and targets of `images` (a VAE's: a fresh
+    posterior sample), in float32 whatever the autocast and the nearest code in exact float32, so that bf16
+    and float32 runs distil the same targets. (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs
+    them by default: exact float32 would make the encoder, 3% of a step's FLOPs, a fifth of its time.)"""
+    with torch.no_grad(), exact_float32(images.device.type):
+        return base.encode(images.float(), sample=True)
+
+
 def stage1_loss(model, images, *, iteration_weights, forward=None, halting=True, iters=None,
                 label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0, generator=None):
     """Stage 1's forward and loss (§A.5), the base frozen: the rollout over `images` with halting, and
@@ -44,14 +64,20 @@ def stage1_loss(model, images, *, iteration_weights, forward=None, halting=True,
     Returns the loss, a (iterations, 3) tensor of [token loss, token accuracy (VAE: mean absolute error),
     1] rows for the decoded iterations (zeros elsewhere, so that sums over steps and ranks average
     right), and the rollout's records."""
-    # The targets in float32 whatever the autocast, the nearest code in exact float32, so that bf16 and
-    # float32 runs distil the same targets. (On Ampere+ GPUs the convolutions stay TF32, as cuDNN runs
-    # them by default: exact float32 would make the encoder, 3% of a step's FLOPs, a fifth of its time.)
-    with torch.no_grad(), exact_float32(images.device.type):
-        tokens, targets = model.base.encode(images.float(), sample=True)  # a VAE's: a fresh posterior sample
+    tokens, targets = base_targets(model.base, images)
     records = (forward or model)(images, tokens, targets, halting=halting, iters=iters, generator=generator)
+    loss, stats = stage1_terms(model, records, targets, iteration_weights=iteration_weights,
+                               label_smoothing=label_smoothing, code_weight=code_weight,
+                               quantizer_weight=quantizer_weight)
+    return loss, stats, records
+
+
+def stage1_terms(model, records, targets, *, iteration_weights, label_smoothing=0.0, code_weight=1.0,
+                 quantizer_weight=1.0):
+    """stage1_loss's sum over the decoded iterations `records`, against the base's `targets`: (the loss,
+    the (iterations, 3) statistics)."""
     total = 0.0
-    stats = torch.zeros(model.config.rollout_iters, 3, device=images.device)
+    stats = torch.zeros(model.config.rollout_iters, 3, device=targets.device)
     for r in records:
         weighted, unweighted, logged = model.base.token_loss(r.prediction, targets, label_smoothing=label_smoothing,
                                                             code_weight=code_weight)
@@ -61,7 +87,7 @@ def stage1_loss(model, images, *, iteration_weights, forward=None, halting=True,
         if r.quantized is not None:
             total = total + quantizer_weight * r.quantized.loss
         stats[r.index] = torch.cat([logged, torch.ones_like(logged[:1])])
-    return total, stats, records
+    return total, stats
 
 
 # -----------------------------------------------------------------------------
@@ -289,12 +315,18 @@ def discriminator_step(discriminator, optimizer, images, recon, precision=contex
             loss = hinge_d_loss(discriminator(real), discriminator(fake.detach())) / len(images)
         loss.backward()
         total = total + loss.detach()
-    if dist.is_available() and dist.is_initialized():
-        for p in discriminator.parameters():
-            dist.all_reduce(p.grad)
-            p.grad.div_(dist.get_world_size())
+    average_gradients(discriminator.parameters())
     optimizer.step()
     return total
+
+
+def average_gradients(parameters):
+    """The parameters' gradients averaged over the DDP ranks (the sum over ranks, divided by their number),
+    for a module trained outside DDP; nothing to do in one process."""
+    if dist.is_available() and dist.is_initialized():
+        for p in parameters:
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
 
 
 def gan_weight_at(step: int, schedule) -> float:

@@ -7,13 +7,17 @@ reconstructions per token count (Fig. 2) and halting.
     draw_panels("sweep.png", [Panel("L1 against tokens", "tokens", "L1",
                                     [Series("level 0", [(8, 0.09), (16, 0.08)], COLOURS[0])])])
 """
+import colorsys
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from data import majority_pool
 
 # -----------------------------------------------------------------------------
 # Image grids
@@ -284,3 +288,182 @@ def save_halting_figure(model, images, row_labels, path, seed: int):
             captions[i].append(f"L1: {l1[i]:.3f}" + (f"\n{int(halted[i].sum())} halt" if r.halted is not None else ""))
     save_image_columns(columns + [images], path, [str(r.num_tokens) for r in records] + ["original"], row_labels,
                        [text for row in captions for text in row + [""]])
+
+
+# -----------------------------------------------------------------------------
+# analyze.py's figures
+
+INFERNO = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB along an inferno-like ramp (dark: low attention, light: high)."""
+    position = np.clip(values, 0, 1) * (len(INFERNO) - 1)
+    low = np.floor(position).astype(int).clip(max=len(INFERNO) - 2)
+    frac = (position - low)[..., None]
+    return INFERNO[low] * (1 - frac) + INFERNO[low + 1] * frac
+
+
+def distinct_colours(count: int) -> np.ndarray:
+    """`count` colours around the hue circle in golden-ratio steps, so neighbours in index differ."""
+    return np.array([colorsys.hsv_to_rgb((j * 0.618034) % 1, 0.75, 0.95) for j in range(count)]) * 255
+
+
+def draw_attention(path, image, maps, assign, masks, mc, level, cell: int = 64):
+    """Fig. 3/13 for one image: a row per iteration; the image, its segments (shapes), each 2D token
+    coloured by the latent token it attends most, then the attention maps over the image of the
+    first K latent tokens as the rollout updates them, and of the K tokens added at that iteration."""
+    K, T, g = mc.tokens_per_iter, mc.rollout_iters, mc.grid_size
+    font = ImageFont.load_default(size=13)
+    photo = np.asarray(Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                       .resize((cell, cell), Image.BICUBIC), dtype=np.float32)
+
+    def grid_image(rgb):  # (g, g, 3) -> a cell, token cells kept square and sharp
+        return Image.fromarray(rgb.astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+
+    def overlay(values):  # a map over the 2D tokens, scaled to its maximum, laid over the image
+        tile = np.asarray(grid_image(heat(values.reshape(g, g).numpy() / values.max().item())), dtype=np.float32)
+        return Image.fromarray((0.3 * photo + 0.7 * tile).round().astype(np.uint8))
+
+    lead = ["image", "segments", "binding"] if masks is not None else ["image", "binding"]
+    gap, left, top = 12, 96, 76
+    width = left + len(lead) * (cell + 4) + 2 * (gap + K * (cell + 4))
+    canvas = Image.new("RGB", (width, top + T * (cell + 4) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    title = (f"level {level}: " if level is not None else "") + "attention of latent tokens to the 2D image tokens " \
+        "(last encoder layer, mean over heads; each map scaled to its maximum)"
+    draw.text((8, 8), title, fill="black", font=font)
+    draw.text((8, 26), "binding: each 2D token in the colour of the latent token it attends most (one colour per "
+              "latent token)", fill="black", font=font)
+    x_first = left + len(lead) * (cell + 4) + gap
+    x_new = x_first + K * (cell + 4) + gap
+    for c, name in enumerate(lead):
+        draw.text((left + c * (cell + 4) + cell / 2, top - 8), name, fill="black", font=font, anchor="mb")
+    for x, text in [(x_first, f"tokens 1-{K} (added at iteration 1), as the rollout updates them"),
+                    (x_new, f"the {K} tokens added at this iteration")]:
+        draw.text((x, top - 8), text, fill="black", font=font, anchor="lb")
+    segments = None
+    if masks is not None:
+        labels = majority_pool(masks.numpy(), mc.patch_size)
+        segments = grid_image(distinct_colours(int(labels.max()) + 1)[labels])
+    colours = distinct_colours(T * K)
+    for t in range(T):
+        y = top + t * (cell + 4)
+        draw.text((8, y + cell / 2), f"iteration {t + 1}\n{(t + 1) * K} tokens", fill="black", font=font, anchor="lm")
+        tiles = [Image.fromarray(photo.round().astype(np.uint8))] + ([segments] if segments is not None else [])
+        tiles.append(grid_image(colours[assign[t].view(g, g).numpy()]))
+        for c, tile in enumerate(tiles):
+            canvas.paste(tile, (left + c * (cell + 4), y))
+        for k in range(K):
+            canvas.paste(overlay(maps[t][k]), (x_first + k * (cell + 4), y))
+            canvas.paste(overlay(maps[t][t * K + k]), (x_new + k * (cell + 4), y))
+    canvas.save(path)
+
+
+def plot_binding(path, summary: dict, counts: list):
+    """Binding score against tokens, one curve per complexity level, beside the shuffled baseline
+    and the fixed-length pass (§A.3, Tab. 2: does recurrence sharpen binding?)."""
+    panels = []
+    for metric, name in (("ari", "ARI"), ("fg_ari", "foreground ARI"), ("miou", "matched mIoU")):
+        series = [Series(f"level {level}" if level != "all" else "all levels",
+                         [(k, s[metric]) for k, s in groups["recurrent"].items()], COLOURS[i])
+                  for i, (level, groups) in enumerate(summary.items()) if level != "all"]
+        everything = summary["all"]
+        series += [Series("all levels", [(k, s[metric]) for k, s in everything["recurrent"].items()], (0, 0, 0)),
+                   Series("all, shuffled over the image", [(k, s[metric]) for k, s in everything["shuffled"].items()],
+                          (0, 0, 0), dashed=True),
+                   Series(f"all, one pass of {counts[-1]} tokens",
+                          [(k, s[metric]) for k, s in everything["one_pass"].items()], COLOURS[7])]
+        panels.append(Panel(f"{name}: 2D tokens by most-attended latent", "latent tokens", name, series,
+                            xticks=[(k, str(k)) for k in counts]))
+    draw_panels(path, panels)
+
+
+def plot_complexity(curves_path, histograms_path, complexity: dict, counts: list):
+    """Fig. 4/5: L1 against tokens per complexity level; the token counts each level gets."""
+    series = [Series(f"level {level}", list(row.items()), COLOURS[i])
+              for i, (level, row) in enumerate(complexity["l1_per_level"].items())]
+    draw_panels(curves_path, [Panel("L1 against tokens, per complexity level (Fig. 4/5)", "tokens", "L1", series,
+                                    xticks=[(k, str(k)) for k in counts])])
+    panels = []
+    for criterion, per_level in complexity["chosen_tokens_per_level"].items():
+        series = [Series(f"level {level}", [(t, hist[k] / max(1, sum(hist.values()))) for t, k in enumerate(counts)],
+                         COLOURS[i]) for i, (level, hist) in enumerate(per_level.items())]
+        panels.append(Panel(f"tokens chosen by {criterion} (the most when none passes)", "tokens",
+                            "fraction of the level's images", series,
+                            xticks=[(t, str(k)) for t, k in enumerate(counts)], bars=True))
+    draw_panels(histograms_path, panels)
+
+
+def plot_selection(path, rows: dict, tasks: dict):
+    """Fig. 7/8: each task of interest ({task: its name}) against the dataset representation its
+    selection costs, one curve per token-selection criterion."""
+    panels = []
+    for task, name in tasks.items():
+        series = [Series(criterion, [(r["dataset_representation"], r[task]) for r in criterion_rows], COLOURS[i],
+                         labels=[f"top-{r['top_x']}" for r in criterion_rows] if "top_x" in criterion_rows[0] else None)
+                  for i, (criterion, criterion_rows) in enumerate(rows.items())]
+        panels.append(Panel(f"{name} against dataset representation", "fraction of the maximum tokens", name, series,
+                            xticks=FRACTION_TICKS))
+    draw_panels(path, panels, size=(460, 360), columns=2)
+
+
+def plot_probe(path, probe: dict, counts: list):
+    """§A.4: probe accuracy per iteration (the first K tokens and all so far), and at the last iteration
+    per pooled prefix, beside the untrained control, the pooled VQGAN grid and chance."""
+    K, last = counts[0], len(counts)
+    flat = lambda name, value, colour, xs: Series(name, [(x, value) for x in xs], colour, dashed=True)  # noqa: E731
+    per_iteration, per_prefix = [], []
+    for i, (source, pooled) in enumerate([(s, p) for s in ("trained", "untrained")
+                                          for p in ("latents and image tokens", "latents")]):
+        table, colour = probe[source][pooled], COLOURS[i]
+        name = f"{source}, {pooled}"
+        per_iteration += [Series(f"{name}, first {K}", [(counts[t], table[t + 1][K]) for t in range(last)], colour),
+                          Series(f"{name}, all so far", [(counts[t], table[t + 1][counts[t]]) for t in range(last)],
+                                 colour, dashed=True)]
+        per_prefix.append(Series(name, list(table[last].items()), colour))
+    for panel in (per_iteration, per_prefix):
+        panel += [flat("pooled VQGAN grid", probe["vqgan grid"], COLOURS[7], counts),
+                  flat("chance (the most frequent class)", probe["chance"], (0, 0, 0), counts)]
+    ticks = [(k, str(k)) for k in counts]
+    draw_panels(path, [Panel("linear probe per iteration (Sec. A.4)", "tokens at the iteration", "probe accuracy",
+                             per_iteration, xticks=ticks),
+                       Panel(f"linear probe at iteration {last}, by pooled prefix", "first tokens pooled",
+                             "probe accuracy", per_prefix, xticks=ticks)])
+
+
+def plot_familiarity(path, familiarity: dict, counts: list):
+    """§A.2: L1 against tokens per image set, and per complexity level the gap between the shortest
+    and the longest code and the tokens the default criterion picks."""
+    sets = [(name, row) for name, row in familiarity.items() if isinstance(row, dict) and "l1" in row]
+    colour = lambda i: (0, 0, 0) if i == 0 else COLOURS[i - 1]  # noqa: E731 (in distribution in black)
+    panels = [Panel("L1 against tokens, unseen images (Sec. A.2)", "tokens", "L1",
+                    [Series(name, list(row["l1"].items()), colour(i)) for i, (name, row) in enumerate(sets)],
+                    xticks=[(k, str(k)) for k in counts])]
+    levelled = [(i, name, row) for i, (name, row) in enumerate(sets) if "per_level" in row]
+    if levelled:
+        levels = sorted(levelled[0][2]["per_level"])
+        for key, title in (("gap", f"L1 at {counts[0]} minus L1 at {counts[-1]} tokens"),
+                           ("tokens", f"tokens the default criterion picks ({familiarity['criterion']})")):
+            panels.append(Panel(title, "complexity level", "tokens" if key == "tokens" else "L1 gap",
+                                [Series(name, [(c, row["per_level"][c][key]) for c in levels], colour(i))
+                                 for i, name, row in levelled], xticks=[(c, str(c)) for c in levels], bars=True))
+    draw_panels(path, panels)
+
+
+def plot_segments(path, segments: dict, counts: list):
+    """Tab. 2: the mIoU of the first K latent tokens' top-X segments per iteration, per share and with
+    the share chosen per image, beside the shuffled maps and the untrained control."""
+    ticks = [(k, str(k)) for k in counts]
+    shares = [key for key in segments["recurrent"] if key != "best per image"]
+    per_share = [Series(f"top {share} of the mass", list(segments["recurrent"][share].items()), COLOURS[i])
+                 for i, share in enumerate(shares)]
+    per_share.append(Series("best share per image", list(segments["recurrent"]["best per image"].items()), (0, 0, 0)))
+    controls = [Series(f"{label}, best share per image", list(segments[name]["best per image"].items()), colour,
+                       dashed=name != "recurrent")
+                for name, label, colour in (("recurrent", "trained", (0, 0, 0)),
+                                            ("shuffled", "maps shuffled", COLOURS[7]),
+                                            ("untrained", "untrained ALIT", COLOURS[3]))]
+    draw_panels(path, [Panel(f"first {counts[0]} tokens' maps as segments (Tab. 2)", "tokens at the iteration", "mIoU",
+                             per_share, xticks=ticks),
+                       Panel("against the controls", "tokens at the iteration", "mIoU", controls, xticks=ticks)])

@@ -1,5 +1,8 @@
-"""What evaluate.py writes besides its figures: the markdown table it prints and the sweep's csv."""
+"""What evaluate.py writes besides its figures: the markdown table it prints and the sweep's csv.
+And what analyze.py prints: its results as markdown, a section per analysis (`analysis_report`)."""
 import csv
+
+from tasks import TASKS
 
 
 def markdown_report(r: dict) -> str:
@@ -9,7 +12,7 @@ def markdown_report(r: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = [f"## {r['dataset']} {r['images']} images, protocol {r['protocol']}, {r['checkpoint']}", "",
-             f"| tokens | L1 | PSNR | {'code MSE' if r['vqgan']['base'] == 'vae' else 'token acc.'} | rFID |",
+             f"| tokens | L1 | PSNR | {'code MSE' if 'code_mse' in r['per_token_count'][0] else 'token acc.'} | rFID |",
              "| ---: | ---: | ---: | ---: | ---: |"]
     for row in r["per_token_count"]:
         space = f"{row['code_mse']:.4f}" if "code_mse" in row else f"{row['token_accuracy']:.3f}"
@@ -62,3 +65,166 @@ def write_sweep_csv(path, rows):
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+# -----------------------------------------------------------------------------
+# analyze.py's report
+
+def number(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def difference(d: dict, fmt: str = "+.3f") -> str:
+    """A difference with its standard error, and whether it holds (beyond two of them) when claimed."""
+    verdict = "" if "holds" not in d else " (holds)" if d["holds"] else " (does not hold)"
+    return f"{d['difference']:{fmt}} ± {d['se']:{fmt[1:]}}{verdict}"
+
+
+def analysis_report(r: dict) -> str:
+    """analyze.py's results (`r`, what analysis.json holds) as markdown, one section per analysis."""
+    lines = [f"## {r['dataset']}, {r['images']} images, {r['checkpoint']}"]
+    lines += ["", "Entropy of the latent tokens' attention over the 2D tokens (last encoder layer; 1 = uniform over "
+              "the image, lower = more localized), per token count:"]
+    lines += [f"- {name}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row.items())
+              for name, row in r["attention_entropy"].items()]
+    sections = [("binding", binding_lines), ("complexity", complexity_lines), ("selection", selection_lines),
+                ("depth_regressor", task_alignment_lines), ("linear_probe", probe_lines),
+                ("familiarity", familiarity_lines), ("segments", segment_lines)]
+    for key, section in sections:
+        if key in r:
+            lines += section(r, r["tokens"])
+    return "\n".join(lines)
+
+
+def binding_lines(r: dict, counts: list) -> list:
+    """The ARI table per level and token count, then foreground ARI, mIoU and the controls."""
+    b, last = r["binding"], counts[-1]
+    lines = ["", "Object binding: each 2D token assigned to the latent token it attends most (last encoder layer), "
+             "scored against the scene's segments (ARI; 1 = the objects exactly, 0 = chance):", "",
+             "| ARI | " + " | ".join(str(k) for k in counts) + f" | one pass of {last} |",
+             "| --- |" + " ---: |" * (len(counts) + 1)]
+    for level, groups in b.items():
+        name = "all levels" if level == "all" else f"level {level}"
+        lines.append(f"| {name} | " + " | ".join(number(s["ari"]) for s in groups["recurrent"].values())
+                     + f" | {number(groups['one_pass'][last]['ari'])} |")
+    lines.append("| all, shuffled | " + " | ".join(number(s["ari"]) for s in b["all"]["shuffled"].values()) + " | - |")
+    everything = b["all"]
+    for metric, name in (("fg_ari", "foreground ARI"), ("miou", "matched mIoU")):
+        lines.append(f"\n{name}, all levels, per token count: "
+                     + ", ".join(f"{k}: {number(s[metric])}" for k, s in everything["recurrent"].items())
+                     + f"; shuffled at {last}: {number(everything['shuffled'][last][metric])}"
+                     + f"; one pass of {last}: {number(everything['one_pass'][last][metric])}")
+    lines.append("latent tokens the partition uses (mean), all levels: " + ", ".join(
+        f"{k}: {s['segments']:.1f}" for k, s in everything["recurrent"].items())
+        + f"; one pass: {everything['one_pass'][last]['segments']:.1f}"
+        + "; true segments (background halves and visible shapes): "
+        + f"{everything['one_pass'][last]['true_segments']:.1f}")
+    lines.append("ARI, all levels, partition from the latent tokens' maps instead (each 2D token to the latent "
+                 "whose map is highest there): " + ", ".join(
+                     f"{k}: {number(s['ari'])}" for k, s in everything["recurrent_latent_to_image"].items()))
+    return lines
+
+
+def complexity_lines(r: dict, counts: list) -> list:
+    """L1 per level and token count; the mean tokens each histogram threshold gives each level."""
+    c = r["complexity"]
+    lines = ["", "| L1 per level | " + " | ".join(str(k) for k in counts) + " |", "| ---: |" + " ---: |" * len(counts)]
+    for level, row in c["l1_per_level"].items():
+        lines.append(f"| {level} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+    for criterion, per_level in c["chosen_tokens_per_level"].items():
+        means = {level: sum(k * v for k, v in hist.items()) / max(1, sum(hist.values()))
+                 for level, hist in per_level.items()}
+        lines.append(f"\n{criterion}: mean tokens per level " + ", ".join(f"{lv}: {m:.1f}" for lv, m in means.items()))
+    return lines
+
+
+def selection_lines(r: dict, counts: list) -> list:
+    """The classifier on the originals; per criterion the fraction of the tokens each task needs."""
+    best = r["selection"]["every image at one count"][-1]
+    tasks = [task for task in TASKS if best[task] is not None]
+    lines = []
+    if "classifier" in r:
+        c = r["classifier"]
+        lines.append(f"\nclassifier of {c['what']} ({c['classes']} classes): top-1 accuracy "
+                     f"{c['accuracy_on_originals']:.3f} on the original images")
+    lines += ["", "Fraction of the maximum tokens at which each task reaches 95% of its performance at the maximum "
+              "(losses within 1/0.95 of it; - : not within the criterion's range):", "",
+              "| criterion | " + " | ".join(TASKS[t][0] for t in tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for criterion, fractions in r["fraction_for_95_percent"].items():
+        lines.append(f"| {criterion} | " + " | ".join(number(fractions[t], ".2f") for t in tasks) + " |")
+    lines.append(f"\nat {counts[-1]} tokens: " + ", ".join(f"{TASKS[t][0]} {number(best[t], '.4f')}" for t in tasks))
+    return lines
+
+
+def task_alignment_lines(r: dict, counts: list) -> list:
+    """The depth regressor, TSC = TOI, and the tokens each task needs."""
+    d = r["depth_regressor"]
+    lines = [f"\ndepth regressor: error {d['error_on_originals']:.3f} layers on the originals "
+             f"(background depth everywhere: {d['error_of_background_depth_everywhere']:.3f})",
+             "\nTSC = TOI (Fig. 6/9): each task's advantage under its own criterion over another's at the "
+             "same fraction of tokens (± bootstrap SE):"]
+    for task, others in r["task_alignment"].items():
+        lines.append(f"- {TASKS[task][0]}: " + "; ".join(
+            f"over {other}: " + ("-" if a["advantage"] is None else f"{a['advantage']:+.4f} ± {a['se']:.4f}")
+            for other, a in others.items()))
+    t = r["tokens_per_task"]
+    lines.append(f"tokens until as good as the original ({t['images']} images the classifier gets right): "
+                 f"classification {t['classification']:.1f}, depth {t['depth']:.1f}; depth - classification "
+                 + difference(t, "+.2f"))
+    return lines
+
+
+def probe_lines(r: dict, counts: list) -> list:
+    """§A.4: the probe's accuracy per iteration and pooled prefix, the controls and the two claims."""
+    p, last = r["linear_probe"], len(counts)
+    lines = ["", f"Linear probe of {p['label']} ({p['classes']} classes; {p['train_images']} train images, "
+             f"{p['test_images']} test of {p['test_classes']} classes), "
+             f"latents and image tokens pooled; rows: iteration, columns: first tokens pooled:", "",
+             "| iteration | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
+    for t, row in p["trained"]["latents and image tokens"].items():
+        lines.append(f"| {t} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in counts) + " |")
+    lines.append(f"untrained, iteration {last}, all: "
+                 f"{p['untrained']['latents and image tokens'][last][counts[-1]]:.3f}; "
+                 f"latents only, trained: {p['trained']['latents'][last][counts[-1]]:.3f}; pooled VQGAN grid "
+                 f"{p['vqgan grid']:.3f}; chance {p['chance']:.3f}")
+    for pooled, claims in p["claims"].items():
+        a, b = claims["recurrence"], claims["prefix"]
+        lines.append(f"{pooled}: (a) first {a['tokens']} tokens, iteration {a['iteration']} - iteration 1: "
+                     f"{difference(a)}; (b) iteration {last}, first {b['tokens']} - all {b['of']} tokens: "
+                     f"{difference(b)}")
+    return lines
+
+
+def familiarity_lines(r: dict, counts: list) -> list:
+    """§A.2: per image set its L1 gap and tokens, against in distribution."""
+    f, first, last = r["familiarity"], counts[0], counts[-1]
+    lines = ["", f"Familiarity (§A.2): L1 gap {first} - {last} tokens and tokens picked by "
+             f"{f['criterion']}, against in distribution:", "",
+             f"| images | VQGAN L1 | L1 at {first} | L1 at {last} | gap | gap - in distribution | tokens | "
+             "tokens - in distribution | FID gap |", "| --- |" + " ---: |" * 8]
+    for name, row in f.items():
+        if not isinstance(row, dict):
+            continue
+        gap = difference(row["gap_vs_in_distribution"], "+.4f") if "gap_vs_in_distribution" in row else "-"
+        tokens = difference(row["tokens_vs_in_distribution"], "+.1f") if "tokens_vs_in_distribution" in row else "-"
+        lines.append(f"| {name} | {row['vqgan_l1']:.4f} | {row['l1'][first]:.4f} | {row['l1'][last]:.4f} | "
+                     f"{row['gap']:.4f} | {gap} | {row['tokens']:.1f} | {tokens} | "
+                     f"{number(row.get('fid_gap'), '.2f')} |")
+    return lines
+
+
+def segment_lines(r: dict, counts: list) -> list:
+    """Tab. 2's protocol: mIoU per top-X share and token count, the controls and the claims."""
+    s = r["segments"]
+    lines = ["", "Tab. 2's protocol: mIoU of the first tokens' top-X segments with the true segments:", "",
+             "| top X | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
+    for name in ("recurrent", "shuffled", "untrained"):
+        for share, row in s[name].items():
+            label = share if name == "recurrent" else f"{share}, {name}"
+            if name == "recurrent" or share == "best per image":
+                lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    c = s["claims"]
+    lines.append(f"rise at {c['rise']['share']}, last - first iteration: {difference(c['rise'])}; best share per "
+                 f"image at the last, over shuffled: {difference(c['over shuffled'])}, over untrained: "
+                 f"{difference(c['over untrained'])}")
+    return lines

@@ -29,16 +29,13 @@ import plan
 from data import build_dataset, first_images, train_batches
 from distributed import autocast, conv_memory_format
 from flags import FILE, Number, Numbers
-from losses import stage1_loss
+from losses import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
 from model import ALIT, BASES, PRESETS, ALITConfig, make_config
 from optim import EMA, adamw, lr_at, set_lr
 from plots import save_rollout
 from quantize import count_codes
 from weights import find_base, load_base
 
-# Per-iteration weights of the token loss (official code, not in the paper): the first, shortest codes
-# carry the most information per token, so they are weighted up.
-OFFICIAL_ITERATION_WEIGHTS = "2.5,2.0,1.5,1.25,1.0,1.0,1.0,1.0"
 # What the recipe flags default to (flags.with_recipe): the official run's at 256x256; below it, per base,
 # what a few thousand CPU steps need. The shared encoder learns the first tokens several times faster
 # with fewer iterations behind them (and those steps are cheap), and quantized from the first step the
@@ -153,11 +150,6 @@ def parse_args(argv=None):
     return args, model_cfg
 
 
-def iteration_weights(text: str, iters: int) -> list:
-    weights = [float(w) for w in text.split(",")]
-    return (weights + [1.0] * iters)[:iters]
-
-
 class Schedule(NamedTuple):
     lr: float  # the learning rate of this step
     iters: list  # the iterations (0-based) this step decodes and puts in the loss
@@ -186,7 +178,7 @@ def main(argv=None):
     args, model_cfg = parse_args(argv)
     checkpoint.check_out_dir(args, "rollout_*.png")
     if args.dry_run:  # the plan as one JSON line, without a GPU; a model only if the memory estimate needs one
-        model_of = functools.cache(lambda: frozen_base(ALIT(model_cfg)))
+        model_of = functools.cache(lambda: model_for_plan(model_cfg))
         plan.print_dry_run(plan.stage1_plan(args, model_of, distributed.planned_device(args.device),
                                             torch.device("cpu"), distributed.to_stderr))
         return None
@@ -284,6 +276,11 @@ def main(argv=None):
     bar.close()
     distributed.finish(ctx, stop_signal, step, args.steps, args.out_dir)
     return model
+
+
+def model_for_plan(model_cfg: ALITConfig) -> ALIT:
+    """--dry-run's model, for the memory estimate only: of the preset, its base random."""
+    return frozen_base(ALIT(model_cfg))
 
 
 def frozen_base(model: ALIT) -> ALIT:

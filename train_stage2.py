@@ -143,7 +143,7 @@ def main(argv=None):
     if args.dry_run:  # the plan as one JSON line, without a GPU; a model only if the memory estimate needs one
         model_cfg = config_for_plan(args)
         flags.with_recipe(args, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
-        model_of = functools.cache(lambda: trainable(ALIT(model_cfg)))
+        model_of = functools.cache(lambda: model_for_plan(model_cfg))
         plan.print_dry_run(plan.stage2_plan(args, model_of, None, distributed.planned_device(args.device),
                                             torch.device("cpu"), distributed.to_stderr))
         return None
@@ -285,6 +285,11 @@ def trainable(model: ALIT) -> ALIT:
             module.requires_grad_(False)
     model.halted_token.requires_grad_(False)
     return model
+
+
+def model_for_plan(model_cfg) -> ALIT:
+    """--dry-run's model, for the memory estimate only: random weights of that config."""
+    return trainable(ALIT(model_cfg))
 
 
 def config_for_plan(args):

@@ -46,6 +46,13 @@ class VAEConfig:
     def grid_size(self) -> int:
         return self.image_size // self.downsample
 
+    # Its 2D tokens are vectors: ALIT regresses each one's numbers.
+    discrete = False
+
+    @property
+    def prediction_size(self) -> int:
+        return self.latent_channels
+
     def describe(self) -> str:
         """What ALIT's shapes depend on: the grid and the tokens' size."""
         return f"{self.image_size}px -> {self.grid_size}x{self.grid_size} x {self.latent_channels}"
@@ -158,7 +165,7 @@ class VAE(nn.Module):
     @property
     def prediction_size(self) -> int:
         """The numbers ALIT's decoder head gives a cell: its token vector."""
-        return self.config.latent_channels
+        return self.config.prediction_size
 
     def decode_prediction(self, prediction: torch.Tensor, config, hard: bool = False) -> torch.Tensor:
         """ALIT's predicted 2D tokens (N, g*g, E) -> images, divided by the scale (the latents the decoder

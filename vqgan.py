@@ -49,6 +49,13 @@ class VQGANConfig:
     def grid_size(self) -> int:
         return self.image_size // self.downsample
 
+    # Its 2D tokens are codebook indices: ALIT predicts a distribution over the codes (a logit each).
+    discrete = True
+
+    @property
+    def prediction_size(self) -> int:
+        return self.codebook_size
+
     def describe(self) -> str:
         """What ALIT's shapes depend on: the grid, the codes and their size."""
         return (f"{self.image_size}px -> {self.grid_size}x{self.grid_size}, {self.codebook_size} codes x "
@@ -137,7 +144,7 @@ class VQGAN(nn.Module):
     @property
     def prediction_size(self) -> int:
         """The numbers ALIT's decoder head gives a cell: a logit per code."""
-        return self.config.codebook_size
+        return self.config.prediction_size
 
     def expected_codes(self, prediction: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ codebook, (N, g*g, C): the expected code at every cell. The official code

@@ -43,16 +43,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # file's functions and classes. Module-level constants (presets, defaults) are configuration, not
 # mutated; neither are the checkpoint loaders.
 TARGETS = {
-    "model.py": ["ALIT.forward", "ALIT.halt", "ALIT.factorize_and_quantize", "ALIT.decode_logits",
-                 "ALIT.soft_codes", "ALIT.images_from_logits", "ALIT.new_latent_tokens", "ALIT.image_tokens"],
+    "model.py": ["ALIT.forward", "ALIT.halt", "ALIT.factorize_and_quantize", "ALIT.predict_image_tokens",
+                 "ALIT.images_from_prediction", "ALIT.new_latent_tokens", "ALIT.image_tokens"],
+    "vqgan.py": ["VQGAN.expected_codes", "VQGAN.decode_prediction", "VQGAN.halts", "VQGAN.token_loss",
+                 "VQGAN.correct_cells", "VQGAN.token_score"],
+    "vae.py": ["VAE.decode_prediction", "VAE.halts", "VAE.token_loss", "VAE.correct_cells", "VAE.token_score"],
     "quantize.py": ["count_codes", "unused_codes", "VectorQuantizer.__init__", "VectorQuantizer.codebook",
                     "VectorQuantizer.lookup", "VectorQuantizer.forward", "VectorQuantizer.restart_dead_codes"],
-    "losses.py": ["stage1_loss", "stage1_loss_vae", "LPIPS.to_vgg_input", "LPIPS.vgg_features", "LPIPS.forward",
+    "losses.py": ["iteration_weights", "stage1_terms", "LPIPS.to_vgg_input", "LPIPS.vgg_features", "LPIPS.forward",
                   "reconstruction_loss", "hinge_d_loss", "generator_adversarial_loss", "adaptive_gan_weight",
-                  "gan_weight_at", "generator_gan_loss"],
-    "train_stage1.py": ["rollout_length", "code_blend", "iteration_weights"],
-    "train_stage2.py": ["loss_iteration", "parse_gan_schedule"],
-    "training.py": ["EMA", "lr_at", "average_over_ranks", "discriminator_step"],
+                  "gan_weight_at", "generator_gan_loss", "discriminator_step", "average_gradients"],
+    "train_stage1.py": ["schedule"],
+    "train_stage2.py": ["schedule", "parse_gan_schedule"],
+    "optim.py": ["EMA", "lr_at"],
     "selection.py": ["*"],
 }
 
@@ -60,14 +63,15 @@ TARGETS = {
 # decisions, where a detach only raises).
 GRADIENT_FUNCTIONS = {
     "model.py": TARGETS["model.py"],
+    "vqgan.py": ["VQGAN.expected_codes", "VQGAN.decode_prediction", "VQGAN.token_loss"],
+    "vae.py": ["VAE.decode_prediction", "VAE.token_loss"],
     "quantize.py": ["VectorQuantizer.codebook", "VectorQuantizer.lookup", "VectorQuantizer.forward"],
-    "losses.py": [name for name in TARGETS["losses.py"] if name != "gan_weight_at"],
-    "training.py": ["discriminator_step"],
+    "losses.py": [name for name in TARGETS["losses.py"] if name not in ("gan_weight_at", "iteration_weights")],
 }
 
 # The fast test files that concern these targets, the new ones first (-x stops at the first failure).
 DEFAULT_TESTS = ["tests/test_method_losses.py", "tests/test_method.py", "tests/test_quantize.py",
-                 "tests/test_losses.py", "tests/test_model.py"]
+                 "tests/test_losses.py", "tests/test_model.py", "tests/test_model_vae.py"]
 # Minutes-long tests the run leaves out: the full-size official model and the torch.compile variant.
 SLOW_TESTS = ["tests/test_model.py::test_from_official_full_small_matches_reference",
               "tests/test_model.py::test_grad_checkpointing_and_compile_give_the_same_loss_and_gradients"]

@@ -27,10 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
+import convnet  # noqa: E402
+import losses  # noqa: E402
 import model as model_module  # noqa: E402
+import optim  # noqa: E402
 import quantize  # noqa: E402
-import training  # noqa: E402
-import vqgan  # noqa: E402
 
 seconds, calls = defaultdict(float), defaultdict(int)
 stack = []  # [part, when its own time last resumed, opaque] of the parts running, innermost last
@@ -67,41 +69,41 @@ def install(script):
     transformer = model_module.Transformer.forward
     encoder_pass = timed("encoder passes", transformer)
     model_module.Transformer.forward = lambda self, x: (transformer if inside_decoder else encoder_pass)(self, x)
-    decode = model_module.ALIT.decode_logits
+    decode = model_module.ALIT.predict_image_tokens
 
-    def decode_logits(self, latents):
+    def predict_image_tokens(self, latents):
         inside_decoder.append(True)
         try:
             return decode(self, latents)
         finally:
             inside_decoder.pop()
-    model_module.ALIT.decode_logits = timed("decoder passes (+ head)", decode_logits)
+    model_module.ALIT.predict_image_tokens = timed("decoder passes (+ head)", predict_image_tokens)
     wrap(model_module.ALIT, "rollout_images", "image grids", opaque=True)
     wrap(model_module.ALIT, "factorize_and_quantize", "latent quantizer")
     wrap(model_module.ALIT, "halt", "halting")
     wrap(model_module.ALIT, "image_tokens", "image tokens (patch embedding)")
-    wrap(model_module.ALIT, "images_from_logits", "VQGAN decoder (soft codes)")
-    wrap(vqgan.Encoder, "forward", "VQGAN encoder")
-    wrap(vqgan.Decoder, "forward", "VQGAN decoder")
+    wrap(model_module.ALIT, "images_from_prediction", "base decoder (from the prediction)")
+    wrap(convnet.Encoder, "forward", "base encoder")
+    wrap(convnet.Decoder, "forward", "base decoder")
     if script == "train_vqgan":  # in ALIT the latent quantizer runs inside factorize_and_quantize
         wrap(quantize.VectorQuantizer, "forward", "VQGAN quantizer")
     wrap(quantize.VectorQuantizer, "restart_dead_codes", "dead-code restarts")
     wrap(torch.Tensor, "backward", "backward")
     wrap(torch.optim.AdamW, "step", "optimizer")
     wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
-    wrap(training.EMA, "update", "EMA")
+    wrap(optim.EMA, "update", "EMA")
+    wrap(checkpoint, "save", "checkpoints", opaque=True)
+    wrap(losses, "base_targets", "base targets", opaque=True)  # stage 1's, inside losses.stage1_loss
     module = importlib.import_module(script)
     for name, part, opaque in [("train_batches", None, False), ("reconstruction_loss", "loss", False),
                                ("stage1_loss", "loss", False), ("generator_gan_loss", "GAN generator loss", True),
-                               ("discriminator_step", "discriminator step", True), ("log_stats", "logging", True),
-                               ("log_losses", "logging", True), ("save_image_columns", "image grids", True),
-                               ("save_rollout", "image grids", True), ("save_reconstructions", "image grids", True),
-                               ("save_training_state", "checkpoints", True),
-                               ("evaluate_vqgan", "end-of-run evaluation", True), ("load_base", "loading", True),
-                               ("load_stage1", "loading", True), ("load_model", "loading", True),
+                               ("discriminator_step", "discriminator step", True),
+                               ("save_image_columns", "image grids", True), ("save_rollout", "image grids", True),
+                               ("save_reconstructions", "image grids", True),
+                               ("val_metrics", "end-of-run evaluation", True), ("load_base", "loading", True),
+                               ("start_model", "loading", True), ("load_alit", "loading", True),
                                ("time_early_exit", "early-exit timing", True), ("plot_sweep", "figures", True),
-                               ("save_fig2_grid", "figures", True), ("save_halting_figure", "figures", True),
-                               ("base_targets", "VQGAN targets", True)]:
+                               ("save_fig2_grid", "figures", True), ("save_halting_figure", "figures", True)]:
         if not hasattr(module, name):
             continue
         if name == "train_batches":
@@ -140,7 +142,7 @@ def main():
     rows = sorted(seconds.items(), key=lambda item: -item[1])
     rows.append(("other (setup, the loop, small ops)", wall - sum(seconds.values())))
     print(f"\n{script}: {wall:.1f} s, threads {torch.get_num_threads()}")
-    print(f"| part | seconds | share | calls |\n| --- | ---: | ---: | ---: |")
+    print("| part | seconds | share | calls |\n| --- | ---: | ---: | ---: |")
     for part, value in rows:
         print(f"| {part} | {value:.1f} | {100 * value / wall:.1f}% | {calls.get(part, '')} |")
 

@@ -1,5 +1,6 @@
-"""analyze.py: attention weights from the math path, shapes masks, binding scores, the classifier
-criterion, and the whole run on a tiny untrained model."""
+"""analyze.py and its analyses: attention weights from the math path and the recorded rollout (observe.py),
+shapes masks, binding scores (binding.py), the classifier criterion (tasks.py), Tab. 2's segments
+(segments.py), the standard errors (verdicts.py), and the whole run on a tiny untrained model."""
 import json
 
 import numpy as np
@@ -8,10 +9,16 @@ import torch
 from PIL import Image
 
 import analyze
-from analyze import adjusted_rand_index, binding_scores, classifier_selection, matched_miou, token_labels, true_label_rank
+import probes
+from binding import adjusted_rand_index, binding_scores, matched_miou
 from conftest import TinyFeatures
 from data import IMAGENET100_CLASSES, LEVELS, PALETTE, ShapesDataset
 from model import ALIT, make_config
+from observe import encoder_outputs, token_labels
+from segments import segment_iou, top_mass_segment
+from selection import first_passing
+from tasks import true_label_rank
+from verdicts import bootstrap_se, mean_difference
 from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGANConfig
 
@@ -46,7 +53,7 @@ def test_math_path_weights_give_what_sdpa_computes():
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
     for a, b in zip(fused, math):
         assert torch.equal(a.indices, b.indices)
-        torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.prediction, a.prediction, rtol=0, atol=1e-5)
         torch.testing.assert_close(b.recon, a.recon, rtol=0, atol=1e-5)
     for attn in attention:
         attn.record = None
@@ -117,9 +124,10 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
     logits = torch.nn.functional.one_hot(predicted, classes).float()  # (T, B, classes)
     logits[..., 0] += 0.5  # class 0 second best everywhere it is not the best
     ranks = true_label_rank(logits, labels)
-    assert classifier_selection(ranks, 1).tolist() == [1, 0, 0, T - 1]
+    # the criterion's pass table is ranks < X (tasks.criteria), its selection the first count to pass
+    assert first_passing(ranks < 1).tolist() == [1, 0, 0, T - 1]
     # top-2: image 3's label 0 is second best from the first iteration on
-    assert classifier_selection(ranks, 2).tolist() == [0, 0, 0, 0]
+    assert first_passing(ranks < 2).tolist() == [0, 0, 0, 0]
 
 
 def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
@@ -132,9 +140,9 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     ood.mkdir()
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ood / f"{i}.png")
-    flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2", "--ood-dir", str(ood),
-             "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20", "--familiarity-images", "6",
-             "--out-dir", str(out),
+    flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
+             "--ood-dir", str(ood), "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20",
+             "--familiarity-images", "6", "--out-dir", str(out),
              "--inception-weights", "fake.pth", "--l1-thresholds", "0.1,0.2"]
     results = analyze.main(flags)
     printed = capsys.readouterr().out
@@ -200,7 +208,7 @@ def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
     write_class_colours(tmp_path / "mine" / "val", ["a", "b"], 0)
     for dataset, why in (("folder", "no classes either, so no linear probe"),
                          ("imagenet", "no linear probe, it trains on the train split")):
-        probe_set, note = analyze.probe_images(analyze.parse_args(["--dataset", dataset, "--data-dir",
+        probe_set, note = probes.probe_images(analyze.parse_args(["--dataset", dataset, "--data-dir",
                                                                    str(tmp_path / "mine")]), 32)
         assert probe_set is None and note.startswith(why), note
 
@@ -212,3 +220,48 @@ def test_bad_arguments(tmp_path):
         analyze.main(["--top-x", "best"])
     with pytest.raises(SystemExit, match="--l1-thresholds"):
         analyze.main(["--l1-thresholds", "low,high"])
+
+
+def test_encoder_outputs_holds_one_sequence_per_iteration():
+    model = tiny_model()
+    N, K, T = model.config.num_image_tokens, model.config.tokens_per_iter, model.config.rollout_iters
+    with torch.no_grad(), encoder_outputs(model) as passes:
+        model(images(2), iters=[T - 1])
+    assert [x.shape for x in passes] == [(2, 1 + N + (t + 1) * K, model.config.encoder_width) for t in range(T)]
+    assert not model.encoder._forward_hooks  # removed when the block ends
+
+
+def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[[3, 4, 11, 12, 13, 20]] = True
+    truth = torch.where(mask, 2, 0)[None]  # one object on the background
+    for share in (0.4, 0.6, 0.8, 1.0):
+        segment = top_mass_segment(mask.float(), share)
+        assert torch.equal(segment, mask)
+        assert segment_iou(segment[None, None], truth).item() == segment_iou(segment[None, None], truth, 2).item() == 1
+    # distinct values: the highest tokens until the share of the mass is reached
+    ramp = torch.tensor([4.0, 3.0, 2.0, 1.0])  # mass 10
+    assert top_mass_segment(ramp, 0.4).tolist() == [True, False, False, False]
+    assert top_mass_segment(ramp, 0.6).tolist() == [True, True, False, False]
+    assert top_mass_segment(ramp, 0.8).tolist() == [True, True, True, False]
+
+
+def test_segment_iou_is_the_best_overlap_with_a_true_segment():
+    truth = torch.tensor([[0, 0, 0, 0, 2, 2, 3, 3]])
+    segments = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 0],   # object 2 (IoU 2/3) beats object 3 (1/3)
+                              [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: 2/4
+                              [0, 0, 0, 0, 0, 0, 1, 1]]]).bool()  # object 3 exactly
+    assert segment_iou(segments, truth)[0].tolist() == pytest.approx([2 / 3, 1 / 2, 1])
+    # scored against the objects alone (shapes' labels from 2), the background half matches nothing
+    assert segment_iou(segments, truth, first_object=2)[0].tolist() == pytest.approx([2 / 3, 0, 1])
+
+
+def test_standard_errors():
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.0, 2.0, 4.0])
+    paired = mean_difference(a, b)
+    assert paired["difference"] == pytest.approx(0.5) and paired["se"] == pytest.approx(np.std(a - b, ddof=1) / 2)
+    unpaired = mean_difference(a, b, paired=False)
+    assert unpaired["se"] == pytest.approx(np.sqrt(a.var(ddof=1) / 4 + b.var(ddof=1) / 4))
+    values = torch.from_numpy(np.random.default_rng(0).normal(size=400))
+    se = bootstrap_se(lambda index: values[index].mean().item(), len(values), draws=400)
+    assert se == pytest.approx(values.std().item() / 20, rel=0.15)  # the standard error of a mean

@@ -18,7 +18,7 @@ def test_flop_formula_matches_counted_flops():
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         for record in model(images, latents, gt):
-            model.soft_codes(record.logits)
+            model.vqgan.expected_codes(record.prediction)
     assert counter.get_total_flops() == bench.alit_forward_flops(cfg, attention=False)
 
 
@@ -59,7 +59,7 @@ def test_flop_formula_of_one_decoded_iteration_and_of_convolutions_on_meta_tenso
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         (record,) = model(images, model.vqgan.encoder(images), iters=[2])
-        model.soft_codes(record.logits)
+        model.vqgan.expected_codes(record.prediction)
     vqgan_encoder = bench.conv_flops(model.vqgan.encoder, images)
     assert counter.get_total_flops() == bench.alit_forward_flops(cfg, attention=False, iters=[2]) + vqgan_encoder
     for make, inputs in [(LPIPS, (images, images)), (lambda: PatchDiscriminator(num_layers=2), (images,))]:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import training
+import weights
 from conftest import SMALL_ALIT, SMALL_VQGAN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ STEPS, SAVE_EVERY, FAULTS = 12, 2, 3
 DRIVER = """
 import io, os, signal, sys
 sys.path.insert(0, {root!r})
-import torch, training
+import torch
 script, fault, at, victim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 module = __import__(script)
 rank = int(os.environ.get("RANK", 0))
@@ -69,11 +69,11 @@ def launch(tmp_path, script, flags, ranks, fault="none", at=-1, victim=0, restar
 
 def saved_step(out):
     path = out / "ckpt.pt"
-    return training.load_checkpoint(path)["step"] if path.is_file() else 0
+    return weights.load_checkpoint(path)["step"] if path.is_file() else 0
 
 
 def assert_bit_identical(a_dir, b_dir):
-    a, b = training.load_checkpoint(a_dir / "ckpt.pt"), training.load_checkpoint(b_dir / "ckpt.pt")
+    a, b = weights.load_checkpoint(a_dir / "ckpt.pt"), weights.load_checkpoint(b_dir / "ckpt.pt")
     assert a["step"] == b["step"] == STEPS
     for part in ("model", "ema", "discriminator", "discriminators"):
         for key, value in a.get(part, {}).items():

@@ -2,13 +2,13 @@
 
     python -m pytest -q -s tests/test_cuda.py     # skipped without CUDA; a few minutes on one GPU
 
-On a generated ImageNet-100-like folder (data.write_photo_folder: 100 class folders of ImageNet-sized
+On a generated ImageNet-100-like folder (bench.write_photo_folder: 100 class folders of ImageNet-sized
 JPEGs) with seeded stand-in weights for LPIPS and the FID Inception (the real ones cannot ship with the
 tests), it trains the VQGAN, stage 1 and stage 2 for a few steps each and evaluates, checks that each
 loss falls, and prints per script: the step time, the fraction of the GPU's bf16 matmul peak the step
-reaches (FLOPs counted by bench.py), the peak memory and, for the stages, training.step_memory's
+reaches (FLOPs counted by bench.py), the peak memory and, for the stages, plan.step_memory's
 estimate of it. It also measures what only a GPU can: gradient checkpointing's memory and time, the
-VQGAN's layout (vqgan.conv_memory_format) against the other one, how many target tokens TF32
+VQGAN's layout (distributed.conv_memory_format) against the other one, how many target tokens TF32
 convolutions change, and, with two GPUs, the same scripts under torchrun.
 
 ALIT_TEST_CUDA=cpu runs the same path on the CPU at the tiny preset (nothing it prints means anything
@@ -25,18 +25,19 @@ import torch
 
 import bench
 import evaluate
-import memory
-import pretrained
+import losses
+import plan
 import train_stage1
 import train_stage2
 import train_vqgan
-import training
+from bench import write_photo_folder
 from conftest import saved_torch_flags
-from data import IMAGENET100_CLASSES, write_photo_folder
+from data import IMAGENET100_CLASSES
+from distributed import autocast, conv_memory_format
 from losses import LPIPS, PatchDiscriminator
 from seeded import load_vectors, seeded_state_dict
 from test_losses import HEAD_ROWS, VGG16_ROWS
-from vqgan import VQGAN, conv_memory_format
+from vqgan import VQGAN
 
 DRY_RUN = os.environ.get("ALIT_TEST_CUDA") == "cpu"
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or DRY_RUN), reason="needs a CUDA GPU")
@@ -87,20 +88,22 @@ def bf16_peak() -> float:
     return bench.matmul_flops(torch.bfloat16, 1024 if DRY_RUN else 8192, DEVICE)
 
 
-def timed_steps(monkeypatch, module, record):
-    """Wrap module.train_step: the seconds of every step (synchronised) and record(its result)."""
-    real, seconds, values = module.train_step, [], []
+def timed_steps(monkeypatch, module, loss, record):
+    """Wrap module.<loss>, which the script's loop calls once a step (at --grad-accum 1): the seconds from
+    one call to the next (a whole step, synchronised) and record(its result)."""
+    real, seconds, values, last = getattr(module, loss), [], [], []
 
-    def step(*args, **kwargs):
+    def call(*args, **kwargs):
         sync()
-        start = time.perf_counter()
+        now = time.perf_counter()
+        if last:
+            seconds.append(now - last[0])
+        last[:] = [now]
         result = real(*args, **kwargs)
         values.append(record(result))
-        sync()
-        seconds.append(time.perf_counter() - start)
         return result
 
-    monkeypatch.setattr(module, "train_step", step)
+    monkeypatch.setattr(module, loss, call)
     return seconds, values
 
 
@@ -109,7 +112,7 @@ def report(name, seconds, flops_per_step, peak, memory, estimate=None):
     line = (f"\n{name}: {step * 1e3:.0f} ms/step, {100 * flops_per_step / step / peak:.0f}% of the bf16 matmul peak "
             f"({peak / 1e12:.0f} TFLOP/s), peak memory {memory / 1e9:.2f} GB")
     if estimate is not None:
-        line += f" (training.step_memory estimated {estimate / 1e9:.2f} GB: x{memory / estimate:.2f})"
+        line += f" (plan.step_memory estimated {estimate / 1e9:.2f} GB: x{memory / estimate:.2f})"
     print(line)
     return step
 
@@ -121,14 +124,14 @@ def falls(values, name):
 
 def test_vqgan(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     out = tmp_path_factory.mktemp("vqgan")
-    seconds, losses = timed_steps(monkeypatch, train_vqgan, lambda logs: logs[0].item())
+    seconds, reconstruction = timed_steps(monkeypatch, train_vqgan, "reconstruction_loss", lambda loss: loss.item())
     peak_memory_reset()
     model = train_vqgan.main(["--dataset", "imagenet100", "--data-dir", imagenet, *PRESET, "--steps", "30",
                               "--batch-size", "8", "--grad-accum", "1", "--disc-start", "15", "--val-images", "16",
                               "--log-every", "5",
                               "--vgg16-weights", weights["vgg16"], "--lpips-weights", weights["lpips"],
                               "--out-dir", str(out)])
-    falls(losses[:15], "the VQGAN's reconstruction loss")
+    falls(reconstruction[:15], "the VQGAN's reconstruction loss")
     size = model.config.image_size
     with torch.device("meta"):
         image = torch.zeros(1, 3, size, size)
@@ -139,7 +142,7 @@ def test_vqgan(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
 
 
 def test_vqgan_layout_and_tf32_targets():
-    """What vqgan.conv_memory_format and pretrained.base_targets decide, measured on this GPU."""
+    """What distributed.conv_memory_format and losses.base_targets decide, measured on this GPU."""
     vqgan = VQGAN.from_checkpoint(RESULTS["vqgan"]).to(DEVICE)
     images = torch.rand(16, 3, vqgan.config.image_size, vqgan.config.image_size, device=DEVICE)
     seconds = {}
@@ -150,7 +153,7 @@ def test_vqgan_layout_and_tf32_targets():
             recon, q = vqgan(images)
             (recon.float().abs().mean() + q.loss).backward()
 
-        with training.autocast(DEVICE, True):
+        with autocast(DEVICE, True):
             seconds[layout] = bench.timed(step, 3, 2, DEVICE)
     chosen = conv_memory_format(DEVICE)
     other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
@@ -161,14 +164,15 @@ def test_vqgan_layout_and_tf32_targets():
     with saved_torch_flags():
         for allowed in (True, False):
             torch.backends.cudnn.allow_tf32 = allowed
-            indices[allowed] = pretrained.base_targets(vqgan.eval(), images)[1]
+            indices[allowed] = losses.base_targets(vqgan.eval(), images)[1]
     print(f"stage-1 targets: TF32 convolutions change {100 * (indices[True] != indices[False]).float().mean():.2f}% "
           "of the tokens of exact float32")
 
 
 def test_stage1(imagenet, tmp_path_factory, monkeypatch, bf16_peak):
     out = tmp_path_factory.mktemp("stage1")
-    seconds, ce = timed_steps(monkeypatch, train_stage1, lambda result: (result[0][:, 0].sum() / result[0][:, 2].sum()).item())
+    seconds, ce = timed_steps(monkeypatch, train_stage1, "stage1_loss",
+                              lambda result: (result[1][:, 0].sum() / result[1][:, 2].sum()).item())
     flags = ["--dataset", "imagenet100", "--data-dir", imagenet, *PRESET, "--vqgan-ckpt", str(RESULTS["vqgan"]),
              "--batch-size", "8", "--grad-accum", "1", "--base-lr", "3.2e-2", "--warmup-steps", "5", "--log-every", "5"]
     peak_memory_reset()
@@ -176,10 +180,10 @@ def test_stage1(imagenet, tmp_path_factory, monkeypatch, bf16_peak):
     falls(ce, "stage 1's cross-entropy")
     batch_flops = bench.stage1_flops(model.config, 8, bench.base_encoder_flops(model))
     train, _ = train_stage1.parse_args(flags)
-    estimate = memory.stage1_step_memory(model, 8, DEVICE, True, False)
+    estimate = plan.stage1_step_memory(model, 8, DEVICE, True, False)
     plain = report("train_stage1.py (small, batch 8, halting, bf16)", seconds, batch_flops, bf16_peak, peak_memory(),
                    estimate)
-    assert DRY_RUN or 0.5 < peak_memory() / estimate < 1.5, "training.step_memory is off: fix its model"
+    assert DRY_RUN or 0.5 < peak_memory() / estimate < 1.5, "plan.step_memory is off: fix its model"
     RESULTS["stage1"] = out / "ckpt.pt"
 
     seconds.clear()
@@ -191,7 +195,7 @@ def test_stage1(imagenet, tmp_path_factory, monkeypatch, bf16_peak):
 
 def test_stage2(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     out = tmp_path_factory.mktemp("stage2")
-    seconds, rec = timed_steps(monkeypatch, train_stage2, lambda logs: logs[0].item())
+    seconds, rec = timed_steps(monkeypatch, train_stage2, "reconstruction_loss", lambda loss: loss.item())
     peak_memory_reset()
     model = train_stage2.main(["--dataset", "imagenet100", "--data-dir", imagenet, *PRESET, "--stage1-ckpt",
                                str(RESULTS["stage1"]), "--steps", "32", "--batch-size", "4", "--grad-accum", "1",
@@ -202,9 +206,9 @@ def test_stage2(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     assert statistics.mean(rec[-8:]) < statistics.mean(rec[:8]), rec
     with torch.device("meta"):
         image = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
-        vqgan = VQGAN(model.config.vqgan)
-        convs = bench.conv_flops(vqgan.encoder, image) + bench.conv_flops(
-            vqgan.decoder, torch.zeros(1, model.config.vqgan.latent_channels, *[model.config.grid_size] * 2))
+        base = VQGAN(model.config.vqgan)
+        convs = bench.conv_flops(base.encoder, image) + bench.conv_flops(
+            base.decoder, torch.zeros(1, model.config.vqgan.latent_channels, *[model.config.grid_size] * 2))
         lpips, disc = bench.conv_flops(LPIPS(), image, image), bench.conv_flops(
             PatchDiscriminator(num_layers=3), image)
     report("train_stage2.py (small, batch 4, GAN on half the steps, LPIPS)", seconds,

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import data
-from data import COMPLEXITY_LEVELS, IMAGENET100_CLASSES, ShapesDataset, build_dataset, save_image_grid
+from data import COMPLEXITY_LEVELS, IMAGENET100_CLASSES, ShapesDataset, build_dataset
+from plots import save_image_grid
 
 
 def write(path, img: Image.Image) -> None:

@@ -8,8 +8,8 @@ from PIL import Image
 import evaluate
 from conftest import TinyFeatures
 from data import build_dataset
-from evaluate import first_passing, l1_below, l1_passes, token_accuracy_above
-from model import ALIT
+from selection import first_passing, l1_below, l1_passes, token_accuracy_above, token_score_passes
+from model import ALIT, make_config
 from seeded import load_vectors
 
 
@@ -41,7 +41,7 @@ def test_early_exit_chooses_what_exhaustive_search_chooses(stage1_ckpt):
         assert torch.equal(c.indices, records[t].indices[i])
         torch.testing.assert_close(c.recon, records[t].recon[i], atol=1e-5, rtol=0)
     # the token-space criterion, with no pixel decoding in the loop
-    accuracy = torch.stack([(r.logits.argmax(-1) == gt).float().mean(1) for r in records])
+    accuracy = torch.stack([(r.prediction.argmax(-1) == gt).float().mean(1) for r in records])
     thr = -spread_threshold(-accuracy)
     expected = first_passing(accuracy >= thr)  # the criterion's own comparison, ties included
     choices = model.encode_adaptive(images, token_accuracy_above(thr), token_space=True)
@@ -59,6 +59,11 @@ def test_criteria_are_plain_functions():
     logits[1, :3] = logits[1, :3].roll(1, dims=-1)  # 2 of 5 right in the second image
     assert token_accuracy_above(0.4)(gt, logits).tolist() == [True, True]
     assert token_accuracy_above(0.5)(gt, logits).tolist() == [True, False]
+    # evaluate.py's token-space criterion is the base's own: over a VQGAN, the token accuracy
+    vqgan = ALIT(make_config("tiny")).base
+    for threshold in (0.4, 0.5):
+        assert token_score_passes(vqgan, threshold)(gt, logits).tolist() == \
+            token_accuracy_above(threshold)(gt, logits).tolist()
 
 
 def test_saturated_images_stop_where_more_tokens_stop_helping():

@@ -22,8 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import train_vqgan
-import training
+import weights
 from data import build_dataset, train_batches
 from model import ALIT
 from test_train_vqgan import SMALL, run
@@ -44,7 +45,7 @@ def faulty_lr_at(step, *args):  # called at the start of every step
         os.killpg(0, signal.SIGTERM)
     if step == at and fault == "sigterm-twice":
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1.5)  # repeats within a second count as one request (training.StopSignal)
+        time.sleep(1.5)  # repeats within a second count as one request (distributed.StopSignal)
         os.kill(os.getpid(), signal.SIGTERM)
     if step == at and fault == "sigterm-rank1" and os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGTERM)
@@ -121,7 +122,7 @@ def whole(tmp_path_factory):
 
 
 def assert_same_training(a_dir, b_dir):
-    a, b = training.load_checkpoint(a_dir / "ckpt.pt"), training.load_checkpoint(b_dir / "ckpt.pt")
+    a, b = weights.load_checkpoint(a_dir / "ckpt.pt"), weights.load_checkpoint(b_dir / "ckpt.pt")
     assert a["step"] == b["step"]
     for part in ("model", "discriminator"):
         for key, value in a[part].items():
@@ -151,7 +152,7 @@ def hostile_checkpoint(kind, path, whole):
     elif kind == "empty":
         path.write_bytes(b"")
     else:
-        state = training.load_checkpoint(whole / "ckpt.pt")
+        state = weights.load_checkpoint(whole / "ckpt.pt")
         torch.save({**state, "model_config": Payload(path.parent / "pwned")}, path)
 
 
@@ -180,7 +181,7 @@ def test_checkpoints_with_a_numpy_rng_state_still_load(tmp_path):
     torch.save({"rng": [{"python": random.getstate(), "numpy": np.random.get_state(),
                          "torch": torch.get_rng_state()}]}, tmp_path / "old.pt")
     expected = np.random.rand(3)
-    training.set_rng_state(training.load_checkpoint(tmp_path / "old.pt")["rng"][0])
+    checkpoint.set_rng_state(weights.load_checkpoint(tmp_path / "old.pt")["rng"][0])
     assert np.array_equal(np.random.rand(3), expected)
 
 
@@ -221,7 +222,7 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(tmp_path, whole):
     _, stderr = process.communicate(timeout=30)
     assert os.path.exists(str(out) + ".marker"), stderr[-2000:]
     assert (out / "ckpt.pt.tmp").stat().st_size > 0  # the half-written one
-    assert training.load_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert weights.load_checkpoint(out / "ckpt.pt")["step"] == 2
     run(tmp_path, "killed", *STEPS, "--resume")
     assert_same_training(whole, out)
 
@@ -234,7 +235,7 @@ def test_sigterm_stops_after_the_step_and_resumes_bit_exactly(tmp_path, whole):
     result = driver("sigterm", at, out, *STEPS, "--num-workers", "1")
     assert result.returncode == 0, (at, result.stderr[-2000:])
     assert f"stopped by SIGTERM after step {at + 1}: continue with the same command and --resume" in result.stdout
-    assert training.load_checkpoint(out / "ckpt.pt")["step"] == at + 1, at
+    assert weights.load_checkpoint(out / "ckpt.pt")["step"] == at + 1, at
     run(tmp_path, "stopped", *STEPS, "--resume")
     assert_same_training(whole, out)
 
@@ -243,14 +244,14 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
     out = tmp_path / "twice"
     result = driver("sigterm-twice", 2, out, *STEPS)  # both during step 3
     assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
-    assert training.load_checkpoint(out / "ckpt.pt")["step"] == 2  # step 3 was never finished
+    assert weights.load_checkpoint(out / "ckpt.pt")["step"] == 2  # step 3 was never finished
 
 
 def test_ddp_ranks_stop_after_the_same_step_and_rank_0_writes(tmp_path):
     (code0, out0, err0), (code1, _, err1) = two_ranks("sigterm-rank1", 2, tmp_path / "ddp", "--steps", "5")
     assert code0 == code1 == 0, (err0[-2000:], err1[-2000:])
     assert "stopped by a signal to another rank after step 3" in out0
-    ckpt = training.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    ckpt = weights.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2
 
 

@@ -18,7 +18,7 @@ import weights
 from conftest import SMALL_ALIT
 from data import IMAGENET100_CLASSES
 from seeded import load_vectors
-from training import load_checkpoint
+from weights import load_checkpoint
 from vqgan import PRESETS as VQGAN_PRESETS
 from vqgan import VQGAN, VQGANConfig
 
@@ -91,8 +91,8 @@ def test_imagenet100_trains_the_paper_preset_and_refuses_a_vqgan_that_does_not_f
     refused = run_script("train_stage1.py", *command, *NARROW, cwd=tmp_path / "out")  # no out/vqgan/ here
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     (line,) = refused.stderr.strip().splitlines()
-    assert line.startswith("error: --vqgan-ckpt out/vqgan/ckpt.pt not found")
-    assert "--vqgan-official PATH" in line and "train_vqgan.py --preset imagenet --dataset imagenet100" in line
+    assert line.startswith("error: --base-ckpt out/vqgan/ckpt.pt not found")
+    assert "--vqgan-official PATH" in line and "train_vqgan.py --base vqgan --dataset imagenet100" in line
 
 
 def test_the_dataset_implies_the_paper_run(imagenet100, monkeypatch):
@@ -147,9 +147,9 @@ def test_weights_are_found_by_name_in_torch_home_and_alit_weights(tmp_path, monk
     assert weights.find_perceptual(None, None) == (hub / "vgg16-397923af.pth", mine / "vgg.pth")
 
     # ... and the scripts take them: stage 1 distils the official VQGAN, evaluation computes FID
-    assert train_stage1.parse_args(["--dataset", "imagenet100", "--data-dir", str(imagenet100)])[0].vqgan_official \
+    assert train_stage1.parse_args(["--dataset", "imagenet100", "--data-dir", str(imagenet100)])[0].official_base \
         == str(mine / "vqgan.ckpt")
-    assert train_stage1.parse_args([])[0].vqgan_official is None  # tiny: the official VQGAN does not fit
+    assert train_stage1.parse_args([])[0].official_base is None  # tiny: the official VQGAN does not fit
     cfg = evaluate.parse_args(["--official", "alit_small_vqgan_quantized_latents.pth"])
     assert (cfg.official, cfg.inception_weights) == (str(mine / "alit_small_vqgan_quantized_latents.pth"),
                                                      str(hub / "pt_inception-2015-12-05-6726825d.pth"))
@@ -236,7 +236,7 @@ def mistakes(tmp_path, vqgan_ckpt, stage1_ckpt, official_vqgan):
         (evaluate.main, ["--dataset", "folder"], ["--dataset folder reads images from disk: pass --data-dir"]),
         (train_stage1.main, data + [in100, "--vqgan-ckpt", str(vqgan_ckpt)],
          ["(32px -> 8x8, 256 codes x 32) does not fit preset 'small' (256px -> 16x16, 1024 codes x 256)",
-          "pass --vqgan-official PATH", "python train_vqgan.py --preset imagenet --dataset imagenet100"]),
+          "pass --vqgan-official PATH", "python train_vqgan.py --base vqgan --dataset imagenet100"]),
         (train_stage1.main, data + [in100, "--vqgan-official", "vqgan.ckpt"],
          ["--vqgan-official vqgan.ckpt: not found here nor in", "hub/checkpoints", "github.com/LTH14/mage"]),
         (train_stage1.main, data + [in100, "--vqgan-official", str(vqgan_ckpt)],

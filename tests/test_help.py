@@ -1,4 +1,4 @@
-"""--help of every script: each flag has a description and a default, read off the config dataclasses."""
+"""--help of every script: each flag has a description and a default, stated where the flag is declared."""
 import pytest
 
 import analyze
@@ -43,6 +43,6 @@ def test_help_shows_allowed_values_and_preset_defaults(capsys):
     assert "--dataset {shapes,imagenet100,imagenet,folder}" in entries
     assert "--preset {base,semilarge,small,tiny}" in entries
     assert "(default: 1500; >= 1)" in entries["--steps STEPS"]  # the allowed range, where one exists
-    assert "(default: preset's value; >= 1)" in entries["--encoder-width ENCODER_WIDTH"]
+    assert "(default: the preset's; >= 1)" in entries["--encoder-width ENCODER_WIDTH"]
     assert "in (0, 1]" in entries["--halting-threshold HALTING_THRESHOLD"]
-    assert "(list of float >= 0)" in entries["--iteration-weights A,B,..."]
+    assert "; list of float >= 0)" in entries["--iteration-weights A,B,..."]

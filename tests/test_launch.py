@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 
-import memory
-import pretrained
+import plan as planning
 import train_stage1
 import train_stage2
 import train_vqgan
-import training
+import weights
 from data import IMAGENET100_CLASSES
 from test_front_door import write_images
 
@@ -56,7 +55,7 @@ def test_the_paper_run_is_200_epochs_at_the_paper_batch_on_any_number_of_gpus(sc
     for module in (train_stage1, train_stage2):
         monkeypatch.setattr(module, "model_for_plan", lambda config: config)
     for name in ("stage1_step_memory", "stage2_step_memory"):
-        monkeypatch.setattr(memory, name, lambda model, *args: estimated.append((model.image_size, args[-1])) or 30e9)
+        monkeypatch.setattr(planning, name, lambda model, *args: estimated.append((model.image_size, args[-1])) or 30e9)
     plan = dry_run(script, ["--dataset", "imagenet100", "--data-dir", imagenet100, "--device", "cuda",
                             "--stage1-ckpt" if script == "train_stage2" else "--out-dir", tmp_path / "none"], capsys)
     assert (plan["device"], plan["world_size"], plan["nodes"]) == ("cuda", ranks, -(-ranks // per_node))
@@ -91,13 +90,13 @@ def test_the_plan_of_the_cpu_run_and_its_memory_estimate(monkeypatch, capsys):
     launched(monkeypatch, 2, 2)
     plan = dry_run("train_stage1", ["--device", "cuda", "--batch-size", "3", "--no-bf16"], capsys)
     torch.manual_seed(0)
-    model = pretrained.frozen_base(train_stage1.ALIT(train_stage1.make_config("tiny")))
+    model = train_stage1.frozen_base(train_stage1.ALIT(train_stage1.make_config("tiny")))
     train, _ = train_stage1.parse_args(["--batch-size", "3"])
     # within 1%: which cells halt (random weights, random draws) changes a few saved tensors
-    assert plan["memory_gb"] == pytest.approx(memory.stage1_step_memory(model, train.batch_size, torch.device("cpu"), False,
+    assert plan["memory_gb"] == pytest.approx(planning.stage1_step_memory(model, train.batch_size, torch.device("cpu"), False,
                                                                          False) / 1e9, rel=0.01)
     assert plan["grad_checkpoint"] is False and plan["precision"] == "float32"
-    monkeypatch.setattr(training, "PLANNED_GPU_MEMORY", 2e9 + plan["memory_gb"] * 1e9)  # no room left: on
+    monkeypatch.setattr(planning, "PLANNED_GPU_MEMORY", 2e9 + plan["memory_gb"] * 1e9)  # no room left: on
     assert dry_run("train_stage1", ["--device", "cuda", "--batch-size", "3", "--no-bf16"], capsys)["grad_checkpoint"]
 
 
@@ -105,12 +104,12 @@ def test_a_restarted_worker_resumes_and_never_deletes_a_checkpoint(tmp_path, mon
     flags = ["--channels", "16", "--norm-groups", "8", "--batch-size", "2", "--no-bf16", "--val-images", "4",
              "--out-dir", str(tmp_path)]
     train_vqgan.main(flags + ["--steps", "2"])
-    first = training.load_checkpoint(tmp_path / "ckpt.pt")
+    first = weights.load_checkpoint(tmp_path / "ckpt.pt")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun --max-restarts ran the command again
     train_vqgan.main(flags + ["--steps", "3", "--overwrite"])
     assert "resumed from" in capsys.readouterr().out
-    assert training.load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == first["step"] == 2
-    assert training.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    assert weights.load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == first["step"] == 2
+    assert weights.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
 
 
 def test_two_nodes_are_told_what_their_network_needs(imagenet100, monkeypatch, capsys):

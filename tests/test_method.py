@@ -6,17 +6,17 @@ stage-2 loss iteration and GAN weight) and the token-selection criteria.
 dev/mutate.py checks that these tests notice when a line of the method changes.
 """
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import selection
 from model import ALIT, make_config
-from train_stage1 import code_blend, iteration_weights, rollout_length
-from losses import gan_weight_at
-from train_stage2 import loss_iteration, parse_gan_schedule
-from training import EMA, lr_at
+import train_stage1
+import train_stage2
+from losses import gan_weight_at, iteration_weights
+from optim import EMA, lr_at
+from train_stage2 import parse_gan_schedule
 
 # -----------------------------------------------------------------------------
 # Dynamic halting
@@ -139,7 +139,7 @@ def confident_model():
         model.head[2].weight.mul_(6)
         images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         latents, _ = model.vqgan.encode(images)
-        gt = model(images, latents, iters=[0])[0].logits.argmax(-1)
+        gt = model(images, latents, iters=[0])[0].prediction.argmax(-1)
     return model, images, latents, gt
 
 
@@ -154,12 +154,12 @@ def test_rollout_halts_after_each_decoded_iteration_but_the_last(confident_model
     draws = torch.Generator().manual_seed(5)
     for r in halting[:-1]:
         u = torch.rand(gt.shape, generator=draws)
-        p = true_index_probability(r.logits, gt)
+        p = true_index_probability(r.prediction, gt)
         assert torch.equal(r.halted, (p >= 0.5) & (u < p))
         assert 0.1 < r.halted.float().mean() < 0.9
     # it changes what the next iterations see, not the iteration it was decided on
-    assert torch.equal(halting[0].logits, plain[0].logits)
-    assert not torch.allclose(halting[1].logits, plain[1].logits, atol=1e-3)
+    assert torch.equal(halting[0].prediction, plain[0].prediction)
+    assert not torch.allclose(halting[1].prediction, plain[1].prediction, atol=1e-3)
 
 
 def test_rollout_halts_only_after_decoded_iterations(confident_model):
@@ -169,9 +169,9 @@ def test_rollout_halts_only_after_decoded_iterations(confident_model):
         plain = model(images, latents, gt)
         subset = model(images, latents, gt, halting=True, iters=[1, 2], generator=torch.Generator().manual_seed(5))
     assert [r.index for r in subset] == [1, 2]
-    torch.testing.assert_close(subset[0].logits, plain[1].logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(subset[0].prediction, plain[1].prediction, atol=1e-5, rtol=0)
     u = torch.rand(gt.shape, generator=torch.Generator().manual_seed(5))  # the first draw: after iteration 1
-    p = true_index_probability(subset[0].logits, gt)
+    p = true_index_probability(subset[0].prediction, gt)
     assert torch.equal(subset[0].halted, (p >= 0.5) & (u < p))
 
 
@@ -182,7 +182,7 @@ def test_rollout_halting_without_indices_uses_the_vqgan_encoding(confident_model
         given = model(images, latents, vqgan_indices, halting=True, generator=torch.Generator().manual_seed(1))
         computed = model(images, halting=True, generator=torch.Generator().manual_seed(1))
     for a, b in zip(given, computed):
-        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.prediction, b.prediction, atol=1e-5, rtol=0)
         assert a.halted is None or torch.equal(a.halted, b.halted)
 
 
@@ -240,25 +240,46 @@ def test_lr_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
 # Stage 1's schedules
 
 
+def stage1_at(step, *flags, iters=8):
+    """train_stage1.schedule at `step` of the run its flags describe (through its own parse_args)."""
+    args, _ = train_stage1.parse_args(list(flags))
+    return train_stage1.schedule(step, args, 1.0, iters)
+
+
 def test_rollout_length_grows_from_one_iteration_to_all():
     """1 + floor(step / (warmup · steps) · (T - 1)) iterations, at most T; all of them without warm-up."""
-    train = SimpleNamespace(rollout_warmup=0.5, steps=100)
-    lengths = {step: rollout_length(step, train, 8) for step in (0, 7, 8, 25, 49, 50, 99)}
+    flags = ["--rollout-warmup", "0.5", "--steps", "100"]
+    lengths = {step: len(stage1_at(step, *flags).iters) for step in (0, 7, 8, 25, 49, 50, 99)}
     assert lengths == {0: 1, 7: 1, 8: 2, 25: 4, 49: 7, 50: 8, 99: 8}
-    assert rollout_length(0, SimpleNamespace(rollout_warmup=0.0, steps=100), 8) == 8
+    assert stage1_at(0, "--rollout-warmup", "0", "--steps", "100").iters == list(range(8))
+
+
+def test_loss_iterations_are_drawn_from_seed_plus_step_within_the_rollout():
+    """--loss-iters n: n of the rollout's iterations, drawn alike on every rank from (seed, step)."""
+    for step in (0, 3, 40):
+        now = stage1_at(step, "--loss-iters", "3", "--seed", "5", "--rollout-warmup", "0", "--steps", "100")
+        assert now.iters == torch.randperm(8, generator=torch.Generator().manual_seed(5 + step))[:3].tolist()
+    assert len(stage1_at(0, "--loss-iters", "3", "--steps", "100").iters) == 1  # the warm-up rolls out one
 
 
 def test_code_blend_goes_from_continuous_to_quantized():
     """0 until continuous_until · steps, then (step + 1 - start) / (end - start), then 1."""
-    train = SimpleNamespace(continuous_until=0.3, blend_until=0.5, steps=100)
-    blends = {step: code_blend(step, train) for step in (0, 28, 29, 30, 39, 48, 49, 99)}
-    assert blends == pytest.approx({0: 0.0, 28: 0.0, 29: 0.0, 30: 0.05, 39: 0.5, 48: 0.95, 49: 1.0, 99: 1.0})
-    assert code_blend(0, SimpleNamespace(continuous_until=0.0, blend_until=0.0, steps=100)) == 1.0
+    def blends(continuous_until, blend_until, steps, at):
+        return [stage1_at(step, "--continuous-until", str(continuous_until), "--blend-until", str(blend_until),
+                          "--steps", str(steps)).blend for step in at]
+    at = (0, 28, 29, 30, 39, 48, 49, 99)
+    assert blends(0.3, 0.5, 100, at) == pytest.approx([0.0, 0.0, 0.0, 0.05, 0.5, 0.95, 1.0, 1.0])
+    assert blends(0.0, 0.0, 100, [0]) == [1.0]
     # a switch without blending (end = start): continuous for the first half, quantized from step 50
-    train = SimpleNamespace(continuous_until=0.5, blend_until=0.5, steps=100)
-    assert [code_blend(step, train) for step in (48, 49, 50)] == [0.0, 0.0, 1.0]
-    train = SimpleNamespace(continuous_until=0.1, blend_until=0.1, steps=10)  # the same after one step
-    assert [code_blend(step, train) for step in (0, 1)] == [0.0, 1.0]
+    assert blends(0.5, 0.5, 100, (48, 49, 50)) == [0.0, 0.0, 1.0]
+    assert blends(0.1, 0.1, 10, (0, 1)) == [0.0, 1.0]  # the same after one step
+
+
+def test_latent_restarts_every_n_steps_until_a_fraction_of_the_run():
+    restarts = [step for step in range(40) if stage1_at(step, "--latent-restart-every", "4", "--restart-until", "0.5",
+                                                          "--steps", "40").restart]
+    assert restarts == [3, 7, 11, 15, 19]  # after steps 4, 8, ..., 20: the 20th is half the run
+    assert not any(stage1_at(step, "--latent-restart-every", "0", "--steps", "40").restart for step in range(40))
 
 
 def test_iteration_weights_are_padded_with_one_and_cut_to_the_rollout():
@@ -270,23 +291,29 @@ def test_iteration_weights_are_padded_with_one_and_cut_to_the_rollout():
 # Stage 2's schedules
 
 
+def stage2_at(step, *flags, peak_lr=1.0, iters=8):
+    """train_stage2.schedule at `step` of the run its flags describe (through its own parse_args)."""
+    return train_stage2.schedule(step, train_stage2.parse_args(list(flags)), peak_lr, iters)
+
+
 def test_loss_iteration_cycles_or_is_drawn_from_seed_plus_step():
-    cycle = SimpleNamespace(iteration_order="cycle", seed=3)
-    assert [loss_iteration(step, 8, cycle) for step in (0, 1, 7, 8, 13)] == [0, 1, 7, 0, 5]
-    drawn = SimpleNamespace(iteration_order="random", seed=3)
+    assert [stage2_at(step, "--seed", "3").iteration for step in (0, 1, 7, 8, 13)] == [0, 1, 7, 0, 5]
+    drawn = ["--iteration-order", "random", "--seed", "3"]
     for step in (0, 1, 17):
         expected = int(torch.randint(8, (), generator=torch.Generator().manual_seed(3 + step)))
-        assert loss_iteration(step, 8, drawn) == expected  # the same on every rank
-    picks = [loss_iteration(step, 8, drawn) for step in range(64)]
+        assert stage2_at(step, *drawn).iteration == expected  # the same on every rank
+    picks = [stage2_at(step, *drawn).iteration for step in range(64)]
     assert set(picks) == set(range(8))
 
 
 def test_gan_weight_follows_the_schedule():
     schedule = parse_gan_schedule("0.75:0.2, 0.5:0.1")
     assert schedule == [(0.5, 0.1), (0.75, 0.2)]  # sorted by fraction
-    in_steps = [(fraction * 100, weight) for fraction, weight in schedule]  # as train_stage2 runs it, 100 steps
-    weights = {step: gan_weight_at(step, in_steps) for step in (0, 49, 50, 74, 75, 99)}
+    flags = ["--gan-schedule", "0.75:0.2,0.5:0.1", "--steps", "100"]  # train_stage2 runs it in steps
+    weights = {step: stage2_at(step, *flags).gan_weight for step in (0, 49, 50, 74, 75, 99)}
     assert weights == {0: 0.0, 49: 0.0, 50: 0.1, 74: 0.1, 75: 0.2, 99: 0.2}
+    now = stage2_at(5, "--steps", "100", "--warmup-steps", "10", "--disc-lr", "0.5", peak_lr=2.0)
+    assert (now.lr, now.disc_lr) == (2.0 * 6 / 10, 0.5 * 6 / 10)  # both warm up alike
     assert gan_weight_at(0, [(0.0, 0.3)]) == 0.3
     assert parse_gan_schedule("1:0,0:0") == [(0.0, 0.0), (1.0, 0.0)]  # the bounds are allowed
 

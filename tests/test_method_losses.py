@@ -14,8 +14,7 @@ from losses import (adaptive_gan_weight, generator_adversarial_loss, generator_g
                     hinge_d_loss, reconstruction_loss)
 from model import ALIT, Iteration, make_config
 from quantize import Quantized, VectorQuantizer
-from train_stage1 import stage1_loss
-from training import Distributed
+from losses import stage1_terms
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +72,19 @@ NO_WEIGHTS = [0.0] * 8
 
 def test_stage1_cross_entropy_term_is_weighted_per_iteration(model):
     records, gt = stage1_records(model)
-    loss, _ = stage1_loss(model, records, gt, WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=0.0)
-    expected = 1.5 * cross_entropy_by_hand(records[0].logits, gt, 0) + 4.5 * cross_entropy_by_hand(records[1].logits, gt, 0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=0.0)
+    expected = 1.5 * cross_entropy_by_hand(records[0].prediction, gt, 0) + 4.5 * cross_entropy_by_hand(records[1].prediction, gt, 0)
     torch.testing.assert_close(loss, expected)
 
 
 def test_stage1_cross_entropy_gradient_is_weighted_per_iteration(model):
     """d/d logits_t of λ_t · CE_t = λ_t · (softmax(logits_t) - onehot(gt)) / (B · N)."""
     records, gt = stage1_records(model)
-    loss, _ = stage1_loss(model, records, gt, WEIGHTS, 0.0, code_weight=0.0, quantizer_weight=0.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=0.0)
     loss.backward()
     for r in records:
-        onehot = F.one_hot(gt, r.logits.shape[-1]).float()
-        torch.testing.assert_close(r.logits.grad, WEIGHTS[r.index] * (r.logits.detach().softmax(-1) - onehot) / gt.numel())
+        onehot = F.one_hot(gt, r.prediction.shape[-1]).float()
+        torch.testing.assert_close(r.prediction.grad, WEIGHTS[r.index] * (r.prediction.detach().softmax(-1) - onehot) / gt.numel())
 
 
 def test_stage1_loss_on_the_device_of_its_inputs():
@@ -97,59 +96,59 @@ def test_stage1_loss_on_the_device_of_its_inputs():
         q = Quantized(codes=None, indices=None, loss=torch.zeros(()), perplexity=None, usage=None)
         records = [Iteration(t, torch.randn(B, N, V), torch.randn(B, (t + 1) * K, cfg.code_dim), None, q) for t in (1, 4)]
         gt = torch.zeros(B, N, dtype=torch.long)
-    loss, stats = stage1_loss(model, records, gt, WEIGHTS, 0.0, 1.0, 1.0)
+    loss, stats = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0)
     assert loss.device.type == stats.device.type == "meta" and stats.shape == (8, 3)
 
 
 def test_stage1_cross_entropy_with_label_smoothing(model):
     records, gt = stage1_records(model)
-    loss, _ = stage1_loss(model, records, gt, WEIGHTS, label_smoothing=0.1, code_weight=0.0, quantizer_weight=0.0)
-    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.logits, gt, 0.1) for r in records)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.1, code_weight=0.0, quantizer_weight=0.0)
+    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0.1) for r in records)
     torch.testing.assert_close(loss, expected)
 
 
 def test_stage1_code_term_is_mse_between_expected_and_true_code(model):
     records, gt = stage1_records(model)
     for code_weight in (1.0, 0.25):
-        loss, _ = stage1_loss(model, records, gt, NO_WEIGHTS, 0.0, code_weight=code_weight, quantizer_weight=0.0)
-        expected = code_weight * sum(code_mse_by_hand(model, r.logits, gt) for r in records)
+        loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=code_weight, quantizer_weight=0.0)
+        expected = code_weight * sum(code_mse_by_hand(model, r.prediction, gt) for r in records)
         torch.testing.assert_close(loss, expected)
     # its gradient, through the softmax: with s = softmax(logits), e = s @ codes - codes[gt] and
     # g = 2 w e / numel(e) @ codes^T, d/d logits = s * (g - Σ_k s_k g_k)
     loss.backward()
     codes = vqgan_codes(model)
     for r in records:
-        s = r.logits.detach().softmax(-1)
+        s = r.prediction.detach().softmax(-1)
         e = s @ codes - codes[gt]
         g = 2 * 0.25 * e / e.numel() @ codes.T
-        torch.testing.assert_close(r.logits.grad, s * (g - (s * g).sum(-1, keepdim=True)))
+        torch.testing.assert_close(r.prediction.grad, s * (g - (s * g).sum(-1, keepdim=True)))
 
 
 def test_stage1_quantizer_term_is_added_per_iteration(model):
     records, gt = stage1_records(model)
-    loss, _ = stage1_loss(model, records, gt, NO_WEIGHTS, 0.0, code_weight=0.0, quantizer_weight=2.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=2.0)
     torch.testing.assert_close(loss, torch.tensor(2.0 * (0.3 + 0.7)))
     loss.backward()
     assert records[0].quantized.loss.grad == 2.0  # the quantizer loss keeps its graph
     # continuous latents: no quantizer term
     for r in records:
         r.quantized = None
-    loss, _ = stage1_loss(model, records, gt, NO_WEIGHTS, 0.0, code_weight=0.0, quantizer_weight=2.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=2.0)
     assert loss == 0
 
 
 def test_stage1_loss_is_the_sum_of_its_terms_and_logs_per_iteration(model):
     records, gt = stage1_records(model)
-    loss, stats = stage1_loss(model, records, gt, WEIGHTS, 0.1, code_weight=0.2, quantizer_weight=3.0)
-    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.logits, gt, 0.1) + 0.2 * code_mse_by_hand(model, r.logits, gt)
+    loss, stats = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.1, code_weight=0.2, quantizer_weight=3.0)
+    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0.1) + 0.2 * code_mse_by_hand(model, r.prediction, gt)
                    + 3.0 * r.quantized.loss for r in records)
     torch.testing.assert_close(loss, expected)
     # stats: a [CE, token accuracy, 1] row per decoded iteration, zeros elsewhere, no graph
     assert stats.shape == (8, 3) and not stats.requires_grad
     for r in records:
-        accuracy = (r.logits.argmax(-1) == gt).float().mean()
+        accuracy = (r.prediction.argmax(-1) == gt).float().mean()
         assert 0.25 <= accuracy < 0.5  # half of the first image is predicted right
-        torch.testing.assert_close(stats[r.index], torch.stack([cross_entropy_by_hand(r.logits, gt, 0.1), accuracy,
+        torch.testing.assert_close(stats[r.index], torch.stack([cross_entropy_by_hand(r.prediction, gt, 0.1), accuracy,
                                                                 torch.tensor(1.0)]))
     assert not stats[[0, 2, 3, 5, 6, 7]].any()
 
@@ -157,11 +156,11 @@ def test_stage1_loss_is_the_sum_of_its_terms_and_logs_per_iteration(model):
 def test_stage1_loss_is_computed_in_float32_from_bf16_logits(model):
     """Under bf16 autocast the decoder's logits are bf16; the loss is computed from them in float32."""
     records, gt = stage1_records(model)
-    float32, _ = stage1_loss(model, records, gt, WEIGHTS, 0.0, 1.0, 1.0)
+    float32, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0)
     for r in records:
-        r.logits = r.logits.detach().bfloat16()
-    from_bf16, _ = stage1_loss(model, records, gt, WEIGHTS, 0.0, 1.0, 1.0)
-    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.logits, gt, 0) + code_mse_by_hand(model, r.logits, gt)
+        r.prediction = r.prediction.detach().bfloat16()
+    from_bf16, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0)
+    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0) + code_mse_by_hand(model, r.prediction, gt)
                    + r.quantized.loss for r in records)
     assert from_bf16.dtype == torch.float32
     torch.testing.assert_close(from_bf16, expected)
@@ -176,7 +175,7 @@ def test_soft_codes_are_the_expected_code_and_leave_the_codebook_alone(model):
     codebook = model.vqgan.quantize.embedding.weight
     codebook.requires_grad_(True)
     try:
-        soft = model.soft_codes(logits.bfloat16())
+        soft = model.vqgan.expected_codes(logits.bfloat16())
         assert soft.dtype == torch.float32
         torch.testing.assert_close(soft, logits.bfloat16().float().softmax(-1) @ vqgan_codes(model).detach())
         soft.sum().backward()
@@ -192,7 +191,7 @@ def test_images_from_confident_logits_are_the_vqgan_decoding_of_their_indices(mo
     indices = torch.randint(cfg.vqgan.codebook_size, (2, cfg.num_image_tokens), generator=torch.Generator().manual_seed(2))
     logits = torch.full((2, cfg.num_image_tokens, cfg.vqgan.codebook_size), -1e4).scatter(-1, indices[..., None], 0.0)
     with torch.no_grad():
-        torch.testing.assert_close(model.images_from_logits(logits), model.vqgan.decode_indices(indices),
+        torch.testing.assert_close(model.images_from_prediction(logits), model.vqgan.decode_indices(indices),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -369,13 +368,15 @@ def test_generator_gan_loss_is_disc_weight_times_lambda_times_gan_loss():
 def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeypatch):
     """The step's gradients are averaged over ranks before the update: here as with a second rank
     whose gradients are zero, so the update is half the local one."""
-    import training
+    import losses
 
-    def average_with_a_zero_rank(tensors):
-        for t in tensors:
-            t.div_(2)
+    class TwoRanks:  # torch.distributed as seen by rank 0 of 2 whose rank 1 has zero gradients
+        is_available = staticmethod(lambda: True)
+        is_initialized = staticmethod(lambda: True)
+        get_world_size = staticmethod(lambda: 2)
+        all_reduce = staticmethod(lambda tensor: tensor)
 
-    monkeypatch.setattr(training, "average_over_ranks", average_with_a_zero_rank)
+    monkeypatch.setattr(losses, "dist", TwoRanks)
     torch.manual_seed(0)
     disc = torch.nn.Conv2d(3, 1, 1)
     w0, b0 = disc.weight.detach()[0, :, 0, 0].clone(), disc.bias.detach().clone()
@@ -384,7 +385,7 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
     for p in disc.parameters():
         p.grad = torch.full_like(p, 100.0)  # stale gradients are cleared first
     optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
-    loss = training.discriminator_step(disc, optimizer, images, recon)
+    loss = losses.discriminator_step(disc, optimizer, images, recon)
 
     def logits(x):
         return torch.einsum("c,nchw->nhw", w0, x) + b0
@@ -403,9 +404,12 @@ def test_discriminator_step_is_one_hinge_update_on_real_vs_detached_fake(monkeyp
 
 def test_discriminator_gradients_are_averaged_over_ranks(monkeypatch):
     """Under DDP: the sum over ranks (all_reduce) divided by the number of ranks; in one process, untouched."""
-    import training
-    grads = [torch.tensor([1.0, -2.0]), torch.tensor([[4.0]])]
-    training.average_over_ranks(grads)  # no process group
+    import losses
+    parameters = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1, 1))]
+    for p, grad in zip(parameters, ([1.0, -2.0], [[4.0]])):
+        p.grad = torch.tensor(grad)
+    grads = [p.grad for p in parameters]
+    losses.average_gradients(parameters)  # no process group
     assert grads[0].tolist() == [1.0, -2.0] and grads[1].tolist() == [[4.0]]
 
     class TwoRanks:  # torch.distributed as seen by rank 0 of 2; rank 1's gradients are all 3
@@ -417,8 +421,8 @@ def test_discriminator_gradients_are_averaged_over_ranks(monkeypatch):
         def all_reduce(tensor):
             tensor.add_(3.0)
 
-    monkeypatch.setattr(training, "dist", TwoRanks)
-    training.average_over_ranks(grads)
+    monkeypatch.setattr(losses, "dist", TwoRanks)
+    losses.average_gradients(parameters)
     assert grads[0].tolist() == [2.0, 0.5] and grads[1].tolist() == [[3.5]]
 
 

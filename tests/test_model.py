@@ -29,7 +29,7 @@ def test_from_official_tiny_matches_reference():
     for t, record in enumerate(records):
         assert torch.equal(record.indices, out["latent_indices"][t])
         torch.testing.assert_close(record.latents, out["latent_quantized"][t], atol=1e-4, rtol=0)
-        torch.testing.assert_close(record.logits, out["logits"][t], atol=1e-4, rtol=0)
+        torch.testing.assert_close(record.prediction, out["logits"][t], atol=1e-4, rtol=0)
         torch.testing.assert_close(record.recon, out["reconstructions"][t], atol=1e-4, rtol=0)
 
 
@@ -60,8 +60,8 @@ def test_from_official_full_small_matches_reference(tmp_path):
         if mismatch.any():  # README: accept index flips where the margin is below 1e-4, skip that iteration
             assert (out["latent_index_margins"][t][mismatch] < 1e-4).all()
             continue
-        torch.testing.assert_close(record.logits[:, :16], out["logits_first16"][t], atol=1e-4, rtol=0)
-        torch.testing.assert_close(record.logits.logsumexp(-1), out["logits_logsumexp"][t], atol=1e-4, rtol=0)
+        torch.testing.assert_close(record.prediction[:, :16], out["logits_first16"][t], atol=1e-4, rtol=0)
+        torch.testing.assert_close(record.prediction.logsumexp(-1), out["logits_logsumexp"][t], atol=1e-4, rtol=0)
         torch.testing.assert_close(pool(record.recon, 8), out["reconstructions_pooled8"][t], atol=2e-4, rtol=0)
     torch.testing.assert_close(records[0].recon, out["reconstruction_first"], atol=2e-4, rtol=0)
 
@@ -90,12 +90,12 @@ def test_rollout_shapes_and_iteration_subset():
     assert len(records) == cfg.rollout_iters
     for t, r in enumerate(records):
         assert r.indices.shape == (2, (t + 1) * cfg.tokens_per_iter) and r.indices.dtype == torch.int64
-        assert r.logits.shape == (2, cfg.num_image_tokens, cfg.vqgan.codebook_size)
+        assert r.prediction.shape == (2, cfg.num_image_tokens, cfg.vqgan.codebook_size)
         assert r.recon.shape == images.shape
     with torch.no_grad():
         subset = model(images, iters=[1, 4])
     assert [r.index for r in subset] == [1, 4]
-    torch.testing.assert_close(subset[1].logits, records[4].logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(subset[1].prediction, records[4].prediction, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="iters"):
         model(images, iters=[8])
 
@@ -109,9 +109,9 @@ def test_decode_any_multiple_of_k():
     all_lengths = model.encode(images)
     for t in (0, 3, 7):
         assert torch.equal(all_lengths[t], records[t].indices)
-        logits, vq_indices, recon = model.decode(records[t].indices)
-        torch.testing.assert_close(logits, records[t].logits, atol=1e-5, rtol=0)
-        assert vq_indices.shape == (2, cfg.num_image_tokens)
+        logits, recon = model.decode(records[t].indices)
+        torch.testing.assert_close(logits, records[t].prediction, atol=1e-5, rtol=0)
+        assert logits.argmax(-1).shape == (2, cfg.num_image_tokens)  # the predicted VQGAN indices
         torch.testing.assert_close(recon, records[t].recon, atol=1e-5, rtol=0)
     for bad in (0, 5, cfg.max_tokens + cfg.tokens_per_iter):
         with pytest.raises(ValueError, match="multiple"):
@@ -143,9 +143,9 @@ def test_halting_masks_only_confident_tokens_and_is_seeded():
         b = model.rollout(images, halting=True, generator=torch.Generator().manual_seed(1))
         plain, off = model(images), model(images, halting=False)
     for ra, rb in zip(a, b):
-        assert torch.equal(ra.logits, rb.logits)
+        assert torch.equal(ra.prediction, rb.prediction)
     for rp, ro in zip(plain, off):
-        assert torch.equal(rp.logits, ro.logits) and ro.halted is None
+        assert torch.equal(rp.prediction, ro.prediction) and ro.halted is None
 
 
 def rollout_loss_backward(model):
@@ -154,7 +154,7 @@ def rollout_loss_backward(model):
     with torch.no_grad():
         latents, gt = model.vqgan.encode(images)
     records = model(images, latents, gt, halting=True, generator=torch.Generator().manual_seed(0))
-    loss = sum(torch.nn.functional.cross_entropy(r.logits.flatten(0, 1), gt.flatten()) + r.quantized.loss
+    loss = sum(torch.nn.functional.cross_entropy(r.prediction.flatten(0, 1), gt.flatten()) + r.quantized.loss
                for r in records)
     loss.backward()
     return records
@@ -220,9 +220,9 @@ def test_from_official_errors(tmp_path):
 
 
 def test_grad_checkpointing_and_compile_give_the_same_loss_and_gradients():
-    import train_stage1
+    import losses
     images = torch.rand(2, 3, 32, 32)
-    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
+    weights = losses.iteration_weights(losses.OFFICIAL_ITERATION_WEIGHTS, 8)
     import shutil
     results = []
     # torch.compile's CPU backend generates C++: without a compiler only the other two are compared
@@ -236,7 +236,7 @@ def test_grad_checkpointing_and_compile_give_the_same_loss_and_gradients():
         with torch.no_grad():
             latents, gt = model.vqgan.encode(images)
         records = model(images, latents, gt, halting=True, generator=torch.Generator().manual_seed(0))
-        loss, _ = train_stage1.stage1_loss(model, records, gt, weights, 0.0, 1.0, 1.0)
+        loss, _ = losses.stage1_terms(model, records, gt, iteration_weights=weights)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss, grads), *others = results

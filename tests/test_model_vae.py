@@ -40,7 +40,7 @@ def test_from_official_tiny_matches_reference():
     for t, (record, same) in enumerate(zip(records, plain)):
         assert torch.equal(record.indices, out["latent_indices"][t])
         torch.testing.assert_close(record.latents, out["latent_quantized"][t], atol=1e-4, rtol=0)
-        torch.testing.assert_close(record.logits, out["decoded_code"][t], atol=1e-4, rtol=0)
+        torch.testing.assert_close(record.prediction, out["decoded_code"][t], atol=1e-4, rtol=0)
         torch.testing.assert_close(record.recon, out["reconstructions"][t], atol=1e-4, rtol=0)
         assert torch.equal(same.recon, record.recon)
         assert t == cfg.rollout_iters - 1 or not record.halted.any()
@@ -56,7 +56,7 @@ def test_the_paper_method_differs_where_the_diagnostics_say():
         tokens, targets = model.vae.encode(images, noise=noise)
         records = model(images, tokens, reconstruct=True)
     for t, record in enumerate(records):  # the codes are the official ones; only decoding changes
-        torch.testing.assert_close(record.logits, out["decoded_code"][t], atol=1e-4, rtol=0)
+        torch.testing.assert_close(record.prediction, out["decoded_code"][t], atol=1e-4, rtol=0)
     largest = max((r.recon - o).abs().max().item() for r, o in zip(records, out["reconstructions"]))
     assert largest == pytest.approx(diagnostics["recon_max_abs_diff_if_divided_by_0.2325"], abs=1e-3)
     # Halting as adaptive_vae.py means it: with a threshold above every cell's error all cells halt.
@@ -81,9 +81,9 @@ def test_vae_base_shapes_halting_and_gradients():
         tokens = model.base_tokens(images)
     torch.testing.assert_close(tokens, model.vae.encode(images, sample=False)[0])  # eval: the posterior mean
     for t, r in enumerate(records):
-        assert r.logits.shape == (2, cfg.num_image_tokens, cfg.vae.latent_channels) and r.recon.shape == images.shape
-        logits, none, recon = model.decode(r.indices)
-        assert none is None
+        assert r.prediction.shape == (2, cfg.num_image_tokens, cfg.vae.latent_channels) and r.recon.shape == images.shape
+        prediction, recon = model.decode(r.indices)
+        torch.testing.assert_close(prediction, r.prediction, atol=1e-5, rtol=0)
         torch.testing.assert_close(recon, r.recon, atol=1e-5, rtol=0)
     # Halting's test: mean absolute code error below the threshold, no draw.
     targets = model.base_targets(tokens)
@@ -97,7 +97,7 @@ def test_vae_base_shapes_halting_and_gradients():
     tokens = model.base_tokens(images)
     assert not torch.equal(tokens, model.vae.encode(images, sample=False)[0])
     records = model(images, tokens, model.base_targets(tokens), halting=True)
-    sum((r.logits - model.base_targets(tokens)).square().mean() + r.quantized.loss for r in records).backward()
+    sum((r.prediction - model.base_targets(tokens)).square().mean() + r.quantized.loss for r in records).backward()
     assert all(p.grad is None for p in model.vae.parameters())
     assert all(p.grad is not None for p in model.alit_parameters() if p is not model.halted_token)
     assert len(model.alit_parameters()) + len(list(model.vae.parameters())) == len(list(model.parameters()))
@@ -123,10 +123,10 @@ def test_early_exit_with_the_code_error_criterion_equals_the_exhaustive_search()
         tokens = model.base_tokens(images)
         targets = model.base_targets(tokens)
         records = model(images, tokens, reconstruct=True)
-    errors = torch.stack([(r.logits - targets).square().mean(dim=(1, 2)) for r in records])  # (T, B)
+    errors = torch.stack([(r.prediction - targets).square().mean(dim=(1, 2)) for r in records])  # (T, B)
     threshold = errors.median().item()  # some images stop early, some do not
     criterion = code_error_below(threshold)
-    assert torch.equal(criterion(targets, records[0].logits), errors[0] < threshold)
+    assert torch.equal(criterion(targets, records[0].prediction), errors[0] < threshold)
     chosen = first_passing(errors < threshold)
     assert 0 < chosen.min() or chosen.max() < model.config.rollout_iters - 1
     choices = model.encode_adaptive(images, criterion, token_space=True)
@@ -145,4 +145,4 @@ def test_the_continuous_vae_checkpoint_layout_loads():
     assert model.quantize is None and model.config.base == "vae" and model.config.official_vae_function
     with torch.no_grad():
         records = model(vectors["inputs"]["images"], reconstruct=True)
-    assert records[-1].indices is None and records[-1].logits.shape == (2, 256, 16)
+    assert records[-1].indices is None and records[-1].prediction.shape == (2, 256, 16)

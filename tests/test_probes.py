@@ -1,10 +1,9 @@
-"""probes.py and the depth criterion: each measurement on inputs whose answer is known."""
-import numpy as np
+"""probes.py (linear probing, §A.4) and the depth criterion: each measurement on inputs whose answer is known.
+Tab. 2's segments, the recorded encoder outputs and the standard errors: test_analyze.py."""
 import pytest
 import torch
 
-from probes import (bootstrap_se, class_balanced, encoder_outputs, mean_difference, pooled_blocks, prefix_features,
-                    probe_correct, segment_iou, top_mass_segment)
+from probes import class_balanced, pooled_blocks, prefix_features, probe_correct
 from selection import depth_error, depth_error_below, first_passing
 
 
@@ -31,31 +30,6 @@ def test_class_balanced_spreads_the_images_over_the_classes():
     assert class_balanced(targets, 100) == list(range(12))
 
 
-def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
-    mask = torch.zeros(64, dtype=torch.bool)
-    mask[[3, 4, 11, 12, 13, 20]] = True
-    truth = torch.where(mask, 2, 0)[None]  # one object on the background
-    for share in (0.4, 0.6, 0.8, 1.0):
-        segment = top_mass_segment(mask.float(), share)
-        assert torch.equal(segment, mask)
-        assert segment_iou(segment[None, None], truth).item() == segment_iou(segment[None, None], truth, 2).item() == 1
-    # distinct values: the highest tokens until the share of the mass is reached
-    ramp = torch.tensor([4.0, 3.0, 2.0, 1.0])  # mass 10
-    assert top_mass_segment(ramp, 0.4).tolist() == [True, False, False, False]
-    assert top_mass_segment(ramp, 0.6).tolist() == [True, True, False, False]
-    assert top_mass_segment(ramp, 0.8).tolist() == [True, True, True, False]
-
-
-def test_segment_iou_is_the_best_overlap_with_a_true_segment():
-    truth = torch.tensor([[0, 0, 0, 0, 2, 2, 3, 3]])
-    segments = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 0],   # object 2 (IoU 2/3) beats object 3 (1/3)
-                              [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: 2/4
-                              [0, 0, 0, 0, 0, 0, 1, 1]]]).bool()  # object 3 exactly
-    assert segment_iou(segments, truth)[0].tolist() == pytest.approx([2 / 3, 1 / 2, 1])
-    # scored against the objects alone (shapes' labels from 2), the background half matches nothing
-    assert segment_iou(segments, truth, first_object=2)[0].tolist() == pytest.approx([2 / 3, 0, 1])
-
-
 def test_pooled_prefixes_are_means_of_the_first_tokens():
     N, K, T, B, D = 4, 2, 3, 5, 6
     outputs = [torch.randn(B, 1 + N + (t + 1) * K, D) for t in range(T)]
@@ -66,27 +40,6 @@ def test_pooled_prefixes_are_means_of_the_first_tokens():
             latents = outputs[t][:, 1 + N:1 + N + j * K].mean(1)
             torch.testing.assert_close(prefix_features(image, blocks, t, j, False), latents)
             torch.testing.assert_close(prefix_features(image, blocks, t, j, True), torch.cat([image[t], latents], -1))
-
-
-def test_encoder_outputs_holds_one_sequence_per_iteration():
-    from test_analyze import images, tiny_model
-    model = tiny_model()
-    N, K, T = model.config.num_image_tokens, model.config.tokens_per_iter, model.config.rollout_iters
-    with torch.no_grad(), encoder_outputs(model) as passes:
-        model(images(2), iters=[T - 1])
-    assert [x.shape for x in passes] == [(2, 1 + N + (t + 1) * K, model.config.encoder_width) for t in range(T)]
-    assert not model.encoder._forward_hooks  # removed when the block ends
-
-
-def test_standard_errors():
-    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.0, 2.0, 4.0])
-    paired = mean_difference(a, b)
-    assert paired["difference"] == pytest.approx(0.5) and paired["se"] == pytest.approx(np.std(a - b, ddof=1) / 2)
-    unpaired = mean_difference(a, b, paired=False)
-    assert unpaired["se"] == pytest.approx(np.sqrt(a.var(ddof=1) / 4 + b.var(ddof=1) / 4))
-    values = torch.from_numpy(np.random.default_rng(0).normal(size=400))
-    se = bootstrap_se(lambda index: values[index].mean().item(), len(values), draws=400)
-    assert se == pytest.approx(values.std().item() / 20, rel=0.15)  # the standard error of a mean
 
 
 def test_depth_criterion_compares_the_estimates_on_reconstruction_and_original():

@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 
-import training
-
+import weights
 from conftest import SMALL_ALIT, SMALL_VQGAN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +154,7 @@ def test_two_nodes_without_a_shared_filesystem_end_at_once_with_one_error(tmp_pa
         assert process.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
         line = stderr.strip().splitlines()[-1]
         assert line.startswith("error: --out-dir") and "rank 1 on" in line and "a filesystem they all share" in line, line
-    assert training.load_checkpoint(tmp_path / "node0" / "ckpt.pt")["step"] == 2  # nothing written
+    assert weights.load_checkpoint(tmp_path / "node0" / "ckpt.pt")["step"] == 2  # nothing written
 
 
 def run_vqgan(tmp_path, flags):
@@ -164,16 +163,16 @@ def run_vqgan(tmp_path, flags):
 
 
 BF16_GRADIENTS = """
-import torch, training
-ctx = training.setup_distributed("cpu")
+import torch, distributed
+ctx = distributed.setup_ranks("cpu")
 def gradients(bf16):
     torch.manual_seed(ctx.rank)
     model = torch.nn.Linear(64, 8)
-    ddp = training.wrap_ddp(model, ctx, bf16_gradients=bf16)
+    ddp = distributed.wrap_ddp(model, ctx, bf16_gradients=bf16)
     ddp(torch.randn(4, 64) * (ctx.rank + 1) / 3).square().sum().backward()
     return model.weight.grad
 torch.save({bf16: gradients(bf16) for bf16 in (False, True)}, f"{RECORDS}/{ctx.rank}.pt")
-training.end_distributed()  # as the scripts end: an exit right after the last all-reduce could abort
+distributed.end()  # as the scripts end: an exit right after the last all-reduce could abort
 """
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import losses
 import train_stage1
 import train_vqgan
 from data import build_dataset
@@ -22,17 +23,17 @@ def stage1(tmp_path, vqgan_ckpt, name, *extra):
 
 def overfit(model, image_size, num_images, steps):
     """Train the ALIT part of `model` on the first `num_images` shapes images, the VQGAN frozen
-    (AdamW lr 1e-3, the official iteration weights); returns the per-step, per-iteration CE
+    (AdamW lr 1e-3, the official iteration weights, no halting); returns the per-step, per-iteration CE
     (steps, iterations), the batch and its VQGAN encoding."""
     model.vqgan.requires_grad_(False)
     images = torch.stack([build_dataset("shapes", "train", image_size)[i][0] for i in range(num_images)])
     with torch.no_grad():
         latents, gt = model.vqgan.encode(images)
     optimizer = torch.optim.AdamW(model.alit_parameters(), lr=1e-3)
-    weights = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, model.config.rollout_iters)
+    weights = losses.iteration_weights(losses.OFFICIAL_ITERATION_WEIGHTS, model.config.rollout_iters)
     history = []
     for _ in range(steps):
-        loss, stats = train_stage1.stage1_loss(model, model(images, latents, gt), gt, weights, 0.0, 1.0, 1.0)
+        loss, stats, _ = losses.stage1_loss(model, images, iteration_weights=weights, halting=False)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -56,8 +57,8 @@ def test_overfitting_one_batch_drives_every_iteration_down():
         gaps = []
         for r in model(images, latents, gt):
             differ = gt != gt.roll(1, dims=0)
-            own = torch.nn.functional.cross_entropy(r.logits[differ], gt[differ])
-            swapped = model.decode_logits(r.latents.roll(1, dims=0))
+            own = torch.nn.functional.cross_entropy(r.prediction[differ], gt[differ])
+            swapped = model.predict_image_tokens(r.latents.roll(1, dims=0))
             gaps.append(torch.nn.functional.cross_entropy(swapped[differ], gt[differ]) - own)
     gaps = torch.stack(gaps)
     assert gaps[0] > 0.5 and gaps.mean() > 0.25, gaps
@@ -115,8 +116,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, vqgan_ckpt, m
     real_loss = train_stage1.stage1_loss
 
     def poisoned(*args, **kwargs):
-        loss, stats = real_loss(*args, **kwargs)
-        return loss * float("nan"), stats
+        loss, stats, records = real_loss(*args, **kwargs)
+        return loss * float("nan"), stats, records
 
     monkeypatch.setattr(train_stage1, "stage1_loss", poisoned)
     with pytest.raises(SystemExit, match="non-finite loss at step 3"):
@@ -127,14 +128,21 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, vqgan_ckpt, m
 
 def test_cpu_recipe_grows_the_rollout_and_blends_the_codes_in():
     train, cfg = train_stage1.parse_args(["--steps", "100"])  # tiny: the CPU recipe
-    lengths = [train_stage1.rollout_length(step, train, cfg.rollout_iters) for step in range(100)]
+    schedule = [train_stage1.schedule(step, train, 1.0, cfg.rollout_iters) for step in range(100)]
+    lengths = [len(now.iters) for now in schedule]
     assert lengths[0] == 1 and lengths == sorted(lengths) and lengths[14] == 7 and set(lengths[15:]) == {8}
-    blend = [train_stage1.code_blend(step, train) for step in range(100)]
+    assert all(now.iters == list(range(len(now.iters))) for now in schedule)  # the loss at every iteration so far
+    blend = [now.blend for now in schedule]
     assert blend[29] == 0 and 0 < blend[39] < 1 and blend[49] == 1 and blend == sorted(blend)
+    restarts = [step for step, now in enumerate(schedule) if now.restart]
+    assert restarts == [24, 49, 74]  # after every 25th step, until 75% of the steps (the 75th included)
+    lr = [now.lr for now in schedule]
+    assert lr[0] == 1.0 / train.warmup_steps and max(lr) == lr[train.warmup_steps - 1] == 1.0 and lr[-1] > 0.1
     # the paper's size trains as the official code: every iteration, quantized from the first step
     train, cfg = train_stage1.parse_args(["--preset", "small", "--steps", "100"])
     assert train.base_lr == 1.5e-4 and train.latent_restart_every == 0
-    assert train_stage1.rollout_length(0, train, cfg.rollout_iters) == 8 and train_stage1.code_blend(0, train) == 1
+    first = train_stage1.schedule(0, train, 1.0, cfg.rollout_iters)
+    assert first.iters == list(range(8)) and first.blend == 1 and not first.restart
 
 
 def test_cpu_recipe_keeps_the_latent_codebook_alive(tmp_path, vqgan_ckpt):

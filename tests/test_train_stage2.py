@@ -8,9 +8,9 @@ import torch
 
 import train_stage2
 from losses import PatchDiscriminator, generator_gan_loss
-from training import discriminator_step
+from losses import discriminator_step
 from model import ALIT
-from training import load_checkpoint, setup_distributed
+from weights import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--no-bf16", "--batch-size", "2", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "1",

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+import optim
 import train_vqgan
-import training
+import weights
 from data import build_dataset
 from vqgan import PRESETS, VQGAN, VQGANConfig
 
@@ -48,8 +49,8 @@ def test_resume_continues_bit_exactly(tmp_path):
     resumed = run(tmp_path, "parts", "--steps", "6", "--save-every", "3", "--resume")
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
-    a = training.load_checkpoint(tmp_path / "whole" / "ckpt.pt")
-    b = training.load_checkpoint(tmp_path / "parts" / "ckpt.pt")
+    a = weights.load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    b = weights.load_checkpoint(tmp_path / "parts" / "ckpt.pt")
     for (key, x), y in zip(a["discriminator"].items(), b["discriminator"].values()):
         assert torch.equal(x, y), key
     assert (tmp_path / "whole" / "recon_000006.png").is_file()
@@ -62,7 +63,7 @@ def test_two_process_torchrun(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = training.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    ckpt = weights.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2  # every rank's RNG state is kept
 
 
@@ -85,7 +86,7 @@ def test_resume_without_checkpoint_names_it(tmp_path):
 def test_ema_warms_up_then_uses_its_decay():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = training.EMA(model, decay=0.999)
+    ema = optim.EMA(model, decay=0.999)
     with torch.no_grad():
         model.weight.fill_(1.0)
     ema.update(model, step=0)  # decay (1 + 0) / (10 + 0) = 0.1: the average moves 90% of the way at once
@@ -96,8 +97,8 @@ def test_ema_warms_up_then_uses_its_decay():
 
 # A fresh process each: keep_freed_memory() changes the allocator for the rest of its process.
 TOY_STEPS = """
-import resource, sys, torch, training
-kept = training.keep_freed_memory() if sys.argv[1] == "keep" else None
+import resource, sys, torch, distributed
+kept = distributed.keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
 for step in range(12):  # a toy training step: activations of a few sizes, all freed at its end
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

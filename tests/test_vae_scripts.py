@@ -9,8 +9,10 @@ import evaluate
 import train_stage1
 import train_stage2
 import train_vqgan
+import distributed
 from conftest import SMALL_ALIT, SMALL_VAE
-from model import ALIT, Iteration
+from losses import iteration_weights, OFFICIAL_ITERATION_WEIGHTS, reconstruction_loss, stage1_terms
+from model import ALIT, Iteration, make_config
 from seeded import load_vectors
 from vae import VAE
 from vqgan import VQGAN
@@ -27,43 +29,52 @@ def test_the_vae_checkpoint_loads_as_a_vae_only(vae_ckpt, tmp_path):
         train_vqgan.parse_args(["--base", "vae", "--codebook-size", "64"])
 
 
-def test_the_kl_term_has_ldms_weight_on_the_mean_losses(monkeypatch):
-    """train_step's loss = L1 + kl_weight * KL summed over the latent grid / pixels per image."""
-    train, cfg = train_vqgan.parse_args(SMALL_VAE + ["--kl-weight", "10"])
-    torch.manual_seed(0)
-    model = VAE(cfg)
-    images = torch.rand(2, 3, 32, 32)
+def test_the_kl_term_has_ldms_weight_on_the_mean_losses(monkeypatch, tmp_path):
+    """train_vqgan.py --base vae's loss = L1 + kl_weight * KL summed over the latent grid / pixels per image."""
     seen = {}
-    backward = torch.Tensor.backward
+    backward, latent_loss = torch.Tensor.backward, VAE.latent_loss
+
+    def recorded_latent_loss(model, posterior, images, weight):
+        seen.update(posterior=posterior, images=images, weight=weight)
+        seen["kl"], seen["logs"] = latent_loss(model, posterior, images, weight)
+        return seen["kl"], seen["logs"]
+
+    def recorded_reconstruction_loss(recon, images, *args):
+        seen["l1"] = (recon - images).abs().mean()
+        return reconstruction_loss(recon, images, *args)
+
     monkeypatch.setattr(torch.Tensor, "backward", lambda loss, *a, **k: (seen.setdefault("loss", loss.item()),
                                                                           backward(loss, *a, **k)))
-    torch.manual_seed(1)
-    unchanged = torch.optim.SGD(model.parameters(), lr=0.0)
-    batches = iter([(0, (images, None))])
-    logs = train_vqgan.train_step(model, model, None, unchanged, unchanged, batches, 0, train, None,
-                                  type("Ctx", (), {"device": torch.device("cpu"), "enabled": False})(), False)
-    torch.manual_seed(1)
-    recon, posterior = model(images)
-    kl = 10 * posterior.kl().mean() / (3 * 32 * 32)
-    assert kl > 0.01  # a visible part of the loss at this weight
-    # (a second pass of the same convolutions rounds differently in the last digits)
-    assert seen["loss"] == pytest.approx(((recon - images).abs().mean() + kl).item(), rel=1e-4)
-    assert logs[1].item() == pytest.approx(kl.item(), rel=1e-4)
+    monkeypatch.setattr(VAE, "latent_loss", recorded_latent_loss)
+    monkeypatch.setattr(train_vqgan, "reconstruction_loss", recorded_reconstruction_loss)
+    monkeypatch.setattr(distributed, "average_over_ranks", lambda tensors: seen.setdefault("logged", tensors))
+    train_vqgan.main(SMALL_VAE + ["--kl-weight", "10", "--steps", "1", "--val-images", "2",
+                                  "--out-dir", str(tmp_path / "vae")])
+    kl = 10 * seen["posterior"].kl().mean() / (3 * 32 * 32)
+    assert seen["weight"] == 10 and kl > 0.01  # a visible part of the loss at this weight
+    torch.testing.assert_close(seen["kl"], kl)
+    assert seen["loss"] == pytest.approx((seen["l1"] + kl).item(), rel=1e-6)
+    (logs,) = seen["logged"]  # [reconstruction, KL term, posterior std, token std, discriminator]
+    assert logs[1].item() == pytest.approx(kl.item(), rel=1e-6) and list(seen["logs"]) == ["kl", "std", "tokens"]
 
 
 def test_stage1_loss_is_the_weighted_mse_of_the_predicted_tokens():
-    targets = torch.randn(2, 4, 3)
-    weights = [2.5, 2.0]
+    torch.manual_seed(0)
+    model = ALIT(make_config("tiny", base="vae"))
+    N, C = model.config.num_image_tokens, model.config.vae.latent_channels
+    targets = torch.randn(2, N, C)
+    weights = [2.5, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     records, expected = [], 0.0
     for t in range(2):
-        prediction = targets + 0.1 * (t + 1) * torch.randn(2, 4, 3)
+        prediction = targets + 0.1 * (t + 1) * torch.randn(2, N, C)
         q = type("Q", (), {"loss": torch.tensor(0.3 * t)})()
         records.append(Iteration(t, prediction, None, None, q))
         expected += weights[t] * (prediction - targets).square().mean() + 0.3 * t * 0.5
-    model = type("Model", (), {"config": type("Config", (), {"base": "vae", "rollout_iters": 2})()})()
-    loss, stats = train_stage1.stage1_loss(model, records, targets, weights, 0.0, 1.0, 0.5)
+    # the VQGAN's label smoothing and code weight do not apply
+    loss, stats = stage1_terms(model, records, targets, iteration_weights=weights, label_smoothing=0.1,
+                               code_weight=7.0, quantizer_weight=0.5)
     torch.testing.assert_close(loss, torch.as_tensor(expected))
-    torch.testing.assert_close(stats[:, 1], torch.stack([(r.logits - targets).abs().mean() for r in records]))
+    torch.testing.assert_close(stats[:2, 1], torch.stack([(r.prediction - targets).abs().mean() for r in records]))
 
 
 def test_the_cpu_recipe_over_a_vae_weights_the_mse_by_how_far_it_falls(tmp_path, vae_ckpt):
@@ -71,10 +82,10 @@ def test_the_cpu_recipe_over_a_vae_weights_the_mse_by_how_far_it_falls(tmp_path,
     paper's size both bases keep the official weights."""
     def weights(*flags):
         train, cfg = train_stage1.parse_args(list(flags) + ["--vqgan-ckpt", str(vae_ckpt)])
-        return train_stage1.iteration_weights(train.iteration_weights, cfg.rollout_iters)
+        return iteration_weights(train.iteration_weights, cfg.rollout_iters)
     assert weights("--base", "vae") == [1.0, 1.6, 2.4, 3.2, 4.8, 6.4, 8.6, 10.8]
     assert weights("--base", "vae", "--iteration-weights", "1,1,1,1,1.25,1.5,2,2.5")[-1] == 2.5
-    official = train_stage1.iteration_weights(train_stage1.OFFICIAL_ITERATION_WEIGHTS, 8)
+    official = iteration_weights(OFFICIAL_ITERATION_WEIGHTS, 8)
     assert weights("--base", "vae", "--preset", "small", "--vae-official", str(vae_ckpt)) == official
 
 
@@ -82,11 +93,11 @@ def test_stage1_over_a_vae_and_the_wrong_base_refused(vae_stage1_ckpt, vqgan_ckp
     model = ALIT.from_checkpoint(vae_stage1_ckpt)
     assert model.config.base == "vae" and model.vae.config == VAE.from_checkpoint(vae_ckpt).config
     assert not model.config.official_vae_function
-    with pytest.raises(SystemExit, match="--vqgan-ckpt: .*base vae"):
+    with pytest.raises(SystemExit, match="--base-ckpt: .*base vae"):
         train_stage1.main(SMALL_ALIT + ["--base", "vae", "--vqgan-ckpt", str(vqgan_ckpt), "--steps", "1"])
-    with pytest.raises(SystemExit, match="--vqgan-official"):
+    with pytest.raises(SystemExit, match="--vqgan-official is the official VQGAN; with --base vae pass --vae-official"):
         train_stage1.parse_args(["--base", "vae", "--vqgan-official", str(vqgan_ckpt)])
-    with pytest.raises(SystemExit, match="--vae-official needs --base vae"):
+    with pytest.raises(SystemExit, match="--vae-official is the official VAE; with --base vqgan pass --vqgan-official"):
         train_stage1.parse_args(["--vae-official", str(vae_ckpt)])
 
 
