@@ -85,3 +85,63 @@ def prose_sentences(markdown: str) -> list:
 def test_no_readme_sentence_runs_past_40_words():
     long = [(len(s.split()), s[:80]) for s in prose_sentences((ROOT / "README.md").read_text()) if len(s.split()) > 40]
     assert not long, f"{len(long)} README sentence(s) over 40 words: {long}"
+
+
+# The README is a reference, as nanoGPT's: what, the commands, how, results, paper scale, the API; the long material
+# lives in docs/*.md, linked from it.
+LONGEST_README = 250
+WIDEST_LINE = 120
+FIRST_COMMAND = ("python -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -r requirements.txt && "
+                 "python train_vqgan.py && python train_stage1.py && python train_stage2.py && python evaluate.py")
+
+
+def readme_lines() -> list:
+    return (ROOT / "README.md").read_text().splitlines()
+
+
+def test_the_readme_is_a_reference_of_at_most_250_lines():
+    assert len(readme_lines()) <= LONGEST_README, f"README: {len(readme_lines())} lines, at most {LONGEST_README}"
+
+
+def test_no_readme_line_is_wider_than_120_characters():
+    # The quick start's two commands stay one line each, as a user copies them: the test command is a line of .ci/run
+    # (test_layout.py), the first command the one the Results were made with.
+    test_command = (ROOT / "README.md").read_text().split("Run the tests:\n\n```bash\n", 1)[1].split("\n", 1)[0]
+    wide = [(number, len(line)) for number, line in enumerate(readme_lines(), 1)
+            if len(line) > WIDEST_LINE and line not in (FIRST_COMMAND, test_command)]
+    assert not wide, f"README lines over {WIDEST_LINE} characters (line, width): {wide}"
+
+
+def test_the_first_command_is_within_the_first_40_lines():
+    assert FIRST_COMMAND in readme_lines()[:40], "the quick start's first command must be within the README's first 40 lines"
+
+
+def anchors(markdown: str) -> set:
+    """GitHub's anchors for a page's headings: lower case, punctuation but hyphens dropped, spaces as hyphens."""
+    markdown = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    headings = re.findall(r"^#+\s+(.+?)\s*$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_relative_link_of_the_readme_and_docs_points_to_what_exists():
+    pages = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    assert len(pages) > 1, "the README's long material lives in docs/*.md"
+    broken = []
+    for page in pages:
+        text = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))
+        for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.is_file():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, f"broken relative links: {broken}"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    unlinked = [page.name for page in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{page.name}" not in readme]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
