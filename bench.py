@@ -189,7 +189,8 @@ def write_photo_folder(root, classes, images_per_class: int, size=(500, 375), se
             draw = ImageDraw.Draw(field)
             for _ in range(int(rng.integers(2, 6))):
                 x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
-                draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=tuple(PALETTE[rng.integers(len(PALETTE))].tolist()))
+                colour = tuple(PALETTE[rng.integers(len(PALETTE))].tolist())
+                draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=colour)
             pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (height, width, 3))
             path = Path(root) / c / f"{i}.JPEG"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,7 @@ def gradient_all_reduce(cfg: ALITConfig, paper: dict) -> dict:
     stage2 = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in frozen) - model.halted_token.numel()
     rate = paper["utilisation"] * H100_BF16_FLOPS
     result = {}
-    for stage, parameters, batch in (("stage1", stage1, PAPER_BATCH_PER_GPU[0]), ("stage2", stage2, PAPER_BATCH_PER_GPU[1])):
+    for stage, parameters, batch in zip(("stage1", "stage2"), (stage1, stage2), PAPER_BATCH_PER_GPU):
         compute = batch * paper[f"{stage}_tflop_per_image"] * 1e12 / rate
         seconds = {"one_node": ring_all_reduce_seconds(4 * parameters, 8, NVLINK_BUS_BYTES_PER_SECOND),
                    "two_nodes": ring_all_reduce_seconds(4 * parameters, 16, NODE_LINK_BYTES_PER_SECOND)}
@@ -404,7 +405,8 @@ def format_report(r: dict) -> str:
         "GB/s across two; after the backward, which cannot hide it): " + "; ".join(
             f"{stage.replace('stage', 'stage ')} {g[stage]['gradient_bytes'] / 1e9:.2f} GB a step, one node "
             f"{1e3 * g[stage]['one_node_seconds']:.1f} ms (+{100 * g[stage]['one_node_overhead']:.0f}% of a "
-            f"{1e3 * g[stage]['step_compute_seconds']:.0f} ms step), two nodes {1e3 * g[stage]['two_nodes_seconds']:.1f} "
+            f"{1e3 * g[stage]['step_compute_seconds']:.0f} ms step), two nodes "
+            f"{1e3 * g[stage]['two_nodes_seconds']:.1f} "
             f"ms (+{100 * g[stage]['two_nodes_overhead']:.0f}%)" for stage in ("stage1", "stage2")), "",
         f"memory per GPU, `{m['config']}`, bf16 (weights, gradients, AdamW, EMA, activations; "
         f"{H100_MEMORY / 1e9:.0f} GB on an H100): " + "; ".join(

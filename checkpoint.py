@@ -181,8 +181,9 @@ def resume(path, model_config: dict, stateful: dict, ctx, per_rank=None) -> dict
     for key, obj in stateful.items():
         state = ckpt[key]
         if isinstance(obj, torch.optim.Optimizer):  # how it runs (fused, foreach) is this device's, not the writer's
-            state = {**state, "param_groups": [{**saved, **{k: group[k] for k in OPTIMIZER_KERNEL_OPTIONS if k in group}}
-                                               for saved, group in zip(state["param_groups"], obj.param_groups)]}
+            kernel = [{k: group[k] for k in OPTIMIZER_KERNEL_OPTIONS if k in group} for group in obj.param_groups]
+            state = {**state, "param_groups": [{**saved, **options}
+                                               for saved, options in zip(state["param_groups"], kernel)]}
         obj.load_state_dict(state)
     ranks = ckpt.get("ranks") or [{"rng": rng} for rng in ckpt["rng"]]  # checkpoints before per-rank state
     if len(ranks) != ctx.world_size:

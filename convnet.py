@@ -62,7 +62,8 @@ class Level(nn.Module):
     def __init__(self, in_channels, out_channels, num_blocks, attention, groups, layout="maskgit"):
         super().__init__()
         self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, layout) for i in range(num_blocks))
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, layout)
+            for i in range(num_blocks))
         self.attn = nn.ModuleList(AttnBlock(out_channels, groups) for _ in range(num_blocks if attention else 0))
 
     def forward(self, x):

@@ -147,7 +147,8 @@ def evaluate(model: ALIT, dataset, args, ctx, inception=None, workers: int = 0):
     T, K = model.config.rollout_iters, model.config.tokens_per_iter
     thresholds = [float(t) for t in args.thresholds.split(",")]
     code_counts = torch.zeros(model.config.latent_codebook_size if model.quantize else 0, device=ctx.device)
-    stats = {"real": FeatureStats(), "base": FeatureStats(), **{f"tokens_{(t + 1) * K}": FeatureStats() for t in range(T)},
+    stats = {"real": FeatureStats(), "base": FeatureStats(),
+             **{f"tokens_{(t + 1) * K}": FeatureStats() for t in range(T)},
              **{f"l1<{thr:g}": FeatureStats() for thr in thresholds}} if inception else None
     mine = range(ctx.rank, math.ceil(len(dataset) / args.batch_size), ctx.world_size)  # this rank's batches
     rows = [i for b in mine for i in range(b * args.batch_size, min(len(dataset), (b + 1) * args.batch_size))]

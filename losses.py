@@ -193,7 +193,8 @@ class LPIPS(nn.Module):
         else:
             sources = [
                 (vgg16_path_or_state_dict, {ours: two[0] for ours, two in table.items() if ours.startswith("vgg.")}),
-                (lpips_head_path_or_state_dict, {ours: two[0] for ours, two in table.items() if ours.startswith("heads.")}),
+                (lpips_head_path_or_state_dict,
+                 {ours: two[0] for ours, two in table.items() if ours.startswith("heads.")}),
             ]
         for source, key_map in sources:
             name, state = source_name(source), read_weights(source)

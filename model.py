@@ -33,7 +33,7 @@ t iterations so far (1-based), L = t*K latent tokens, D width.
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -50,34 +50,36 @@ from weights import load_checkpoint, load_exact, read_weights, source_name
 
 @dataclass
 class ALITConfig:
-    image_size: Annotated[int, ">= 1"] = 256  # images are image_size x image_size (the paper: 256)
-    patch_size: Annotated[int, ">= 1"] = 16  # must equal the base tokenizer's downsampling factor: one 2D token per grid cell
-    encoder_width: Annotated[int, ">= 1"] = 1024  # width D of the latent-distillation encoder Enc (§2)
-    encoder_layers: Annotated[int, ">= 1"] = 8  # transformer blocks of Enc, all run again at every iteration
-    encoder_heads: Annotated[int, ">= 1"] = 8  # attention heads of Enc
-    decoder_width: Annotated[int, ">= 1"] = 1024  # width of the latent-distillation decoder Dec (§2)
-    decoder_layers: Annotated[int, ">= 1"] = 8  # transformer blocks of Dec
-    decoder_heads: Annotated[int, ">= 1"] = 8  # attention heads of Dec
-    mlp_ratio: Annotated[float, "> 0"] = 4.0  # hidden width of every block's MLP, in multiples of its width
-    tokens_per_iter: Annotated[int, ">= 1"] = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
+    image_size: int = 256  # images are image_size x image_size (the paper: 256)
+    patch_size: int = 16  # must equal the base tokenizer's downsampling factor: one 2D token per grid cell
+    encoder_width: int = 1024  # width D of the latent-distillation encoder Enc (§2)
+    encoder_layers: int = 8  # transformer blocks of Enc, all run again at every iteration
+    encoder_heads: int = 8  # attention heads of Enc
+    decoder_width: int = 1024  # width of the latent-distillation decoder Dec (§2)
+    decoder_layers: int = 8  # transformer blocks of Dec
+    decoder_heads: int = 8  # attention heads of Dec
+    mlp_ratio: float = 4.0  # hidden width of every block's MLP, in multiples of its width
+    tokens_per_iter: int = 32  # K_1D, new latent tokens per iteration (§2: "we set this atomic number to 32")
     # iterations T of the rollout (§A.5: "we unroll ... for 8 iterations, expanding token memory from 32 to 256")
-    rollout_iters: Annotated[int, ">= 1"] = 8
+    rollout_iters: int = 8
     quantize_latent: bool = True  # quantize the latent tokens; off: continuous (the official code ships such too)
     factorize_latent: bool = True  # project latents to latent_dim before quantization (§2, Yu et al. 2021)
-    latent_dim: Annotated[int, ">= 1"] = 12  # factorized code size
-    latent_codebook_size: Annotated[int, ">= 2"] = 4096  # codes of the latent codebook, one shared by all iterations (§2)
-    beta: Annotated[float, ">= 0"] = 0.25  # commitment weight of the latent quantizer
-    halting_threshold: Annotated[float, "in (0, 1]"] = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
+    latent_dim: int = 12  # factorized code size
+    latent_codebook_size: int = 4096  # codes of the latent codebook, one shared by all iterations (§2)
+    beta: float = 0.25  # commitment weight of the latent quantizer
+    halting_threshold: float = 0.55  # official code, not in the paper: tokens predicted with p >= this may halt
     # VAE base: cells whose predicted vector is within this mean absolute error of the true one halt
     # (official configs/adaptive_vae.yaml, not in the paper)
-    halting_code_error: Annotated[float, "> 0"] = 0.025
-    decoder_latent_positions: Annotated[int, ">= 1"] = 256  # rows of the decoder's latent position table (official code: fixed 256)
-    init_std: Annotated[float, "> 0"] = 0.02  # linear weights ~ truncated N(0, init_std): the official 0.02 suits widths near 1024
+    halting_code_error: float = 0.025
+    decoder_latent_positions: int = 256  # rows of the decoder's latent position table (official code: fixed 256)
+    init_std: float = 0.02  # linear weights ~ truncated N(0, init_std): the official 0.02 suits widths near 1024
     # Zero the encoder blocks' output projections at init, so every pass of the shared encoder starts
     # as the identity (not the official init; see the tiny preset for why it matters there).
     zero_init_encoder_residuals: bool = False
-    base: Literal["vqgan", "vae"] = "vqgan"  # the base 2D tokenizer (§2, §A.5): a VQGAN (codebook indices) or a VAE (continuous vectors)
-    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**vqgan.PRESETS["imagenet"]))  # the base when base = vqgan
+    # the base 2D tokenizer (§2, §A.5): a VQGAN (codebook indices) or a VAE (continuous vectors)
+    base: Literal["vqgan", "vae"] = "vqgan"
+    # the base when base = vqgan
+    vqgan: VQGANConfig = field(default_factory=lambda: VQGANConfig(**vqgan.PRESETS["imagenet"]))
     vae: VAEConfig = field(default_factory=lambda: VAEConfig(**vae.PRESETS["kl16"]))  # the base when base = vae
     # VAE base: compute what the official adaptive_vae.py computes rather than what it evidently means
     # (set when loading its checkpoints): its halting never masks a cell (it writes the mask into the copy

@@ -69,7 +69,8 @@ class RunPlan:
     def __str__(self):
         memory = f", {self.memory_gb:.1f} GB a step" if self.memory_gb is not None else ""
         return (f"run plan: {self.device} x {self.world_size} rank(s) on {self.nodes} node(s); global batch "
-                f"{self.global_batch} = {self.batch_per_rank} a rank x {self.grad_accum} accumulated x {self.world_size}; "
+                f"{self.global_batch} = {self.batch_per_rank} a rank x {self.grad_accum} accumulated x "
+                f"{self.world_size}; "
                 f"{self.steps} steps = {self.epochs:.1f} epochs of {self.train_images} images, warm-up "
                 f"{self.warmup_steps} ({self.warmup_epochs:.1f} epochs); peak lr {self.lr:.3g}; "
                 f"{self.workers_per_rank} data worker(s) a rank; {self.precision}, gradients all-reduced in "

@@ -233,7 +233,8 @@ def plot_sweep(path, sweep, saturated_sweep, fixed, with_fid: bool):
     the same count (fixed)."""
     panels = []
     for key, label in [("l1", "L1")] + ([("rfid", "rFID")] if with_fid else []):
-        series = [Series("every image at one count", [(r["dataset_representation"], r[key]) for r in fixed], COLOURS[0]),
+        series = [Series("every image at one count", [(r["dataset_representation"], r[key]) for r in fixed],
+                         COLOURS[0]),
                   Series("adaptive, L1 < threshold (label)", [(r["dataset_representation"], r[key]) for r in sweep],
                          COLOURS[3], labels=[f"{r['threshold']:g}" for r in sweep])]
         if saturated_sweep and key == "l1":

@@ -47,7 +47,8 @@ def unused_codes(counts: torch.Tensor) -> torch.Tensor:
 def exact_float32(device_type: str):
     """Autocast off and TF32 off: float32 products at full precision. training.setup_distributed lets
     float32 matmuls run as TF32 on Ampere+ GPUs (10 mantissa bits), enough to flip an argmin."""
-    autocast = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else contextlib.nullcontext()
+    autocast = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else \
+        contextlib.nullcontext()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -110,7 +111,8 @@ class VectorQuantizer(nn.Module):
             codes = z + self.blend * (chosen - z).detach()  # straight-through estimator
             counts = count_codes(indices, self.codebook_size)
             if self.training:
-                self.counts_since_restart = counts if self.counts_since_restart is None else self.counts_since_restart + counts
+                since = self.counts_since_restart
+                self.counts_since_restart = counts if since is None else since + counts
                 self.recent_inputs = flat.detach()
             probs = counts / indices.numel()
             perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())

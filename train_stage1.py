@@ -68,7 +68,8 @@ def parser() -> flags.Parser:
     p.add("--base-lr", None, Number(float, 0, ends="(]"), "lr = base lr x global batch / 256",
           default_text="the official 1.5e-4 at 256x256; below, 3.2e-2 (lr 2e-3 at batch 16)")
     p.add("--weight-decay", 0.05, Number(float, 0), "on weight matrices only")
-    p.add("--ema-decay", 0.999, Number(float, 0, 1, "[)"), "of the weight average evaluation uses (warmed up: optim.EMA)")
+    p.add("--ema-decay", 0.999, Number(float, 0, 1, "[)"), "of the weight average evaluation uses (warmed up: "
+          "optim.EMA)")
     p.add("--halting", True, bool, "dynamic halting during training (§A.5)")
     p.add("--loss-iters", 0, Number(int, 0), "0: the loss at every iteration; n: at n random iterations a step, "
           "the same on every rank (saves compute)")
@@ -182,7 +183,8 @@ def main(argv=None):
         plan.print_dry_run(plan.stage1_plan(args, model_of, distributed.planned_device(args.device),
                                             torch.device("cpu"), distributed.to_stderr))
         return None
-    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir, keep_freed=args.keep_freed_memory)
+    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir,
+                            keep_freed=args.keep_freed_memory)
 
     # The model: ALIT around the frozen base tokenizer it distils (§2), on the run's device.
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
@@ -265,8 +267,9 @@ def main(argv=None):
             loss_name, score_name = model.base.token_loss_names
             token_loss = (stats[:, 0].sum() / stats[:, 2].sum().clamp(min=1)).item()
             per_iteration = (stats[:, 1] / stats[:, 2].clamp(min=1)).tolist()
+            used = f"{(code_counts > 0).float().mean().item():.2f}" if len(code_counts) else "-"
             bar.set_postfix({loss_name: f"{token_loss:.4g}", score_name: "/".join(f"{a:.3g}" for a in per_iteration),
-                             "codes_used": f"{(code_counts > 0).float().mean().item():.2f}" if len(code_counts) else "-"})
+                             "codes_used": used})
             stats.zero_()
             code_counts.zero_()
         if ctx.is_main and (step % args.sample_every == 0 or step == stop):  # the base's codes stage 1 predicts

@@ -83,7 +83,8 @@ def parser() -> flags.Parser:
     p.add("--base-lr", None, Number(float, 0, ends="(]"), "lr = base lr x global batch / 256",
           default_text="the official 1e-4 at 256x256; below, 8e-3 (lr 5e-4 at batch 16)")
     p.add("--weight-decay", 0.05, Number(float, 0), "on weight matrices only")
-    p.add("--ema-decay", 0.999, Number(float, 0, 1, "[)"), "of the weight average evaluation uses (warmed up: optim.EMA)")
+    p.add("--ema-decay", 0.999, Number(float, 0, 1, "[)"), "of the weight average evaluation uses (warmed up: "
+          "optim.EMA)")
     p.add("--iteration-order", "cycle", str, "which iteration carries the loss: t = step mod T, or drawn",
           choices=("cycle", "random"))
     p.add("--l1-weight", 1.0, Number(float, 0), "of the L1 term of the reconstruction loss")
@@ -148,7 +149,8 @@ def main(argv=None):
                                             torch.device("cpu"), distributed.to_stderr))
         return None
     checkpoint.check_out_dir(args, "rollout_*.png")
-    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir, keep_freed=args.keep_freed_memory)
+    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir,
+                            keep_freed=args.keep_freed_memory)
     torch.manual_seed(args.seed)
 
     # The model: stage 1's (or an official one), everything trainable, and the discriminator(s), the same on

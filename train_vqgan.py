@@ -129,7 +129,8 @@ def parse_args(argv=None):
 def schedule(step: int, args) -> tuple:
     """The learning rates' scale at `step` (the same warm-up and cosine decay for both networks) and whether
     the adversarial terms are on (from --disc-start: taming's adopt_weight)."""
-    return lr_at(step, 1.0, args.warmup_steps, args.steps, args.min_lr_ratio), gan_weight_at(step, [(args.disc_start, 1.0)]) > 0
+    lr_scale = lr_at(step, 1.0, args.warmup_steps, args.steps, args.min_lr_ratio)
+    return lr_scale, gan_weight_at(step, [(args.disc_start, 1.0)]) > 0
 
 
 def main(argv=None):
@@ -143,7 +144,8 @@ def main(argv=None):
         plan.print_dry_run(run_plan(args, distributed.planned_device(args.device)))
         return None
     checkpoint.check_out_dir(args, "recon_*.png")
-    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir, keep_freed=args.keep_freed_memory)
+    ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir,
+                            keep_freed=args.keep_freed_memory)
     run = run_plan(args, ctx.device)
     bf16 = run.precision == "bf16"
     torch.manual_seed(args.seed)  # the same initial weights on every rank

@@ -17,7 +17,6 @@ Its losses (L1, LPIPS, the KL term, PatchGAN) live in losses.py and train_vqgan.
 """
 import math
 from dataclasses import dataclass
-from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -28,15 +27,15 @@ from weights import load_checkpoint, load_exact, read_weights, source_name
 
 @dataclass
 class VAEConfig:
-    image_size: Annotated[int, ">= 1"] = 256  # images are image_size x image_size
-    channels: Annotated[int, ">= 1"] = 128  # width of the first level; level i has channels * channel_mult[i]
-    channel_mult: Annotated[tuple, "list of int >= 1"] = (1, 1, 2, 2, 4)  # one entry per resolution level; each level after the first halves H, W
-    num_res_blocks: Annotated[int, ">= 1"] = 2  # residual blocks per encoder level (the decoder has one more)
-    latent_channels: Annotated[int, ">= 1"] = 16  # E, the size of a 2D token (KL-16: embed_dim = z_channels = 16)
-    attn_resolutions: Annotated[tuple, "list of int >= 1, or empty"] = (16,)  # encoder feature-map sizes with self-attention (KL-16: 16)
-    decoder_attn_resolutions: Annotated[tuple, "list of int >= 1, or empty"] = ()  # decoder ones (KL-16: none; both middles always attend)
-    norm_groups: Annotated[int, ">= 1"] = 32  # GroupNorm groups, every channel count must be a multiple of it
-    scale: Annotated[float, "> 0"] = 0.2325  # 2D tokens = posterior sample x scale (MAR, LDMVAEWrapper; not in the paper)
+    image_size: int = 256  # images are image_size x image_size
+    channels: int = 128  # width of the first level; level i has channels * channel_mult[i]
+    channel_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution level; each level after the first halves H, W
+    num_res_blocks: int = 2  # residual blocks per encoder level (the decoder has one more)
+    latent_channels: int = 16  # E, the size of a 2D token (KL-16: embed_dim = z_channels = 16)
+    attn_resolutions: tuple = (16,)  # encoder feature-map sizes with self-attention (KL-16: 16)
+    decoder_attn_resolutions: tuple = ()  # decoder ones (KL-16: none; both middles always attend)
+    norm_groups: int = 32  # GroupNorm groups, every channel count must be a multiple of it
+    scale: float = 0.2325  # 2D tokens = posterior sample x scale (MAR, LDMVAEWrapper; not in the paper)
 
     @property
     def downsample(self) -> int:
@@ -59,9 +58,11 @@ class VAEConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
-        self.attn_resolutions, self.decoder_attn_resolutions = tuple(self.attn_resolutions), tuple(self.decoder_attn_resolutions)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        self.decoder_attn_resolutions = tuple(self.decoder_attn_resolutions)
         if self.image_size % self.downsample:
-            raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor {self.downsample}")
+            raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor "
+                             f"{self.downsample}")
         for c in [self.channels * m for m in self.channel_mult]:
             if c % self.norm_groups:
                 raise ValueError(f"channel count {c} is not a multiple of norm_groups {self.norm_groups}")

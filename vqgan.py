@@ -17,7 +17,6 @@ Its losses (L1, LPIPS, PatchGAN) live in losses.py and train_vqgan.py.
 """
 import math
 from dataclasses import dataclass
-from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -30,16 +29,17 @@ from weights import load_checkpoint, load_exact, read_weights, source_name
 
 @dataclass
 class VQGANConfig:
-    image_size: Annotated[int, ">= 1"] = 256  # images are image_size x image_size
-    channels: Annotated[int, ">= 1"] = 128  # width of the first level; level i has channels * channel_mult[i]
-    channel_mult: Annotated[tuple, "list of int >= 1"] = (1, 1, 2, 2, 4)  # one entry per resolution level; each level after the first halves H, W
-    num_res_blocks: Annotated[int, ">= 1"] = 2  # residual blocks per level, in the encoder and in the decoder
-    latent_channels: Annotated[int, ">= 1"] = 256  # dimension of the latent grid = dimension of a code (z_channels = embed_dim)
-    codebook_size: Annotated[int, ">= 2"] = 1024  # codes a 2D token can point to
-    attn_resolutions: Annotated[tuple, "list of int >= 1, or empty"] = ()  # feature-map sizes that get a self-attention block (taming: (16,); MaskGIT: none)
-    norm_groups: Annotated[int, ">= 1"] = 32  # GroupNorm groups, every channel count must be a multiple of it
-    beta: Annotated[float, ">= 0"] = 0.25  # commitment weight of the quantizer
-    l2_normalize: bool = False  # cosine lookup on unit codes (ViT-VQGAN, Yu et al. 2021); the official VQGAN is Euclidean
+    image_size: int = 256  # images are image_size x image_size
+    channels: int = 128  # width of the first level; level i has channels * channel_mult[i]
+    channel_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution level; each level after the first halves H, W
+    num_res_blocks: int = 2  # residual blocks per level, in the encoder and in the decoder
+    latent_channels: int = 256  # dimension of the latent grid = dimension of a code (z_channels = embed_dim)
+    codebook_size: int = 1024  # codes a 2D token can point to
+    attn_resolutions: tuple = ()  # feature-map sizes that get a self-attention block (taming: (16,); MaskGIT: none)
+    norm_groups: int = 32  # GroupNorm groups, every channel count must be a multiple of it
+    beta: float = 0.25  # commitment weight of the quantizer
+    # cosine lookup on unit codes (ViT-VQGAN, Yu et al. 2021); the official VQGAN is Euclidean
+    l2_normalize: bool = False
 
     @property
     def downsample(self) -> int:
@@ -64,7 +64,8 @@ class VQGANConfig:
     def __post_init__(self):
         self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
         if self.image_size % self.downsample:
-            raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor {self.downsample}")
+            raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling factor "
+                             f"{self.downsample}")
         for c in [self.channels * m for m in self.channel_mult]:
             if c % self.norm_groups:
                 raise ValueError(f"channel count {c} is not a multiple of norm_groups {self.norm_groups}")

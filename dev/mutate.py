@@ -381,7 +381,8 @@ def main(argv=None):
                 sys.exit(f"error: unknown mutant ids {sorted(unknown)} (see --list)")
             mutants = [m for m in mutants if m.id in args.only]
         if args.survivors_of:
-            earlier = {(m["file"], m["what"], m["before"], m["after"]) for m in json.loads(Path(args.survivors_of).read_text())
+            survivors = json.loads(Path(args.survivors_of).read_text())
+            earlier = {(m["file"], m["what"], m["before"], m["after"]) for m in survivors
                        if m["status"] in ("survived", "error")}
             mutants = [m for m in mutants if (m.file, m.what, m.before, m.after) in earlier]
         if args.list:

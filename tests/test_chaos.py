@@ -9,7 +9,6 @@ a checkpoint (half of it on disk). Between launches nothing but the output folde
 """
 import os
 import random
-import signal
 import subprocess
 import sys
 
@@ -118,7 +117,8 @@ def test_interrupted_again_and_again_ends_bit_identical(tmp_path, vqgan_ckpt, st
         result = launch(tmp_path, script, flags + ["--out-dir", str(out), "--resume", "auto"], ranks, fault, at, victim)
         history.append((fault, at, victim, result.returncode, saved_step(out)))
         # a SIGKILL at step `at` loses it, a SIGTERM finishes it and saves, one while saving loses that checkpoint
-        expected = {"kill": saved_step(out) <= at, "term": saved_step(out) == at + 1, "kill-in-save": saved_step(out) < at}
+        saved = saved_step(out)
+        expected = {"kill": saved <= at, "term": saved == at + 1, "kill-in-save": saved < at}
         assert expected[fault], (history, result.stderr[-3000:])
     assert len(history) >= 2, history
     final = launch(tmp_path, script, flags + ["--out-dir", str(out), "--resume", "auto"], ranks)
@@ -133,7 +133,8 @@ def test_a_worker_torchrun_restarts_resumes_whatever_its_flags(tmp_path):
     whole = launch(tmp_path, "train_vqgan", flags + ["--out-dir", str(tmp_path / "whole")], 2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "restarted"
-    result = launch(tmp_path, "train_vqgan", flags + ["--out-dir", str(out), "--overwrite"], 2, "kill", 7, 1, restarts=1)
+    result = launch(tmp_path, "train_vqgan", flags + ["--out-dir", str(out), "--overwrite"], 2, "kill", 7, 1,
+                    restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'ckpt.pt'} at step 6" in result.stdout + result.stderr
     assert_bit_identical(tmp_path / "whole", out)

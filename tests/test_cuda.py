@@ -199,7 +199,8 @@ def test_stage2(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     peak_memory_reset()
     model = train_stage2.main(["--dataset", "imagenet100", "--data-dir", imagenet, *PRESET, "--stage1-ckpt",
                                str(RESULTS["stage1"]), "--steps", "32", "--batch-size", "4", "--grad-accum", "1",
-                               "--warmup-steps", "4", "--base-lr", "8e-3", "--gan-schedule", "0.5:0.1", "--log-every", "4",
+                               "--warmup-steps", "4", "--base-lr", "8e-3", "--gan-schedule", "0.5:0.1",
+                               "--log-every", "4",
                                "--vgg16-weights", weights["vgg16"], "--lpips-weights", weights["lpips"],
                                "--out-dir", str(out)])
     # the iterations take turns carrying the loss: the last round of 8 against the first
@@ -237,9 +238,11 @@ def test_two_gpus(imagenet, weights, tmp_path_factory):
                                  "--out-dir", str(out / "stage1")]),
             ("train_stage2.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--stage1-ckpt",
                                  str(out / "stage1" / "ckpt.pt"), "--batch-size", "4", "--grad-accum", "1",
-                                 "--steps", "8", "--gan-schedule", "0.5:0.1", "--vgg16-weights", weights["vgg16"], "--lpips-weights",
+                                 "--steps", "8", "--gan-schedule", "0.5:0.1", "--vgg16-weights", weights["vgg16"],
+                                 "--lpips-weights",
                                  weights["lpips"], "--out-dir", str(out / "stage2")]),
-            ("evaluate.py", ["--dataset", "imagenet100", "--data-dir", imagenet, "--ckpt", str(out / "stage2" / "ckpt.pt"),
+            ("evaluate.py", ["--dataset", "imagenet100", "--data-dir", imagenet,
+                             "--ckpt", str(out / "stage2" / "ckpt.pt"),
                              "--compare", str(out / "stage1" / "ckpt.pt"), "--inception-weights", weights["inception"],
                              "--out-dir", str(out / "eval")])]:
         start = time.perf_counter()

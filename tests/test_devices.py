@@ -208,7 +208,8 @@ def test_checkpointing_turns_on_where_a_step_would_not_fit(monkeypatch, total_gb
     # 60 GB: 50 GB are 83% of it, but 86% of what is left after the CUDA reserve
     assert plan.grad_checkpointing(None, torch.device("cuda:0"), need, said.append) == \
            (expected, 8e9 if expected else 50e9)
-    assert len(said) == expected and (not said or f"50 GB without it, 8 GB with it, and GPU has {total_gb} GB" in said[0])
+    assert len(said) == expected
+    assert not said or f"50 GB without it, 8 GB with it, and GPU has {total_gb} GB" in said[0]
     assert plan.grad_checkpointing(False, torch.device("cuda:0"), need, said.append) == (False, 50e9)  # the flag wins
     assert plan.grad_checkpointing(None, torch.device("cpu"), need, said.append) == (False, None)
 
@@ -247,7 +248,8 @@ def test_the_cuda_setup_picks_its_gpu_before_nccl_starts(monkeypatch, torch_flag
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # set by the setup, put back by monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: calls.append(("init", backend)))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: calls.append(("init", backend)))
     torch.backends.cudnn.benchmark = False
     monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
     ctx = distributed.setup_ranks("auto")
@@ -304,7 +306,9 @@ def test_vae_steps_of_each_stage_and_an_evaluation_batch(vae_ckpt, vae_stage1_ck
     assert logs.shape == (5,) and on_meta([logs, *seen["stateful"]["ema"].shadow.values()])
 
     model = ALIT.from_checkpoint(vae_stage1_ckpt).to(META)
-    stats = {"real": FeatureStats(), "base": FeatureStats(), **{f"tokens_{8 * (t + 1)}": FeatureStats() for t in range(8)}}
-    arrays, recon, codes = evaluate_batch(model, torch.rand(3, 3, 32, 32, device=META), True, [], TinyFeatures().to(META),
+    stats = {"real": FeatureStats(), "base": FeatureStats(),
+             **{f"tokens_{8 * (t + 1)}": FeatureStats() for t in range(8)}}
+    arrays, recon, codes = evaluate_batch(model, torch.rand(3, 3, 32, 32, device=META), True, [],
+                                          TinyFeatures().to(META),
                                           stats)
     assert arrays["code_mse"].shape == (8, 3) and on_meta([*arrays.values(), recon, codes])

@@ -47,7 +47,8 @@ def test_early_exit_chooses_what_exhaustive_search_chooses(stage1_ckpt):
     choices = model.encode_adaptive(images, token_accuracy_above(thr), token_space=True)
     assert [c.num_tokens for c in choices] == ((expected + 1) * K).tolist()
     # encode() returns the same indices as the choices
-    assert all(torch.equal(a, c.indices) for a, c in zip(model.encode(images, l1_below(1.0)), model.encode_adaptive(images, l1_below(1.0))))
+    assert all(torch.equal(a, c.indices)
+               for a, c in zip(model.encode(images, l1_below(1.0)), model.encode_adaptive(images, l1_below(1.0))))
 
 
 def test_criteria_are_plain_functions():

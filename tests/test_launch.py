@@ -93,7 +93,8 @@ def test_the_plan_of_the_cpu_run_and_its_memory_estimate(monkeypatch, capsys):
     model = train_stage1.frozen_base(train_stage1.ALIT(train_stage1.make_config("tiny")))
     train, _ = train_stage1.parse_args(["--batch-size", "3"])
     # within 1%: which cells halt (random weights, random draws) changes a few saved tensors
-    assert plan["memory_gb"] == pytest.approx(planning.stage1_step_memory(model, train.batch_size, torch.device("cpu"), False,
+    assert plan["memory_gb"] == pytest.approx(planning.stage1_step_memory(model, train.batch_size, torch.device("cpu"),
+                                                                          False,
                                                                          False) / 1e9, rel=0.01)
     assert plan["grad_checkpoint"] is False and plan["precision"] == "float32"
     monkeypatch.setattr(planning, "PLANNED_GPU_MEMORY", 2e9 + plan["memory_gb"] * 1e9)  # no room left: on

@@ -72,7 +72,8 @@ def test_lpips_formula_by_hand(weights, lpips):
     """Recompute LPIPS from the raw torchvision / lpips tensors with explicit ops."""
     vgg, head, _ = weights
     x, y = images(2, n=1), images(3, n=1)
-    shift, scale = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+    shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
     expected = torch.zeros(1)
     fx, fy = (2 * x - 1 - shift) / scale, (2 * y - 1 - shift) / scale
     for block, conv_indices in enumerate(VGG16_CONV_INDICES):

@@ -110,7 +110,8 @@ def test_rollout_runs_the_encoder_up_to_the_last_decoded_iteration_and_the_decod
     torch.manual_seed(0)
     model = ALIT(make_config("tiny"))
     calls = {"encoder": 0, "decoder": 0, "vqgan_quantize": 0}
-    for name, module in [("encoder", model.encoder), ("decoder", model.decoder), ("vqgan_quantize", model.vqgan.quantize)]:
+    for name, module in [("encoder", model.encoder), ("decoder", model.decoder),
+                         ("vqgan_quantize", model.vqgan.quantize)]:
         module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -226,7 +227,8 @@ def test_lr_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
     """lr = base · (step + 1) / warmup during warm-up, then
     base · (r + (1 - r) · (1 + cos(π · progress)) / 2), progress = (step - warmup) / (total - warmup) <= 1."""
     base, warmup, total, r = 2.0, 10, 110, 0.1
-    for step, expected in [(0, 0.2), (4, 1.0), (9, 2.0), (10, 2.0), (35, 2 * (0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)),
+    for step, expected in [(0, 0.2), (4, 1.0), (9, 2.0), (10, 2.0),
+                           (35, 2 * (0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)),
                            (60, 2 * (0.1 + 0.9 * 0.5)), (110, 0.2), (500, 0.2)]:
         assert math.isclose(lr_at(step, base, warmup, total, r), expected, rel_tol=1e-12), step
     assert lr_at(0, base, 0, total, r) == base  # no warm-up

@@ -72,19 +72,23 @@ NO_WEIGHTS = [0.0] * 8
 
 def test_stage1_cross_entropy_term_is_weighted_per_iteration(model):
     records, gt = stage1_records(model)
-    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=0.0)
-    expected = 1.5 * cross_entropy_by_hand(records[0].prediction, gt, 0) + 4.5 * cross_entropy_by_hand(records[1].prediction, gt, 0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=0.0,
+                           quantizer_weight=0.0)
+    expected = 1.5 * cross_entropy_by_hand(records[0].prediction, gt, 0) + \
+        4.5 * cross_entropy_by_hand(records[1].prediction, gt, 0)
     torch.testing.assert_close(loss, expected)
 
 
 def test_stage1_cross_entropy_gradient_is_weighted_per_iteration(model):
     """d/d logits_t of λ_t · CE_t = λ_t · (softmax(logits_t) - onehot(gt)) / (B · N)."""
     records, gt = stage1_records(model)
-    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=0.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=0.0,
+                           quantizer_weight=0.0)
     loss.backward()
     for r in records:
         onehot = F.one_hot(gt, r.prediction.shape[-1]).float()
-        torch.testing.assert_close(r.prediction.grad, WEIGHTS[r.index] * (r.prediction.detach().softmax(-1) - onehot) / gt.numel())
+        expected = WEIGHTS[r.index] * (r.prediction.detach().softmax(-1) - onehot) / gt.numel()
+        torch.testing.assert_close(r.prediction.grad, expected)
 
 
 def test_stage1_loss_on_the_device_of_its_inputs():
@@ -94,15 +98,18 @@ def test_stage1_loss_on_the_device_of_its_inputs():
         cfg = model.config
         B, N, V, K = 2, cfg.num_image_tokens, cfg.vqgan.codebook_size, cfg.tokens_per_iter
         q = Quantized(codes=None, indices=None, loss=torch.zeros(()), perplexity=None, usage=None)
-        records = [Iteration(t, torch.randn(B, N, V), torch.randn(B, (t + 1) * K, cfg.code_dim), None, q) for t in (1, 4)]
+        records = [Iteration(t, torch.randn(B, N, V), torch.randn(B, (t + 1) * K, cfg.code_dim), None, q)
+                   for t in (1, 4)]
         gt = torch.zeros(B, N, dtype=torch.long)
-    loss, stats = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0)
+    loss, stats = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0,
+                               quantizer_weight=1.0)
     assert loss.device.type == stats.device.type == "meta" and stats.shape == (8, 3)
 
 
 def test_stage1_cross_entropy_with_label_smoothing(model):
     records, gt = stage1_records(model)
-    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.1, code_weight=0.0, quantizer_weight=0.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.1, code_weight=0.0,
+                           quantizer_weight=0.0)
     expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0.1) for r in records)
     torch.testing.assert_close(loss, expected)
 
@@ -110,7 +117,8 @@ def test_stage1_cross_entropy_with_label_smoothing(model):
 def test_stage1_code_term_is_mse_between_expected_and_true_code(model):
     records, gt = stage1_records(model)
     for code_weight in (1.0, 0.25):
-        loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=code_weight, quantizer_weight=0.0)
+        loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0,
+                               code_weight=code_weight, quantizer_weight=0.0)
         expected = code_weight * sum(code_mse_by_hand(model, r.prediction, gt) for r in records)
         torch.testing.assert_close(loss, expected)
     # its gradient, through the softmax: with s = softmax(logits), e = s @ codes - codes[gt] and
@@ -126,21 +134,25 @@ def test_stage1_code_term_is_mse_between_expected_and_true_code(model):
 
 def test_stage1_quantizer_term_is_added_per_iteration(model):
     records, gt = stage1_records(model)
-    loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=2.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=0.0,
+                           quantizer_weight=2.0)
     torch.testing.assert_close(loss, torch.tensor(2.0 * (0.3 + 0.7)))
     loss.backward()
     assert records[0].quantized.loss.grad == 2.0  # the quantizer loss keeps its graph
     # continuous latents: no quantizer term
     for r in records:
         r.quantized = None
-    loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=0.0, quantizer_weight=2.0)
+    loss, _ = stage1_terms(model, records, gt, iteration_weights=NO_WEIGHTS, label_smoothing=0.0, code_weight=0.0,
+                           quantizer_weight=2.0)
     assert loss == 0
 
 
 def test_stage1_loss_is_the_sum_of_its_terms_and_logs_per_iteration(model):
     records, gt = stage1_records(model)
-    loss, stats = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.1, code_weight=0.2, quantizer_weight=3.0)
-    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0.1) + 0.2 * code_mse_by_hand(model, r.prediction, gt)
+    loss, stats = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.1, code_weight=0.2,
+                               quantizer_weight=3.0)
+    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0.1)
+                   + 0.2 * code_mse_by_hand(model, r.prediction, gt)
                    + 3.0 * r.quantized.loss for r in records)
     torch.testing.assert_close(loss, expected)
     # stats: a [CE, token accuracy, 1] row per decoded iteration, zeros elsewhere, no graph
@@ -156,11 +168,14 @@ def test_stage1_loss_is_the_sum_of_its_terms_and_logs_per_iteration(model):
 def test_stage1_loss_is_computed_in_float32_from_bf16_logits(model):
     """Under bf16 autocast the decoder's logits are bf16; the loss is computed from them in float32."""
     records, gt = stage1_records(model)
-    float32, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0)
+    float32, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0,
+                              quantizer_weight=1.0)
     for r in records:
         r.prediction = r.prediction.detach().bfloat16()
-    from_bf16, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0, quantizer_weight=1.0)
-    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0) + code_mse_by_hand(model, r.prediction, gt)
+    from_bf16, _ = stage1_terms(model, records, gt, iteration_weights=WEIGHTS, label_smoothing=0.0, code_weight=1.0,
+                                quantizer_weight=1.0)
+    expected = sum(WEIGHTS[r.index] * cross_entropy_by_hand(r.prediction, gt, 0)
+                   + code_mse_by_hand(model, r.prediction, gt)
                    + r.quantized.loss for r in records)
     assert from_bf16.dtype == torch.float32
     torch.testing.assert_close(from_bf16, expected)
@@ -188,7 +203,8 @@ def test_images_from_confident_logits_are_the_vqgan_decoding_of_their_indices(mo
     """The soft code of one-hot logits is the code itself: decoding it gives the VQGAN's image of the
     predicted index grid (row-major, as the VQGAN orders its tokens)."""
     cfg = model.config
-    indices = torch.randint(cfg.vqgan.codebook_size, (2, cfg.num_image_tokens), generator=torch.Generator().manual_seed(2))
+    indices = torch.randint(cfg.vqgan.codebook_size, (2, cfg.num_image_tokens),
+                            generator=torch.Generator().manual_seed(2))
     logits = torch.full((2, cfg.num_image_tokens, cfg.vqgan.codebook_size), -1e4).scatter(-1, indices[..., None], 0.0)
     with torch.no_grad():
         torch.testing.assert_close(model.images_from_prediction(logits), model.vqgan.decode_indices(indices),
@@ -341,7 +357,8 @@ def test_adaptive_gan_weight_is_vqgan_eq7():
     expected = rec_grad.norm() / (g_grad.norm() + 1e-4)
     torch.testing.assert_close(weight, expected)
     # the direction of the ratio: a larger reconstruction gradient raises λ, a larger GAN gradient lowers it
-    torch.testing.assert_close(adaptive_gan_weight(10 * rec_loss, g_loss, last.weight), 10 * expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(adaptive_gan_weight(10 * rec_loss, g_loss, last.weight), 10 * expected, rtol=1e-4,
+                               atol=0)
     torch.testing.assert_close(adaptive_gan_weight(rec_loss, 100 * g_loss, last.weight),
                                rec_grad.norm() / (100 * g_grad.norm() + 1e-4))  # about 0.17
     # δ: with no GAN gradient at all λ = ||∇ L_rec|| / 1e-4, below the clamp here ...

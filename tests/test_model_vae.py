@@ -81,7 +81,8 @@ def test_vae_base_shapes_halting_and_gradients():
         tokens = model.base_tokens(images)
     torch.testing.assert_close(tokens, model.vae.encode(images, sample=False)[0])  # eval: the posterior mean
     for t, r in enumerate(records):
-        assert r.prediction.shape == (2, cfg.num_image_tokens, cfg.vae.latent_channels) and r.recon.shape == images.shape
+        assert r.prediction.shape == (2, cfg.num_image_tokens, cfg.vae.latent_channels)
+        assert r.recon.shape == images.shape
         prediction, recon = model.decode(r.indices)
         torch.testing.assert_close(prediction, r.prediction, atol=1e-5, rtol=0)
         torch.testing.assert_close(recon, r.recon, atol=1e-5, rtol=0)

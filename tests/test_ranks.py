@@ -153,7 +153,8 @@ def test_two_nodes_without_a_shared_filesystem_end_at_once_with_one_error(tmp_pa
     for process, (_, stderr) in zip(ranks, ended):
         assert process.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
         line = stderr.strip().splitlines()[-1]
-        assert line.startswith("error: --out-dir") and "rank 1 on" in line and "a filesystem they all share" in line, line
+        assert line.startswith("error: --out-dir") and "rank 1 on" in line, line
+        assert "a filesystem they all share" in line, line
     assert weights.load_checkpoint(tmp_path / "node0" / "ckpt.pt")["step"] == 2  # nothing written
 
 
