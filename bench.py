@@ -249,7 +249,7 @@ def gradient_all_reduce(cfg: ALITConfig, paper: dict) -> dict:
 
 def paper_memory(cfg: ALITConfig, batches=PAPER_BATCH_PER_GPU) -> dict:
     """Bytes a GPU holds in a step of each stage at the paper's batch per GPU (stage 1: 32, stage 2: 12),
-    bf16 as on the GPU, without and with gradient checkpointing: training.step_memory (weights,
+    bf16 as on the GPU, without and with gradient checkpointing: plan.step_memory (weights,
     gradients, AdamW, EMA and the activations autograd keeps, measured here on one and two images)."""
     device = torch.device("cpu")
     torch.manual_seed(0)

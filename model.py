@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from quantize import Quantized, VectorQuantizer
 import vae
 import vqgan
+from quantize import Quantized, VectorQuantizer
 from vae import VAE, VAEConfig
 from vqgan import VQGAN, VQGANConfig
 from weights import load_checkpoint, load_exact, read_weights, source_name

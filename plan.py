@@ -64,7 +64,7 @@ class RunPlan:
     precision: str
     all_reduce: str  # the dtype DDP sends gradients in (none on one rank)
     grad_checkpoint: bool
-    memory_gb: float | None  # a step's estimate on the GPU (training.step_memory); none on the CPU
+    memory_gb: float | None  # a step's estimate on the GPU (step_memory); none on the CPU
 
     def __str__(self):
         memory = f", {self.memory_gb:.1f} GB a step" if self.memory_gb is not None else ""

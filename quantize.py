@@ -45,7 +45,7 @@ def unused_codes(counts: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def exact_float32(device_type: str):
-    """Autocast off and TF32 off: float32 products at full precision. training.setup_distributed lets
+    """Autocast off and TF32 off: float32 products at full precision. distributed.setup_ranks lets
     float32 matmuls run as TF32 on Ampere+ GPUs (10 mantissa bits), enough to flip an argmin."""
     autocast = torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else \
         contextlib.nullcontext()

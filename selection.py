@@ -92,7 +92,7 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
 
 
 # The default pixel criterion per model size (evaluate.py, analyze.py): the official encode's L1 threshold
-# at 256x256; below that, on `shapes`, 0.04 or within 3% of the longest code's L1 (README, "choices").
+# at 256x256; below that, on `shapes`, 0.04 or within 3% of the longest code's L1 (docs/faithfulness.md).
 DEFAULT_CRITERION_OFFICIAL = dict(thresholds="0.03,0.05,0.07,0.1,0.15", default_threshold=0.07, saturation=0.0)
 DEFAULT_CRITERION_CPU = dict(thresholds="0.03,0.04,0.05,0.07", default_threshold=0.04, saturation=0.03)
 

@@ -7,13 +7,16 @@ containers only, so opening one cannot run code. Each loader (`ALIT.from_officia
 `VQGAN.from_official`, `VAE.from_official`, `LPIPS.from_pretrained`, `InceptionV3.from_pytorch_fid`)
 reads its file here, renames keys with its own written table, and loads them with `load_exact`.
 Our own checkpoints are read here too (`load_checkpoint`): by `ALIT.from_checkpoint`,
-`VQGAN.from_checkpoint`, `VAE.from_checkpoint` and `training.resume`, so that the models need
+`VQGAN.from_checkpoint`, `VAE.from_checkpoint` and `checkpoint.resume`, so that the models need
 nothing of the training machinery.
 
 Where the files are: a flag names one (a path, or a bare file name looked up as below); without
 the flag, each file is looked up by its canonical name in $ALIT_WEIGHTS, then in the torch hub
 cache ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints), where torchvision
 and pytorch-fid keep their downloads. Nothing is downloaded.
+
+The models a run starts from, by the flag that names them: `load_model` (a missing file, or one of
+another kind, is one `error:` line naming the flag), and stage 1's frozen base (`find_base`, `load_base`).
 """
 import argparse
 import os
