@@ -53,11 +53,11 @@ import segments
 import tasks
 from data import DATASETS, ShapesDataset, build_dataset
 from fid import InceptionV3
-from flags import EXISTING_FOLDER, FILE, FOLDER, Number, Numbers, OrAuto
+from flags import EXISTING_FOLDER, FILE, FOLDER, Number, Numbers
 from model import ALIT
 from report import analysis_report
 from selection import DEFAULT_CRITERION_CPU
-from weights import load_model
+from weights import load_alit
 
 
 def parser() -> flags.Parser:
@@ -78,15 +78,15 @@ def parser() -> flags.Parser:
           "held per batch)")
     p.add("--attention-images", 3, Number(int, 0), "images drawn in attention_<i>.png (Fig. 3), spread over the "
           "complexity levels")
-    p.add("--l1-thresholds", "auto", OrAuto(Numbers(Number(float, 0, ends="(]"))), "thresholds of the L1 criterion "
+    p.add("--l1-thresholds", "auto", Numbers(Number(float, 0, ends="(]"), auto=True), "thresholds of the L1 criterion "
           "(Fig. 7); auto: the 5th, 10th, ..., 95th percentiles of every image's L1 at every token count, which "
           "spreads the selections from few tokens to all")
     p.add("--saturation", DEFAULT_CRITERION_CPU["saturation"], Number(float, 0, 1), "a third pixel criterion beside "
           "L1 < threshold (0: none): L1 < threshold, or within this fraction of the image's L1 at the most tokens, "
           "where more tokens stop helping (evaluate.py's default below 256x256)")
-    p.add("--token-thresholds", "auto", OrAuto(Numbers(Number(float, 0, 1))), "thresholds of the token-space "
+    p.add("--token-thresholds", "auto", Numbers(Number(float, 0, 1), auto=True), "thresholds of the token-space "
           "criterion (token accuracy >= threshold); auto as --l1-thresholds")
-    p.add("--histogram-thresholds", "auto", OrAuto(Numbers(Number(float, 0, ends="(]"))), "the two L1 thresholds "
+    p.add("--histogram-thresholds", "auto", Numbers(Number(float, 0, ends="(]"), auto=True), "the two L1 thresholds "
           "of histograms.png (Fig. 4/5); auto: the median image's L1 at the fewest and at the most tokens (half "
           "the images pass at once; half never do)")
     p.add("--top-x", "1,2,3", Numbers(Number(int, 1)), "the classifier criterion: the true label among the X "
@@ -96,7 +96,7 @@ def parser() -> flags.Parser:
     p.add("--classifier-images", 4000, Number(int, 1), "training images of the classifier and the depth "
           "regressor (shapes train split), cached in --out-dir")
     p.add("--classifier-steps", 800, Number(int, 1), "their optimizer steps, batch 64")
-    p.add("--depth-thresholds", "auto", OrAuto(Numbers(Number(float, 0, ends="(]"))), "thresholds of the depth "
+    p.add("--depth-thresholds", "auto", Numbers(Number(float, 0, ends="(]"), auto=True), "thresholds of the depth "
           "criterion: the depth regressor's mean error on the reconstruction against its prediction on the "
           "original (the paper's pseudo-ground truth), in layers; auto as --l1-thresholds")
     p.add("--probe-images", 2000, Number(int, 2), "train-split images the linear probes are fit on (§A.4; photos: "
@@ -119,15 +119,6 @@ def parser() -> flags.Parser:
 def parse_args(argv=None):
     args, _ = parser().parse(argv)
     return args
-
-
-def load_alit(args, device) -> ALIT:
-    """--official or --ckpt, in eval mode."""
-    if args.official:
-        return load_model("--official", args.official, lambda p: ALIT.from_official(
-            p, heads=flags.official_heads(args.heads))).to(device).eval()
-    return load_model("--ckpt", args.ckpt, lambda p: ALIT.from_checkpoint(p, ema=args.use_ema),
-                      "train it, or pass --official PATH").to(device)
 
 
 def analysed_images(args, image_size: int):
@@ -164,7 +155,8 @@ def main(argv=None):
     start = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_alit(args, device)
+    model = load_alit(args.official, args.heads, args.ckpt, "--ckpt", args.use_ema,
+                      "train it, or pass --official PATH").to(device).eval()
     mc = model.config
     counts = mc.token_counts
     dataset = analysed_images(args, mc.image_size)

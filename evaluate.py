@@ -42,7 +42,7 @@ from quantize import count_codes
 from report import markdown_report, write_sweep_csv
 from selection import (DEFAULT_CRITERION_CPU, DEFAULT_CRITERION_OFFICIAL, first_passing, l1_below, l1_passes, psnr,
                        token_score_passes)
-from weights import find_weights, load_model, not_found
+from weights import find_weights, load_alit, not_found
 
 # -----------------------------------------------------------------------------
 # The evaluation run: every token count, adaptive allocation, complexity
@@ -112,15 +112,11 @@ def parse_args(argv=None):
     return args
 
 
-def load_alit(args, device, flag="--ckpt") -> ALIT:
+def load_checkpoint_model(args, device, flag="--ckpt") -> ALIT:
     """--official or --ckpt, in eval mode. With --dataset imagenet100/imagenet, the default --ckpt must
     hold a 256x256 model (the paper's): the shapes pipeline's 32x32 one is not evaluated on ImageNet unasked."""
-    if args.official:
-        model = load_model("--official", args.official, lambda p: ALIT.from_official(
-            p, heads=flags.official_heads(args.heads)).eval())
-    else:
-        model = load_model(flag, args.ckpt, lambda p: ALIT.from_checkpoint(p, ema=args.use_ema),
-                           "train it, or pass --official PATH")
+    model = load_alit(args.official, args.heads, args.ckpt, flag, args.use_ema, "train it, or pass --official PATH")
+    model.eval()
     model.to(device).base.to(memory_format=conv_memory_format(device))
     size = model.config.image_size
     if not args.official and args.dataset in PAPER_DATASETS and args.ckpt == DEFAULT_CKPT and \
@@ -249,7 +245,7 @@ def main(argv=None):
     out = Path(args.out_dir)
 
     # Model: the checkpoint, then the criterion defaults of its image size (flags left unset only).
-    model = load_alit(args, ctx.device)
+    model = load_checkpoint_model(args, ctx.device)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced:
         ctx.log(f"replacing {', '.join(replaced)} in {out} (another --out-dir keeps them)")
@@ -310,7 +306,7 @@ def compare_checkpoint(args, dataset, ctx, workers: int, mc) -> dict | None:
     if not args.compare or args.official or not Path(args.compare).is_file() or \
             Path(args.compare).resolve() == Path(args.ckpt).resolve():
         return None
-    other = load_alit(argparse.Namespace(**{**vars(args), "ckpt": args.compare, "official": None}), ctx.device,
+    other = load_checkpoint_model(argparse.Namespace(**{**vars(args), "ckpt": args.compare, "official": None}), ctx.device,
                       flag="--compare")
     if other.config.rollout_iters != mc.rollout_iters or other.config.tokens_per_iter != mc.tokens_per_iter:
         return None

@@ -5,7 +5,6 @@ its default, allowed values and help together (`Parser.add`), and a wrong value 
 """
 import argparse
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -42,12 +41,15 @@ class Number:
 
 
 class Numbers:
-    """Comma-separated values of a Number type, kept as the text the flag was given (or a tuple)."""
+    """Comma-separated values of a Number type, kept as the text given (as a tuple with as_tuple); `auto`:
+    the word auto is allowed too."""
 
-    def __init__(self, item: Number, empty_ok=False, as_tuple=False):
-        self.item, self.empty_ok, self.as_tuple = item, empty_ok, as_tuple
+    def __init__(self, item: Number, empty_ok=False, as_tuple=False, auto=False):
+        self.item, self.empty_ok, self.as_tuple, self.auto = item, empty_ok, as_tuple, auto
 
     def __call__(self, text):
+        if self.auto and text == "auto":
+            return text
         if not text.strip():
             if self.empty_ok:
                 return () if self.as_tuple else text
@@ -55,26 +57,14 @@ class Numbers:
         values = []
         for position, item in enumerate(text.split(","), 1):
             try:
-                values.append(self.item(item.strip()) if item.strip() else self.item(""))
+                values.append(self.item(item.strip()))
             except argparse.ArgumentTypeError as error:
                 raise argparse.ArgumentTypeError(f"item {position} of {text!r}: {error}") from None
         return tuple(values) if self.as_tuple else text
 
     def __str__(self):
-        return f"list of {self.item.kind.__name__} {self.item}" + (", or empty" if self.empty_ok else "")
-
-
-class OrAuto:
-    """The word auto, or a value of `kind`."""
-
-    def __init__(self, kind):
-        self.kind = kind
-
-    def __call__(self, text):
-        return text if text == "auto" else self.kind(text)
-
-    def __str__(self):
-        return f"auto or {self.kind}"
+        return ("auto or " if self.auto else "") + f"list of {self.item.kind.__name__} {self.item}" + (
+            ", or empty" if self.empty_ok else "")
 
 
 class PathKind:
@@ -84,22 +74,22 @@ class PathKind:
         self.kind = kind
 
     def __call__(self, text):
-        path = Path(text)
+        path, wrong = Path(text), None
+        existing = next(p for p in [path, *path.absolute().parents] if p.exists())  # what it is or would be in
         if not text:
-            raise argparse.ArgumentTypeError("an empty path")
-        if self.kind == "file":
-            if path.is_dir():
-                raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-            return text
-        if path.exists() and not path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-        if self.kind == "existing folder" and not path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} does not exist or is not a folder")
-        existing = next(p for p in [path, *path.absolute().parents] if p.exists())  # what it would be made in
-        if not existing.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} cannot be a folder: {existing} is a file")
-        if self.kind == "folder" and not os.access(existing, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"{text} cannot be written: {existing} is not writable")
+            wrong = "an empty path"
+        elif self.kind == "file":
+            wrong = path.is_dir() and f"{text} is a folder, not a file"
+        elif path.exists() and not path.is_dir():
+            wrong = f"{text} is a file, not a folder"
+        elif self.kind == "existing folder" and not path.is_dir():
+            wrong = f"{text} does not exist or is not a folder"
+        elif not existing.is_dir():
+            wrong = f"{text} cannot be a folder: {existing} is a file"
+        elif self.kind == "folder" and not os.access(existing, os.W_OK | os.X_OK):
+            wrong = f"{text} cannot be written: {existing} is not writable"
+        if wrong:
+            raise argparse.ArgumentTypeError(wrong)
         return text
 
     def __str__(self):
@@ -113,24 +103,33 @@ class Custom:
     """A flag's type checked by a function of its text that raises ValueError saying what is wrong (the flag
     keeps its text); the function's docstring's first line says what the flag takes."""
 
-    def __init__(self, parse):
-        self.parse = parse
+    def __init__(self, check):
+        self.check = check
 
     def __call__(self, text):
         try:
-            self.parse(text)
-            return text
+            self.check(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+        return text
 
     def __str__(self):
-        return self.parse.__doc__.strip().split("\n")[0]
+        return self.check.__doc__.strip().split("\n")[0]
+
+
+def only_auto(text):
+    """the flag alone, or auto"""
+    if text != "auto":
+        raise ValueError(f"{text!r}: give the flag alone, or auto")
+
+
+FLAG_OR_AUTO = Custom(only_auto)  # --resume, --resume auto, --no-resume
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line naming the flag. `add` declares a flag with its default and
-    its allowed values in its help; every flag parses to None unless given, so that `parse` knows what
-    the command line set, and fills in the declared defaults after the defaults other flags imply."""
+    """argparse whose errors are one line naming the flag. `add` declares a flag with its default and its
+    allowed values in its help; every flag parses to None unless given, so that `parse` knows what the
+    command line set, and fills in the defaults other flags imply, then the declared ones."""
 
     def __init__(self, doc: str):
         super().__init__(description=doc.split("\n\n")[0])
@@ -140,43 +139,30 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"error: {re.sub(r'^argument ', '', message)} (see --help)")
 
     def add(self, flag, default, kind, help, choices=None, default_text=None, aliases=()):
-        """--flag of `kind` (bool, str, or a type above), `default` unless given (default_text: how --help
-        states a default decided later)."""
-        shown = default_text or ("none" if default is None else ",".join(map(str, default))
-                                 if isinstance(default, tuple) else default)
+        """--flag of `kind` (bool, str, or a type above); `default_text`: how --help states a default that
+        is decided later."""
+        shown = default_text or ("none" if default is None else default)
         text = f"{help} (default: {shown}{'; ' + str(kind) if kind not in (bool, str) else ''})".replace("%", "%%")
-        options = dict(default=None, help=text)
         if kind is bool:
-            action = self.add_argument(flag, *aliases, action=argparse.BooleanOptionalAction, **options)
-        elif kind is FLAG_OR_AUTO:  # --flag, --flag auto, --no-flag
-            action = self.add_argument(flag, *aliases, nargs="?", const=True, type=kind, metavar="auto", **options)
+            action = self.add_argument(flag, *aliases, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind is FLAG_OR_AUTO:
+            action = self.add_argument(flag, *aliases, nargs="?", const=True, type=kind, metavar="auto", help=text)
             self.add_argument("--no-" + flag[2:], dest=action.dest, action="store_const", const=False,
                               help=argparse.SUPPRESS)
         else:
             metavar = "A,B,..." if isinstance(kind, Numbers) else None
-            action = self.add_argument(flag, *aliases, type=kind, choices=choices, metavar=metavar, **options)
+            action = self.add_argument(flag, *aliases, type=kind, choices=choices, metavar=metavar, help=text)
         self.declared[action.dest] = default
-        return action
 
     def parse(self, argv=None, implied=lambda args: {}) -> tuple:
-        """(the flags, the names the command line set). Unset flags take implied(args)'s value (defaults
-        that depend on other flags, such as --dataset imagenet100's), else their declared default."""
+        """(the flags, the names the command line set); unset flags take implied(args)'s value, else their
+        declared default."""
         args = self.parse_args(argv)
         given = {name for name, value in vars(args).items() if value is not None}
         for name, value in {**self.declared, **implied(args)}.items():
             if name not in given:
                 setattr(args, name, value)
         return args, given
-
-
-def only_auto(text):
-    """the flag alone, or auto"""
-    if text != "auto":
-        raise ValueError(f"{text!r}: give the flag alone, or auto")
-    return text
-
-
-FLAG_OR_AUTO = Custom(only_auto)  # --resume, --resume auto
 
 
 def check(condition: bool, message: str):
@@ -216,14 +202,6 @@ def with_recipe(args, image_size: int, official: dict, cpu: dict):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
-
-
-def official_heads(text: str | None):
-    """--heads "8" or "8,8" (encoder, decoder) -> ALIT.from_official's heads: None, 8 or (8, 8)."""
-    if text is None:
-        return None
-    heads = tuple(int(h) for h in text.split(","))
-    return heads[0] if len(heads) == 1 else heads
 
 
 def add_run_flags(p: Parser, out_dir: str, steps: int, batch_size: int, warmup_steps: int):
@@ -272,10 +250,10 @@ def add_run_flags(p: Parser, out_dir: str, steps: int, batch_size: int, warmup_s
           "warning; more than this fraction of a batch failing stops the run")
 
 
-def parse_run_args(p: Parser, argv, paper_run: dict, small_run: dict):
+def parse_run_args(p: Parser, argv, paper_run: dict, small_run: dict) -> tuple:
     """A training script's flags: with --dataset imagenet100/imagenet the paper's run (`paper_run`), else
     `small_run`, for what the command line leaves unset. A length given in steps wins over one implied in
-    epochs; one given both ways is refused. Then --global-batch on the launched ranks (fit_global_batch)."""
+    epochs; one given both ways is refused. Returns (the flags, the names the command line set)."""
     def implied(args):
         run = dict(paper_run if args.dataset in PAPER_DATASETS else small_run)
         for steps, epochs in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
@@ -286,17 +264,4 @@ def parse_run_args(p: Parser, argv, paper_run: dict, small_run: dict):
                 run.pop(epochs, None)
         return run
 
-    args, given = p.parse(argv, implied)
-    fit_global_batch(args, given, int(os.environ.get("WORLD_SIZE", 1)))
-    return args, given
-
-
-def fit_global_batch(args, given: set, ranks: int):
-    """--global-batch on `ranks` ranks: gradient accumulation fills what their batches lack, and where
-    the ranks alone exceed it each takes a smaller batch. A --batch-size or --grad-accum given wins."""
-    if args.global_batch is None:
-        return
-    if "batch_size" not in given and args.batch_size * ranks > args.global_batch:
-        args.batch_size = max(1, args.global_batch // ranks)
-    if "grad_accum" not in given:
-        args.grad_accum = max(1, math.ceil(args.global_batch / (args.batch_size * ranks)))
+    return p.parse(argv, implied)

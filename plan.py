@@ -9,6 +9,7 @@ Paper: ALIT, arXiv:2411.02393, §A.5; the official run scripts train 200 epochs 
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import torch
@@ -21,6 +22,20 @@ PAPER_GLOBAL_BATCH = 256  # the official runs: 32 images per GPU x 8 GPUs, base 
 
 # -----------------------------------------------------------------------------
 # The run's length and batch, whatever the number of GPUs
+
+
+def fit_global_batch(args, given: set, ranks: int | None = None):
+    """--global-batch on the launched ranks: gradient accumulation fills what their batches lack, and where
+    the ranks alone exceed it each takes a smaller batch. A --batch-size or --grad-accum given (in `given`)
+    wins."""
+    ranks = launched_ranks() if ranks is None else ranks
+    if args.global_batch is None:
+        return args
+    if "batch_size" not in given and args.batch_size * ranks > args.global_batch:
+        args.batch_size = max(1, args.global_batch // ranks)
+    if "grad_accum" not in given:
+        args.grad_accum = max(1, math.ceil(args.global_batch / (args.batch_size * ranks)))
+    return args
 
 
 def global_batch_of(args) -> int:

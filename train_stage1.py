@@ -52,7 +52,7 @@ CPU_RECIPES = {"vqgan": CPU_RECIPE, "vae": {**CPU_RECIPE, "iteration_weights": "
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
 # epochs, 20 of them warm-up, at a global batch of 256 (32 images per GPU on 8 GPUs) on however many
-# ranks (flags.fit_global_batch).
+# ranks (plan.fit_global_batch).
 PAPER_RUN = dict(preset="small", batch_size=32, global_batch=plan.PAPER_GLOBAL_BATCH, epochs=200, warmup_epochs=20)
 
 
@@ -137,6 +137,7 @@ MODEL_FLAGS = [f for f in ALITConfig.__dataclass_fields__ if f not in ("vqgan", 
 
 def parse_args(argv=None):
     args, given = flags.parse_run_args(parser(), argv, PAPER_RUN, {"preset": "tiny"})
+    plan.fit_global_batch(args, given)
     try:
         model_cfg = make_config(args.preset, **{name: getattr(args, name) for name in MODEL_FLAGS if name in given})
     except ValueError as error:  # its own checks (sizes that must divide), naming the flags

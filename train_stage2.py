@@ -41,7 +41,7 @@ from model import ALIT, PRESETS, make_config
 from optim import EMA, adamw, lr_at, set_lr
 from plots import save_rollout
 from quantize import VectorQuantizer
-from weights import find_perceptual, find_weights, load_model
+from weights import find_perceptual, find_weights, load_alit
 
 
 def parse_gan_schedule(text: str) -> list:
@@ -66,7 +66,7 @@ CPU_RECIPE = dict(base_lr=8e-3)
 
 # The paper's run, set by --dataset imagenet100/imagenet unless given: the official run script's 200
 # epochs, 20 of them warm-up, at its global batch of 96 (12 images per GPU on 8 GPUs) on however many
-# ranks (flags.fit_global_batch), and a 70x70 PatchGAN for 256x256 images.
+# ranks (plan.fit_global_batch), and a 70x70 PatchGAN for 256x256 images.
 PAPER_RUN = dict(batch_size=12, global_batch=96, epochs=200, warmup_epochs=20, disc_layers=3)
 
 
@@ -107,7 +107,8 @@ def parser() -> flags.Parser:
 
 
 def parse_args(argv=None):
-    args, _ = flags.parse_run_args(parser(), argv, PAPER_RUN, {})
+    args, given = flags.parse_run_args(parser(), argv, PAPER_RUN, {})
+    plan.fit_global_batch(args, given)
     flags.check_data(args.dataset, args.data_dir)
     plan.schedule_in_epochs(args)
     try:
@@ -255,13 +256,9 @@ def start_model(args) -> ALIT:
     """The model stage 2 starts from, with its raw weights (training continues from them, not from the EMA):
     the stage-1 checkpoint or an official one. With --preset, it must hold a model of that preset; with
     --dataset imagenet100/imagenet and no --preset, a 256x256 one (the paper's)."""
-    if args.official:
-        flag, path = "--official", args.official
-        model = load_model(flag, path, lambda p: ALIT.from_official(p, heads=flags.official_heads(args.heads)))
-    else:
-        flag, path = "--stage1-ckpt", args.stage1_ckpt
-        model = load_model(flag, path, lambda p: ALIT.from_checkpoint(p, ema=False),
-                           "run train_stage1.py first, or pass --official CKPT")
+    flag, path = ("--official", args.official) if args.official else ("--stage1-ckpt", args.stage1_ckpt)
+    model = load_alit(args.official, args.heads, args.stage1_ckpt, "--stage1-ckpt", False,
+                      "run train_stage1.py first, or pass --official CKPT")
     cfg = model.train().config
     if args.preset is not None:
         try:  # the base may be the official one or our own: compare everything else

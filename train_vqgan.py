@@ -104,6 +104,7 @@ def parser() -> flags.Parser:
 
 def parse_args(argv=None):
     args, given = flags.parse_run_args(parser(), argv, PAPER_RUN, {"preset": "tiny"})
+    plan.fit_global_batch(args, given)
     if "out_dir" not in given:  # beside the VQGAN's out/vqgan, a VAE in out/vae
         args.out_dir = f"out/{args.base}"
     _, config_class, presets, _ = BASES[args.base]

@@ -16,7 +16,8 @@ cache ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints), whe
 and pytorch-fid keep their downloads. Nothing is downloaded.
 
 The models a run starts from, by the flag that names them: `load_model` (a missing file, or one of
-another kind, is one `error:` line naming the flag), and stage 1's frozen base (`find_base`, `load_base`).
+another kind, is one `error:` line naming the flag), an ALIT (`load_alit`: evaluate.py, analyze.py, stage 2)
+and stage 1's frozen base (`find_base`, `load_base`).
 """
 import argparse
 import os
@@ -202,6 +203,17 @@ def load_model(flag: str, path, load, missing: str = ""):
         return load(path)
     except (KeyError, ValueError, RuntimeError) as error:  # not a checkpoint of that kind: its one-line reason
         sys.exit(f"error: {flag}: {error.args[0]}")
+
+
+def load_alit(official: str | None, heads, ckpt, ckpt_flag: str, ema: bool, missing: str):
+    """The ALIT a script starts from: an official checkpoint (--official, with --heads for sizes no preset
+    has) or one of ours (`ckpt`, its EMA or raw weights), one error line if the file will not do."""
+    from model import ALIT  # (model.py imports this module)
+    if official:
+        heads = None if heads is None else tuple(int(h) for h in heads.split(","))
+        heads = heads[0] if heads and len(heads) == 1 else heads
+        return load_model("--official", official, lambda path: ALIT.from_official(path, heads=heads))
+    return load_model(ckpt_flag, ckpt, lambda path: ALIT.from_checkpoint(path, ema=ema), missing)
 
 
 # Stage 1's frozen base tokenizer, per ALITConfig.base: train_vqgan.py's out-dir, and the flag of the

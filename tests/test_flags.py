@@ -41,8 +41,6 @@ def wrong_values(action, folder, file) -> list:
         return ["nonsense"]
     if isinstance(action, argparse.BooleanOptionalAction):
         return [None]  # --flag=yes
-    if isinstance(kind, flags.OrAuto):
-        kind = kind.kind
     if kind is flags.FLAG_OR_AUTO:
         return ["yes", "0"]
     if isinstance(kind, flags.Custom):
@@ -109,7 +107,7 @@ def test_the_issue_examples_end_in_error_lines(tmp_path):
 
 def test_every_flag_is_checked_by_its_kind():
     """The generated test above covers every flag: none is a plain unchecked string."""
-    kinds = (flags.Number, flags.Numbers, flags.OrAuto, flags.PathKind, flags.Custom)
+    kinds = (flags.Number, flags.Numbers, flags.PathKind, flags.Custom)
     for script in SCRIPTS:
         for action in script.parser()._actions:
             if action.option_strings and action.dest != "help" and action.help != argparse.SUPPRESS:
