@@ -306,8 +306,8 @@ def compare_checkpoint(args, dataset, ctx, workers: int, mc) -> dict | None:
     if not args.compare or args.official or not Path(args.compare).is_file() or \
             Path(args.compare).resolve() == Path(args.ckpt).resolve():
         return None
-    other = load_checkpoint_model(argparse.Namespace(**{**vars(args), "ckpt": args.compare, "official": None}), ctx.device,
-                      flag="--compare")
+    compared = argparse.Namespace(**{**vars(args), "ckpt": args.compare, "official": None})
+    other = load_checkpoint_model(compared, ctx.device, flag="--compare")
     if other.config.rollout_iters != mc.rollout_iters or other.config.tokens_per_iter != mc.tokens_per_iter:
         return None
     other_images = evaluate(other, dataset, args, ctx, None, workers)[0]

@@ -487,8 +487,7 @@ class ALIT(nn.Module):
         return self.encoder_ln_recursive(torch.cat([x, self.new_latent_tokens(iteration, len(x))], dim=1))
 
     def rollout(self, images, halting=False, generator=None):
-        """Every iteration with its reconstruction: records[i] (Iteration.index i = t - 1) describes the
-        image with t*K tokens."""
+        """Every iteration with its reconstruction: records[t - 1] describes the image with t*K tokens."""
         return self(images, halting=halting, reconstruct=True, generator=generator)
 
     # --- tokens in, tokens out ----------------------------------------------------------------
@@ -624,8 +623,7 @@ class ALIT(nn.Module):
 
 
 @dataclass
-class Choice:
-    """The adaptive encoding of one image."""
+class Choice:  # the adaptive encoding of one image
     num_tokens: int
     indices: torch.Tensor  # (num_tokens,)
     recon: torch.Tensor  # (3, H, W)
