@@ -1,9 +1,9 @@
-"""The analyses' claims judged: a difference with its standard error, and whether it holds.
+"""The analyses' claims judged on one scale: a difference with its standard error, and its verdict.
 
 Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
-Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1). The paper reports single numbers (Tab. 2,
-Fig. 6-9, §A.4); analyze.py claims what they show only where the difference from the control
-exceeds its sampling error over the analysed images. Every analysis judges with the rule here.
+Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1). The paper reports single numbers (Tab. 1, Tab. 2,
+Fig. 6-9, §A.4); analyze.py says what ours shows only as far as its sampling error over the analysed
+images allows. Every analysis judges with `verdict`, beside the paper's number and the control.
 """
 import numpy as np
 import torch
@@ -32,3 +32,34 @@ def holds(difference: float, se: float) -> bool:
     """A claimed difference holds when it is positive beyond two standard errors (about 97.5% one-sided
     under a normal sampling error)."""
     return difference > 2 * se
+
+
+# The one scale every claim of analyze.py is judged on (`verdict`).
+VERDICTS = ("holds", "opposite", "does not hold", "inconclusive", "not testable at this size")
+
+
+def verdict(difference: float, se: float, paper: float | None = None, floor: str | None = None,
+            untestable: str | None = None) -> dict:
+    """{"verdict": one of VERDICTS, "why": the reason} of a measured difference, signed so that the paper's
+    claim is positive, and its standard error; `paper`: the paper's own difference in the same units, where
+    it gives one. Its interval is the difference ± 2 SE:
+    - holds: the interval is above 0;
+    - opposite: the interval is below 0, the other side of what the paper claims;
+    - does not hold: the interval holds 0 but not the paper's difference (an effect that size is absent);
+    - inconclusive: the interval holds 0 and the paper's difference (or the paper gives none); or the
+      metric sits at its floor (`floor`: which, and why), where no difference can show;
+    - not testable at this size (`untestable`: why): a control shows the metric cannot move here."""
+    if untestable:
+        return {"verdict": "not testable at this size", "why": untestable}
+    if floor:
+        return {"verdict": "inconclusive", "why": f"at its floor: {floor}"}
+    low, high = difference - 2 * se, difference + 2 * se
+    interval = f"{difference:+.4g} ± {2 * se:.2g} (2 SE)"
+    if low > 0:
+        return {"verdict": "holds", "why": f"{interval} is above 0"}
+    if high < 0:
+        return {"verdict": "opposite", "why": f"{interval} is below 0"}
+    if paper is not None and not low <= paper <= high:
+        return {"verdict": "does not hold", "why": f"{interval} holds 0 but not the paper's {paper:+.4g}"}
+    return {"verdict": "inconclusive", "why": f"{interval} holds 0" + (
+        f" and the paper's {paper:+.4g}" if paper is not None else "")}

@@ -265,3 +265,18 @@ def test_standard_errors():
     values = torch.from_numpy(np.random.default_rng(0).normal(size=400))
     se = bootstrap_se(lambda index: values[index].mean().item(), len(values), draws=400)
     assert se == pytest.approx(values.std().item() / 20, rel=0.15)  # the standard error of a mean
+
+
+def test_the_verdict_maps_intervals_to_each_word_of_its_scale():
+    from verdicts import VERDICTS, verdict
+    words = {verdict(0.05, 0.01)["verdict"], verdict(-0.05, 0.01)["verdict"],
+             verdict(0.001, 0.01, paper=0.2)["verdict"], verdict(0.01, 0.02, paper=0.03)["verdict"],
+             verdict(0.01, 0.02)["verdict"],
+             verdict(0.0, 0.0, floor="L1 at 8 tokens is the same in and out")["verdict"],
+             verdict(0.3, 0.01, untestable="shuffled maps score as high")["verdict"]}
+    assert words == set(VERDICTS)
+    assert verdict(0.05, 0.01)["verdict"] == "holds" and verdict(0.019, 0.01)["verdict"] == "inconclusive"
+    assert verdict(-0.021, 0.01)["verdict"] == "opposite"
+    assert verdict(0.0, 0.01, paper=0.039)["verdict"] == "does not hold"  # 0.039 lies beyond 2 SE
+    assert verdict(0.008, 0.02, paper=0.039)["verdict"] == "inconclusive"  # issue 40's probe: within 2 SE of both
+    assert verdict(0.3, 0.01, untestable="why")["why"] == "why"
