@@ -602,16 +602,26 @@ class SeededAugmentation(Dataset):
 
 
 def collate_with_skipped(items):
-    """A batch of (item, skipped files, epoch) -> (the batch, every file skipped to fill it, the epoch)."""
-    return (default_collate([item for item, _, _ in items]), [path for _, paths, _ in items for path in paths],
-            items[0][2])
+    """A batch of (item, skipped files, epoch) -> (the batch, every file skipped to fill it, the epoch). The
+    images travel as uint8, a quarter of float32's bytes in the shared memory between a DataLoader worker and
+    the training process (every image is k / 255: to_tensor); the training loop turns them back into the same
+    floats on its device (`to_unit`)."""
+    images, targets = default_collate([item for item, _, _ in items])
+    if images.is_floating_point():
+        images = (images * 255).round().to(torch.uint8)
+    return (images, targets), [path for _, paths, _ in items for path in paths], items[0][2]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """A training batch's uint8 images -> float32 in [0, 1], the floats the datasets give (k / 255)."""
+    return images.float() / 255
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which ends the run after its
-    step with a checkpoint (training.StopSignal); they end with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers leave Ctrl-C, SIGTERM and Slurm's SIGUSR1/SIGUSR2 to the main process, which ends
+    the run after its step with a checkpoint (distributed.StopSignal); they end with it."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
@@ -643,6 +653,18 @@ def train_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int,
     loader = DataLoader(SeededAugmentation(dataset, seed), batch_size, sampler=epochs_of_indices(),
                         num_workers=num_workers, collate_fn=collate_with_skipped, worker_init_fn=ignore_stop_signals,
                         pin_memory=pin_memory, generator=torch.Generator())
+    try:
+        yield from checked_batches(loader, batch_size, max_bad_images)
+    except RuntimeError as error:  # a worker killed: in a container, most often /dev/shm too small
+        if "shared memory" in str(error) or "Bus error" in str(error) or "/dev/shm" in str(error):
+            sys.exit(f"error: a DataLoader worker died of too little shared memory ({str(error).splitlines()[0]}): "
+                     "give the container more (docker --ipc=host or --shm-size=16g; enroot/pyxis: a larger "
+                     "/dev/shm), or lower --num-workers")
+        raise
+
+
+def checked_batches(loader, batch_size: int, max_bad_images: float):
+    """The loader's (epoch, batch), stopping the run when too many of a batch's images fail to decode."""
     for batch, skipped, epoch in loader:
         if len(skipped) > max_bad_images * batch_size:
             sys.exit(f"error: {len(skipped)} images failed to decode for a batch of {batch_size} (more than "

@@ -1,8 +1,8 @@
 """A distributed run: the device, the ranks and DDP, the stop signal and the shared-folder check.
 
 Paper: ALIT, arXiv:2411.02393, §A.5 trains both stages on 8 GPUs with the official code's torchrun
-scripts. Here one process is one rank: `RANK` in the environment (torchrun) means DDP, nccl on CUDA
-and gloo on the CPU; rank 0 logs and saves. What a rank needs before, around and after the training
+scripts. Here one process is one rank: several ranks launched (torchrun, or Slurm's srun: `launch`)
+mean DDP, nccl on CUDA and gloo on the CPU; rank 0 logs and saves. What a rank needs before, around and after the training
 loop is here, each a call the training scripts make by name (train_stage1.py: `setup`, `wrap_ddp`,
 `StopSignal`, `end`).
 """
@@ -56,26 +56,59 @@ def to_stderr(*args):
     print(*args, file=sys.stderr)
 
 
+# GPUs a node is assumed to hold where the launch does not say (a plan made away from the cluster).
+ASSUMED_GPUS_PER_NODE = 8
+
+
+def launch() -> dict:
+    """How this process was launched, known before DDP is set up: {"rank", "local_rank", "world_size",
+    "local_world_size", "restarts", "launched"}. torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and
+    LOCAL_WORLD_SIZE; where RANK is unset, `srun` with one task a GPU sets SLURM_PROCID, SLURM_LOCALID,
+    SLURM_NTASKS and SLURM_NTASKS_PER_NODE, read the same way (they then also need MASTER_ADDR and
+    MASTER_PORT, as torchrun sets them). WORLD_SIZE alone is a plan's (--dry-run away from the cluster).
+    `launched`: several ranks really started (DDP). `restarts`: torchrun's restarts of this worker, or
+    Slurm's requeues of the job: a restarted run continues, whatever its flags."""
+    env = os.environ
+    restarts = max(int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), int(env.get("SLURM_RESTART_COUNT", 0)))
+    tasks = int(env.get("SLURM_NTASKS", 1))
+    if "RANK" not in env and tasks > 1 and "SLURM_PROCID" in env:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+        if missing:
+            sys.exit(f"error: srun started {tasks} tasks, the ranks of one run, but {' and '.join(missing)} "
+                     "is not set: export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) "
+                     "and MASTER_PORT=29500 before srun, or launch with torchrun")
+        per_node = env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", str(tasks)).split("(")[0])
+        return {"rank": int(env["SLURM_PROCID"]), "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                "world_size": tasks, "local_world_size": int(per_node), "restarts": restarts, "launched": True}
+    world = int(env.get("WORLD_SIZE", 1))
+    per_node = env.get("LOCAL_WORLD_SIZE") or (torch.cuda.device_count() if torch.cuda.is_available() else
+                                               min(world, ASSUMED_GPUS_PER_NODE))
+    return {"rank": int(env.get("RANK", 0)), "local_rank": int(env.get("LOCAL_RANK", 0)), "world_size": world,
+            "local_world_size": max(1, int(per_node)), "restarts": restarts, "launched": "RANK" in env}
+
+
 def planned_device(device_flag: str = "auto") -> torch.device:
     """The one place the device is chosen: --device cuda or cpu, or auto: CUDA when available. The GPU is
-    cuda:LOCAL_RANK (torchrun). Touches no GPU, so that --dry-run plans a CUDA run on any machine."""
+    cuda:<local rank>. Touches no GPU, so that --dry-run plans a CUDA run on any machine."""
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
-    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    return torch.device(f"cuda:{launch()['local_rank']}" if use_cuda else "cpu")
 
 
 def launched_ranks() -> int:
-    """The processes torchrun started (1 without it), known before DDP is set up."""
-    return int(os.environ.get("WORLD_SIZE", 1))
+    """The processes torchrun (or srun) started, 1 without it, known before DDP is set up."""
+    return launch()["world_size"]
 
 
 def launched_nodes() -> int:
-    """The machines they run on: torchrun starts LOCAL_WORLD_SIZE of them on each."""
-    return -(-launched_ranks() // int(os.environ.get("LOCAL_WORLD_SIZE", launched_ranks())))
+    """The machines they run on: the launcher starts local_world_size of them on each."""
+    ranks = launch()
+    return -(-ranks["world_size"] // ranks["local_world_size"])
 
 
 def restarted_worker() -> bool:
-    """Whether torchrun restarted this worker (--max-restarts) after a failure: the same command again."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    """Whether this run is the same command again after a failure: a worker torchrun restarted
+    (--max-restarts), or a job Slurm requeued."""
+    return launch()["restarts"] > 0
 
 
 def setup(device_flag: str = "auto", timeout: float = 300, shared_folder=None, keep_freed: bool = True) -> Distributed:
@@ -91,11 +124,12 @@ def setup(device_flag: str = "auto", timeout: float = 300, shared_folder=None, k
 
 
 def setup_ranks(device_flag: str = "auto", timeout: float = 300) -> Distributed:
-    """`RANK` in the environment (torchrun) means DDP: nccl with CUDA, gloo without, on the device
-    planned_device chooses. A collective that waits longer than `timeout` seconds for a lost rank ends
+    """Several launched ranks (torchrun, or srun: launch) mean DDP: nccl with CUDA, gloo without, on
+    the device planned_device chooses. A collective that waits longer than `timeout` seconds for a lost rank ends
     the run with an error instead of a hang."""
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) \
-        if "RANK" in os.environ else (0, 0, 1)
+    ranks = launch()
+    rank, local_rank, world = (ranks["rank"], ranks["local_rank"], ranks["world_size"]) if ranks["launched"] \
+        else (0, 0, 1)
     device = planned_device(device_flag)
     use_cuda = device.type == "cuda"
     if use_cuda:
@@ -109,9 +143,9 @@ def setup_ranks(device_flag: str = "auto", timeout: float = 300) -> Distributed:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout),
-                                **restart_store(rank, world, timeout))
+    if ranks["launched"]:
+        store = restart_store(rank, world, timeout) or {"rank": rank, "world_size": world}  # env:// for the rest
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout), **store)
     return Distributed(rank, local_rank, world, device)
 
 
@@ -156,7 +190,7 @@ def data_workers(num_workers: int | None, device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    return max(1, cpus // launch()["local_world_size"] - 1)
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import checkpoint
 import distributed
 import flags
 import plan
-from data import build_dataset, first_images, train_batches
+from data import build_dataset, first_images, to_unit, train_batches
 from distributed import autocast, conv_memory_format
 from flags import FILE, Number, Numbers
 from losses import OFFICIAL_ITERATION_WEIGHTS, iteration_weights, stage1_loss
@@ -238,7 +238,7 @@ def main(argv=None):
             model.quantize.blend = now.blend
         for micro in range(args.grad_accum):
             _, (images, _) = next(batches)
-            images = images.to(ctx.device, non_blocking=True)
+            images = to_unit(images.to(ctx.device, non_blocking=True))  # uint8 through the loader
             with ctx.no_sync(ddp_model, last_micro_step=micro == args.grad_accum - 1):
                 with autocast(ctx.device, bf16):
                     loss, micro_stats, records = stage1_loss(

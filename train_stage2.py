@@ -32,7 +32,7 @@ import checkpoint
 import distributed
 import flags
 import plan
-from data import build_dataset, first_images, train_batches
+from data import build_dataset, first_images, to_unit, train_batches
 from distributed import autocast, conv_memory_format
 from flags import FILE, PAPER_DATASETS, Custom, Number, Numbers
 from losses import (PatchDiscriminator, discriminator_step, gan_weight_at, generator_gan_loss, load_perceptual,
@@ -203,7 +203,7 @@ def main(argv=None):
         reals, fakes, step_logs = [], [], torch.zeros(3, device=ctx.device)
         for micro in range(args.grad_accum):
             _, (images, _) = next(batches)
-            images = images.to(ctx.device, non_blocking=True)
+            images = to_unit(images.to(ctx.device, non_blocking=True))  # uint8 through the loader
             with ctx.no_sync(ddp_model, last_micro_step=micro == args.grad_accum - 1):
                 with autocast(ctx.device, bf16):
                     (record,) = ddp_model(images, iters=[now.iteration], reconstruct=True)

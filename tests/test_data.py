@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import data
-from data import COMPLEXITY_LEVELS, IMAGENET100_CLASSES, ShapesDataset, build_dataset
+from data import COMPLEXITY_LEVELS, IMAGENET100_CLASSES, SeededAugmentation, ShapesDataset, build_dataset, train_batches
 from plots import save_image_grid
 
 
@@ -392,3 +392,22 @@ def test_save_image_grid(tmp_path):
     cell = grid[top + 2:top + 2 + 64, left + 84:left + 84 + 80]  # the second image
     assert np.array_equal(cell, np.repeat(np.repeat(grid[top + 2:top + 66:8, left + 84:left + 164:8], 8, 0), 8, 1))
     assert np.array_equal(cell[::8, ::8], (images[1].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+def test_training_batches_cross_the_loader_as_uint8_and_become_the_same_floats():
+    """A worker hands the training process uint8 (a quarter of float32's shared memory); to_unit on the
+    device gives back exactly the floats the dataset made."""
+    from data import to_unit
+    dataset = build_dataset("shapes", "train", 32, num_images=16)
+    for workers in (0, 1):
+        _, (images, _) = next(train_batches(dataset, 4, 0, 1, seed=0, num_workers=workers))
+        assert images.dtype == torch.uint8
+        originals = torch.stack([SeededAugmentation(dataset, 0)[(0, i)][0][0] for i in first_batch_indices(16, 4)])
+        assert torch.equal(to_unit(images), originals)
+
+
+def first_batch_indices(n: int, batch_size: int) -> list:
+    """The indices of the first batch train_batches draws (rank 0 of 1, seed 0, epoch 0)."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=0,
+                                                  drop_last=True)
+    sampler.set_epoch(0)
+    return list(sampler)[:batch_size]
