@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,8 +190,16 @@ def data_workers(num_workers: int | None, device: torch.device) -> int:
         return num_workers
     if device.type != "cuda":
         return 0
+    return max(1, int(cpus_per_rank()) - 1)
+
+
+def cpus_per_rank() -> float:
+    """The CPUs a rank has: under srun with a task a GPU, Slurm's --cpus-per-task; else the CPUs this process
+    may use (a job's share of its node, or the planning machine's) over the ranks launched on it."""
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_CPUS_PER_TASK" in os.environ and "RANK" not in os.environ:
+        return float(os.environ["SLURM_CPUS_PER_TASK"])
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // launch()["local_world_size"] - 1)
+    return cpus / launch()["local_world_size"]
 
 
 # -----------------------------------------------------------------------------
@@ -246,11 +255,14 @@ def conv_memory_format(device: torch.device) -> torch.memory_format:
 
 
 def wrap_ddp(module, ctx: Distributed, find_unused_parameters=False, bf16_gradients=False):
-    """DDP on several ranks; with bf16_gradients its buckets travel as bf16 (bf16_all_reduce)."""
+    """DDP on several ranks; with bf16_gradients its buckets travel as bf16 (bf16_all_reduce). The gradients
+    are views into DDP's buckets (no copy of them into the buckets, nor the memory of a second set);
+    `find_unused_parameters` only for a step that can leave a parameter without a gradient (a walk of the
+    autograd graph every step)."""
     if not ctx.enabled:
         return module
     ddp = DDP(module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-              find_unused_parameters=find_unused_parameters)
+              find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
     if bf16_gradients:
         ddp.register_comm_hook(None, bf16_all_reduce)
     return ddp
@@ -321,34 +333,46 @@ def check_shared_folder(folder, ctx: Distributed, flag: str, timeout: float):
                  "(the same network path on each)")
 
 
-class StopSignal:
-    """SIGTERM (a cluster preempting the job, torchrun stopping its workers) and SIGINT (Ctrl-C) end
-    the run after the current step, with a checkpoint to --resume from; a second signal ends the
-    process at once. Under DDP the ranks agree every step, so that all stop after the same one."""
+# Set while a checkpoint is being written (checkpoint.Writer): a repeated stop signal waits for it.
+WRITING = threading.Event()
 
-    def __init__(self, ctx: Distributed, timeout: float):
+
+class StopSignal:
+    """SIGTERM (a cluster preempting the job, torchrun or Slurm stopping it), SIGUSR1 or SIGUSR2 (Slurm's
+    warning before the time limit: #SBATCH --signal=USR1@N) and SIGINT (Ctrl-C) end the run after its
+    current step with a checkpoint to --resume from. A second signal more than a second later ends the
+    process at once, unless a checkpoint is being written: then the write finishes first (the run is
+    ending anyway). Every `every` steps the ranks agree (`poll`) on whether any got a signal, and on
+    whether rank 0's clock says a checkpoint is due: one small all-reduce on the run's device."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, ctx: Distributed, every: int | None = None):
+        # Asking waits for the GPU on CUDA: every 10 steps there (a stop within seconds at the paper's size)
+        self.ctx, self.every = ctx, every or (10 if ctx.device.type == "cuda" else 1)
         self.received, self.first_at, self.stopped = None, 0.0, False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        # The flag travels on the CPU (gloo) even beside nccl: checking it never waits for the GPU.
-        timeout = datetime.timedelta(seconds=timeout)
-        self.group = dist.new_group(backend="gloo", timeout=timeout) if ctx.enabled else None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame):
         if self.received is None:
             self.received, self.first_at = signal.Signals(signum).name, time.monotonic()
         # A cluster that signals every process of a job reaches a torchrun worker twice within moments
         # (directly, and forwarded by torchrun): that is still the first request.
-        elif time.monotonic() - self.first_at > 1:
+        elif time.monotonic() - self.first_at > 1 and not WRITING.is_set():
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
-    def requested(self) -> bool:
-        """Whether any rank got a signal (collective under DDP: every rank asks after every step)."""
-        flag = torch.tensor(self.received is not None, dtype=torch.int32)
-        if self.group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self.stopped = bool(flag)
-        return self.stopped
+    def poll(self, step: int, save_due: bool = False) -> tuple:
+        """(stop, save): whether any rank got a signal, and whether a checkpoint is due by the clock
+        (`save_due`, rank 0's), the same on every rank. Asked only every `every` steps: (False, False) else."""
+        if step % self.every:
+            return False, False
+        stop, save = self.received is not None, save_due
+        if self.ctx.enabled:
+            flags = torch.tensor([stop, save], dtype=torch.int32, device=self.ctx.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, save = (bool(flag) for flag in flags.tolist())
+        self.stopped = self.stopped or stop
+        return stop, save
 
     def restore(self):
         for signum, handler in self.previous.items():

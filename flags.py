@@ -229,8 +229,15 @@ def add_run_flags(p: Parser, out_dir: str, steps: int, batch_size: int, warmup_s
     p.add("--num-workers", None, Number(int, 0), "DataLoader processes per rank", default_text="on CUDA the CPUs "
           "of this machine shared by its ranks, less one each (distributed.data_workers); on the CPU none")
     p.add("--log-every", 25, Number(int, 1), "steps between the progress bar's loss figures (a sync point)")
-    p.add("--sample-every", 250, Number(int, 1), "write an image grid PNG every so many steps")
-    p.add("--save-every", 250, Number(int, 1), "steps between checkpoints (and at the end)")
+    p.add("--sample-every", None, Number(int, 1), "write an image grid PNG every so many steps",
+          default_text="250, or the steps / 100 where more: at most about 100 grids a run")
+    p.add("--save-every", None, Number(int, 1), "steps between checkpoints (and at the end, and at a stop)",
+          default_text="250 below 256x256; at 256 by time alone (--save-minutes)")
+    p.add("--save-minutes", None, Number(float, 0, ends="(]"), "minutes between checkpoints, by rank 0's clock",
+          default_text="30 at 256x256 (the paper's runs: a stop loses at most that); none below")
+    p.add("--stop-check-every", None, Number(int, 1), "steps between the ranks' agreement on a stop signal and "
+          "a checkpoint due by the clock (one small all-reduce; on CUDA a wait for the GPU)",
+          default_text="1 on the CPU, 10 on CUDA")
     p.add("--seed", 0, Number(int, 0), "of the weights, the data order and the augmentation")
     p.add("--device", "auto", str, "auto: CUDA when available", choices=("auto", "cuda", "cpu"))
     p.add("--bf16", None, bool, "bf16 autocast", default_text="where bf16 is native (recent GPUs, AVX512-BF16/AMX)")
@@ -241,6 +248,8 @@ def add_run_flags(p: Parser, out_dir: str, steps: int, batch_size: int, warmup_s
           "auto: continue if there is one, else start afresh (a requeued or torchrun --max-restarts job)")
     p.add("--overwrite", False, bool, "start over in an --out-dir that holds a checkpoint: it and the run's "
           "images are deleted")
+    p.add("--accept-changes", False, bool, "--resume a checkpoint whose global batch, steps, learning rate or "
+          "warm-up differ from this run's: go on with this run's from the images it has seen")
     p.add("--dry-run", False, bool, "print the resolved run plan as one JSON line and exit, without training")
     p.add("--keep-freed-memory", True, bool, "on the CPU, keep freed memory in the process "
           "(distributed.keep_freed_memory)")

@@ -45,7 +45,7 @@ import vqgan
 from quantize import Quantized, VectorQuantizer
 from vae import VAE, VAEConfig
 from vqgan import VQGAN, VQGANConfig
-from weights import load_checkpoint, load_exact, read_weights, source_name
+from weights import load_checkpoint, load_exact, load_recorded_base, read_weights, source_name
 
 
 @dataclass
@@ -618,7 +618,12 @@ class ALIT(nn.Module):
         known = {f.name for f in fields(ALITConfig)}  # a field since retired (grad_checkpoint) is not the model's
         model = cls(ALITConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known}))
         # The EMA averages the trained parameters only; buffers and frozen weights are the model's.
-        model.load_state_dict({**ckpt["model"], **ckpt["ema"]} if ema else ckpt["model"])
+        state = {**ckpt["model"], **ckpt["ema"]} if ema else dict(ckpt["model"])
+        if "base_file" in ckpt:  # stage 1's checkpoints keep the frozen base as its file
+            cfg = model.config
+            base = load_recorded_base(ckpt["base_file"], BASES[cfg.base], cfg.image_size, path)
+            state.update({f"{cfg.base}.{k}": v for k, v in base.state_dict().items()})
+        model.load_state_dict(state)
         return model.eval()
 
 

@@ -34,7 +34,7 @@ from model import ALIT, BASES, PRESETS, ALITConfig, make_config
 from optim import EMA, adamw, lr_at, set_lr
 from plots import save_rollout
 from quantize import count_codes
-from weights import find_base, load_base
+from weights import file_record, find_base, load_base
 
 # What the recipe flags default to (flags.with_recipe): the official run's at 256x256; below it, per base,
 # what a few thousand CPU steps need. The shared encoder learns the first tokens several times faster
@@ -148,6 +148,7 @@ def parse_args(argv=None):
     flags.check(args.loss_iters <= model_cfg.rollout_iters, f"--loss-iters must be <= {model_cfg.rollout_iters}")
     flags.check_data(args.dataset, args.data_dir)
     plan.schedule_in_epochs(args)
+    checkpoint.intervals(args, model_cfg.image_size)
     find_base(args, model_cfg.base, official_fits=flags.paper_scale(model_cfg.image_size))
     return args, model_cfg
 
@@ -178,24 +179,26 @@ def schedule(step: int, args, peak_lr: float, iters: int) -> Schedule:
 
 def main(argv=None):
     args, model_cfg = parse_args(argv)
-    checkpoint.check_out_dir(args, "rollout_*.png")
     if args.dry_run:  # the plan as one JSON line, without a GPU; a model only if the memory estimate needs one
+        checkpoint.check_out_dir(args, "rollout_*.png")
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        plan.print_dry_run(plan.stage1_plan(args, model_of, distributed.planned_device(args.device),
+        plan.print_dry_run(plan.stage1_plan(args, model_cfg, model_of, distributed.planned_device(args.device),
                                             torch.device("cpu"), distributed.to_stderr))
         return None
     ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir,
                             keep_freed=args.keep_freed_memory)
+    checkpoint.check_out_dir(args, "rollout_*.png", ctx)  # rank 0 decides: start, or resume
 
     # The model: ALIT around the frozen base tokenizer it distils (§2), on the run's device.
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     base = load_base(args, model_cfg.base, BASES[model_cfg.base], model_cfg.base_config, ctx.log)
+    base_file = base_record(args)  # the checkpoints keep the frozen base as its file, not its weights
     model_cfg = model_cfg.with_base(base.config)  # the base's exact config, from its checkpoint
     model = frozen_base(ALIT(model_cfg).replace_base(base))
     model.halted_token.requires_grad_(args.halting)  # only halting uses it; DDP wants every trained param used
     model.to(ctx.device)
     model.base.to(memory_format=conv_memory_format(ctx.device))
-    run = plan.stage1_plan(args, lambda: model, ctx.device, ctx.device, ctx.log)
+    run = plan.stage1_plan(args, model_cfg, lambda: model, ctx.device, ctx.device, ctx.log)
     bf16, T = run.precision == "bf16", model_cfg.rollout_iters
     model.set_grad_checkpointing(run.grad_checkpoint)
 
@@ -203,11 +206,12 @@ def main(argv=None):
     optimizer = adamw(model.parameters(), run.lr, (0.9, 0.95), args.weight_decay, ctx.device)
     ema = EMA(model, args.ema_decay)
     weights = iteration_weights(args.iteration_weights, T)
-    stateful = {"model": model, "ema": ema, "optimizer": optimizer}  # what a checkpoint saves and resume restores
+    # What a checkpoint saves and resume restores: ALIT without its frozen base (kept by file: base_file).
+    stateful = {"model": checkpoint.Trained(model, model_cfg.base), "ema": ema, "optimizer": optimizer}
     # Each rank counts the latent codes its own batches use: dead-code restarts go on from every rank's count.
     per_rank = {"latent_restarts": checkpoint.PerRank(model.quantize.restart_state, model.quantize.load_restart_state)
                 } if model.quantize is not None else {}
-    step = checkpoint.start_or_resume(args, model_cfg.to_dict(), stateful, ctx, "rollout_*.png", per_rank)
+    step = checkpoint.start_or_resume(args, model_cfg.to_dict(), stateful, ctx, "rollout_*.png", per_rank, base_file)
     ctx.log(f"ALIT {model_cfg}\n{sum(p.numel() for p in model.alit_parameters()) / 1e6:.2f}M trainable "
             f"parameters\ntraining {vars(args)}\n{run}")
     if args.compile:
@@ -220,17 +224,19 @@ def main(argv=None):
     dataset = build_dataset(args.dataset, "train", model_cfg.image_size, args.data_dir, num_images=args.train_images)
     val_images = first_images(build_dataset(args.dataset, "val", model_cfg.image_size, args.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed, step * args.grad_accum,
-                            run.workers_per_rank, args.max_bad_images, pin_memory=ctx.device.type == "cuda")
+    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed,
+                            checkpoint.first_micro_batch(args, ctx), run.workers_per_rank, args.max_bad_images,
+                            pin_memory=ctx.device.type == "cuda")
 
     # The loop: forward and loss, backward, the optimizer step and the restarts, the EMA, then the logs,
-    # the image grid and the checkpoint when due, every rank after the same step.
+    # the checkpoint and the image grid when due, every rank after the same step.
     bar = tqdm(total=args.steps, initial=step, disable=not ctx.is_main, dynamic_ncols=True, smoothing=0.1)
     stats = torch.zeros(T, 3, device=ctx.device)  # per iteration [token loss, accuracy, 1], summed since the last log
     code_counts = torch.zeros(model_cfg.latent_codebook_size if model.quantize else 0, device=ctx.device)
     first_nonfinite = torch.full((), -1, device=ctx.device)  # checked at logs only: no sync every step
     stop = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
-    stop_signal = distributed.StopSignal(ctx, args.dist_timeout)  # SIGTERM/SIGINT: stop after this step, saved
+    stop_signal = distributed.StopSignal(ctx, args.stop_check_every)  # stop after this step, saved
+    clock = checkpoint.Clock(args.save_minutes)
     while step < stop:
         now = schedule(step, args, run.lr, T)
         set_lr(optimizer, now.lr)
@@ -259,9 +265,11 @@ def main(argv=None):
         step += 1
         bar.update(1)
 
-        if stop_signal.requested():
-            stop = step  # every check below fires: logs, grid and checkpoint at this step, then the loop ends
-        if step % args.log_every == 0 or step % args.save_every == 0 or step == stop:
+        stopping, save_now = stop_signal.poll(step, ctx.is_main and clock.due())  # the same on every rank
+        if stopping:
+            stop = step  # the log and the checkpoint of this step, nothing else, then the loop ends
+        save_now = save_now or checkpoint.due(step, args.save_every) or step == stop
+        if step % args.log_every == 0 or save_now:
             # Over all ranks; a non-finite loss ends the run before the checkpoint it would spoil.
             distributed.average_over_ranks([stats, code_counts])
             distributed.check_finite(first_nonfinite, args.out_dir, ctx)
@@ -273,10 +281,12 @@ def main(argv=None):
                              "codes_used": used})
             stats.zero_()
             code_counts.zero_()
-        if ctx.is_main and (step % args.sample_every == 0 or step == stop):  # the base's codes stage 1 predicts
-            save_rollout(model, val_images, Path(args.out_dir) / f"rollout_{step:06d}.png", hard=True)
-        if step % args.save_every == 0 or step == stop:
-            checkpoint.save(args, step, stateful, model_cfg.to_dict(), ctx, per_rank)
+        if save_now:
+            checkpoint.save(args, step, stateful, model_cfg.to_dict(), ctx, per_rank, base_file)
+            clock.reset()
+        if ctx.is_main and (checkpoint.due(step, args.sample_every) or step == stop and not stopping):
+            save_rollout(model, val_images, Path(args.out_dir) / f"rollout_{step:06d}.png", hard=True)  # its codes
+    checkpoint.wait()
     bar.close()
     distributed.finish(ctx, stop_signal, step, args.steps, args.out_dir)
     return model
@@ -285,6 +295,13 @@ def main(argv=None):
 def model_for_plan(model_cfg: ALITConfig) -> ALIT:
     """--dry-run's model, for the memory estimate only: of the preset, its base random."""
     return frozen_base(ALIT(model_cfg))
+
+
+def base_record(args) -> dict:
+    """Stage 1's frozen base as a checkpoint records it: its file, how to read it, and its hash (checked when
+    the checkpoint is resumed, or loaded by ALIT.from_checkpoint)."""
+    official = bool(args.official_base)
+    return {"base_file": file_record(args.official_base if official else args.base_ckpt, official)}
 
 
 def frozen_base(model: ALIT) -> ALIT:

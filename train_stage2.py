@@ -145,13 +145,14 @@ def main(argv=None):
     if args.dry_run:  # the plan as one JSON line, without a GPU; a model only if the memory estimate needs one
         model_cfg = config_for_plan(args)
         flags.with_recipe(args, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
+        checkpoint.intervals(args, model_cfg.image_size)
         model_of = functools.cache(lambda: model_for_plan(model_cfg))
-        plan.print_dry_run(plan.stage2_plan(args, model_of, None, distributed.planned_device(args.device),
+        plan.print_dry_run(plan.stage2_plan(args, model_cfg, model_of, None, distributed.planned_device(args.device),
                                             torch.device("cpu"), distributed.to_stderr))
         return None
-    checkpoint.check_out_dir(args, "rollout_*.png")
     ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir,
                             keep_freed=args.keep_freed_memory)
+    checkpoint.check_out_dir(args, "rollout_*.png", ctx)  # rank 0 decides: start, or resume
     torch.manual_seed(args.seed)
 
     # The model: stage 1's (or an official one), everything trainable, and the discriminator(s), the same on
@@ -160,12 +161,13 @@ def main(argv=None):
     model.base.to(memory_format=conv_memory_format(ctx.device))
     cfg = model.config
     flags.with_recipe(args, cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)  # the recipe of the checkpoint's size
+    checkpoint.intervals(args, cfg.image_size)
     discriminators = torch.nn.ModuleList(
         PatchDiscriminator(base_channels=args.disc_channels, num_layers=args.disc_layers)
         for _ in range(cfg.rollout_iters if args.disc_per_iteration else 1)).to(ctx.device)
     distributed.broadcast_parameters(discriminators, ctx)
     perceptual = load_perceptual(args.vgg16_weights, args.lpips_weights, ctx.device, ctx.log)
-    run = plan.stage2_plan(args, lambda: model, perceptual, ctx.device, ctx.device, ctx.log)
+    run = plan.stage2_plan(args, cfg, lambda: model, perceptual, ctx.device, ctx.device, ctx.log)
     bf16 = run.precision == "bf16"
     model.set_grad_checkpointing(run.grad_checkpoint)
 
@@ -185,8 +187,9 @@ def main(argv=None):
 
     dataset = build_dataset(args.dataset, "train", cfg.image_size, args.data_dir, num_images=args.train_images)
     val_images = first_images(build_dataset(args.dataset, "val", cfg.image_size, args.data_dir), 8).to(ctx.device)
-    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed, step * args.grad_accum,
-                            run.workers_per_rank, args.max_bad_images, pin_memory=ctx.device.type == "cuda")
+    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed,
+                            checkpoint.first_micro_batch(args, ctx), run.workers_per_rank, args.max_bad_images,
+                            pin_memory=ctx.device.type == "cuda")
 
     # The loop (§A.5): the encoder up to this step's iteration, the decoders once, the loss in pixel space
     # (L1 + LPIPS, and once the GAN is on the adaptively weighted adversarial term), AdamW, the EMA, then the
@@ -194,7 +197,8 @@ def main(argv=None):
     bar = tqdm(total=args.steps, initial=step, disable=not ctx.is_main, dynamic_ncols=True, smoothing=0.1)
     logs = torch.zeros(5, device=ctx.device)  # [rec. loss, disc. loss, latent codes used, perplexity, 1], summed
     stop = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
-    stop_signal = distributed.StopSignal(ctx, args.dist_timeout)  # SIGTERM/SIGINT: stop after this step, saved
+    stop_signal = distributed.StopSignal(ctx, args.stop_check_every)  # stop after this step, saved
+    clock = checkpoint.Clock(args.save_minutes)
     while step < stop:
         now = schedule(step, args, run.lr, cfg.rollout_iters)
         set_lr(optimizer, now.lr)
@@ -230,9 +234,11 @@ def main(argv=None):
         step += 1
         bar.update(1)
 
-        if stop_signal.requested():
-            stop = step  # every check below fires: logs, grid and checkpoint at this step, then the loop ends
-        if step % args.log_every == 0 or step % args.save_every == 0 or step == stop:
+        stopping, save_now = stop_signal.poll(step, ctx.is_main and clock.due())  # the same on every rank
+        if stopping:
+            stop = step  # the log and the checkpoint of this step, nothing else, then the loop ends
+        save_now = save_now or checkpoint.due(step, args.save_every) or step == stop
+        if step % args.log_every == 0 or save_now:
             # Over all ranks; a non-finite loss ends the run before the checkpoint it would spoil.
             distributed.average_over_ranks([logs])
             rec, d, used, ppl = (logs[:4] / logs[4]).tolist()
@@ -243,10 +249,12 @@ def main(argv=None):
             bar.set_postfix(rec=f"{rec:.4f}", d=f"{d:.3f}", gan=f"{now.gan_weight:g}", used1d=f"{used:.2f}",
                             ppl1d=f"{ppl:.0f}")
             logs.zero_()
-        if ctx.is_main and (step % args.sample_every == 0 or step == stop):  # the pixels the loss sees
-            save_rollout(model, val_images, Path(args.out_dir) / f"rollout_{step:06d}.png")
-        if step % args.save_every == 0 or step == stop:
+        if save_now:
             checkpoint.save(args, step, stateful, cfg.to_dict(), ctx)
+            clock.reset()
+        if ctx.is_main and (checkpoint.due(step, args.sample_every) or step == stop and not stopping):
+            save_rollout(model, val_images, Path(args.out_dir) / f"rollout_{step:06d}.png")  # the pixels the loss sees
+    checkpoint.wait()
     bar.close()
     distributed.finish(ctx, stop_signal, step, args.steps, args.out_dir)
     return model

@@ -119,6 +119,7 @@ def parse_args(argv=None):
     flags.with_recipe(args, model_cfg.image_size, OFFICIAL_RECIPE, CPU_RECIPE)
     flags.check_data(args.dataset, args.data_dir)
     plan.schedule_in_epochs(args)
+    checkpoint.intervals(args, model_cfg.image_size)
     try:
         vgg16, lpips = find_perceptual(args.vgg16_weights, args.lpips_weights)
     except FileNotFoundError as error:
@@ -142,12 +143,12 @@ def main(argv=None):
         print(format_val_metrics(val_metrics(model, args)))
         return model
     if args.dry_run:  # no gradient checkpointing here, so no memory estimate
-        plan.print_dry_run(run_plan(args, distributed.planned_device(args.device)))
+        plan.print_dry_run(run_plan(args, model_cfg, distributed.planned_device(args.device)))
         return None
-    checkpoint.check_out_dir(args, "recon_*.png")
     ctx = distributed.setup(args.device, args.dist_timeout, shared_folder=args.out_dir,
                             keep_freed=args.keep_freed_memory)
-    run = run_plan(args, ctx.device)
+    checkpoint.check_out_dir(args, "recon_*.png", ctx)  # rank 0 decides: start, or resume
+    run = run_plan(args, model_cfg, ctx.device)
     bf16 = run.precision == "bf16"
     torch.manual_seed(args.seed)  # the same initial weights on every rank
 
@@ -172,14 +173,16 @@ def main(argv=None):
     dataset = build_dataset(args.dataset, "train", model_cfg.image_size, args.data_dir, num_images=args.train_images)
     val_images = first_images(build_dataset(args.dataset, "val", model_cfg.image_size, args.data_dir), 8)
     val_images = val_images.to(ctx.device)
-    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed, step * args.grad_accum,
-                            run.workers_per_rank, args.max_bad_images, pin_memory=ctx.device.type == "cuda")
+    batches = train_batches(dataset, args.batch_size, ctx.rank, ctx.world_size, args.seed,
+                            checkpoint.first_micro_batch(args, ctx), run.workers_per_rank, args.max_bad_images,
+                            pin_memory=ctx.device.type == "cuda")
 
     # The loop: the autoencoder's step (L1 + LPIPS, its latent term, from --disc-start the adaptively
     # weighted GAN term), the dead-code restarts, then the discriminator's step; logs, grids, checkpoints.
     bar = tqdm(total=args.steps, initial=step, disable=not ctx.is_main, dynamic_ncols=True, smoothing=0.1)
     stop = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
-    stop_signal = distributed.StopSignal(ctx, args.dist_timeout)  # SIGTERM/SIGINT: stop after this step, saved
+    stop_signal = distributed.StopSignal(ctx, args.stop_check_every)  # stop after this step, saved
+    clock = checkpoint.Clock(args.save_minutes)
     while step < stop:
         lr_scale, gan_on = schedule(step, args)
         set_lr(optimizer, args.lr * lr_scale)
@@ -214,17 +217,21 @@ def main(argv=None):
         step += 1
         bar.update(1)
 
-        if stop_signal.requested():
-            stop = step  # every check below fires: logs, grid and checkpoint at this step, then the loop ends
-        if step % args.log_every == 0 or step == stop:  # this step's losses, averaged over the ranks
+        stopping, save_now = stop_signal.poll(step, ctx.is_main and clock.due())  # the same on every rank
+        if stopping:
+            stop = step  # the log and the checkpoint of this step, nothing else, then the loop ends
+        save_now = save_now or checkpoint.due(step, args.save_every) or step == stop
+        if step % args.log_every == 0 or save_now:  # this step's losses, averaged over the ranks
             logs = torch.cat([logs / args.grad_accum, d_loss[None]])
             distributed.average_over_ranks([logs])
             names = ["rec", *latent_logs, "d"]
             bar.set_postfix({name: f"{value:.4g}" for name, value in zip(names, logs.tolist())})
-        if ctx.is_main and (step % args.sample_every == 0 or step == stop):
-            save_reconstructions(model, val_images, Path(args.out_dir) / f"recon_{step:06d}.png", args.base)
-        if step % args.save_every == 0 or step == stop:
+        if save_now:
             checkpoint.save(args, step, stateful, dataclasses.asdict(model_cfg), ctx, per_rank)
+            clock.reset()
+        if ctx.is_main and (checkpoint.due(step, args.sample_every) or step == stop and not stopping):
+            save_reconstructions(model, val_images, Path(args.out_dir) / f"recon_{step:06d}.png", args.base)
+    checkpoint.wait()
     bar.close()
     distributed.finish(ctx, stop_signal, step, args.steps, args.out_dir)
     if ctx.is_main and step == args.steps:
@@ -232,9 +239,10 @@ def main(argv=None):
     return model
 
 
-def run_plan(args, device) -> plan.RunPlan:
+def run_plan(args, model_cfg, device) -> plan.RunPlan:
     """The run plan on `device` (the peak lr is --lr whatever the batch, as taming's)."""
-    return plan.run_plan(args, device, args.lr, distributed.use_bf16(args.bf16, device))
+    return plan.run_plan(args, device, args.lr, distributed.use_bf16(args.bf16, device),
+                         plan.base_costs(BASES[args.base][0], model_cfg, args))
 
 
 @torch.no_grad()

@@ -17,9 +17,11 @@ and pytorch-fid keep their downloads. Nothing is downloaded.
 
 The models a run starts from, by the flag that names them: `load_model` (a missing file, or one of
 another kind, is one `error:` line naming the flag), an ALIT (`load_alit`: evaluate.py, analyze.py, stage 2)
-and stage 1's frozen base (`find_base`, `load_base`).
+and stage 1's frozen base (`find_base`, `load_base`), which its checkpoints record by file (`file_record`)
+and ALIT.from_checkpoint reads back (`load_recorded_base`).
 """
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -259,3 +261,27 @@ def load_base(args, base: str, cls, expected, log=print):
                  f"{args.preset!r} ({expected.describe()}): {train}")
     log(f"base {base.upper()}: {flag} {path}")
     return model
+
+
+def file_record(path, official: bool) -> dict:
+    """A weight file as a checkpoint records it in place of its weights (stage 1's frozen base, ~1 GB at
+    the paper's size): where it is, how it is read (the official code's format or ours), and its sha256,
+    which load_recorded_base and a resume check."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"path": str(path), "official": official, "sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def load_recorded_base(record: dict, cls, image_size: int, where):
+    """The base tokenizer (VQGAN or VAE class `cls`) a checkpoint (`where`) recorded by file (file_record):
+    a ValueError of one line if the file is gone or is no longer the one trained over."""
+    path = Path(record["path"])
+    if not path.is_file():
+        raise ValueError(f"{where} keeps its frozen base as the file {path}, which is gone: put it back there")
+    if file_record(path, record["official"])["sha256"] != record["sha256"]:
+        raise ValueError(f"{where} was trained over another {path} (its sha256 differs): put back the file it "
+                         "recorded")
+    return cls.from_official(str(path), image_size=image_size) if record["official"] else cls.from_checkpoint(path)

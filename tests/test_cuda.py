@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import bench
+import cost
 import evaluate
 import losses
 import plan
@@ -135,7 +136,7 @@ def test_vqgan(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     size = model.config.image_size
     with torch.device("meta"):
         image = torch.zeros(1, 3, size, size)
-        convs = bench.conv_flops(VQGAN(model.config), image) + bench.conv_flops(LPIPS(), image, image)
+        convs = cost.conv_flops(VQGAN(model.config), image) + cost.conv_flops(LPIPS(), image, image)
     report("train_vqgan.py (imagenet preset, batch 8, GAN from step 15)", seconds, 3 * 8 * convs, bf16_peak,
            peak_memory())
     RESULTS["vqgan"] = out / "ckpt.pt"
@@ -178,7 +179,7 @@ def test_stage1(imagenet, tmp_path_factory, monkeypatch, bf16_peak):
     peak_memory_reset()
     model = train_stage1.main(flags + ["--steps", "40", "--out-dir", str(out)])
     falls(ce, "stage 1's cross-entropy")
-    batch_flops = bench.stage1_flops(model.config, 8, bench.base_encoder_flops(model))
+    batch_flops = cost.stage1_flops(model.config, 8, cost.base_encoder_flops(model))
     train, _ = train_stage1.parse_args(flags)
     estimate = plan.stage1_step_memory(model, 8, DEVICE, True, False)
     plain = report("train_stage1.py (small, batch 8, halting, bf16)", seconds, batch_flops, bf16_peak, peak_memory(),
@@ -208,12 +209,12 @@ def test_stage2(imagenet, weights, tmp_path_factory, monkeypatch, bf16_peak):
     with torch.device("meta"):
         image = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
         base = VQGAN(model.config.vqgan)
-        convs = bench.conv_flops(base.encoder, image) + bench.conv_flops(
+        convs = cost.conv_flops(base.encoder, image) + cost.conv_flops(
             base.decoder, torch.zeros(1, model.config.vqgan.latent_channels, *[model.config.grid_size] * 2))
-        lpips, disc = bench.conv_flops(LPIPS(), image, image), bench.conv_flops(
+        lpips, disc = cost.conv_flops(LPIPS(), image, image), cost.conv_flops(
             PatchDiscriminator(num_layers=3), image)
     report("train_stage2.py (small, batch 4, GAN on half the steps, LPIPS)", seconds,
-           4 * bench.stage2_flops(model.config, convs, lpips, disc), bf16_peak, peak_memory())
+           4 * cost.stage2_flops(model.config, convs, lpips, disc), bf16_peak, peak_memory())
     RESULTS["stage2"] = out / "ckpt.pt"
 
 

@@ -68,13 +68,13 @@ def one_step_on_meta(script, argv, monkeypatch, resumed=None) -> dict:
     seed before it). `resumed(stateful)` checks what --resume restored. Returns {"logged": the tensors the
     log averages over the ranks, "stateful": what a checkpoint would save}."""
     seen = {}
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.getsignal(s) for s in distributed.StopSignal.SIGNALS}
     start_or_resume, stop_signal = checkpoint.start_or_resume, distributed.StopSignal
 
-    def start(args, model_config, stateful, ctx, images, per_rank=None):
+    def start(args, model_config, stateful, ctx, images, per_rank=None, files=None):
         seen["stateful"] = stateful
         with pytest.warns(UserWarning, match="meta parameter") if args.resume else contextlib.nullcontext():
-            step = start_or_resume(args, model_config, stateful, ctx, images, per_rank)  # CPU weights into meta: none
+            step = start_or_resume(args, model_config, stateful, ctx, images, per_rank, files)  # CPU into meta: none
         if resumed:
             resumed(stateful)
         return step
@@ -125,7 +125,7 @@ def test_vqgan_step_with_the_gan_on_after_resume(vqgan_ckpt, monkeypatch, tmp_pa
 
     seen = one_step_on_meta(train_vqgan, SMALL_VQGAN + [
         "--disc-start", "0", "--restart-every", "1", "--grad-accum", "2", "--bf16", "--steps", "4", "--resume",
-        "--out-dir", resumable_copy(vqgan_ckpt, tmp_path)], monkeypatch, counts_where_the_codebook_is)
+        "--accept-changes", "--out-dir", resumable_copy(vqgan_ckpt, tmp_path)], monkeypatch, counts_where_the_codebook_is)
     (logs,) = seen["logged"]
     stateful = seen["stateful"]
     assert logs.shape == (5,) and on_meta([logs, *optimizer_state(stateful["optimizer"]),
@@ -136,9 +136,10 @@ def test_stage1_step_with_halting_after_resume(stage1_ckpt, vqgan_ckpt, monkeypa
     seen = one_step_on_meta(train_stage1, SMALL_ALIT + [
         "--vqgan-ckpt", str(vqgan_ckpt), "--batch-size", "2", "--grad-accum", "2", "--latent-restart-every", "1",
         "--restart-until", "1", "--loss-iters", "3", "--rollout-warmup", "0", "--bf16", "--steps", "4", "--resume",
+        "--accept-changes",
         "--out-dir", resumable_copy(stage1_ckpt, tmp_path)], monkeypatch)
     stats, counts = seen["logged"]
-    model, ema = seen["stateful"]["model"], seen["stateful"]["ema"]
+    model, ema = seen["stateful"]["model"].model, seen["stateful"]["ema"]  # Trained: without its base
     assert stats.shape == (8, 3) and counts.shape == (model.config.latent_codebook_size,)
     assert on_meta([stats, counts, *ema.shadow.values(), model.quantize.embedding.weight,
                     *optimizer_state(seen["stateful"]["optimizer"])])

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import distributed
 import train_vqgan
 import weights
 from data import build_dataset, train_batches
@@ -43,6 +44,10 @@ lr_at, save = train_vqgan.lr_at, torch.save
 def faulty_lr_at(step, *args):  # called at the start of every step
     if step == at and fault == "sigterm":  # as a cluster does: to every process, DataLoader workers too
         os.killpg(0, signal.SIGTERM)
+    if step == at and fault == "sigusr1":  # Slurm's warning before the time limit (#SBATCH --signal=USR1@N)
+        os.killpg(0, signal.SIGUSR1)
+    if step == at and fault == "sigterm-in-save":
+        os.kill(os.getpid(), signal.SIGTERM)
     if step == at and fault == "sigterm-twice":
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1.5)  # repeats within a second count as one request (distributed.StopSignal)
@@ -56,6 +61,10 @@ def faulty_lr_at(step, *args):  # called at the start of every step
     return lr_at(step, *args)
 
 def slow_save(state, f, *args, **kwargs):  # the step-`at` checkpoint: half of it, then a stall to be killed in
+    if fault == "sigterm-in-save" and isinstance(state, dict) and state.get("step") == at + 1:
+        time.sleep(1.5)  # the stop's checkpoint is being written when a second SIGTERM comes
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
     if fault == "kill-in-save" and isinstance(state, dict) and state.get("step") == at:
         buffer = io.BytesIO()
         save(state, buffer)
@@ -107,7 +116,7 @@ def two_ranks(fault, at, out, *flags):
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
     """A run that ends in an error inside its loop leaves its SIGTERM/SIGINT handlers installed."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.getsignal(s) for s in distributed.StopSignal.SIGNALS}
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
@@ -204,12 +213,12 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path, whole, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit) as error:
-        run(tmp_path, "full", "--steps", "6", "--save-every", "2", "--resume")  # step 6 cannot be saved
+        run(tmp_path, "full", "--steps", "6", "--save-every", "2", "--resume", "--accept-changes")  # step 6: no room
     text = str(error.value.code)
     assert text.startswith("error: ") and "\n" not in text and "the disk is full" in text, text
     assert str(tmp_path / "full" / "ckpt.pt") in text
     assert {name: (tmp_path / "full" / name).read_bytes() for name in before} == before
-    assert not (tmp_path / "full" / "ckpt.pt.tmp").exists()
+    assert not list((tmp_path / "full").glob("ckpt.pt.*.tmp"))
 
 
 def test_kill_9_while_writing_a_checkpoint_loses_nothing(tmp_path, whole):
@@ -221,7 +230,8 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(tmp_path, whole):
     process.kill()
     _, stderr = process.communicate(timeout=30)
     assert os.path.exists(str(out) + ".marker"), stderr[-2000:]
-    assert (out / "ckpt.pt.tmp").stat().st_size > 0  # the half-written one
+    (half_written,) = out.glob("ckpt.pt.*.tmp")  # named by its process: ranks on other nodes never share one
+    assert half_written.stat().st_size > 0
     assert weights.load_checkpoint(out / "ckpt.pt")["step"] == 2
     run(tmp_path, "killed", *STEPS, "--resume")
     assert_same_training(whole, out)
@@ -237,6 +247,26 @@ def test_sigterm_stops_after_the_step_and_resumes_bit_exactly(tmp_path, whole):
     assert f"stopped by SIGTERM after step {at + 1}: continue with the same command and --resume" in result.stdout
     assert weights.load_checkpoint(out / "ckpt.pt")["step"] == at + 1, at
     run(tmp_path, "stopped", *STEPS, "--resume")
+    assert_same_training(whole, out)
+
+
+def test_sigusr1_stops_with_the_checkpoint_of_that_step_and_nothing_else(tmp_path, whole):
+    out = tmp_path / "usr1"
+    result = driver("sigusr1", 2, out, *STEPS, "--num-workers", "1")  # during step 3
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped by SIGUSR1 after step 3" in result.stdout
+    assert weights.load_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert not list(out.glob("recon_*.png"))  # no image grid on the way out: the checkpoint only
+    run(tmp_path, "usr1", *STEPS, "--resume")
+    assert_same_training(whole, out)
+
+
+def test_a_second_sigterm_while_the_stop_checkpoint_is_written_leaves_it_whole(tmp_path, whole):
+    out = tmp_path / "saving"
+    result = driver("sigterm-in-save", 2, out, *STEPS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert weights.load_checkpoint(out / "ckpt.pt")["step"] == 3 and not list(out.glob("*.tmp"))
+    run(tmp_path, "saving", *STEPS, "--resume")
     assert_same_training(whole, out)
 
 
