@@ -284,4 +284,5 @@ def load_recorded_base(record: dict, cls, image_size: int, where):
     if file_record(path, record["official"])["sha256"] != record["sha256"]:
         raise ValueError(f"{where} was trained over another {path} (its sha256 differs): put back the file it "
                          "recorded")
-    return cls.from_official(str(path), image_size=image_size) if record["official"] else cls.from_checkpoint(path)
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the caller's stream
+        return cls.from_official(str(path), image_size=image_size) if record["official"] else cls.from_checkpoint(path)

@@ -100,6 +100,12 @@ def test_a_stage1_checkpoint_keeps_the_frozen_base_by_file_and_checks_it(tmp_pat
     loaded = ALIT.from_checkpoint(tmp_path / "s1" / "ckpt.pt", ema=False)  # the base read back from its file
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    torch.manual_seed(0)  # reading the base draws nothing from the caller's stream (stage 2's discriminator next)
+    ALIT(loaded.config)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ALIT.from_checkpoint(tmp_path / "s1" / "ckpt.pt")
+    assert torch.equal(torch.rand(3), expected)
 
     other = tmp_path / "other.pt"  # another VQGAN where the recorded one was
     state = torch.load(base, weights_only=True)
