@@ -87,6 +87,14 @@ def analysis_report(r: dict) -> str:
               "the image, lower = more localized), per token count:"]
     lines += [f"- {name}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row.items())
               for name, row in r["attention_entropy"].items()]
+    if "attention_entropy_decoder" in r:
+        decoder = r["attention_entropy_decoder"]
+        lines += [f"- the decoder's maps ({decoder['layer']}), {name}: " + ", ".join(f"{k}: {v:.3f}"
+                                                                                   for k, v in row.items())
+                  for name, row in decoder.items() if name != "layer"]
+        lines += ["", "Fig. 3's \"sharper & sparser attention\": entropy at iteration 1 minus at the last (positive: "
+                  "sharper):"] + [f"- {name}: {difference(d, '+.4f')}: {d['verdict']} ({d['why']})"
+                                   for name, d in r["attention_sharper"].items()]
     sections = [("binding", binding_lines), ("complexity", complexity_lines), ("selection", selection_lines),
                 ("depth_regressor", task_alignment_lines), ("linear_probe", probe_lines),
                 ("familiarity", familiarity_lines), ("segments", segment_lines)]
@@ -214,17 +222,39 @@ def familiarity_lines(r: dict, counts: list) -> list:
 
 
 def segment_lines(r: dict, counts: list) -> list:
-    """Tab. 2's protocol: mIoU per top-X share and token count, the controls and the claims."""
+    """Tab. 2's protocol: the main reading's mIoU per thresholding, matching and X, the other readings and
+    the controls at the best X per image, and the claims with their verdicts."""
     s = r["segments"]
-    lines = ["", "Tab. 2's protocol: mIoU of the first tokens' top-X segments with the true segments:", "",
-             "| top X | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
-    for name in ("recurrent", "shuffled", "untrained"):
-        for share, row in s[name].items():
-            label = share if name == "recurrent" else f"{share}, {name}"
-            if name == "recurrent" or share == "best per image":
-                lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
-    c = s["claims"]
-    lines.append(f"rise at {c['rise']['share']}, last - first iteration: {difference(c['rise'])}; best share per "
-                 f"image at the last, over shuffled: {difference(c['over shuffled'])}, over untrained: "
-                 f"{difference(c['over untrained'])}")
+    tables, main, paper = s["tables"], s["main reading"], s["paper"]
+    last = counts[-1]
+    row = lambda values: " | ".join(number(values.get(k)) for k in counts)  # noqa: E731
+    lines = ["", f"Tab. 2's protocol on the maps of {s['maps']}. mIoU over the objects of {s['images']} images "
+             f"({s['images without an object in sight']} without an object in sight left out): per object the IoU "
+             f"of its best token's segment, or of the token matched one to one (Hungarian); main reading: {main}:",
+             "", "| thresholding, matching | X | " + " | ".join(str(k) for k in counts) + " | paper, 1 -> 8 |",
+             "| --- | --- |" + " ---: |" * (len(counts) + 1)]
+    for thresholding, by_matching in tables[main].items():
+        for matching, rows in by_matching.items():
+            for x, values in rows.items():
+                p = paper.get(x)
+                cited = (f"{p:.3f}" if not isinstance(p, dict) else
+                         f"{p['iteration 1']:.3f} -> {p['iteration 8']:.3f}") if p is not None else "-"
+                lines.append(f"| {thresholding}, {matching} | {x} | {row(values)} | {cited} |")
+    lines += ["", "At the best X per image (best token), every reading and control:", "",
+              "| reading | thresholding | " + " | ".join(str(k) for k in counts) + " |",
+              "| --- | --- |" + " ---: |" * len(counts)]
+    for name, table in tables.items():
+        for thresholding, by_matching in table.items():
+            lines.append(f"| {name} | {thresholding} | {row(by_matching['best token']['best X per image'])} |")
+    for key, head in s["per head"].items():
+        if key.endswith("best token"):
+            best = head["best head"]
+            lines += [f"| decoder, per head, mean over heads | {key.split(',')[0]} | {row(head['mean over heads'])} |",
+                      f"| decoder, head {best['head']} (the best at {last}, chosen on these images) | "
+                      f"{key.split(',')[0]} | {row(best)} |"]
+    lines += ["", "| claim | thresholding, matching | ours ± SE | verdict |", "| --- | --- | --- | --- |"]
+    for claim, by_key in s["claims"].items():
+        for key, d in by_key.items():
+            paper_note = f" (paper {d['paper']:+.3f})" if "paper" in d else ""
+            lines.append(f"| {claim}{paper_note} | {key} | {difference(d)} | {d['verdict']}: {d['why']} |")
     return lines

@@ -15,7 +15,7 @@ from conftest import TinyFeatures
 from data import IMAGENET100_CLASSES, LEVELS, PALETTE, ShapesDataset
 from model import ALIT, make_config
 from observe import encoder_outputs, token_labels
-from segments import segment_iou, top_mass_segment
+from segments import segment_ious, top_mass_segment
 from selection import first_passing
 from tasks import true_label_rank
 from verdicts import bootstrap_se, mean_difference
@@ -166,7 +166,13 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert list(probe["untrained"]["latents and image tokens"]["1"]) == [str(K)]
     assert set(saved["familiarity"]) == {"criterion", "in distribution", "kinds", "textures", "palette", "--ood-dir"}
     assert saved["familiarity"]["--ood-dir"]["images"] == 3 and "per_level" not in saved["familiarity"]["--ood-dir"]
-    assert list(saved["segments"]["recurrent"]) == ["40%", "60%", "80%", "best per image"]
+    segments = saved["segments"]
+    assert list(segments["tables"][segments["main reading"]]["percentile"]["hungarian"]) == [
+        "40%", "60%", "80%", "best X per image"]
+    assert segments["maps"].startswith("decoder layer 1 of 1") and "untrained ALIT's decoder, all tokens" in segments[
+        "tables"]
+    from verdicts import VERDICTS
+    assert all(d["verdict"] in VERDICTS for claim in segments["claims"].values() for d in claim.values())
     analyze.main(flags)  # the classifier and the depth regressor come from their caches
     printed = capsys.readouterr().out
     assert "classifier of level read from" in printed and "depth regressor read from" in printed
@@ -238,7 +244,8 @@ def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
     for share in (0.4, 0.6, 0.8, 1.0):
         segment = top_mass_segment(mask.float(), share)
         assert torch.equal(segment, mask)
-        assert segment_iou(segment[None, None], truth).item() == segment_iou(segment[None, None], truth, 2).item() == 1
+        iou, present = segment_ious(segment[None, None], truth)
+        assert iou.item() == 1 and present.tolist() == [[True]]
     # distinct values: the highest tokens until the share of the mass is reached
     ramp = torch.tensor([4.0, 3.0, 2.0, 1.0])  # mass 10
     assert top_mass_segment(ramp, 0.4).tolist() == [True, False, False, False]
@@ -246,14 +253,13 @@ def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
     assert top_mass_segment(ramp, 0.8).tolist() == [True, True, True, False]
 
 
-def test_segment_iou_is_the_best_overlap_with_a_true_segment():
+def test_segment_ious_are_each_objects_overlap_with_each_token():
     truth = torch.tensor([[0, 0, 0, 0, 2, 2, 3, 3]])
-    segments = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 0],   # object 2 (IoU 2/3) beats object 3 (1/3)
-                              [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: 2/4
+    segments = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 0],   # object 2 (IoU 2/3), object 3 (1/4)
+                              [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: no object's
                               [0, 0, 0, 0, 0, 0, 1, 1]]]).bool()  # object 3 exactly
-    assert segment_iou(segments, truth)[0].tolist() == pytest.approx([2 / 3, 1 / 2, 1])
-    # scored against the objects alone (shapes' labels from 2), the background half matches nothing
-    assert segment_iou(segments, truth, first_object=2)[0].tolist() == pytest.approx([2 / 3, 0, 1])
+    iou, present = segment_ious(segments, truth)  # objects only (shapes' labels from 2): (B, objects, tokens)
+    torch.testing.assert_close(iou[0], torch.tensor([[2 / 3, 0, 0], [1 / 4, 0, 1]]))
 
 
 def test_standard_errors():
