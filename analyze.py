@@ -106,9 +106,9 @@ def parser() -> flags.Parser:
     p.add("--familiarity-images", 250, Number(int, 2), "images per unseen variant of shapes (§A.2), beside as "
           "many of the analysed ones")
     p.add("--ood-dir", None, EXISTING_FOLDER, "your own out-of-distribution images, measured as the variants are")
-    p.add("--map-layer", None, Number(int, 1), "the decoder layer (1-based) whose attention gives Tab. 2's and Fig. 3's "
-          "maps, the 2D queries' attention to each latent token; default the second to last (the paper's 7th of 8), "
-          "the last of a one-layer decoder")
+    p.add("--map-layer", None, Number(int, 1), "the decoder layer (1-based) whose attention gives Tab. 2's and "
+          "Fig. 3's maps, the 2D queries' attention to each latent token; default the second to last (the paper's "
+          "7th of 8), the last of a one-layer decoder")
     p.add("--segment-thresholds", "0.4,0.6,0.8", Numbers(Number(float, 0, 1, "(]")), "Tab. 2's X: a segment is a "
           "map's top X of cells (percentile, Tab. 2's header) or of attention mass (DINO's), both scored")
     p.add("--best-x-grid", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", Numbers(Number(float, 0, 1, "(]")), "the X a "

@@ -236,7 +236,7 @@ def segment_lines(r: dict, counts: list) -> list:
     for thresholding, by_matching in tables[main].items():
         for matching, rows in by_matching.items():
             for x, values in rows.items():
-                p = paper.get(x)
+                p = paper.get(x) if thresholding == "percentile" else None  # Tab. 2's header: a percentile
                 cited = (f"{p:.3f}" if not isinstance(p, dict) else
                          f"{p['iteration 1']:.3f} -> {p['iteration 8']:.3f}") if p is not None else "-"
                 lines.append(f"| {thresholding}, {matching} | {x} | {row(values)} | {cited} |")
