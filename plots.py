@@ -334,7 +334,7 @@ def draw_attention(path, image, maps, assign, masks, mc, level, source: str, cel
     draw = ImageDraw.Draw(canvas)
     title = (f"level {level}: " if level is not None else "") + f"{source} (each map scaled to its maximum)"
     draw.text((8, 8), title, fill="black", font=font)
-    draw.text((8, 26), "binding: each 2D token in the colour of the latent token it attends most (one colour per "
+    draw.text((8, 26), "binding: each 2D cell in the colour of the latent token its query attends most (one colour per "
               "latent token)", fill="black", font=font)
     x_first = left + len(lead) * (cell + 4) + gap
     x_new = x_first + K * (cell + 4) + gap
@@ -468,8 +468,10 @@ def plot_segments(path, segments: dict, counts: list):
                        for i, (x, row) in enumerate(rows.items())]
         panels.append(Panel(f"{main}: {matching}", "tokens at the iteration", "mIoU over the objects", series,
                             xticks=ticks))
-    # a colour per source of maps, solid for the first K tokens and dashed for all of the iteration's
-    colour = {"decoder, heads": (0, 0, 0), "shuffled": COLOURS[7], "encoder": COLOURS[4], "untrained": COLOURS[3]}
+    # a colour per source of maps, solid for the first K tokens and dashed for all of the iteration's (the
+    # untrained ALIT's, a lone point at the last iteration, in a colour of its own)
+    colour = {"decoder, heads": (0, 0, 0), "shuffled": COLOURS[7], "encoder": COLOURS[4],
+              "untrained ALIT's decoder, tokens": COLOURS[3], "untrained": COLOURS[1]}
     for thresholding in ("percentile", "mass"):
         series = [Series(name, list(table[thresholding]["best token"]["best X per image"].items()),
                          next(c for prefix, c in colour.items() if name.startswith(prefix)),
