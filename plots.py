@@ -411,16 +411,17 @@ def plot_selection(path, rows: dict, tasks: dict):
 
 def plot_probe(path, probe: dict, counts: list):
     """§A.4: probe accuracy per iteration (the first K tokens solid, all so far dashed), and at the last
-    iteration per pooled prefix, for each pooling of the trained encoder, beside the untrained control
-    (one mean), the pooled VQGAN grid and chance."""
+    iteration per pooled prefix, for each pooling probed of the trained encoder and the untrained control,
+    beside the pooled VQGAN grid and chance."""
     K, last = counts[0], len(counts)
     flat = lambda name, value, colour, xs: Series(name, [(x, value) for x in xs], colour, dashed=True)  # noqa: E731
     per_iteration, per_prefix = [], []
-    lines = [("trained", pooling) for pooling in probe["trained"]] + [("untrained", "one mean")]
-    for i, (source, pooling) in enumerate(lines):
+    lines = [(source, pooling) for source in ("trained", "untrained") for pooling in probe[source]]
+    for i, (source, pooling) in enumerate(lines):  # poolings probed at the claims' cells alone have gaps
         table, colour, name = probe[source][pooling], COLOURS[i], f"{source}, {pooling}"
-        per_iteration += [Series(f"{name}, first {K}", [(counts[t], table[t + 1][K]) for t in range(last)], colour),
-                          Series(f"{name}, all so far", [(counts[t], table[t + 1][counts[t]]) for t in range(last)],
+        at = lambda t, k: table.get(t + 1, {}).get(k)  # noqa: E731
+        per_iteration += [Series(f"{name}, first {K}", [(counts[t], at(t, K)) for t in range(last)], colour),
+                          Series(f"{name}, all so far", [(counts[t], at(t, counts[t])) for t in range(last)],
                                  colour, dashed=True)]
         per_prefix.append(Series(name, list(table[last].items()), colour))
     for panel in (per_iteration, per_prefix):

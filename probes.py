@@ -210,28 +210,39 @@ def compared(T: int) -> dict:
             "prefix": {"blocks": sorted({max(1, T // 4), max(1, T // 2)}), "against": T}}
 
 
-def probed_cells(T: int) -> list:
-    """The (iteration t, first j blocks) probed, 0-based t: at every iteration the first K tokens and all
-    so far (both readings of claim (a)), and at the last iteration every prefix (claim (b))."""
-    return sorted({(t, 1) for t in range(T)} | {(t, t + 1) for t in range(T)} | {(T - 1, j) for j in range(1, T + 1)})
+def probed_cells(T: int, everywhere: bool = True) -> list:
+    """The (iteration t, first j blocks) probed, 0-based t. everywhere: at every iteration the first K tokens
+    and all so far (both readings of claim (a)), and at the last iteration every prefix (claim (b)); else
+    only the cells the claims compare (`compared`)."""
+    fixed = compared(T)
+    iterations, prefixes = [0, *fixed["recurrence"]["iterations"]], fixed["prefix"]["blocks"] + [T]
+    if everywhere:
+        iterations, prefixes = range(T), range(1, T + 1)
+    return sorted({(t, 1) for t in iterations} | {(t, t + 1) for t in iterations} | {(T - 1, j) for j in prefixes})
+
+
+# What is probed: (source, pooling, at every cell or at the claims' cells alone). The official pooling
+# everywhere, for the trained encoder and the untrained control; the other poolings where the claims read
+# them (each probe is a convex fit of a fraction of a second).
+PROBED = [("trained", "one mean", True), ("trained", "two means", False), ("trained", "latents", False),
+          ("untrained", "one mean", True)]
 
 
 def linear_probes(train: dict, train_labels, test: dict, test_labels, classes: int, N: int, K: int) -> dict:
-    """Probe accuracy on the test images per pooling (POOLINGS) and probed cell: {source: {pooling: {t + 1:
-    {j*K: accuracy}}}} for the trained encoder and the untrained control; the pooled VQGAN grid beside them.
-    Keeps each probe's per-image correctness (key "correct", by (source, pooling, t, j)) for the claims."""
+    """Probe accuracy on the test images per source and pooling (PROBED) and probed cell: {source: {pooling:
+    {t + 1: {j*K: accuracy}}}} for the trained encoder and the untrained control; the pooled VQGAN grid beside
+    them. Keeps each probe's per-image correctness (key "correct", by (source, pooling, t, j)) for the claims."""
     T = train["blocks"].shape[0]
     tables, correct = {}, {}
-    for source, prefix in (("trained", ""), ("untrained", "control_")):
-        for pooling in POOLINGS:
-            table = {}
-            for t, j in probed_cells(T):
-                features = [pooled_features(x[prefix + "image"], x[prefix + "blocks"], t, j, pooling, N, K)
-                            for x in (train, test)]
-                hit = probe_correct(features[0], train_labels, features[1], test_labels, classes)
-                correct[source, pooling, t, j] = hit
-                table.setdefault(t + 1, {})[j * K] = hit.float().mean().item()
-            tables.setdefault(source, {})[pooling] = table
+    for source, pooling, everywhere in PROBED:
+        prefix, table = "control_" if source == "untrained" else "", {}
+        for t, j in probed_cells(T, everywhere):
+            features = [pooled_features(x[prefix + "image"], x[prefix + "blocks"], t, j, pooling, N, K)
+                        for x in (train, test)]
+            hit = probe_correct(features[0], train_labels, features[1], test_labels, classes)
+            correct[source, pooling, t, j] = hit
+            table.setdefault(t + 1, {})[j * K] = hit.float().mean().item()
+        tables.setdefault(source, {})[pooling] = table
     correct["vqgan"] = probe_correct(train["vqgan"], train_labels, test["vqgan"], test_labels, classes)
     tables["vqgan grid"] = correct["vqgan"].float().mean().item()
     tables["chance"] = max(torch.bincount(test_labels, minlength=classes).tolist()) / len(test_labels)

@@ -183,11 +183,12 @@ def probe_lines(r: dict, counts: list) -> list:
              f"{K} tokens / all so far, and at iteration {last} per first tokens pooled:", "",
              "| pooling | " + " | ".join(f"iteration {t}" for t in range(1, last + 1)) + " | "
              + " | ".join(f"first {k}" for k in counts) + " |", "| --- |" + " ---: |" * (2 * last)]
+    cell = lambda table, t, k: number(table.get(t, {}).get(k))  # noqa: E731 (- : not probed)
     for source in ("trained", "untrained"):
         for pooling, table in p[source].items():
-            per_iteration = [f"{table[t][K]:.3f} / {table[t][counts[t - 1]]:.3f}" for t in range(1, last + 1)]
+            per_iteration = [f"{cell(table, t, K)} / {cell(table, t, counts[t - 1])}" for t in range(1, last + 1)]
             lines.append(f"| {source}, {pooling} | " + " | ".join(per_iteration) + " | "
-                         + " | ".join(f"{table[last][k]:.3f}" for k in counts) + " |")
+                         + " | ".join(cell(table, last, k) for k in counts) + " |")
     lines.append(f"pooled VQGAN grid {p['vqgan grid']:.3f}; chance {p['chance']:.3f}; compared: {p['compared']}")
     lines += ["", "| claim (paper) | pooling | ours ± SE | verdict |", "| --- | --- | ---: | --- |"]
     for pooling, claims in p["claims"].items():

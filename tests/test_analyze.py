@@ -162,7 +162,8 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert "depth error < threshold" in saved["selection"] and all(r["depth"] is not None for r in fixed)
     assert set(saved["task_alignment"]) == {"accuracy", "depth"}
     probe = saved["linear_probe"]
-    assert list(probe["trained"]["latents"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix at the last
+    assert list(probe["trained"]["one mean"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix, last
+    assert list(probe["trained"]["latents"][str(T)]) == [str(K), str(2 * K), str(T * K)]  # the claims' prefixes
     assert list(probe["untrained"]["one mean"]["1"]) == [str(K)]
     assert set(saved["familiarity"]) == {"criterion", "threshold rule", "lengths", "matched", "in distribution",
                                          "kinds", "textures", "palette", "--ood-dir"}
@@ -201,7 +202,7 @@ def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
     assert (probe["train_images"], probe["test_images"], probe["test_classes"]) == (100, 100, 100)
     accuracies = [v for source in ("trained", "untrained") for table in probe[source].values()
                   for row in table.values() for v in row.values()]
-    assert len(accuracies) == 2 * 3 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
+    assert len(accuracies) == 4 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
     assert probe["chance"] == 0.01 and set(probe["claims"]) == {"one mean", "two means", "latents"}
     # the colours are told apart (an untrained tokenizer's pooled tokens keep them): train and val labels agree
     assert probe["vqgan grid"] > 0.5 and probe["trained"]["one mean"]["2"]["16"] > 0.5
