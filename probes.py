@@ -260,11 +260,11 @@ def probe_claims(correct: dict, T: int, K: int) -> dict:
         hit = lambda t, j: correct["trained", pooling, t, j].float()  # noqa: E731
         rows = {}
         later = fixed["recurrence"]["iterations"]
-        for reading, blocks in (("first K", lambda t: 1), ("all so far", lambda t: t + 1)):
+        for reading, pooled in (("first K", lambda t: 1), ("all so far", lambda t: t + 1)):  # blocks pooled at t
             if later:
-                d = mean_difference(torch.stack([hit(t, blocks(t)) for t in later]).mean(0), hit(0, 1))
+                d = mean_difference(torch.stack([hit(t, pooled(t)) for t in later]).mean(0), hit(0, 1))
                 rows[f"recurrence, {reading}"] = {
-                    "iterations": [t + 1 for t in later], "against": 1, "tokens": [blocks(t) * K for t in later],
+                    "iterations": [t + 1 for t in later], "against": 1, "tokens": [pooled(t) * K for t in later],
                     **d, "paper": PAPER_RECURRENCE, **verdict(d["difference"], d["se"], paper=PAPER_RECURRENCE)}
         prefixes = fixed["prefix"]["blocks"]
         d = mean_difference(torch.stack([hit(T - 1, j) for j in prefixes]).mean(0), hit(T - 1, T))
