@@ -100,12 +100,12 @@ def parser() -> flags.Parser:
     p.add("--depth-thresholds", "auto", Numbers(Number(float, 0, ends="(]"), auto=True), "thresholds of the depth "
           "criterion: the depth regressor's mean error on the reconstruction against its prediction on the "
           "original (the paper's pseudo-ground truth), in layers; auto as --l1-thresholds")
-    p.add("--probe-images", 2000, Number(int, 2), "train-split images the linear probes are fit on (§A.4; photos: "
+    p.add("--probe-images", 1000, Number(int, 2), "train-split images the linear probes are fit on (§A.4; photos: "
           "spread evenly over the classes, read as the analysed images are)")
     p.add("--probe-test-images", 2000, Number(int, 2), "val-split images the linear probes are scored on, an "
           "encoder-only pass of their own: enough that the claims' standard error is at most a third of §A.4's "
           "+3.9 points (probes.SE_TARGET); photos: spread evenly over the classes")
-    p.add("--familiarity-images", 250, Number(int, 2), "images per unseen variant of shapes (§A.2), beside as "
+    p.add("--familiarity-images", 200, Number(int, 2), "images per unseen variant of shapes (§A.2), beside as "
           "many of the analysed ones")
     p.add("--ood-dir", None, EXISTING_FOLDER, "your own out-of-distribution images, measured as the variants are")
     p.add("--top-mass", "0.4,0.6,0.8", Numbers(Number(float, 0, 1, "(]")), "Tab. 2's thresholds: a segment is the "
