@@ -104,8 +104,9 @@ def parser() -> flags.Parser:
           "spread evenly over the classes, read as the analysed images are)")
     p.add("--probe-test-images", 2000, Number(int, 2), "val-split images the linear probes are scored on, an "
           "encoder-only pass of their own: enough that the claims' standard error is at most a third of §A.4's "
-          "+3.9 points (probes.SE_TARGET); photos: spread evenly over the classes")
-    p.add("--familiarity-images", 200, Number(int, 2), "images per unseen variant of shapes (§A.2), beside as "
+          "+3.9 points (probes.SE_TARGET); the untrained control scores the first quarter; photos: spread evenly over "
+          "the classes")
+    p.add("--familiarity-images", 150, Number(int, 2), "images per unseen variant of shapes (§A.2), beside as "
           "many of the analysed ones")
     p.add("--ood-dir", None, EXISTING_FOLDER, "your own out-of-distribution images, measured as the variants are")
     p.add("--top-mass", "0.4,0.6,0.8", Numbers(Number(float, 0, 1, "(]")), "Tab. 2's thresholds: a segment is the "

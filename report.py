@@ -189,7 +189,8 @@ def probe_lines(r: dict, counts: list) -> list:
             per_iteration = [f"{cell(table, t, K)} / {cell(table, t, counts[t - 1])}" for t in range(1, last + 1)]
             lines.append(f"| {source}, {pooling} | " + " | ".join(per_iteration) + " | "
                          + " | ".join(cell(table, last, k) for k in counts) + " |")
-    lines.append(f"pooled VQGAN grid {p['vqgan grid']:.3f}; chance {p['chance']:.3f}; compared: {p['compared']}")
+    lines.append(f"the untrained control scored on the first {p['control_test_images']} test images; pooled VQGAN "
+                 f"grid {p['vqgan grid']:.3f}; chance {p['chance']:.3f}; compared: {p['compared']}")
     lines += ["", "| claim (paper) | pooling | ours ± SE | verdict |", "| --- | --- | ---: | --- |"]
     for pooling, claims in p["claims"].items():
         for name, c in claims.items():

@@ -200,6 +200,7 @@ def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
     probe = json.loads((tmp_path / "analyze" / "analysis.json").read_text())["linear_probe"]
     assert probe["label"] == "the image's class" and probe["classes"] == 100
     assert (probe["train_images"], probe["test_images"], probe["test_classes"]) == (100, 100, 100)
+    assert probe["control_test_images"] == 25  # the untrained control scores the first quarter
     accuracies = [v for source in ("trained", "untrained") for table in probe[source].values()
                   for row in table.values() for v in row.values()]
     assert len(accuracies) == 4 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
