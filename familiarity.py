@@ -18,7 +18,8 @@ Per image set, against the in-distribution images (image for image at the same l
 - the tokens picked by the default rule (L1 < threshold, or saturated) and by the threshold alone; the
   share of images the base alone already leaves above the threshold, which no length can pass.
 The variants are reported in two groups (VARIANT_GROUPS): new to ALIT at a matched complexity, and
-adding information. Every claim is judged with verdicts.verdict.
+adding information. Every claim in L1 and tokens is judged with verdicts.verdict; FID, one number per set,
+is given beside.
 """
 import sys
 
