@@ -138,8 +138,13 @@ def against_in_distribution(table: dict, reference: dict, counts: list, lengths:
                 if r["excess_over_floor"][short]["difference"] <= 2 * r["excess_over_floor"][short]["se"]]
     gap_floor = (f"at {short} tokens ALIT is within 2 SE of its base's L1 ({', '.join(at_floor)}): no gap can "
                  "show") if at_floor else None
-    relative = {"difference": row["relative_gap"]["difference"] - ref_row["relative_gap"]["difference"],
-                "se": float((row["relative_gap"]["se"] ** 2 + ref_row["relative_gap"]["se"] ** 2) ** 0.5)}
+    difference = row["relative_gap"]["difference"] - ref_row["relative_gap"]["difference"]
+    if paired:  # resampled image for image, as the plain gaps are differenced
+        se = bootstrap_se(lambda i: relative_gap(gaps[0], floors[0], i) - relative_gap(gaps[1], floors[1], i),
+                          len(gaps[0]))
+    else:
+        se = float((row["relative_gap"]["se"] ** 2 + ref_row["relative_gap"]["se"] ** 2) ** 0.5)
+    relative = {"difference": difference, "se": se}
     threshold = criterion["default_threshold"]
     censored = max(row["above_threshold_at_the_floor"], ref_row["above_threshold_at_the_floor"])
     token_floor = (f"the base alone's L1 is at or above the threshold {threshold:g} for {100 * censored:.0f}% of "
