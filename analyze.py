@@ -26,7 +26,8 @@ every batch and has a file of its own:
    the pooled VQGAN grid and an untrained ALIT, scored on a test set of its own sized for the claims'
    power; of a shapes label, or of the class on photos with classes (imagenet100, imagenet), as §A.4 does.
 6. familiarity.py: familiarity (§A.2): `shapes` variants the model never saw (data.VARIANTS, and
-   --ood-dir) against in-distribution images of the same complexity levels.
+   --ood-dir) against in-distribution images of the same complexity levels, at Tab. 1's lengths (a
+   quarter of the maximum tokens and the maximum), relative to the base's own floor.
 7. segments.py: Tab. 2's protocol: each of the first K latent tokens' maps thresholded at its top X%
    of attention mass, scored against the true segments, against a shuffled map and an untrained ALIT.
 
