@@ -410,17 +410,18 @@ def plot_selection(path, rows: dict, tasks: dict):
 
 
 def plot_probe(path, probe: dict, counts: list):
-    """§A.4: probe accuracy per iteration (the first K tokens and all so far), and at the last iteration
-    per pooled prefix, beside the untrained control, the pooled VQGAN grid and chance."""
+    """§A.4: probe accuracy per iteration (the first K tokens solid, all so far dashed), and at the last
+    iteration per pooled prefix, for each pooling probed of the trained encoder and the untrained control,
+    beside the pooled VQGAN grid and chance."""
     K, last = counts[0], len(counts)
     flat = lambda name, value, colour, xs: Series(name, [(x, value) for x in xs], colour, dashed=True)  # noqa: E731
     per_iteration, per_prefix = [], []
-    for i, (source, pooled) in enumerate([(s, p) for s in ("trained", "untrained")
-                                          for p in ("latents and image tokens", "latents")]):
-        table, colour = probe[source][pooled], COLOURS[i]
-        name = f"{source}, {pooled}"
-        per_iteration += [Series(f"{name}, first {K}", [(counts[t], table[t + 1][K]) for t in range(last)], colour),
-                          Series(f"{name}, all so far", [(counts[t], table[t + 1][counts[t]]) for t in range(last)],
+    lines = [(source, pooling) for source in ("trained", "untrained") for pooling in probe[source]]
+    for i, (source, pooling) in enumerate(lines):  # poolings probed at the claims' cells alone have gaps
+        table, colour, name = probe[source][pooling], COLOURS[i], f"{source}, {pooling}"
+        at = lambda t, k: table.get(t + 1, {}).get(k)  # noqa: E731
+        per_iteration += [Series(f"{name}, first {K}", [(counts[t], at(t, K)) for t in range(last)], colour),
+                          Series(f"{name}, all so far", [(counts[t], at(t, counts[t])) for t in range(last)],
                                  colour, dashed=True)]
         per_prefix.append(Series(name, list(table[last].items()), colour))
     for panel in (per_iteration, per_prefix):
@@ -434,19 +435,23 @@ def plot_probe(path, probe: dict, counts: list):
 
 
 def plot_familiarity(path, familiarity: dict, counts: list):
-    """§A.2: L1 against tokens per image set, and per complexity level the gap between the shortest
-    and the longest code and the tokens the default criterion picks."""
+    """§A.2: L1 against tokens per image set with its base's floor (dotted), and per complexity level the
+    gap between Tab. 1's two lengths relative to the floor and the tokens the default rule picks."""
     sets = [(name, row) for name, row in familiarity.items() if isinstance(row, dict) and "l1" in row]
     colour = lambda i: (0, 0, 0) if i == 0 else COLOURS[i - 1]  # noqa: E731 (in distribution in black)
-    panels = [Panel("L1 against tokens, unseen images (Sec. A.2)", "tokens", "L1",
-                    [Series(name, list(row["l1"].items()), colour(i)) for i, (name, row) in enumerate(sets)],
+    curves = []
+    for i, (name, row) in enumerate(sets):
+        curves += [Series(name, list(row["l1"].items()), colour(i)),
+                   Series(f"{name}, base alone", [(c, row["base_l1"]) for c in counts], colour(i), dashed=True)]
+    panels = [Panel("L1 against tokens, unseen images (Sec. A.2)", "tokens", "L1", curves,
                     xticks=[(k, str(k)) for k in counts])]
     levelled = [(i, name, row) for i, (name, row) in enumerate(sets) if "per_level" in row]
     if levelled:
         levels = sorted(levelled[0][2]["per_level"])
-        for key, title in (("gap", f"L1 at {counts[0]} minus L1 at {counts[-1]} tokens"),
-                           ("tokens", f"tokens the default criterion picks ({familiarity['criterion']})")):
-            panels.append(Panel(title, "complexity level", "tokens" if key == "tokens" else "L1 gap",
+        short, full = familiarity["lengths"]
+        for key, title in (("relative_gap", f"(L1 at {short} - L1 at {full} tokens) / base alone's L1"),
+                           ("tokens, default", f"tokens the default rule picks ({familiarity['criterion']})")):
+            panels.append(Panel(title, "complexity level", "tokens" if key.startswith("tokens") else "relative gap",
                                 [Series(name, [(c, row["per_level"][c][key]) for c in levels], colour(i))
                                  for i, name, row in levelled], xticks=[(c, str(c)) for c in levels], bars=True))
     draw_panels(path, panels)

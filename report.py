@@ -183,41 +183,60 @@ def task_alignment_lines(r: dict, counts: list) -> list:
 
 
 def probe_lines(r: dict, counts: list) -> list:
-    """§A.4: the probe's accuracy per iteration and pooled prefix, the controls and the two claims."""
-    p, last = r["linear_probe"], len(counts)
+    """§A.4: the probe's accuracy per iteration and at the last per pooled prefix, per pooling; the
+    controls; the claims with their verdicts and the standard error reached."""
+    p, last, K = r["linear_probe"], len(counts), counts[0]
     lines = ["", f"Linear probe of {p['label']} ({p['classes']} classes; {p['train_images']} train images, "
-             f"{p['test_images']} test of {p['test_classes']} classes), "
-             f"latents and image tokens pooled; rows: iteration, columns: first tokens pooled:", "",
-             "| iteration | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
-    for t, row in p["trained"]["latents and image tokens"].items():
-        lines.append(f"| {t} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in counts) + " |")
-    lines.append(f"untrained, iteration {last}, all: "
-                 f"{p['untrained']['latents and image tokens'][last][counts[-1]]:.3f}; "
-                 f"latents only, trained: {p['trained']['latents'][last][counts[-1]]:.3f}; pooled VQGAN grid "
-                 f"{p['vqgan grid']:.3f}; chance {p['chance']:.3f}")
-    for pooled, claims in p["claims"].items():
-        a, b = claims["recurrence"], claims["prefix"]
-        lines.append(f"{pooled}: (a) first {a['tokens']} tokens, iteration {a['iteration']} - iteration 1: "
-                     f"{difference(a)}; (b) iteration {last}, first {b['tokens']} - all {b['of']} tokens: "
-                     f"{difference(b)}")
+             f"{p['test_images']} test images of {p['test_classes']} classes); accuracy per iteration of the first "
+             f"{K} tokens / all so far, and at iteration {last} per first tokens pooled:", "",
+             "| pooling | " + " | ".join(f"iteration {t}" for t in range(1, last + 1)) + " | "
+             + " | ".join(f"first {k}" for k in counts) + " |", "| --- |" + " ---: |" * (2 * last)]
+    cell = lambda table, t, k: number(table.get(t, {}).get(k))  # noqa: E731 (- : not probed)
+    for source in ("trained", "untrained"):
+        for pooling, table in p[source].items():
+            per_iteration = [f"{cell(table, t, K)} / {cell(table, t, counts[t - 1])}" for t in range(1, last + 1)]
+            lines.append(f"| {source}, {pooling} | " + " | ".join(per_iteration) + " | "
+                         + " | ".join(cell(table, last, k) for k in counts) + " |")
+    lines.append(f"the untrained control scored on the first {p['control_test_images']} test images; pooled VQGAN "
+                 f"grid {p['vqgan grid']:.3f}; chance {p['chance']:.3f}; compared: {p['compared']}")
+    lines += ["", "| claim (paper) | pooling | ours ± SE | verdict |", "| --- | --- | ---: | --- |"]
+    for pooling, claims in p["claims"].items():
+        for name, c in claims.items():
+            claim = (f"(a) {name}: iterations {c['iterations']} - {c['against']} (+{c['paper']:.3f})"
+                     if name.startswith("recurrence") else
+                     f"(b) iteration {c['iteration']}, first {c['tokens']} - all {c['against']} tokens (-)")
+            lines.append(f"| {claim} | {pooling} | {c['difference']:+.3f} ± {c['se']:.3f} | {c['verdict']} |")
+    lines.append(f"largest SE of the claims (one mean) {p['largest_se']:.4f}, target <= {p['se_target']:.4f} "
+                 f"(a third of the paper's +3.9 points): {'met' if p['se_target_met'] else 'not met'}")
     return lines
 
 
 def familiarity_lines(r: dict, counts: list) -> list:
-    """§A.2: per image set its L1 gap and tokens, against in distribution."""
-    f, first, last = r["familiarity"], counts[0], counts[-1]
-    lines = ["", f"Familiarity (§A.2): L1 gap {first} - {last} tokens and tokens picked by "
-             f"{f['criterion']}, against in distribution:", "",
-             f"| images | VQGAN L1 | L1 at {first} | L1 at {last} | gap | gap - in distribution | tokens | "
-             "tokens - in distribution | FID gap |", "| --- |" + " ---: |" * 8]
-    for name, row in f.items():
-        if not isinstance(row, dict):
-            continue
-        gap = difference(row["gap_vs_in_distribution"], "+.4f") if "gap_vs_in_distribution" in row else "-"
-        tokens = difference(row["tokens_vs_in_distribution"], "+.1f") if "tokens_vs_in_distribution" in row else "-"
-        lines.append(f"| {name} | {row['vqgan_l1']:.4f} | {row['l1'][first]:.4f} | {row['l1'][last]:.4f} | "
-                     f"{row['gap']:.4f} | {gap} | {row['tokens']:.1f} | {tokens} | "
+    """§A.2 at Tab. 1's lengths: per image set, grouped, the base's floor, L1 at both lengths, the gap plain
+    and relative to the floor, the tokens of each rule; then each claim against in distribution, judged."""
+    f = r["familiarity"]
+    short, full = f["lengths"]
+    sets = [(name, row) for name, row in f.items() if isinstance(row, dict) and "l1" in row]
+    lines = ["", f"Familiarity (§A.2, Tab. 1's lengths {short} and {full} tokens); tokens by {f['criterion']} "
+             f"(default) and by {f['threshold rule']} alone; matched {f['matched']}:", "",
+             f"| images | group | base alone | L1 at {short} | L1 at {full} | gap | gap / base | tokens, default | "
+             "tokens, threshold | base above the threshold | FID gap |", "| --- | --- |" + " ---: |" * 9]
+    for name, row in sets:
+        lines.append(f"| {name} | {row['group']} | {row['base_l1']:.4f} | {row['l1'][short]:.4f} | "
+                     f"{row['l1'][full]:.4f} | {row['gap']['difference']:.4f} | "
+                     f"{row['relative_gap']['difference']:.3f} | {row['tokens']['default']['mean']:.1f} | "
+                     f"{row['tokens']['threshold']['mean']:.1f} | {100 * row['above_threshold_at_the_floor']:.0f}% | "
                      f"{number(row.get('fid_gap'), '.2f')} |")
+    lines += ["", "| unseen - in distribution (paper: larger, more) | " + " | ".join(
+        ("gap", "gap / base", "tokens, default", "tokens, threshold")) + " |", "| --- |" + " --- |" * 4]
+    for name, row in sets[1:]:
+        claims = row["vs_in_distribution"]
+        judged = ("gap", "relative_gap", "tokens, default rule", "tokens, threshold rule")
+        cells = [f"{claims[k]['difference']:+.4f} ± {claims[k]['se']:.4f}: {claims[k]['verdict']}" for k in judged]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floors = {c["why"] for _, row in sets[1:] for c in row["vs_in_distribution"].values()
+              if c["verdict"] == "inconclusive" and c["why"].startswith("at its floor")}
+    lines += [f"- {why}" for why in sorted(floors)]
     return lines
 
 

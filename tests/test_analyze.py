@@ -132,7 +132,7 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
 
 def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures(8)))
-    model = tiny_model(rollout_iters=4)  # 4 iterations: 10 prefixes to probe per table, not 36
+    model = tiny_model(rollout_iters=4)  # 4 iterations: 10 cells to probe per table, not 22
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     out = tmp_path / "analyze"
@@ -142,7 +142,7 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ood / f"{i}.png")
     flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
              "--ood-dir", str(ood), "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20",
-             "--familiarity-images", "6", "--out-dir", str(out),
+             "--probe-test-images", "20", "--familiarity-images", "6", "--out-dir", str(out),
              "--inception-weights", "fake.pth", "--l1-thresholds", "0.1,0.2"]
     results = analyze.main(flags)
     printed = capsys.readouterr().out
@@ -162,9 +162,11 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert "depth error < threshold" in saved["selection"] and all(r["depth"] is not None for r in fixed)
     assert set(saved["task_alignment"]) == {"accuracy", "depth"}
     probe = saved["linear_probe"]
-    assert list(probe["trained"]["latents"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix at the last
-    assert list(probe["untrained"]["latents and image tokens"]["1"]) == [str(K)]
-    assert set(saved["familiarity"]) == {"criterion", "in distribution", "kinds", "textures", "palette", "--ood-dir"}
+    assert list(probe["trained"]["one mean"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix, last
+    assert list(probe["trained"]["latents"][str(T)]) == [str(K), str(2 * K), str(T * K)]  # the claims' prefixes
+    assert list(probe["untrained"]["one mean"]["1"]) == [str(K)]
+    assert set(saved["familiarity"]) == {"criterion", "threshold rule", "lengths", "matched", "in distribution",
+                                         "kinds", "textures", "palette", "--ood-dir"}
     assert saved["familiarity"]["--ood-dir"]["images"] == 3 and "per_level" not in saved["familiarity"]["--ood-dir"]
     segments = saved["segments"]
     assert list(segments["tables"][segments["main reading"]]["percentile"]["hungarian"]) == [
@@ -193,22 +195,24 @@ def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
     for seed, split in enumerate(("train", "val")):  # a fake ImageNet-100; the tiny 32x32 model crops its images
         write_class_colours(tmp_path / "in100" / split, IMAGENET100_CLASSES, seed)
     ckpt = tmp_path / "ckpt.pt"
-    model = tiny_model(rollout_iters=2)  # 3 prefixes to probe per table
+    model = tiny_model(rollout_iters=2)  # 3 cells to probe per table
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     results = analyze.main(["--ckpt", str(ckpt), "--dataset", "imagenet100", "--data-dir", str(tmp_path / "in100"),
-                            "--num-images", "100", "--probe-images", "100", "--attention-images", "1",
+                            "--num-images", "100", "--probe-images", "100", "--probe-test-images", "100",
+                            "--attention-images", "1",
                             "--out-dir", str(tmp_path / "analyze")])
     printed = capsys.readouterr().out
     assert "the linear probe of the classes" in printed and "Linear probe of the image's class (100 classes" in printed
     probe = json.loads((tmp_path / "analyze" / "analysis.json").read_text())["linear_probe"]
     assert probe["label"] == "the image's class" and probe["classes"] == 100
     assert (probe["train_images"], probe["test_images"], probe["test_classes"]) == (100, 100, 100)
+    assert probe["control_test_images"] == 25  # the untrained control scores the first quarter
     accuracies = [v for source in ("trained", "untrained") for table in probe[source].values()
                   for row in table.values() for v in row.values()]
-    assert len(accuracies) == 2 * 2 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
-    assert probe["chance"] == 0.01 and set(probe["claims"]) == {"latents", "latents and image tokens"}
+    assert len(accuracies) == 4 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
+    assert probe["chance"] == 0.01 and set(probe["claims"]) == {"one mean", "two means", "latents"}
     # the colours are told apart (an untrained tokenizer's pooled tokens keep them): train and val labels agree
-    assert probe["vqgan grid"] > 0.5 and probe["trained"]["latents and image tokens"]["2"]["16"] > 0.5
+    assert probe["vqgan grid"] > 0.5 and probe["trained"]["one mean"]["2"]["16"] > 0.5
     assert (tmp_path / "analyze" / "probe.png").is_file() and "binding" not in results and "segments" not in results
     # no classes, or no train split: the line says why there is no probe
     write_class_colours(tmp_path / "mine" / "val", ["a", "b"], 0)
