@@ -2,7 +2,7 @@
 And what analyze.py prints: its results as markdown, a section per analysis (`analysis_report`)."""
 import csv
 
-from tasks import TASKS
+from tasks import SCORE_NAMES, TASKS
 
 
 def markdown_report(r: dict) -> str:
@@ -169,7 +169,7 @@ def task_alignment_lines(r: dict, counts: list) -> list:
                  "own model:")
     for task, scorers in r["task_alignment"].items():
         for scorer, a in scorers.items():
-            lines.append(f"- {TASKS[task][0]}, {scorer}: " + "; ".join(
+            lines.append(f"- {SCORE_NAMES[task]}, {scorer}: " + "; ".join(
                 f"over {other}: " + ("-" if o["advantage"] is None else f"{o['advantage']:+.4f} ± {o['se']:.4f}")
                 for other, o in a["over"].items()))
     t = r["tokens_per_task"]

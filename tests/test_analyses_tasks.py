@@ -79,3 +79,22 @@ def test_a_small_depth_regressor_reads_the_depth_better_than_the_background_dept
     # the judge's architecture predicts the same maps' shape at another image size
     judge = tasks.build_task_net("depth_judge", "level").eval()
     assert judge(torch.rand(2, 3, 64, 64)).shape == (2, 64, 64) and net(torch.rand(2, 3, 64, 64)).shape == (2, 64, 64)
+
+
+def test_four_task_models_train_once_and_are_read_back_for_the_same_settings(tmp_path, capsys):
+    args = types.SimpleNamespace(label="level", seed=0, classifier_images=8, classifier_steps=2, out_dir=str(tmp_path))
+    nets = tasks.task_nets(args, 32, torch.device("cpu"))
+    assert set(nets) == set(tasks.TASK_NETS) and "training the" in capsys.readouterr().out
+    # each judge differs from its criterion's model in architecture and seed
+    settings = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True)["settings"] for name in nets}
+    for model in ("classifier", "depth"):
+        own, judge = settings[model], settings[model + "_judge"]
+        assert own["architecture"] != judge["architecture"] and own["seed"] != judge["seed"]
+    again = tasks.task_nets(args, 32, torch.device("cpu"))
+    assert capsys.readouterr().out.count("read from") == 4
+    for name, net in nets.items():
+        for a, b in zip(net.state_dict().values(), again[name].state_dict().values()):
+            assert torch.equal(a, b)
+    args.seed = 1  # other settings: trained anew
+    tasks.task_nets(args, 32, torch.device("cpu"))
+    assert "read from" not in capsys.readouterr().out
