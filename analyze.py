@@ -20,8 +20,9 @@ every batch and has a file of its own:
 3. complexity.py: complexity curves (Fig. 4/5): L1 against tokens per level, and the token counts
    chosen per level at two L1 thresholds.
 4. tasks.py: task-aligned selection (Fig. 6-9): a small classifier and a small depth regressor trained
-   here on original `shapes` images are the tasks of interest beside L1, PSNR (and FID); tokens are
-   selected by L1 < threshold, classifier top-X correct, depth error < threshold or token accuracy.
+   here on original `shapes` images select tokens (classifier top-X correct, depth error < threshold,
+   beside L1 < threshold and token accuracy); judges of another architecture and seed score the tasks
+   of interest beside L1, PSNR (and FID), so that TSC = TOI can fail.
 5. probes.py: linear probing (§A.4): a linear classifier on the mean-pooled encoder output (one mean over
    image and latent tokens, as the official code) per iteration and per prefix of latent tokens, against
    the pooled VQGAN grid and an untrained ALIT, scored on a test set of its own sized for the claims'
@@ -97,9 +98,9 @@ def parser() -> flags.Parser:
           "highest scores (Fig. 8's Top-X)")
     p.add("--label", "level", str, "what the classifier predicts: the complexity level (5 classes) or how many "
           "shapes were drawn (12)", choices=tuple(observe.LABELS))
-    p.add("--classifier-images", 4000, Number(int, 1), "training images of the classifier and the depth "
-          "regressor (shapes train split), cached in --out-dir")
-    p.add("--classifier-steps", 800, Number(int, 1), "their optimizer steps, batch 64")
+    p.add("--classifier-images", 4000, Number(int, 1), "training images of the four task models (shapes train "
+          "split): the criteria's classifier and depth regressor and their independent judges, cached in --out-dir")
+    p.add("--classifier-steps", 800, Number(int, 1), "their optimizer steps, batch 32")
     p.add("--depth-thresholds", "auto", Numbers(Number(float, 0, ends="(]"), auto=True), "thresholds of the depth "
           "criterion: the depth regressor's mean error on the reconstruction against its prediction on the "
           "original (the paper's pseudo-ground truth), in layers; auto as --l1-thresholds")
@@ -123,7 +124,7 @@ def parser() -> flags.Parser:
           "of interest too (a Frechet distance per selection, some 50 of them, seconds each on a CPU)")
     p.add("--out-dir", "out/analyze", FOLDER, "PNGs, analysis.json, the cached classifier")
     p.add("--device", "auto", str, "auto: CUDA when available", choices=("auto", "cuda", "cpu"))
-    p.add("--seed", 0, Number(int, 0), "of the classifier, and of the shuffled baseline")
+    p.add("--seed", 0, Number(int, 0), "of the task models (their judges: --seed + 1), and of the shuffled baseline")
     p.add("--keep-freed-memory", True, bool, "on the CPU, keep freed memory in the process "
           "(distributed.keep_freed_memory)")
     return p

@@ -2,7 +2,7 @@
 And what analyze.py prints: its results as markdown, a section per analysis (`analysis_report`)."""
 import csv
 
-from tasks import TASKS
+from tasks import SCORE_NAMES, TASKS
 
 
 def markdown_report(r: dict) -> str:
@@ -165,20 +165,31 @@ def selection_lines(r: dict, counts: list) -> list:
 
 
 def task_alignment_lines(r: dict, counts: list) -> list:
-    """The depth regressor, TSC = TOI, and the tokens each task needs."""
-    d = r["depth_regressor"]
-    lines = [f"\ndepth regressor: error {d['error_on_originals']:.3f} layers on the originals "
-             f"(background depth everywhere: {d['error_of_background_depth_everywhere']:.3f})",
-             "\nTSC = TOI (Fig. 6/9): each task's advantage under its own criterion over another's at the "
-             "same fraction of tokens (± bootstrap SE):"]
-    for task, others in r["task_alignment"].items():
-        lines.append(f"- {TASKS[task][0]}: " + "; ".join(
-            f"over {other}: " + ("-" if a["advantage"] is None else f"{a['advantage']:+.4f} ± {a['se']:.4f}")
-            for other, a in others.items()))
+    """The task models on the originals, TSC = TOI by each scorer, the tokens each task needs, the claims."""
+    lines = ["", f"| task model | architecture | seed | score | originals | {counts[0]} tokens | {counts[-1]} tokens "
+             "| control |", "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    for net in r["task_nets"].values():
+        lines.append(f"| {net['role']} | {net['architecture']} | +{net['seed_offset']} | {net['score']} | "
+                     f"{net['originals']:.3f} | {net['fewest_tokens']:.3f} | {net['most_tokens']:.3f} | "
+                     f"{net['control_name']} {net['control']:.3f} |")
+    lines.append("\nTSC = TOI (Fig. 6/9): each task's advantage under its own criterion over another's at the same "
+                 "fraction of the tokens (± bootstrap SE), scored by the independent judge and by the criterion's "
+                 "own model:")
+    for task, scorers in r["task_alignment"].items():
+        for scorer, a in scorers.items():
+            lines.append(f"- {SCORE_NAMES[task]}, {scorer}: " + "; ".join(
+                f"over {other}: " + ("-" if o["advantage"] is None else f"{o['advantage']:+.4f} ± {o['se']:.4f}")
+                for other, o in a["over"].items()))
     t = r["tokens_per_task"]
-    lines.append(f"tokens until as good as the original ({t['images']} images the classifier gets right): "
-                 f"classification {t['classification']:.1f}, depth {t['depth']:.1f}; depth - classification "
-                 + difference(t, "+.2f"))
+    lines.append(f"\ntokens until the task is done as well as at {counts[-1]} tokens, and at every larger count "
+                 f"({t['images']} images the classifier judge gets right at {counts[-1]}; {t['rule']}): "
+                 f"classification {t['classification']['tokens']:.1f} ({100 * t['classification']['censored']:.0f}% "
+                 f"censored at {counts[-1]}), depth {t['depth']['tokens']:.1f} ({100 * t['depth']['censored']:.0f}% "
+                 f"censored); depth - classification {'-' if t['se'] is None else difference(t, '+.2f')}")
+    lines += ["", "| claim | paper | ours, ± SE | verdict |", "| --- | --- | --- | --- |"]
+    for claim, c in r["task_claims"].items():
+        ours = "-" if c["difference"] is None else f"{c['difference']:+.4f} ± {c['se']:.4f}"
+        lines.append(f"| {claim} | {c['paper']} | {ours} | {c['verdict']}: {c['why']} |")
     return lines
 
 
