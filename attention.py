@@ -1,10 +1,13 @@
-"""Fig. 3's attention maps: per iteration, the attention of the latent tokens over the 2D image tokens
-(last encoder layer, mean over heads), drawn for a few images, and how spread out they are (entropy).
+"""Fig. 3's attention maps: per iteration, the attention between the latent tokens and the 2D image tokens,
+drawn for a few images (the decoder's maps, as the paper's figures), and how spread out the maps are
+(entropy), of the decoder's maps and of the last encoder layer's.
 
 Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
 Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1): §2 and Fig. 3, 11-13 ("sharper & sparser
-attention" as the recurrence adds tokens). binding.py and segments.py score the same maps against
-the true segments (§A.3, Tab. 2).
+attention" as the recurrence adds tokens); §4 "Analyzing Learned Tokens for Object Discovery": the maps
+are "attention maps of learned 1D latent tokens to 2D image tokens ... from the 7th layer of Ours-S
+distillation-decoder" (observe.decoder_attention; the layer: --map-layer). binding.py scores the last
+encoder layer's attention against the true segments (§A.3), segments.py the decoder's maps (Tab. 2).
 """
 import math
 
@@ -13,6 +16,7 @@ import torch
 
 from data import LEVELS, SceneItem, ShapesDataset
 from plots import draw_attention
+from verdicts import mean_difference, verdict
 
 
 def image_to_latent(weights, num_image_tokens: int):
@@ -48,39 +52,68 @@ def spread_images(dataset, n: int, count: int) -> list:
     return chosen
 
 
+def decoder_maps(columns):
+    """(B, heads, N, tK) decoder attention columns (observe.decoder_attention) -> (B, tK, N): each latent
+    token's map over the 2D cells, heads averaged (the official notebook's) and rescaled to sum to 1."""
+    maps = columns.float().mean(1).transpose(1, 2)
+    return maps / maps.sum(-1, keepdim=True)
+
+
 class AttentionMaps:
     """What Fig. 3 keeps of each batch: every image's mean map entropy per iteration, of the first K
-    latent tokens (tracked through the rollout) and of all; and of the images in `keep`, the image, its
-    maps, each 2D token's most attended latent token and its segments (shapes)."""
+    latent tokens (tracked through the rollout) and of all, for the decoder's maps at block `layer`
+    (0-based) and for the last encoder layer's; and of the images in `keep`, the image, its decoder maps,
+    each 2D query's most attended latent token there and its segments (shapes)."""
 
-    def __init__(self, keep: list, config):
-        self.keep, self.N, self.K = keep, config.num_image_tokens, config.tokens_per_iter
-        self.entropy_first, self.entropy_all, self.kept = [], [], {}
+    def __init__(self, keep: list, config, layer: int):
+        self.keep, self.N, self.K, self.layer = keep, config.num_image_tokens, config.tokens_per_iter, layer
+        self.entropy = {key: [] for key in ("encoder first", "encoder all", "decoder first", "decoder all")}
+        self.kept = {}
 
     def add(self, batch):
-        maps = [latent_to_image(w, self.N) for w in batch.weights]  # T x (B, tK, N)
-        entropy = [map_entropy(m) for m in maps]  # T x (B, tK)
-        self.entropy_first.append(torch.stack([e[:, :self.K].mean(1) for e in entropy]).cpu())  # (T, B)
-        self.entropy_all.append(torch.stack([e.mean(1) for e in entropy]).cpu())
+        for source, maps in (("encoder", [latent_to_image(w, self.N) for w in batch.weights]),  # T x (B, tK, N)
+                             ("decoder", [decoder_maps(c) for c in batch.decoder_maps])):
+            entropy = [map_entropy(m) for m in maps]  # T x (B, tK)
+            self.entropy[f"{source} first"].append(torch.stack([e[:, :self.K].mean(1) for e in entropy]).cpu())
+            self.entropy[f"{source} all"].append(torch.stack([e.mean(1) for e in entropy]).cpu())  # (T, B)
         for j, i in enumerate(batch.index):
             if i in self.keep:
                 item = batch.items[j]
-                self.kept[i] = (batch.images[j].cpu(), [m[j].cpu() for m in maps],
-                                [image_to_latent(w[j:j + 1], self.N)[0].argmax(-1).cpu() for w in batch.weights],
+                self.kept[i] = (batch.images[j].cpu(), [decoder_maps(c[j:j + 1])[0].cpu() for c in batch.decoder_maps],
+                                [c[j].mean(0).argmax(-1).cpu() for c in batch.decoder_maps],
                                 item.labels if isinstance(item, SceneItem) else None)
 
     def result(self) -> dict:
-        return {"entropy_first": torch.cat(self.entropy_first, -1), "entropy_all": torch.cat(self.entropy_all, -1),
-                "kept": self.kept}
+        return {"entropy": {key: torch.cat(v, -1) for key, v in self.entropy.items()}, "kept": self.kept,
+                "layer": self.layer}
+
+
+def sharper(entropy) -> dict:
+    """Fig. 3's "sharper & sparser attention" as a claim: the first K tokens' mean map entropy at iteration
+    1 minus at the last (positive: sharper), over the images (T, n), judged by verdicts.verdict."""
+    change = mean_difference(entropy[0], entropy[-1])
+    return {**change, **verdict(change["difference"], change["se"])}
 
 
 def analyse(maps: dict, dataset, config, out) -> dict:
-    """attention_<i>.png per image kept (Fig. 3), and the mean entropy per token count."""
-    counts = config.token_counts
+    """attention_<i>.png per image kept (Fig. 3, 11: the decoder's maps), and the mean entropy per token
+    count of the decoder's and the encoder's maps, with Fig. 3's claim on each."""
+    counts, K, layer = config.token_counts, config.tokens_per_iter, maps["layer"]
+    source = f"decoder layer {layer + 1} of {config.decoder_layers}"
     for i, (image, image_maps, assign, masks) in maps["kept"].items():
         level = dataset.complexity_of(i) if isinstance(dataset, ShapesDataset) else None
-        draw_attention(out / f"attention_{i}.png", image, image_maps, assign, masks, config, level)
+        draw_attention(out / f"attention_{i}.png", image, image_maps, assign, masks, config, level,
+                       f"{source}: the 2D queries' attention to each latent token, mean over heads")
+    entropy = maps["entropy"]
     return {"attention_maps": [str(out / f"attention_{i}.png") for i in maps["kept"]],
+            "attention_maps_source": source,
+            # the last encoder layer's latent rows, what attention_entropy read before the decoder's maps
             "attention_entropy": {
-                f"tokens 1-{config.tokens_per_iter}": dict(zip(counts, maps["entropy_first"].mean(1).tolist())),
-                "all latent tokens": dict(zip(counts, maps["entropy_all"].mean(1).tolist()))}}
+                f"tokens 1-{K}": dict(zip(counts, entropy["encoder first"].mean(1).tolist())),
+                "all latent tokens": dict(zip(counts, entropy["encoder all"].mean(1).tolist()))},
+            "attention_entropy_decoder": {
+                "layer": source,
+                f"tokens 1-{K}": dict(zip(counts, entropy["decoder first"].mean(1).tolist())),
+                "all latent tokens": dict(zip(counts, entropy["decoder all"].mean(1).tolist()))},
+            "attention_sharper": {f"decoder ({source}), tokens 1-{K}": sharper(entropy["decoder first"]),
+                                  f"encoder (last layer), tokens 1-{K}": sharper(entropy["encoder first"])}}

@@ -3,12 +3,14 @@ batch with its attention and encoder outputs recorded, and the reconstruction er
 
 Paper: "Adaptive Length Image Tokenization via Recurrent Allocation" (ALIT),
 Duggal, Isola, Torralba, Freeman, arXiv:2411.02393 (v1): §2 (the rollout: T iterations, K new latent
-tokens each), read by Fig. 3 and Tab. 2 (the last encoder layer's attention), §A.4 (the encoder's
-output), §3 and §A.2 (the reconstruction at every token count). analyze.py makes one pass over the
-images (`batches`); each analysis keeps what it needs of every `Batch`.
+tokens each), read by Fig. 3 and Tab. 2 (the decoder's attention at the paper's layer; the last encoder
+layer's, which binding reads), §A.4 (the encoder's output), §3 and §A.2 (the reconstruction at every
+token count). analyze.py makes one pass over the images (`batches`); each analysis keeps what it needs
+of every `Batch`.
 
 Attention weights have rows as queries: weights[b, i, j] is how much token i attends to token j, over
-the sequence [class; N 2D image tokens; t*K latent tokens].
+the encoder's sequence [class; N 2D image tokens; t*K latent tokens], or the decoder's [class; N mask
+tokens (the 2D queries); t*K latent tokens].
 """
 import contextlib
 import dataclasses
@@ -82,6 +84,46 @@ def attention_weights(model: ALIT):
         attention.record = None
 
 
+def map_layer(layer: int | None, config) -> int:
+    """--map-layer (1-based, None: the default) -> the 0-based index of the decoder block whose attention
+    gives Tab. 2's and Fig. 3's maps: the second to last, as the paper's "7th layer of Ours-S
+    distillation-decoder" (§4, Analyzing Learned Tokens for Object Discovery; 8 layers), and the last
+    of a one-layer decoder (the tiny preset's)."""
+    layers = config.decoder_layers
+    layer = max(1, layers - 1) if layer is None else layer
+    if not 1 <= layer <= layers:
+        raise ValueError(f"--map-layer {layer}: the decoder has layers 1 to {layers}")
+    return layer - 1
+
+
+class QueryColumns(list):
+    """What a decoder block's attention record keeps of each (B, h, L, L) call over the decoder's sequence
+    [class; N mask tokens (the 2D queries); t*K latent tokens]: the rows of the 2D queries and the
+    columns of the latent tokens, (B, h, N, t*K); column k is latent token k's map over the 2D cells.
+    The official notebook (token_visualization.ipynb) indexes column 256 + idx, one column short of
+    latent token idx's, 257 + idx (1 + N + idx): we take the latent tokens' own columns."""
+
+    def __init__(self, num_image_tokens: int):
+        super().__init__()
+        self.N = num_image_tokens
+
+    def append(self, weights):
+        super().append(weights[:, :, 1:1 + self.N, 1 + self.N:].float())
+
+
+@contextlib.contextmanager
+def decoder_attention(model: ALIT, layer: int):
+    """Collects the 2D queries' attention to the latent tokens at decoder block `layer` (0-based) while
+    the block runs: one (B, heads, N, t*K) tensor per decoded iteration (QueryColumns), as
+    attention_weights does for the encoder."""
+    attention = model.decoder[layer].attn
+    attention.record = QueryColumns(model.config.num_image_tokens)
+    try:
+        yield attention.record
+    finally:
+        attention.record = None
+
+
 def one_pass(model: ALIT, images):
     """The fixed-length baseline: the encoder run once over [2D image tokens; all T*K latent tokens],
     the sequence the rollout reaches at its last iteration but without the recurrence. The weights
@@ -126,35 +168,44 @@ class Batch:
     passes: list  # T x (B, 1+N+tK, D) the encoder's output at every iteration
     control_weights: list | None  # the untrained control's attention, as `weights` (None without a control)
     control_passes: list | None  # and its encoder outputs, as `passes`
+    # T x (B, heads, N, t*K): the 2D queries' attention to each latent token at decoder block --map-layer
+    # (decoder_attention), the maps of Tab. 2 and Fig. 3, 11; the control's at its last iteration only
+    decoder_maps: list | None = None
+    control_decoder_maps: list | None = None
 
 
 @torch.no_grad()
-def observe_batch(model: ALIT, control: ALIT | None, items: list, index: list, device) -> Batch:
-    """The rollout of `model` over the images of `items`, recorded; the untrained `control`'s too (it
-    decodes its last iteration only)."""
+def observe_batch(model: ALIT, control: ALIT | None, items: list, index: list, device,
+                  layer: int | None = None) -> Batch:
+    """The rollout of `model` over the images of `items`, recorded, its decoder's maps at block `layer`
+    (0-based; None: map_layer's default); the untrained `control`'s too (it decodes its last iteration only)."""
+    layer = map_layer(None, model.config) if layer is None else layer
     images = torch.stack([item[0] for item in items]).to(device)
     tokens_2d = model.base_tokens(images)
-    with attention_weights(model) as record, encoder_outputs(model) as passes:
+    with (attention_weights(model) as record, encoder_outputs(model) as passes,
+          decoder_attention(model, layer) as decoder_maps):
         records = model(images, tokens_2d, reconstruct=True)
     weights = heads_averaged(record)  # T x (B, 1+N+tK, 1+N+tK)
     with attention_weights(model) as record:
         one_pass(model, images)
     fixed = heads_averaged(record)[0]
-    control_weights = control_passes = None
+    control_weights = control_passes = control_decoder_maps = None
     if control is not None:
-        with attention_weights(control) as record, encoder_outputs(control) as control_passes:
+        with (attention_weights(control) as record, encoder_outputs(control) as control_passes,
+              decoder_attention(control, layer) as control_decoder_maps):
             control(images, iters=[control.config.rollout_iters - 1])
         control_weights = heads_averaged(record)
     recon = torch.stack([r.recon.float().clamp(0, 1) for r in records])  # (T, B, 3, H, W)
     return Batch(index, items, images, tokens_2d, model.base_targets(tokens_2d), records, recon, weights, fixed,
-                 passes, control_weights, control_passes)
+                 passes, control_weights, control_passes, list(decoder_maps),
+                 list(control_decoder_maps) if control is not None else None)
 
 
-def batches(model: ALIT, control: ALIT | None, dataset, n: int, batch_size: int, device):
-    """The first n images of `dataset`, observed batch by batch."""
+def batches(model: ALIT, control: ALIT | None, dataset, n: int, batch_size: int, device, layer: int | None = None):
+    """The first n images of `dataset`, observed batch by batch; the decoder's maps at block `layer`."""
     for start in tqdm(range(0, n, batch_size), desc="analyze", dynamic_ncols=True):
         index = list(range(start, min(n, start + batch_size)))
-        yield observe_batch(model, control, items_of(dataset, index), index, device)
+        yield observe_batch(model, control, items_of(dataset, index), index, device, layer)
 
 
 # -----------------------------------------------------------------------------

@@ -310,10 +310,11 @@ def distinct_colours(count: int) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb((j * 0.618034) % 1, 0.75, 0.95) for j in range(count)]) * 255
 
 
-def draw_attention(path, image, maps, assign, masks, mc, level, cell: int = 64):
-    """Fig. 3/13 for one image: a row per iteration; the image, its segments (shapes), each 2D token
+def draw_attention(path, image, maps, assign, masks, mc, level, source: str, cell: int = 64):
+    """Fig. 3/11/13 for one image: a row per iteration; the image, its segments (shapes), each 2D token
     coloured by the latent token it attends most, then the attention maps over the image of the
-    first K latent tokens as the rollout updates them, and of the K tokens added at that iteration."""
+    first K latent tokens as the rollout updates them, and of the K tokens added at that iteration;
+    `source` names the attention (which layer, which heads) in the title."""
     K, T, g = mc.tokens_per_iter, mc.rollout_iters, mc.grid_size
     font = ImageFont.load_default(size=13)
     photo = np.asarray(Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -331,10 +332,9 @@ def draw_attention(path, image, maps, assign, masks, mc, level, cell: int = 64):
     width = left + len(lead) * (cell + 4) + 2 * (gap + K * (cell + 4))
     canvas = Image.new("RGB", (width, top + T * (cell + 4) + 8), "white")
     draw = ImageDraw.Draw(canvas)
-    title = (f"level {level}: " if level is not None else "") + "attention of latent tokens to the 2D image tokens " \
-        "(last encoder layer, mean over heads; each map scaled to its maximum)"
+    title = (f"level {level}: " if level is not None else "") + f"{source} (each map scaled to its maximum)"
     draw.text((8, 8), title, fill="black", font=font)
-    draw.text((8, 26), "binding: each 2D token in the colour of the latent token it attends most (one colour per "
+    draw.text((8, 26), "binding: each 2D cell in the colour of the latent token its query attends most (one colour per "
               "latent token)", fill="black", font=font)
     x_first = left + len(lead) * (cell + 4) + gap
     x_new = x_first + K * (cell + 4) + gap
@@ -410,17 +410,18 @@ def plot_selection(path, rows: dict, tasks: dict):
 
 
 def plot_probe(path, probe: dict, counts: list):
-    """§A.4: probe accuracy per iteration (the first K tokens and all so far), and at the last iteration
-    per pooled prefix, beside the untrained control, the pooled VQGAN grid and chance."""
+    """§A.4: probe accuracy per iteration (the first K tokens solid, all so far dashed), and at the last
+    iteration per pooled prefix, for each pooling probed of the trained encoder and the untrained control,
+    beside the pooled VQGAN grid and chance."""
     K, last = counts[0], len(counts)
     flat = lambda name, value, colour, xs: Series(name, [(x, value) for x in xs], colour, dashed=True)  # noqa: E731
     per_iteration, per_prefix = [], []
-    for i, (source, pooled) in enumerate([(s, p) for s in ("trained", "untrained")
-                                          for p in ("latents and image tokens", "latents")]):
-        table, colour = probe[source][pooled], COLOURS[i]
-        name = f"{source}, {pooled}"
-        per_iteration += [Series(f"{name}, first {K}", [(counts[t], table[t + 1][K]) for t in range(last)], colour),
-                          Series(f"{name}, all so far", [(counts[t], table[t + 1][counts[t]]) for t in range(last)],
+    lines = [(source, pooling) for source in ("trained", "untrained") for pooling in probe[source]]
+    for i, (source, pooling) in enumerate(lines):  # poolings probed at the claims' cells alone have gaps
+        table, colour, name = probe[source][pooling], COLOURS[i], f"{source}, {pooling}"
+        at = lambda t, k: table.get(t + 1, {}).get(k)  # noqa: E731
+        per_iteration += [Series(f"{name}, first {K}", [(counts[t], at(t, K)) for t in range(last)], colour),
+                          Series(f"{name}, all so far", [(counts[t], at(t, counts[t])) for t in range(last)],
                                  colour, dashed=True)]
         per_prefix.append(Series(name, list(table[last].items()), colour))
     for panel in (per_iteration, per_prefix):
@@ -434,37 +435,55 @@ def plot_probe(path, probe: dict, counts: list):
 
 
 def plot_familiarity(path, familiarity: dict, counts: list):
-    """§A.2: L1 against tokens per image set, and per complexity level the gap between the shortest
-    and the longest code and the tokens the default criterion picks."""
+    """§A.2: L1 against tokens per image set with its base's floor (dotted), and per complexity level the
+    gap between Tab. 1's two lengths relative to the floor and the tokens the default rule picks."""
     sets = [(name, row) for name, row in familiarity.items() if isinstance(row, dict) and "l1" in row]
     colour = lambda i: (0, 0, 0) if i == 0 else COLOURS[i - 1]  # noqa: E731 (in distribution in black)
-    panels = [Panel("L1 against tokens, unseen images (Sec. A.2)", "tokens", "L1",
-                    [Series(name, list(row["l1"].items()), colour(i)) for i, (name, row) in enumerate(sets)],
+    curves = []
+    for i, (name, row) in enumerate(sets):
+        curves += [Series(name, list(row["l1"].items()), colour(i)),
+                   Series(f"{name}, base alone", [(c, row["base_l1"]) for c in counts], colour(i), dashed=True)]
+    panels = [Panel("L1 against tokens, unseen images (Sec. A.2)", "tokens", "L1", curves,
                     xticks=[(k, str(k)) for k in counts])]
     levelled = [(i, name, row) for i, (name, row) in enumerate(sets) if "per_level" in row]
     if levelled:
         levels = sorted(levelled[0][2]["per_level"])
-        for key, title in (("gap", f"L1 at {counts[0]} minus L1 at {counts[-1]} tokens"),
-                           ("tokens", f"tokens the default criterion picks ({familiarity['criterion']})")):
-            panels.append(Panel(title, "complexity level", "tokens" if key == "tokens" else "L1 gap",
+        short, full = familiarity["lengths"]
+        for key, title in (("relative_gap", f"(L1 at {short} - L1 at {full} tokens) / base alone's L1"),
+                           ("tokens, default", f"tokens the default rule picks ({familiarity['criterion']})")):
+            panels.append(Panel(title, "complexity level", "tokens" if key.startswith("tokens") else "relative gap",
                                 [Series(name, [(c, row["per_level"][c][key]) for c in levels], colour(i))
                                  for i, name, row in levelled], xticks=[(c, str(c)) for c in levels], bars=True))
     draw_panels(path, panels)
 
 
 def plot_segments(path, segments: dict, counts: list):
-    """Tab. 2: the mIoU of the first K latent tokens' top-X segments per iteration, per share and with
-    the share chosen per image, beside the shuffled maps and the untrained control."""
+    """Tab. 2: the mIoU of the main reading's segments per iteration (the decoder's maps of the first K
+    tokens, heads averaged), per X of both thresholdings and with X chosen per image, per matching; then
+    at X best per image, beside the second reading, the per-head maps and the controls."""
     ticks = [(k, str(k)) for k in counts]
-    shares = [key for key in segments["recurrent"] if key != "best per image"]
-    per_share = [Series(f"top {share} of the mass", list(segments["recurrent"][share].items()), COLOURS[i])
-                 for i, share in enumerate(shares)]
-    per_share.append(Series("best share per image", list(segments["recurrent"]["best per image"].items()), (0, 0, 0)))
-    controls = [Series(f"{label}, best share per image", list(segments[name]["best per image"].items()), colour,
-                       dashed=name != "recurrent")
-                for name, label, colour in (("recurrent", "trained", (0, 0, 0)),
-                                            ("shuffled", "maps shuffled", COLOURS[7]),
-                                            ("untrained", "untrained ALIT", COLOURS[3]))]
-    draw_panels(path, [Panel(f"first {counts[0]} tokens' maps as segments (Tab. 2)", "tokens at the iteration", "mIoU",
-                             per_share, xticks=ticks),
-                       Panel("against the controls", "tokens at the iteration", "mIoU", controls, xticks=ticks)])
+    tables, main = segments["tables"], segments["main reading"]
+    panels = []
+    for matching in ("best token", "hungarian"):
+        series = []
+        for thresholding, dashed in (("percentile", False), ("mass", True)):
+            rows = tables[main][thresholding][matching]
+            series += [Series(f"{thresholding}, top {x}" if x != "best X per image" else f"{thresholding}, {x}",
+                              list(row.items()), COLOURS[i] if x != "best X per image" else (0, 0, 0), dashed=dashed)
+                       for i, (x, row) in enumerate(rows.items())]
+        panels.append(Panel(f"{main}: {matching}", "tokens at the iteration", "mIoU over the objects", series,
+                            xticks=ticks))
+    # a colour per source of maps, solid for the first K tokens and dashed for all of the iteration's (the
+    # untrained ALIT's, a lone point at the last iteration, in a colour of its own)
+    colour = {"decoder, heads": (0, 0, 0), "shuffled": COLOURS[7], "encoder": COLOURS[4],
+              "untrained ALIT's decoder, tokens": COLOURS[3], "untrained": COLOURS[1]}
+    for thresholding in ("percentile", "mass"):
+        series = [Series(name, list(table[thresholding]["best token"]["best X per image"].items()),
+                         next(c for prefix, c in colour.items() if name.startswith(prefix)),
+                         dashed="tokens 1-" not in name) for name, table in tables.items()]
+        series.append(Series(f"decoder, per head, tokens 1-{counts[0]}, mean over heads",
+                             list(segments["per head"][f"{thresholding}, best token"]["mean over heads"].items()),
+                             COLOURS[8]))
+        panels.append(Panel(f"{thresholding}, best X per image, best token: readings and controls",
+                            "tokens at the iteration", "mIoU over the objects", series, xticks=ticks))
+    draw_panels(path, panels, size=(620, 420), columns=2)

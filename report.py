@@ -2,7 +2,7 @@
 And what analyze.py prints: its results as markdown, a section per analysis (`analysis_report`)."""
 import csv
 
-from tasks import TASKS
+from tasks import SCORE_NAMES, TASKS
 
 
 def markdown_report(r: dict) -> str:
@@ -87,6 +87,14 @@ def analysis_report(r: dict) -> str:
               "the image, lower = more localized), per token count:"]
     lines += [f"- {name}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row.items())
               for name, row in r["attention_entropy"].items()]
+    if "attention_entropy_decoder" in r:
+        decoder = r["attention_entropy_decoder"]
+        lines += [f"- the decoder's maps ({decoder['layer']}), {name}: " + ", ".join(f"{k}: {v:.3f}"
+                                                                                   for k, v in row.items())
+                  for name, row in decoder.items() if name != "layer"]
+        lines += ["", "Fig. 3's \"sharper & sparser attention\": entropy at iteration 1 minus at the last (positive: "
+                  "sharper):"] + [f"- {name}: {difference(d, '+.4f')}: {d['verdict']} ({d['why']})"
+                                   for name, d in r["attention_sharper"].items()]
     sections = [("binding", binding_lines), ("complexity", complexity_lines), ("selection", selection_lines),
                 ("depth_regressor", task_alignment_lines), ("linear_probe", probe_lines),
                 ("familiarity", familiarity_lines), ("segments", segment_lines)]
@@ -157,74 +165,126 @@ def selection_lines(r: dict, counts: list) -> list:
 
 
 def task_alignment_lines(r: dict, counts: list) -> list:
-    """The depth regressor, TSC = TOI, and the tokens each task needs."""
-    d = r["depth_regressor"]
-    lines = [f"\ndepth regressor: error {d['error_on_originals']:.3f} layers on the originals "
-             f"(background depth everywhere: {d['error_of_background_depth_everywhere']:.3f})",
-             "\nTSC = TOI (Fig. 6/9): each task's advantage under its own criterion over another's at the "
-             "same fraction of tokens (± bootstrap SE):"]
-    for task, others in r["task_alignment"].items():
-        lines.append(f"- {TASKS[task][0]}: " + "; ".join(
-            f"over {other}: " + ("-" if a["advantage"] is None else f"{a['advantage']:+.4f} ± {a['se']:.4f}")
-            for other, a in others.items()))
+    """The task models on the originals, TSC = TOI by each scorer, the tokens each task needs, the claims."""
+    lines = ["", f"| task model | architecture | seed | score | originals | {counts[0]} tokens | {counts[-1]} tokens "
+             "| control |", "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    for net in r["task_nets"].values():
+        lines.append(f"| {net['role']} | {net['architecture']} | +{net['seed_offset']} | {net['score']} | "
+                     f"{net['originals']:.3f} | {net['fewest_tokens']:.3f} | {net['most_tokens']:.3f} | "
+                     f"{net['control_name']} {net['control']:.3f} |")
+    lines.append("\nTSC = TOI (Fig. 6/9): each task's advantage under its own criterion over another's at the same "
+                 "fraction of the tokens (± bootstrap SE), scored by the independent judge and by the criterion's "
+                 "own model:")
+    for task, scorers in r["task_alignment"].items():
+        for scorer, a in scorers.items():
+            lines.append(f"- {SCORE_NAMES[task]}, {scorer}: " + "; ".join(
+                f"over {other}: " + ("-" if o["advantage"] is None else f"{o['advantage']:+.4f} ± {o['se']:.4f}")
+                for other, o in a["over"].items()))
     t = r["tokens_per_task"]
-    lines.append(f"tokens until as good as the original ({t['images']} images the classifier gets right): "
-                 f"classification {t['classification']:.1f}, depth {t['depth']:.1f}; depth - classification "
-                 + difference(t, "+.2f"))
+    lines.append(f"\ntokens until the task is done as well as at {counts[-1]} tokens, and at every larger count "
+                 f"({t['images']} images the classifier judge gets right at {counts[-1]}; {t['rule']}): "
+                 f"classification {t['classification']['tokens']:.1f} ({100 * t['classification']['censored']:.0f}% "
+                 f"censored at {counts[-1]}), depth {t['depth']['tokens']:.1f} ({100 * t['depth']['censored']:.0f}% "
+                 f"censored); depth - classification {'-' if t['se'] is None else difference(t, '+.2f')}")
+    lines += ["", "| claim | paper | ours, ± SE | verdict |", "| --- | --- | --- | --- |"]
+    for claim, c in r["task_claims"].items():
+        ours = "-" if c["difference"] is None else f"{c['difference']:+.4f} ± {c['se']:.4f}"
+        lines.append(f"| {claim} | {c['paper']} | {ours} | {c['verdict']}: {c['why']} |")
     return lines
 
 
 def probe_lines(r: dict, counts: list) -> list:
-    """§A.4: the probe's accuracy per iteration and pooled prefix, the controls and the two claims."""
-    p, last = r["linear_probe"], len(counts)
+    """§A.4: the probe's accuracy per iteration and at the last per pooled prefix, per pooling; the
+    controls; the claims with their verdicts and the standard error reached."""
+    p, last, K = r["linear_probe"], len(counts), counts[0]
     lines = ["", f"Linear probe of {p['label']} ({p['classes']} classes; {p['train_images']} train images, "
-             f"{p['test_images']} test of {p['test_classes']} classes), "
-             f"latents and image tokens pooled; rows: iteration, columns: first tokens pooled:", "",
-             "| iteration | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
-    for t, row in p["trained"]["latents and image tokens"].items():
-        lines.append(f"| {t} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in counts) + " |")
-    lines.append(f"untrained, iteration {last}, all: "
-                 f"{p['untrained']['latents and image tokens'][last][counts[-1]]:.3f}; "
-                 f"latents only, trained: {p['trained']['latents'][last][counts[-1]]:.3f}; pooled VQGAN grid "
-                 f"{p['vqgan grid']:.3f}; chance {p['chance']:.3f}")
-    for pooled, claims in p["claims"].items():
-        a, b = claims["recurrence"], claims["prefix"]
-        lines.append(f"{pooled}: (a) first {a['tokens']} tokens, iteration {a['iteration']} - iteration 1: "
-                     f"{difference(a)}; (b) iteration {last}, first {b['tokens']} - all {b['of']} tokens: "
-                     f"{difference(b)}")
+             f"{p['test_images']} test images of {p['test_classes']} classes); accuracy per iteration of the first "
+             f"{K} tokens / all so far, and at iteration {last} per first tokens pooled:", "",
+             "| pooling | " + " | ".join(f"iteration {t}" for t in range(1, last + 1)) + " | "
+             + " | ".join(f"first {k}" for k in counts) + " |", "| --- |" + " ---: |" * (2 * last)]
+    cell = lambda table, t, k: number(table.get(t, {}).get(k))  # noqa: E731 (- : not probed)
+    for source in ("trained", "untrained"):
+        for pooling, table in p[source].items():
+            per_iteration = [f"{cell(table, t, K)} / {cell(table, t, counts[t - 1])}" for t in range(1, last + 1)]
+            lines.append(f"| {source}, {pooling} | " + " | ".join(per_iteration) + " | "
+                         + " | ".join(cell(table, last, k) for k in counts) + " |")
+    lines.append(f"the untrained control scored on the first {p['control_test_images']} test images; pooled VQGAN "
+                 f"grid {p['vqgan grid']:.3f}; chance {p['chance']:.3f}; compared: {p['compared']}")
+    lines += ["", "| claim (paper) | pooling | ours ± SE | verdict |", "| --- | --- | ---: | --- |"]
+    for pooling, claims in p["claims"].items():
+        for name, c in claims.items():
+            claim = (f"(a) {name}: iterations {c['iterations']} - {c['against']} (+{c['paper']:.3f})"
+                     if name.startswith("recurrence") else
+                     f"(b) iteration {c['iteration']}, first {c['tokens']} - all {c['against']} tokens (-)")
+            lines.append(f"| {claim} | {pooling} | {c['difference']:+.3f} ± {c['se']:.3f} | {c['verdict']} |")
+    lines.append(f"largest SE of the claims (one mean) {p['largest_se']:.4f}, target <= {p['se_target']:.4f} "
+                 f"(a third of the paper's +3.9 points): {'met' if p['se_target_met'] else 'not met'}")
     return lines
 
 
 def familiarity_lines(r: dict, counts: list) -> list:
-    """§A.2: per image set its L1 gap and tokens, against in distribution."""
-    f, first, last = r["familiarity"], counts[0], counts[-1]
-    lines = ["", f"Familiarity (§A.2): L1 gap {first} - {last} tokens and tokens picked by "
-             f"{f['criterion']}, against in distribution:", "",
-             f"| images | VQGAN L1 | L1 at {first} | L1 at {last} | gap | gap - in distribution | tokens | "
-             "tokens - in distribution | FID gap |", "| --- |" + " ---: |" * 8]
-    for name, row in f.items():
-        if not isinstance(row, dict):
-            continue
-        gap = difference(row["gap_vs_in_distribution"], "+.4f") if "gap_vs_in_distribution" in row else "-"
-        tokens = difference(row["tokens_vs_in_distribution"], "+.1f") if "tokens_vs_in_distribution" in row else "-"
-        lines.append(f"| {name} | {row['vqgan_l1']:.4f} | {row['l1'][first]:.4f} | {row['l1'][last]:.4f} | "
-                     f"{row['gap']:.4f} | {gap} | {row['tokens']:.1f} | {tokens} | "
+    """§A.2 at Tab. 1's lengths: per image set, grouped, the base's floor, L1 at both lengths, the gap plain
+    and relative to the floor, the tokens of each rule; then each claim against in distribution, judged."""
+    f = r["familiarity"]
+    short, full = f["lengths"]
+    sets = [(name, row) for name, row in f.items() if isinstance(row, dict) and "l1" in row]
+    lines = ["", f"Familiarity (§A.2, Tab. 1's lengths {short} and {full} tokens); tokens by {f['criterion']} "
+             f"(default) and by {f['threshold rule']} alone; matched {f['matched']}:", "",
+             f"| images | group | base alone | L1 at {short} | L1 at {full} | gap | gap / base | tokens, default | "
+             "tokens, threshold | base above the threshold | FID gap |", "| --- | --- |" + " ---: |" * 9]
+    for name, row in sets:
+        lines.append(f"| {name} | {row['group']} | {row['base_l1']:.4f} | {row['l1'][short]:.4f} | "
+                     f"{row['l1'][full]:.4f} | {row['gap']['difference']:.4f} | "
+                     f"{row['relative_gap']['difference']:.3f} | {row['tokens']['default']['mean']:.1f} | "
+                     f"{row['tokens']['threshold']['mean']:.1f} | {100 * row['above_threshold_at_the_floor']:.0f}% | "
                      f"{number(row.get('fid_gap'), '.2f')} |")
+    lines += ["", "| unseen - in distribution (paper: larger, more) | " + " | ".join(
+        ("gap", "gap / base", "tokens, default", "tokens, threshold")) + " |", "| --- |" + " --- |" * 4]
+    for name, row in sets[1:]:
+        claims = row["vs_in_distribution"]
+        judged = ("gap", "relative_gap", "tokens, default rule", "tokens, threshold rule")
+        cells = [f"{claims[k]['difference']:+.4f} ± {claims[k]['se']:.4f}: {claims[k]['verdict']}" for k in judged]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floors = {c["why"] for _, row in sets[1:] for c in row["vs_in_distribution"].values()
+              if c["verdict"] == "inconclusive" and c["why"].startswith("at its floor")}
+    lines += [f"- {why}" for why in sorted(floors)]
     return lines
 
 
 def segment_lines(r: dict, counts: list) -> list:
-    """Tab. 2's protocol: mIoU per top-X share and token count, the controls and the claims."""
+    """Tab. 2's protocol: the main reading's mIoU per thresholding, matching and X, the other readings and
+    the controls at the best X per image, and the claims with their verdicts."""
     s = r["segments"]
-    lines = ["", "Tab. 2's protocol: mIoU of the first tokens' top-X segments with the true segments:", "",
-             "| top X | " + " | ".join(str(k) for k in counts) + " |", "| --- |" + " ---: |" * len(counts)]
-    for name in ("recurrent", "shuffled", "untrained"):
-        for share, row in s[name].items():
-            label = share if name == "recurrent" else f"{share}, {name}"
-            if name == "recurrent" or share == "best per image":
-                lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
-    c = s["claims"]
-    lines.append(f"rise at {c['rise']['share']}, last - first iteration: {difference(c['rise'])}; best share per "
-                 f"image at the last, over shuffled: {difference(c['over shuffled'])}, over untrained: "
-                 f"{difference(c['over untrained'])}")
+    tables, main, paper = s["tables"], s["main reading"], s["paper"]
+    last = counts[-1]
+    row = lambda values: " | ".join(number(values.get(k)) for k in counts)  # noqa: E731
+    lines = ["", f"Tab. 2's protocol on the maps of {s['maps']}. mIoU over the objects of {s['images']} images "
+             f"({s['images without an object in sight']} without an object in sight left out): per object the IoU "
+             f"of its best token's segment, or of the token matched one to one (Hungarian); main reading: {main}:",
+             "", "| thresholding, matching | X | " + " | ".join(str(k) for k in counts) + " | paper, 1 -> 8 |",
+             "| --- | --- |" + " ---: |" * (len(counts) + 1)]
+    for thresholding, by_matching in tables[main].items():
+        for matching, rows in by_matching.items():
+            for x, values in rows.items():
+                p = paper.get(x) if thresholding == "percentile" else None  # Tab. 2's header: a percentile
+                cited = (f"{p:.3f}" if not isinstance(p, dict) else
+                         f"{p['iteration 1']:.3f} -> {p['iteration 8']:.3f}") if p is not None else "-"
+                lines.append(f"| {thresholding}, {matching} | {x} | {row(values)} | {cited} |")
+    lines += ["", "At the best X per image (best token), every reading and control:", "",
+              "| reading | thresholding | " + " | ".join(str(k) for k in counts) + " |",
+              "| --- | --- |" + " ---: |" * len(counts)]
+    for name, table in tables.items():
+        for thresholding, by_matching in table.items():
+            lines.append(f"| {name} | {thresholding} | {row(by_matching['best token']['best X per image'])} |")
+    for key, head in s["per head"].items():
+        if key.endswith("best token"):
+            best = head["best head"]
+            lines += [f"| decoder, per head, mean over heads | {key.split(',')[0]} | {row(head['mean over heads'])} |",
+                      f"| decoder, head {best['head']} (the best at {last}, chosen on these images) | "
+                      f"{key.split(',')[0]} | {row(best)} |"]
+    lines += ["", "| claim | thresholding, matching | ours ± SE | verdict |", "| --- | --- | --- | --- |"]
+    for claim, by_key in s["claims"].items():
+        for key, d in by_key.items():
+            paper_note = f" (paper {d['paper']:+.3f})" if "paper" in d else ""
+            lines.append(f"| {claim}{paper_note} | {key} | {difference(d)} | {d['verdict']}: {d['why']} |")
     return lines

@@ -15,7 +15,7 @@ from conftest import TinyFeatures
 from data import IMAGENET100_CLASSES, LEVELS, PALETTE, ShapesDataset
 from model import ALIT, make_config
 from observe import encoder_outputs, token_labels
-from segments import segment_iou, top_mass_segment
+from segments import segment_ious, top_mass_segment
 from selection import first_passing
 from tasks import true_label_rank
 from verdicts import bootstrap_se, mean_difference
@@ -132,7 +132,7 @@ def test_classifier_criterion_picks_the_fewest_tokens_that_classify_correctly():
 
 def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analyze.InceptionV3, "from_pytorch_fid", classmethod(lambda cls, path: TinyFeatures(8)))
-    model = tiny_model(rollout_iters=4)  # 4 iterations: 10 prefixes to probe per table, not 36
+    model = tiny_model(rollout_iters=4)  # 4 iterations: 10 cells to probe per table, not 22
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     out = tmp_path / "analyze"
@@ -142,7 +142,7 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ood / f"{i}.png")
     flags = ["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "2",
              "--ood-dir", str(ood), "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20",
-             "--familiarity-images", "6", "--out-dir", str(out),
+             "--probe-test-images", "20", "--familiarity-images", "6", "--out-dir", str(out),
              "--inception-weights", "fake.pth", "--l1-thresholds", "0.1,0.2"]
     results = analyze.main(flags)
     printed = capsys.readouterr().out
@@ -162,11 +162,19 @@ def test_whole_run_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert "depth error < threshold" in saved["selection"] and all(r["depth"] is not None for r in fixed)
     assert set(saved["task_alignment"]) == {"accuracy", "depth"}
     probe = saved["linear_probe"]
-    assert list(probe["trained"]["latents"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix at the last
-    assert list(probe["untrained"]["latents and image tokens"]["1"]) == [str(K)]
-    assert set(saved["familiarity"]) == {"criterion", "in distribution", "kinds", "textures", "palette", "--ood-dir"}
+    assert list(probe["trained"]["one mean"][str(T)]) == [str((j + 1) * K) for j in range(T)]  # every prefix, last
+    assert list(probe["trained"]["latents"][str(T)]) == [str(K), str(2 * K), str(T * K)]  # the claims' prefixes
+    assert list(probe["untrained"]["one mean"]["1"]) == [str(K)]
+    assert set(saved["familiarity"]) == {"criterion", "threshold rule", "lengths", "matched", "in distribution",
+                                         "kinds", "textures", "palette", "--ood-dir"}
     assert saved["familiarity"]["--ood-dir"]["images"] == 3 and "per_level" not in saved["familiarity"]["--ood-dir"]
-    assert list(saved["segments"]["recurrent"]) == ["40%", "60%", "80%", "best per image"]
+    segments = saved["segments"]
+    assert list(segments["tables"][segments["main reading"]]["percentile"]["hungarian"]) == [
+        "40%", "60%", "80%", "best X per image"]
+    assert segments["maps"].startswith("decoder layer 1 of 1") and "untrained ALIT's decoder, all tokens" in segments[
+        "tables"]
+    from verdicts import VERDICTS
+    assert all(d["verdict"] in VERDICTS for claim in segments["claims"].values() for d in claim.values())
     analyze.main(flags)  # the classifier and the depth regressor come from their caches
     printed = capsys.readouterr().out
     assert "classifier of level read from" in printed and "depth regressor read from" in printed
@@ -187,22 +195,24 @@ def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
     for seed, split in enumerate(("train", "val")):  # a fake ImageNet-100; the tiny 32x32 model crops its images
         write_class_colours(tmp_path / "in100" / split, IMAGENET100_CLASSES, seed)
     ckpt = tmp_path / "ckpt.pt"
-    model = tiny_model(rollout_iters=2)  # 3 prefixes to probe per table
+    model = tiny_model(rollout_iters=2)  # 3 cells to probe per table
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     results = analyze.main(["--ckpt", str(ckpt), "--dataset", "imagenet100", "--data-dir", str(tmp_path / "in100"),
-                            "--num-images", "100", "--probe-images", "100", "--attention-images", "1",
+                            "--num-images", "100", "--probe-images", "100", "--probe-test-images", "100",
+                            "--attention-images", "1",
                             "--out-dir", str(tmp_path / "analyze")])
     printed = capsys.readouterr().out
     assert "the linear probe of the classes" in printed and "Linear probe of the image's class (100 classes" in printed
     probe = json.loads((tmp_path / "analyze" / "analysis.json").read_text())["linear_probe"]
     assert probe["label"] == "the image's class" and probe["classes"] == 100
     assert (probe["train_images"], probe["test_images"], probe["test_classes"]) == (100, 100, 100)
+    assert probe["control_test_images"] == 25  # the untrained control scores the first quarter
     accuracies = [v for source in ("trained", "untrained") for table in probe[source].values()
                   for row in table.values() for v in row.values()]
-    assert len(accuracies) == 2 * 2 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
-    assert probe["chance"] == 0.01 and set(probe["claims"]) == {"latents", "latents and image tokens"}
+    assert len(accuracies) == 4 * 3 and all(0 <= v <= 1 for v in accuracies + [probe["vqgan grid"]])
+    assert probe["chance"] == 0.01 and set(probe["claims"]) == {"one mean", "two means", "latents"}
     # the colours are told apart (an untrained tokenizer's pooled tokens keep them): train and val labels agree
-    assert probe["vqgan grid"] > 0.5 and probe["trained"]["latents and image tokens"]["2"]["16"] > 0.5
+    assert probe["vqgan grid"] > 0.5 and probe["trained"]["one mean"]["2"]["16"] > 0.5
     assert (tmp_path / "analyze" / "probe.png").is_file() and "binding" not in results and "segments" not in results
     # no classes, or no train split: the line says why there is no probe
     write_class_colours(tmp_path / "mine" / "val", ["a", "b"], 0)
@@ -238,7 +248,8 @@ def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
     for share in (0.4, 0.6, 0.8, 1.0):
         segment = top_mass_segment(mask.float(), share)
         assert torch.equal(segment, mask)
-        assert segment_iou(segment[None, None], truth).item() == segment_iou(segment[None, None], truth, 2).item() == 1
+        iou, present = segment_ious(segment[None, None], truth)
+        assert iou.item() == 1 and present.tolist() == [[True]]
     # distinct values: the highest tokens until the share of the mass is reached
     ramp = torch.tensor([4.0, 3.0, 2.0, 1.0])  # mass 10
     assert top_mass_segment(ramp, 0.4).tolist() == [True, False, False, False]
@@ -246,14 +257,13 @@ def test_top_mass_of_a_map_equal_to_a_mask_is_the_mask():
     assert top_mass_segment(ramp, 0.8).tolist() == [True, True, True, False]
 
 
-def test_segment_iou_is_the_best_overlap_with_a_true_segment():
+def test_segment_ious_are_each_objects_overlap_with_each_token():
     truth = torch.tensor([[0, 0, 0, 0, 2, 2, 3, 3]])
-    segments = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 0],   # object 2 (IoU 2/3) beats object 3 (1/3)
-                              [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: 2/4
+    segments = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 0],   # object 2 (IoU 2/3), object 3 (1/4)
+                              [0, 0, 1, 1, 0, 0, 0, 0],   # half the background: no object's
                               [0, 0, 0, 0, 0, 0, 1, 1]]]).bool()  # object 3 exactly
-    assert segment_iou(segments, truth)[0].tolist() == pytest.approx([2 / 3, 1 / 2, 1])
-    # scored against the objects alone (shapes' labels from 2), the background half matches nothing
-    assert segment_iou(segments, truth, first_object=2)[0].tolist() == pytest.approx([2 / 3, 0, 1])
+    iou, present = segment_ious(segments, truth)  # objects only (shapes' labels from 2): (B, objects, tokens)
+    torch.testing.assert_close(iou[0], torch.tensor([[2 / 3, 0, 0], [1 / 4, 0, 1]]))
 
 
 def test_standard_errors():

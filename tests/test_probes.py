@@ -3,7 +3,7 @@ Tab. 2's segments, the recorded encoder outputs and the standard errors: test_an
 import pytest
 import torch
 
-from probes import class_balanced, pooled_blocks, prefix_features, probe_correct
+from probes import class_balanced, pooled_blocks, pooled_features, probe_correct
 from selection import depth_error, depth_error_below, first_passing
 
 
@@ -38,8 +38,9 @@ def test_pooled_prefixes_are_means_of_the_first_tokens():
         torch.testing.assert_close(image[t], outputs[t][:, 1:1 + N].mean(1))
         for j in range(1, t + 2):
             latents = outputs[t][:, 1 + N:1 + N + j * K].mean(1)
-            torch.testing.assert_close(prefix_features(image, blocks, t, j, False), latents)
-            torch.testing.assert_close(prefix_features(image, blocks, t, j, True), torch.cat([image[t], latents], -1))
+            torch.testing.assert_close(pooled_features(image, blocks, t, j, "latents", N, K), latents)
+            torch.testing.assert_close(pooled_features(image, blocks, t, j, "two means", N, K),
+                                       torch.cat([image[t], latents], -1))
 
 
 def test_depth_criterion_compares_the_estimates_on_reconstruction_and_original():

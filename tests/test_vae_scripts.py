@@ -143,6 +143,7 @@ def test_analyze_runs_over_a_vae(tmp_path):
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": {}}, ckpt)
     results = analyze.main(["--ckpt", str(ckpt), "--num-images", "10", "--batch-size", "5", "--attention-images", "1",
                             "--classifier-images", "32", "--classifier-steps", "2", "--probe-images", "20",
+                            "--probe-test-images", "20",
                             "--familiarity-images", "6", "--out-dir", str(tmp_path / "analyze"),
                             "--l1-thresholds", "0.1,0.2"])
     assert [r["threshold"] for r in results["selection"]["L1 < threshold"]] == [0.1, 0.2]
