@@ -24,7 +24,6 @@ from PIL import Image
 
 import checkpoint
 import distributed
-import train_vqgan
 import weights
 from data import build_dataset, train_batches
 from model import ALIT
