@@ -15,6 +15,7 @@ from conftest import TinyFeatures
 from data import IMAGENET100_CLASSES, LEVELS, PALETTE, ShapesDataset
 from model import ALIT, make_config
 from observe import encoder_outputs, token_labels
+from seeded import load_vectors
 from segments import segment_ious, top_mass_segment
 from selection import first_passing
 from tasks import true_label_rank
@@ -221,6 +222,24 @@ def test_linear_probe_of_imagenet100_classes(tmp_path, capsys):
         probe_set, note = probes.probe_images(analyze.parse_args(["--dataset", dataset, "--data-dir",
                                                                    str(tmp_path / "mine")]), 32)
         assert probe_set is None and note.startswith(why), note
+
+
+def test_an_official_checkpoint_is_analysed_at_its_decoder_layer_and_tab1_lengths(tmp_path):
+    """README's `analyze.py --official PATH --dataset ... --ood-dir ...`: the official layout's maps come from
+    the second to last decoder layer (Ours-S's 7th of 8) and familiarity is measured at a quarter of the
+    maximum tokens and the maximum (Tab. 1's 64 and 256 at 256x256)."""
+    vectors = load_vectors("alit_official", "tiny")  # 2 decoder layers, 4 iterations of 8 tokens
+    path = tmp_path / "alit_tiny.pth"
+    torch.save({"ema": vectors["state_dict"]}, path)
+    for folder in ("photos", "unseen"):
+        write_class_colours(tmp_path / folder, ["a", "b", "c"], seed=len(folder))
+    results = analyze.main(["--official", str(path), "--heads", str(vectors["config"]["encoder_num_heads"]),
+                            "--dataset", "folder", "--data-dir", str(tmp_path / "photos"), "--ood-dir",
+                            str(tmp_path / "unseen"), "--attention-images", "1", "--out-dir", str(tmp_path / "an")])
+    assert results["checkpoint"] == str(path) and results["tokens"] == [8, 16, 24, 32]
+    assert results["attention_maps_source"] == "decoder layer 1 of 2"
+    assert results["familiarity"]["lengths"] == [8, 32] and results["familiarity"]["--ood-dir"]["images"] == 3
+    assert (tmp_path / "an" / "attention_0.png").is_file() and (tmp_path / "an" / "familiarity.png").is_file()
 
 
 def test_bad_arguments(tmp_path):
