@@ -1,7 +1,4 @@
-"""train_stage2.py: where gradients go, DDP on 2 CPU processes, exact resume, errors."""
-import os
-import subprocess
-import sys
+"""train_stage2.py: where gradients go, exact resume, errors (on 2 ranks: tests/test_chaos.py)."""
 
 import pytest
 import torch
@@ -12,7 +9,6 @@ from losses import discriminator_step
 from model import ALIT
 from weights import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--no-bf16", "--batch-size", "2", "--log-every", "2", "--sample-every", "100", "--warmup-steps", "1",
          "--disc-channels", "8", "--gan-schedule", "0.25:0.1,0.5:0.2"]
 
@@ -64,17 +60,6 @@ def test_discriminator_per_iteration_option(tmp_path, stage1_ckpt):
     ckpt = load_checkpoint(tmp_path / "per" / "ckpt.pt")
     rollout_iters = ckpt["model_config"]["rollout_iters"]
     assert len({k.split(".")[0] for k in ckpt["discriminators"]}) == rollout_iters
-
-
-def test_two_process_torchrun(tmp_path, stage1_ckpt):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_stage2.py"), *SMALL, "--steps", "3", "--gan-schedule", "0:0.1",
-           "--stage1-ckpt", str(stage1_ckpt), "--out-dir", str(tmp_path / "ddp")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2
 
 
 def test_stage1_checkpoint_errors(tmp_path, stage1_ckpt, vqgan_ckpt):

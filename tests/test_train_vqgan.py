@@ -1,4 +1,4 @@
-"""train_vqgan.py: overfitting, exact resume, DDP on 2 CPU processes, flag errors."""
+"""train_vqgan.py: overfitting, exact resume, flag errors (on 2 ranks: tests/test_chaos.py)."""
 import os
 import platform
 import subprocess
@@ -54,17 +54,6 @@ def test_resume_continues_bit_exactly(tmp_path):
     for (key, x), y in zip(a["discriminator"].items(), b["discriminator"].values()):
         assert torch.equal(x, y), key
     assert (tmp_path / "whole" / "recon_000006.png").is_file()
-
-
-def test_two_process_torchrun(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_vqgan.py"), *SMALL, "--steps", "3", "--disc-start", "1",
-           "--out-dir", str(tmp_path / "ddp")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = weights.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2  # every rank's RNG state is kept
 
 
 @pytest.mark.parametrize("flags, message", [
