@@ -19,7 +19,7 @@ import weights
 from conftest import SMALL_ALIT, SMALL_VQGAN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, SAVE_EVERY, FAULTS = 12, 2, 2
+STEPS, SAVE_EVERY, FAULTS = 12, 2, 3
 
 # python DRIVER <script> <fault> <step> <rank to hit> <the script's flags...>
 DRIVER = """
