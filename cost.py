@@ -180,4 +180,5 @@ def checkpoint_bytes(trained: int, frozen: int = 0, trained_without_ema: int = 0
 
 def discriminator_parameters(disc_layers: int, disc_channels: int = 64) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in PatchDiscriminator(base_channels=disc_channels, num_layers=disc_layers).parameters())
+        discriminator = PatchDiscriminator(base_channels=disc_channels, num_layers=disc_layers)
+        return sum(p.numel() for p in discriminator.parameters())

@@ -2,9 +2,9 @@
 
 Paper: ALIT, arXiv:2411.02393, §A.5 trains both stages on 8 GPUs with the official code's torchrun
 scripts. Here one process is one rank: several ranks launched (torchrun, or Slurm's srun: `launch`)
-mean DDP, nccl on CUDA and gloo on the CPU; rank 0 logs and saves. What a rank needs before, around and after the training
-loop is here, each a call the training scripts make by name (train_stage1.py: `setup`, `wrap_ddp`,
-`StopSignal`, `end`).
+mean DDP, nccl on CUDA and gloo on the CPU; rank 0 logs and saves. What a rank needs before, around and
+after the training loop is here, each a call the training scripts make by name (train_stage1.py: `setup`,
+`wrap_ddp`, `StopSignal`, `end`).
 """
 import contextlib
 import ctypes

@@ -3,32 +3,28 @@
 Paper: "Adaptive Length Image Tokenization via Recurrent Allocation",
 Duggal, Isola, Torralba, Freeman, arXiv:2411.02393, §2 (the method) and Fig. 1.
 
-An image becomes 2D image tokens (the base tokenizer's features + a patch embedding). A
-latent-distillation encoder attends jointly over [2D image tokens; 1D latent
-tokens] and distils the image into the latent tokens. The rollout is recurrent:
-every iteration appends K new learned latent tokens and runs the same encoder
-again, so after iteration t the image is described by t*K tokens (32, 64, ...,
-256 at paper scale). Each iteration's latent tokens are factorized (projected to
-12 dims) and quantized with one shared codebook; a decoder turns them, together
-with masked 2D tokens, back into logits over the VQGAN codebook ("reverse
-distillation"). Between iterations, dynamic halting replaces the image tokens
-the decoder already reconstructs well by the halted token, so later iterations spend
-their capacity on what is not yet reconstructed.
+An image becomes 2D image tokens (the base tokenizer's features + a patch embedding). A latent-distillation
+encoder attends jointly over [2D image tokens; 1D latent tokens] and distils the image into the latent tokens.
+The rollout is recurrent: every iteration appends K new learned latent tokens and runs the same encoder again,
+so after iteration t the image is described by t*K tokens (32, 64, ..., 256 at paper scale). Each iteration's
+latent tokens are factorized (projected to 12 dims) and quantized with one shared codebook; a decoder turns
+them, together with masked 2D tokens, back into logits over the VQGAN codebook ("reverse distillation").
+Between iterations, dynamic halting replaces the image tokens the decoder already reconstructs well by the
+halted token, so later iterations spend their capacity on what is not yet reconstructed.
 
-The base tokenizer (§2, §A.5: "VQGAN or VAE") is `config.base`, built by `make_base`. ALIT asks
-it for a few things, which vqgan.VQGAN and vae.VAE each answer: the 2D tokens of images and the
-targets its decoder predicts (`tokens`, `targets`), how many numbers the prediction has per cell
-(`prediction_size`), images from a prediction (`decode_prediction`) and halting's test (`halts`);
-stage 1 asks for its loss term (`token_loss`, losses.stage1_loss). Over a VQGAN the targets are
-codebook indices and the head predicts logits over the codebook; over a VAE the targets are the
-continuous 2D tokens themselves and the head regresses them. Nothing below asks which it is.
+The base tokenizer (§2, §A.5: "VQGAN or VAE") is `config.base`, built by `make_base`. ALIT asks it for a few
+things, which vqgan.VQGAN and vae.VAE each answer: the 2D tokens of images and the targets its decoder
+predicts (`tokens`, `targets`), the prediction's numbers per cell (`prediction_size`), images from a prediction
+(`decode_prediction`), halting's test (`halts`) and stage 1's loss term (`token_loss`). Over a VQGAN the targets
+are codebook indices and the head predicts logits over the codebook; over a VAE the targets are the continuous
+2D tokens and the head regresses them. Nothing below asks which it is.
 
-The module layout follows our own names; `ALIT.from_official` maps the official
-checkpoints onto it with a written key table, and reproduces the official
-forward pass numerically (tests/test_model.py against the reference vectors).
+The module layout follows our own names; `ALIT.from_official` maps the official checkpoints onto it with a
+written key table, and reproduces the official forward pass numerically (tests/test_model.py against the
+reference vectors).
 
-Shapes: B batch, N = grid^2 2D tokens, K new latent tokens per iteration,
-t iterations so far (1-based), L = t*K latent tokens, D width.
+Shapes: B batch, N = grid^2 2D tokens, K new latent tokens an iteration, t iterations so far (1-based),
+L = t*K latent tokens, D width.
 """
 import math
 import re
@@ -620,9 +616,9 @@ class ALIT(nn.Module):
         # The EMA averages the trained parameters only; buffers and frozen weights are the model's.
         state = {**ckpt["model"], **ckpt["ema"]} if ema else dict(ckpt["model"])
         if "base_file" in ckpt:  # stage 1's checkpoints keep the frozen base as its file
-            cfg = model.config
-            base = load_recorded_base(ckpt["base_file"], BASES[cfg.base], cfg.image_size, path)
-            state.update({f"{cfg.base}.{k}": v for k, v in base.state_dict().items()})
+            name = model.config.base
+            base = load_recorded_base(ckpt["base_file"], BASES[name], model.config.image_size, path)
+            state.update({f"{name}.{k}": v for k, v in base.state_dict().items()})
         model.load_state_dict(state)
         return model.eval()
 
@@ -689,8 +685,7 @@ def _official_config(state: dict, heads) -> ALITConfig:
     K, D = state["latent_tokens"].shape
     quantized, factorized = "quantize.embedding.weight" in state, "pre_quantizer_mlp.weight" in state
     codebook_size, latent_dim = state["quantize.embedding.weight"].shape if quantized else (4096, 12)
-    if factorized:
-        latent_dim = state["pre_quantizer_mlp.weight"].shape[0]
+    latent_dim = state["pre_quantizer_mlp.weight"].shape[0] if factorized else latent_dim
     base = next((name for name in BASES if any(k.startswith(f"base_tokenizer.{name}.") for k in state)), "vqgan")
     base_state = {k.split(f"base_tokenizer.{base}.", 1)[1]: v for k, v in state.items()
                   if k.startswith(f"base_tokenizer.{base}.")}

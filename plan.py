@@ -134,9 +134,10 @@ class RunPlan:
                  f"{self.workers_per_rank} data worker(s) a rank; {self.precision}, gradients all-reduced in "
                  f"{self.all_reduce}; gradient checkpointing {'on' if self.grad_checkpoint else 'off'}"]
         if self.gpu is not None:
-            lines.append(f"  GPU {self.gpu}, {self.gpu_memory_gb:.0f} GB: a step may hold {self.memory_budget_gb:.1f} GB"
-                         + (f", needs {self.memory_gb:.1f} GB" if self.memory_gb is not None else "")
-                         + f"; {self.cpus_per_rank:.3g} CPUs a rank")
+            needs = f", needs {self.memory_gb:.1f} GB" if self.memory_gb is not None else ""
+            budget = f"a step may hold {self.memory_budget_gb:.1f} GB{needs}"
+            lines.append(f"  GPU {self.gpu}, {self.gpu_memory_gb:.0f} GB: {budget}; "
+                         f"{self.cpus_per_rank:.3g} CPUs a rank")
         if self.step_seconds is not None:
             lines.append(f"  on H100s at {UTILISATION:.0%} of their bf16 peak: {self.step_seconds:.2f} s a step "
                          f"({self.all_reduce_share:.0%} of it all-reducing {self.all_reduce_mb:.0f} MB), "

@@ -125,7 +125,8 @@ def test_vqgan_step_with_the_gan_on_after_resume(vqgan_ckpt, monkeypatch, tmp_pa
 
     seen = one_step_on_meta(train_vqgan, SMALL_VQGAN + [
         "--disc-start", "0", "--restart-every", "1", "--grad-accum", "2", "--bf16", "--steps", "4", "--resume",
-        "--accept-changes", "--out-dir", resumable_copy(vqgan_ckpt, tmp_path)], monkeypatch, counts_where_the_codebook_is)
+        "--accept-changes", "--out-dir", resumable_copy(vqgan_ckpt, tmp_path)], monkeypatch,
+        counts_where_the_codebook_is)
     (logs,) = seen["logged"]
     stateful = seen["stateful"]
     assert logs.shape == (5,) and on_meta([logs, *optimizer_state(stateful["optimizer"]),

@@ -111,9 +111,10 @@ def test_the_readme_is_a_reference_of_at_most_250_lines():
     assert len(readme_lines()) <= LONGEST_README, f"README: {len(readme_lines())} lines, at most {LONGEST_README}"
 
 
-def test_no_line_of_the_readme_or_docs_is_wider_than_120_characters():
+def test_no_line_of_the_readme_docs_or_code_is_wider_than_120_characters():
     # The quick start's two commands run over two lines each, joined by the shell (`\\`).
-    for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+    code = sorted(ROOT.glob("*.py")) + sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "dev").glob("*.py"))
+    for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) + code:
         wide = [(number, len(line)) for number, line in enumerate(page.read_text().splitlines(), 1)
                 if len(line) > WIDEST_LINE]
         assert not wide, f"{page.name} lines over {WIDEST_LINE} characters (line, width): {wide}"
