@@ -107,7 +107,7 @@ def analyse(maps: dict, dataset, config, out) -> dict:
     entropy = maps["entropy"]
     return {"attention_maps": [str(out / f"attention_{i}.png") for i in maps["kept"]],
             "attention_maps_source": source,
-            # the last encoder layer's latent rows, what attention_entropy read before the decoder's maps
+            # the last encoder layer's latent rows: the control beside the decoder's maps (Fig. 3 shows the latter)
             "attention_entropy": {
                 f"tokens 1-{K}": dict(zip(counts, entropy["encoder first"].mean(1).tolist())),
                 "all latent tokens": dict(zip(counts, entropy["encoder all"].mean(1).tolist()))},

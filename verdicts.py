@@ -28,12 +28,6 @@ def bootstrap_se(statistic, n: int, draws: int = 200, seed: int = 0) -> float:
     return float(np.std([v for v in values if v is not None and np.isfinite(v)], ddof=1))
 
 
-def holds(difference: float, se: float) -> bool:
-    """A claimed difference holds when it is positive beyond two standard errors (about 97.5% one-sided
-    under a normal sampling error)."""
-    return difference > 2 * se
-
-
 # The one scale every claim of analyze.py is judged on (`verdict`).
 VERDICTS = ("holds", "opposite", "does not hold", "inconclusive", "not testable at this size")
 
